@@ -1,0 +1,20 @@
+//! Shared vocabulary of twopc: everything the coordinator and the participant agents
+//! must agree on, and nothing that does I/O.
+//!
+//! - [`gid`]: the global transaction id format (`twopc_<coordinator>_<epoch>_<seq>`) and
+//!   the validation every id passes before it is spliced into SQL.
+//! - [`msg`]: the coordinator ↔ agent messages (request/response enums).
+//! - [`codec`]: length-delimited JSON frames with a maximum frame size.
+//!
+//! This is the only crate that derives `Serialize` for the wire.
+
+pub mod codec;
+pub mod gid;
+pub mod msg;
+
+/// Version of the coordinator ↔ agent protocol. Bumped on any incompatible change;
+/// the handshake refuses a peer with a different version.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Version of this build, reported by `/healthz` and the handshake.
+pub const BUILD_VERSION: &str = env!("CARGO_PKG_VERSION");
