@@ -1,0 +1,801 @@
+//! The agent: one PostgreSQL database behind a connection pool, driven by
+//! [`Request`]s. The branch table is the agent's state machine:
+//!
+//! ```text
+//!   (none) --Execute--> Busy --finish=Keep--> Idle(session) --Execute--> Busy ...
+//!                        |--finish=Prepare--> (prepared in PostgreSQL; session back to pool)
+//!                        |--finish=Commit---> (committed; session back to pool)
+//!                        `--error/timeout---> rolled back, tombstone
+//!   Abort: Idle -> ROLLBACK; Busy -> rolled back when the statements finish;
+//!          none -> ROLLBACK PREPARED if prepared; always leaves a tombstone so a late
+//!          Execute for the same GID cannot prepare it again.
+//! ```
+//!
+//! Prepared branches live in PostgreSQL (`pg_prepared_xacts`), not in this table: the
+//! agent keeps no state that a restart would lose.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod};
+use futures::future::{join_all, BoxFuture, FutureExt};
+use futures::TryStreamExt;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::NoTls;
+use tracing::{debug, info, warn, Instrument};
+use twopc_shared::gid::Gid;
+use twopc_shared::msg::{
+    AgentError, BranchOutcome, CommitAck, ErrorKind, ExecuteBranch, Finish, PreparedBranch,
+    Request, Response, StmtResult,
+};
+use twopc_shared::{BUILD_VERSION, PROTOCOL_VERSION};
+
+use crate::convert::{check_params, row_to_json, JsonParam};
+
+/// SQLSTATE `undefined_object`: `COMMIT/ROLLBACK PREPARED` of a GID that is not prepared.
+const SQLSTATE_UNDEFINED_OBJECT: &str = "42704";
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Name the agent reports in the handshake (the participant name).
+    pub name: String,
+    /// `postgresql://user@host:port/db` of the database this agent fronts.
+    pub database_url: String,
+    /// Sessions in the pool (open interactive branches each hold one).
+    pub pool_size: usize,
+    /// Branches with an open session at once; more get [`ErrorKind::Limit`].
+    pub max_open_branches: usize,
+    /// Prepared statements cached per session before the cache is cleared.
+    pub statement_cache_max: usize,
+    /// Statements in one `Execute`.
+    pub max_statements_per_request: usize,
+    /// How long `Agent::connect` keeps trying to reach the database.
+    pub connect_timeout_ms: u64,
+    /// Waiting for a free session from the pool.
+    pub pool_wait_timeout_ms: u64,
+    /// Aborted GIDs remembered so a late `Execute` cannot resurrect them.
+    pub tombstones_max: usize,
+    /// An open (unprepared) branch with no request for this long is rolled back: its
+    /// coordinator is gone or forgot it. Keep it above the coordinator's idle timeout.
+    pub idle_branch_timeout_ms: u64,
+}
+
+impl AgentConfig {
+    pub fn new(name: impl Into<String>, database_url: impl Into<String>) -> AgentConfig {
+        AgentConfig {
+            name: name.into(),
+            database_url: database_url.into(),
+            pool_size: 32,
+            max_open_branches: 256,
+            statement_cache_max: 512,
+            max_statements_per_request: 1000,
+            connect_timeout_ms: 10_000,
+            pool_wait_timeout_ms: 5_000,
+            tombstones_max: 100_000,
+            idle_branch_timeout_ms: 300_000,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentStartError {
+    #[error("invalid database URL: {0}")]
+    Url(#[source] tokio_postgres::Error),
+    #[error("cannot reach the database: {0}")]
+    Connect(String),
+    #[error(
+        "max_prepared_transactions is 0 on the database: PREPARE TRANSACTION would fail. \
+         Set max_prepared_transactions (e.g. 100) in postgresql.conf and restart PostgreSQL"
+    )]
+    NoPreparedTransactions,
+}
+
+/// One branch with an open local transaction.
+enum Branch {
+    /// Waiting for more statements; holds its session since the instant.
+    Idle(Object, Instant),
+    /// A request is running statements on it.
+    Busy { abort_requested: bool },
+}
+
+struct Tombstones {
+    set: HashSet<Gid>,
+    order: VecDeque<Gid>,
+    max: usize,
+}
+
+impl Tombstones {
+    fn insert(&mut self, gid: Gid) {
+        if self.set.insert(gid.clone()) {
+            self.order.push_back(gid);
+            while self.order.len() > self.max {
+                if let Some(old) = self.order.pop_front() {
+                    self.set.remove(&old);
+                }
+            }
+        }
+    }
+}
+
+struct Tables {
+    branches: HashMap<Gid, Branch>,
+    tombstones: Tombstones,
+}
+
+struct Inner {
+    config: AgentConfig,
+    pool: Pool,
+    database: String,
+    owner: String,
+    tables: Mutex<Tables>,
+}
+
+/// The participant agent. Cheap to clone; embed it in any tokio program or serve it over
+/// TCP with [`crate::server::serve`].
+#[derive(Clone)]
+pub struct Agent {
+    inner: Arc<Inner>,
+}
+
+impl Agent {
+    /// Builds the pool and checks the database: reachable, and prepared transactions enabled.
+    pub async fn connect(config: AgentConfig) -> Result<Agent, AgentStartError> {
+        let pg_config =
+            tokio_postgres::Config::from_str(&config.database_url).map_err(AgentStartError::Url)?;
+        let manager = Manager::from_config(
+            pg_config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(config.pool_size)
+            .wait_timeout(Some(Duration::from_millis(config.pool_wait_timeout_ms)))
+            .create_timeout(Some(Duration::from_millis(config.connect_timeout_ms)))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .build()
+            .map_err(|e| AgentStartError::Connect(e.to_string()))?;
+
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_millis(config.connect_timeout_ms);
+        let client = loop {
+            match pool.get().await {
+                Ok(c) => break c,
+                Err(e) if tokio::time::Instant::now() >= deadline => {
+                    return Err(AgentStartError::Connect(e.to_string()))
+                }
+                Err(e) => {
+                    debug!(error = %e, "database not reachable yet, retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        };
+        let row = client
+            .query_one(
+                "SELECT current_database()::text, current_user::text, \
+                 current_setting('max_prepared_transactions')::int",
+                &[],
+            )
+            .await
+            .map_err(|e| AgentStartError::Connect(e.to_string()))?;
+        let database: String = row.get(0);
+        let owner: String = row.get(1);
+        let max_prepared: i32 = row.get(2);
+        if max_prepared == 0 {
+            return Err(AgentStartError::NoPreparedTransactions);
+        }
+        drop(client);
+        info!(name = %config.name, %database, %owner, max_prepared, "agent connected");
+        let tombstones_max = config.tombstones_max;
+        let agent = Agent {
+            inner: Arc::new(Inner {
+                config,
+                pool,
+                database,
+                owner,
+                tables: Mutex::new(Tables {
+                    branches: HashMap::new(),
+                    tombstones: Tombstones {
+                        set: HashSet::new(),
+                        order: VecDeque::new(),
+                        max: tombstones_max,
+                    },
+                }),
+            }),
+        };
+        agent.spawn_idle_reaper();
+        Ok(agent)
+    }
+
+    /// Rolls back open branches idle for longer than `idle_branch_timeout_ms`. The task
+    /// holds only a weak reference and ends with the agent.
+    fn spawn_idle_reaper(&self) {
+        let weak = Arc::downgrade(&self.inner);
+        let idle = Duration::from_millis(self.inner.config.idle_branch_timeout_ms);
+        let period = (idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(period).await;
+                let Some(inner) = weak.upgrade() else { return };
+                let agent = Agent { inner };
+                let expired: Vec<Gid> = agent
+                    .tables()
+                    .branches
+                    .iter()
+                    .filter_map(|(gid, b)| match b {
+                        Branch::Idle(_, since) if since.elapsed() > idle => Some(gid.clone()),
+                        _ => None,
+                    })
+                    .collect();
+                for gid in expired {
+                    warn!(%gid, idle_ms = idle.as_millis() as u64, "rolling back idle branch");
+                    let _ = agent.abort(gid, Duration::from_secs(10)).await;
+                }
+            }
+        });
+    }
+
+    pub fn name(&self) -> &str {
+        &self.inner.config.name
+    }
+
+    pub fn database(&self) -> &str {
+        &self.inner.database
+    }
+
+    /// Number of branches holding an open session.
+    pub fn open_branches(&self) -> usize {
+        self.tables().branches.len()
+    }
+
+    /// Handles one request within `timeout`. This is the whole agent: the TCP server and
+    /// in-process callers both come through here.
+    pub async fn handle(&self, request: Request, timeout: Duration) -> Response {
+        match request {
+            Request::Hello {
+                protocol_version, ..
+            } => {
+                if protocol_version != PROTOCOL_VERSION {
+                    return failed(
+                        ErrorKind::VersionMismatch,
+                        format!(
+                            "protocol version {protocol_version} not supported; this agent speaks {PROTOCOL_VERSION}"
+                        ),
+                    );
+                }
+                Response::Hello {
+                    protocol_version: PROTOCOL_VERSION,
+                    agent_name: self.inner.config.name.clone(),
+                    database: self.inner.database.clone(),
+                    build_version: BUILD_VERSION.to_owned(),
+                }
+            }
+            Request::Ping => Response::Pong,
+            Request::Execute(exec) => {
+                let span = tracing::info_span!("execute", gid = %exec.gid, finish = ?exec.finish);
+                self.execute(exec, timeout).instrument(span).await
+            }
+            Request::CommitPrepared { gid } => {
+                let span = tracing::info_span!("commit_prepared", gid = %gid);
+                self.commit_prepared(gid, timeout).instrument(span).await
+            }
+            Request::Abort { gid } => {
+                let span = tracing::info_span!("abort", gid = %gid);
+                self.abort(gid, timeout).instrument(span).await
+            }
+            Request::ListPrepared { gid_prefix } => self.list_prepared(&gid_prefix, timeout).await,
+        }
+    }
+
+    fn tables(&self) -> std::sync::MutexGuard<'_, Tables> {
+        // A panic while holding this lock is a bug; the table itself stays consistent
+        // (every mutation is a single insert/remove), so carry on with it.
+        self.inner
+            .tables
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    async fn execute(&self, exec: ExecuteBranch, timeout: Duration) -> Response {
+        if exec.statements.len() > self.inner.config.max_statements_per_request {
+            return failed(
+                ErrorKind::Limit,
+                format!(
+                    "{} statements in one request; the limit is {}",
+                    exec.statements.len(),
+                    self.inner.config.max_statements_per_request
+                ),
+            );
+        }
+        // Claim the branch.
+        let existing = {
+            let mut t = self.tables();
+            match t.branches.remove(&exec.gid) {
+                Some(Branch::Idle(session, _)) => {
+                    t.branches.insert(
+                        exec.gid.clone(),
+                        Branch::Busy {
+                            abort_requested: false,
+                        },
+                    );
+                    Some(session)
+                }
+                Some(busy @ Branch::Busy { .. }) => {
+                    t.branches.insert(exec.gid.clone(), busy);
+                    return failed(
+                        ErrorKind::BadRequest,
+                        "branch is busy with another request; statements of one branch run one at a time",
+                    );
+                }
+                None => {
+                    if t.tombstones.set.contains(&exec.gid) {
+                        return failed(
+                            ErrorKind::UnknownBranch,
+                            "branch was already aborted or finished",
+                        );
+                    }
+                    if t.branches.len() >= self.inner.config.max_open_branches {
+                        return failed(
+                            ErrorKind::Limit,
+                            format!(
+                                "{} branches open; the limit is {}",
+                                t.branches.len(),
+                                self.inner.config.max_open_branches
+                            ),
+                        );
+                    }
+                    t.branches.insert(
+                        exec.gid.clone(),
+                        Branch::Busy {
+                            abort_requested: false,
+                        },
+                    );
+                    None
+                }
+            }
+        };
+        let is_new = existing.is_none();
+
+        let result = tokio::time::timeout(timeout, self.run_branch(existing, &exec)).await;
+        let (session, result) = match result {
+            Ok(r) => r,
+            Err(_elapsed) => {
+                // The statements were cut off mid-flight: the session's state is unknown,
+                // so it was dropped (closing it makes PostgreSQL roll back an open
+                // transaction). A PREPARE that raced the deadline is rolled back by
+                // `forget_branch`.
+                warn!(timeout_ms = timeout.as_millis() as u64, "branch timed out");
+                self.forget_branch(&exec.gid, None, true).await;
+                return failed(
+                    ErrorKind::Timeout,
+                    format!("branch did not finish within {} ms", timeout.as_millis()),
+                );
+            }
+        };
+
+        let abort_requested = {
+            let mut t = self.tables();
+            match t.branches.remove(&exec.gid) {
+                Some(Branch::Busy { abort_requested }) => abort_requested,
+                _ => false,
+            }
+        };
+
+        match result {
+            Err(err) => {
+                // The branch is rolled back: a NO vote.
+                self.forget_branch(&exec.gid, session, false).await;
+                err
+            }
+            Ok(ran) => {
+                if abort_requested {
+                    self.forget_branch(&exec.gid, session, ran.outcome == BranchOutcome::Prepared)
+                        .await;
+                    return failed(ErrorKind::UnknownBranch, "branch was aborted while it ran");
+                }
+                match ran.outcome {
+                    BranchOutcome::Active => {
+                        if let Some(s) = session {
+                            self.tables()
+                                .branches
+                                .insert(exec.gid.clone(), Branch::Idle(s, Instant::now()));
+                        }
+                    }
+                    BranchOutcome::Prepared
+                    | BranchOutcome::ReadOnly
+                    | BranchOutcome::Committed => {
+                        // The session is clean again; drop returns it to the pool.
+                        drop(session);
+                    }
+                }
+                debug!(new = is_new, outcome = ?ran.outcome, "branch executed");
+                Response::Executed {
+                    results: ran.results,
+                    outcome: ran.outcome,
+                }
+            }
+        }
+    }
+
+    /// Runs the statements of `exec` on the branch's session (a fresh one from the pool if
+    /// `existing` is `None`), pipelined with `BEGIN` and the finishing command in one round
+    /// trip. Returns the session (if it is still usable) and the result.
+    async fn run_branch(
+        &self,
+        existing: Option<Object>,
+        exec: &ExecuteBranch,
+    ) -> (Option<Object>, Result<Ran, Response>) {
+        let is_new = existing.is_none();
+        let session = match existing {
+            Some(s) => s,
+            None => match self.inner.pool.get().await {
+                Ok(s) => s,
+                Err(e) => {
+                    return (
+                        None,
+                        Err(failed(
+                            ErrorKind::Unavailable,
+                            format!("no database session: {e}"),
+                        )),
+                    )
+                }
+            },
+        };
+        // If this future is dropped (deadline), the session is mid-transaction: the guard
+        // closes it instead of returning it to the pool.
+        let session = DiscardOnDrop(Some(session));
+        if session.statement_cache.size() > self.inner.config.statement_cache_max {
+            session.statement_cache.clear();
+        }
+
+        // Parse/describe every statement first (cached per session) so parameters are
+        // checked against their types before anything runs.
+        let mut prepared = Vec::with_capacity(exec.statements.len());
+        for (index, stmt) in exec.statements.iter().enumerate() {
+            let st = match session.prepare_cached(&stmt.sql).await {
+                Ok(st) => st,
+                Err(e) => return (session.release(), Err(sql_failure(&e, Some(index)))),
+            };
+            if let Err(e) = check_params(st.params(), &stmt.params) {
+                let mut err = AgentError::new(ErrorKind::BadParam, e.to_string());
+                err.statement_index = Some(index);
+                return (session.release(), Err(Response::Failed(err)));
+            }
+            prepared.push(st);
+        }
+
+        let client: &tokio_postgres::Client = &session;
+        let prepare_sql = format!("PREPARE TRANSACTION {}", exec.gid.sql_literal());
+        let read_only_check = exec.finish == Finish::Prepare && exec.read_only_vote;
+        let mut steps: Vec<BoxFuture<'_, Step>> = Vec::with_capacity(prepared.len() + 3);
+        if is_new {
+            steps.push(
+                async move { Step::Done(client.batch_execute(exec.isolation.begin_sql()).await) }
+                    .boxed(),
+            );
+        }
+        for (st, stmt) in prepared.iter().zip(&exec.statements) {
+            steps.push(
+                async move {
+                    let params: Vec<JsonParam<'_>> = stmt.params.iter().map(JsonParam).collect();
+                    let stream = match client
+                        .query_raw(st, params.iter().map(|p| p as &dyn ToSql))
+                        .await
+                    {
+                        Ok(s) => s,
+                        Err(e) => return Step::Rows(Err(StepError::Sql(e))),
+                    };
+                    futures::pin_mut!(stream);
+                    let mut rows = Vec::new();
+                    loop {
+                        match stream.try_next().await {
+                            Ok(Some(row)) => match row_to_json(&row) {
+                                Ok(obj) => rows.push(obj),
+                                Err(e) => {
+                                    return Step::Rows(Err(StepError::Convert(e.to_string())))
+                                }
+                            },
+                            Ok(None) => break,
+                            Err(e) => return Step::Rows(Err(StepError::Sql(e))),
+                        }
+                    }
+                    let rows_affected = stream.rows_affected().unwrap_or(rows.len() as u64);
+                    Step::Rows(Ok(StmtResult {
+                        rows_affected,
+                        rows,
+                    }))
+                }
+                .boxed(),
+            );
+        }
+        if read_only_check {
+            steps.push(
+                async move {
+                    Step::ReadOnly(
+                        client
+                            .query_one("SELECT txid_current_if_assigned() IS NULL", &[])
+                            .await
+                            .map(|r| r.get::<_, bool>(0)),
+                    )
+                }
+                .boxed(),
+            );
+        }
+        match exec.finish {
+            Finish::Keep => {}
+            Finish::Prepare => {
+                let sql = prepare_sql.as_str();
+                steps.push(async move { Step::Finish(client.batch_execute(sql).await) }.boxed());
+            }
+            Finish::Commit => {
+                steps.push(
+                    async move { Step::Finish(client.batch_execute("COMMIT").await) }.boxed(),
+                );
+            }
+        }
+
+        // All steps are polled together: tokio-postgres writes their messages in order
+        // without waiting, so the whole branch costs one network round trip.
+        let outcomes = join_all(steps).await;
+
+        let mut results = Vec::with_capacity(exec.statements.len());
+        let mut read_only = false;
+        let mut stmt_index = 0usize;
+        for step in outcomes {
+            match step {
+                Step::Done(Err(e)) => return (session.release(), Err(sql_failure(&e, None))),
+                Step::Done(Ok(())) => {}
+                Step::Rows(Ok(r)) => {
+                    results.push(r);
+                    stmt_index += 1;
+                }
+                Step::Rows(Err(StepError::Sql(e))) => {
+                    return (session.release(), Err(sql_failure(&e, Some(stmt_index))))
+                }
+                Step::Rows(Err(StepError::Convert(m))) => {
+                    let mut err = AgentError::new(ErrorKind::BadRequest, m);
+                    err.statement_index = Some(stmt_index);
+                    return (session.release(), Err(Response::Failed(err)));
+                }
+                Step::ReadOnly(Ok(ro)) => read_only = ro,
+                Step::ReadOnly(Err(e)) => return (session.release(), Err(sql_failure(&e, None))),
+                Step::Finish(Err(e)) => return (session.release(), Err(sql_failure(&e, None))),
+                // In an aborted transaction block PREPARE TRANSACTION and COMMIT do not
+                // fail (they roll back), but that only happens after a statement error,
+                // which returned above.
+                Step::Finish(Ok(())) => {}
+            }
+        }
+        let outcome = match exec.finish {
+            Finish::Keep => BranchOutcome::Active,
+            Finish::Commit => BranchOutcome::Committed,
+            Finish::Prepare if read_only => {
+                // Wrote nothing: finish it now and drop out of phase 2.
+                let sql = format!("COMMIT PREPARED {}", exec.gid.sql_literal());
+                if let Err(e) = client.batch_execute(&sql).await {
+                    return (session.release(), Err(sql_failure(&e, None)));
+                }
+                BranchOutcome::ReadOnly
+            }
+            Finish::Prepare => BranchOutcome::Prepared,
+        };
+        (session.release(), Ok(Ran { results, outcome }))
+    }
+
+    /// Rolls back whatever is left of a branch and leaves a tombstone. `session` (if any)
+    /// is rolled back and returned to the pool, or discarded if that fails.
+    /// `maybe_prepared`: also `ROLLBACK PREPARED` the GID.
+    async fn forget_branch(&self, gid: &Gid, session: Option<Object>, maybe_prepared: bool) {
+        {
+            let mut t = self.tables();
+            t.branches.remove(gid);
+            t.tombstones.insert(gid.clone());
+        }
+        if let Some(s) = session {
+            if let Err(e) = s.batch_execute("ROLLBACK").await {
+                warn!(error = %e, "rollback failed; discarding session");
+                let _ = Object::take(s);
+            }
+        }
+        if maybe_prepared {
+            if let Err(e) = self.rollback_prepared(gid).await {
+                warn!(error = %e, "rollback of a prepared branch failed; recovery will retry");
+            }
+        }
+    }
+
+    async fn rollback_prepared(&self, gid: &Gid) -> Result<(), AgentError> {
+        let session = self.session().await?;
+        let sql = format!("ROLLBACK PREPARED {}", gid.sql_literal());
+        match session.batch_execute(&sql).await {
+            Ok(()) => Ok(()),
+            Err(e) if sqlstate(&e) == Some(SQLSTATE_UNDEFINED_OBJECT) => Ok(()),
+            Err(e) => Err(agent_error(&e, None)),
+        }
+    }
+
+    async fn session(&self) -> Result<Object, AgentError> {
+        self.inner.pool.get().await.map_err(|e| {
+            AgentError::new(ErrorKind::Unavailable, format!("no database session: {e}"))
+        })
+    }
+
+    async fn commit_prepared(&self, gid: Gid, timeout: Duration) -> Response {
+        let work = async {
+            let session = self.session().await?;
+            let sql = format!("COMMIT PREPARED {}", gid.sql_literal());
+            match session.batch_execute(&sql).await {
+                Ok(()) => Ok(CommitAck::Committed),
+                Err(e) if sqlstate(&e) == Some(SQLSTATE_UNDEFINED_OBJECT) => {
+                    Ok(CommitAck::NotPrepared)
+                }
+                Err(e) => Err(agent_error(&e, None)),
+            }
+        };
+        match tokio::time::timeout(timeout, work).await {
+            Ok(Ok(ack)) => Response::CommitPrepared(ack),
+            Ok(Err(e)) => Response::Failed(e),
+            Err(_) => failed(ErrorKind::Timeout, "COMMIT PREPARED did not finish in time"),
+        }
+    }
+
+    async fn abort(&self, gid: Gid, timeout: Duration) -> Response {
+        let idle = {
+            let mut t = self.tables();
+            t.tombstones.insert(gid.clone());
+            match t.branches.remove(&gid) {
+                Some(Branch::Idle(s, _)) => Some(s),
+                Some(Branch::Busy { .. }) => {
+                    // The running request rolls it back when it finishes.
+                    t.branches.insert(
+                        gid.clone(),
+                        Branch::Busy {
+                            abort_requested: true,
+                        },
+                    );
+                    return Response::Aborted;
+                }
+                None => None,
+            }
+        };
+        let work = async {
+            if let Some(s) = idle {
+                if let Err(e) = s.batch_execute("ROLLBACK").await {
+                    warn!(error = %e, "rollback failed; discarding session");
+                    let _ = Object::take(s);
+                }
+                return Ok(());
+            }
+            self.rollback_prepared(&gid).await
+        };
+        match tokio::time::timeout(timeout, work).await {
+            Ok(Ok(())) => Response::Aborted,
+            Ok(Err(e)) => Response::Failed(e),
+            Err(_) => failed(ErrorKind::Timeout, "ROLLBACK did not finish in time"),
+        }
+    }
+
+    async fn list_prepared(&self, gid_prefix: &str, timeout: Duration) -> Response {
+        if gid_prefix.is_empty()
+            || !gid_prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        {
+            return failed(ErrorKind::BadRequest, "invalid GID prefix");
+        }
+        let work = async {
+            let session = self.session().await?;
+            let rows = session
+                .query(
+                    "SELECT gid, database::text, owner::text, \
+                     to_char(prepared AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), \
+                     (extract(epoch FROM now() - prepared) * 1000)::bigint \
+                     FROM pg_prepared_xacts \
+                     WHERE database = current_database() AND owner = current_user \
+                     AND starts_with(gid, $1) ORDER BY prepared",
+                    &[&gid_prefix],
+                )
+                .await
+                .map_err(|e| agent_error(&e, None))?;
+            Ok::<_, AgentError>(
+                rows.iter()
+                    .map(|r| PreparedBranch {
+                        gid: r.get(0),
+                        database: r.get(1),
+                        owner: r.get(2),
+                        prepared_at: r.get(3),
+                        age_ms: r.get::<_, i64>(4).max(0) as u64,
+                    })
+                    .collect(),
+            )
+        };
+        match tokio::time::timeout(timeout, work).await {
+            Ok(Ok(branches)) => Response::Prepared { branches },
+            Ok(Err(e)) => Response::Failed(e),
+            Err(_) => failed(ErrorKind::Timeout, "listing prepared branches timed out"),
+        }
+    }
+
+    /// The database role the agent runs as (owner of its prepared transactions).
+    pub fn owner(&self) -> &str {
+        &self.inner.owner
+    }
+}
+
+/// A pooled session that is closed (not returned to the pool) unless released.
+struct DiscardOnDrop(Option<Object>);
+
+impl DiscardOnDrop {
+    fn release(mut self) -> Option<Object> {
+        self.0.take()
+    }
+}
+
+impl std::ops::Deref for DiscardOnDrop {
+    type Target = Object;
+    fn deref(&self) -> &Object {
+        // Always Some until `release` consumes self.
+        self.0.as_ref().expect("session present until released")
+    }
+}
+
+impl Drop for DiscardOnDrop {
+    fn drop(&mut self) {
+        if let Some(s) = self.0.take() {
+            drop(Object::take(s));
+        }
+    }
+}
+
+struct Ran {
+    results: Vec<StmtResult>,
+    outcome: BranchOutcome,
+}
+
+enum StepError {
+    Sql(tokio_postgres::Error),
+    Convert(String),
+}
+
+enum Step {
+    Done(Result<(), tokio_postgres::Error>),
+    Rows(Result<StmtResult, StepError>),
+    ReadOnly(Result<bool, tokio_postgres::Error>),
+    Finish(Result<(), tokio_postgres::Error>),
+}
+
+fn failed(kind: ErrorKind, message: impl Into<String>) -> Response {
+    Response::Failed(AgentError::new(kind, message))
+}
+
+fn sqlstate(e: &tokio_postgres::Error) -> Option<&str> {
+    e.code().map(|c| c.code())
+}
+
+fn agent_error(e: &tokio_postgres::Error, statement_index: Option<usize>) -> AgentError {
+    match e.as_db_error() {
+        Some(db) => AgentError {
+            kind: ErrorKind::Sql,
+            sqlstate: Some(db.code().code().to_owned()),
+            message: db.message().to_owned(),
+            statement_index,
+        },
+        None => AgentError {
+            kind: if e.is_closed() {
+                ErrorKind::Unavailable
+            } else {
+                ErrorKind::Internal
+            },
+            sqlstate: None,
+            message: e.to_string(),
+            statement_index,
+        },
+    }
+}
+
+fn sql_failure(e: &tokio_postgres::Error, statement_index: Option<usize>) -> Response {
+    Response::Failed(agent_error(e, statement_index))
+}

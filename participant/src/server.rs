@@ -1,0 +1,182 @@
+//! The agent's TCP server: length-delimited JSON frames ([`FrameCodec`]), a handshake
+//! first, then requests handled concurrently (responses go back in completion order,
+//! matched by request id).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::codec::Framed;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn, Instrument};
+use twopc_shared::codec::FrameCodec;
+use twopc_shared::msg::{AgentError, ErrorKind, Request, RequestFrame, Response, ResponseFrame};
+
+use crate::agent::Agent;
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub max_frame_bytes: usize,
+    /// Requests of one connection being handled at once; further frames wait (TCP
+    /// back-pressure reaches the coordinator).
+    pub max_in_flight_per_connection: usize,
+    /// Connections at once.
+    pub max_connections: usize,
+    /// Longest deadline a request may ask for.
+    pub max_request_timeout_ms: u64,
+    /// A connection must complete the handshake within this.
+    pub handshake_timeout_ms: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            max_frame_bytes: twopc_shared::codec::DEFAULT_MAX_FRAME_BYTES,
+            max_in_flight_per_connection: 1024,
+            max_connections: 256,
+            max_request_timeout_ms: 10 * 60 * 1000,
+            handshake_timeout_ms: 10_000,
+        }
+    }
+}
+
+/// Serves `agent` on `listener` until `shutdown` is cancelled.
+pub async fn serve(
+    agent: Agent,
+    listener: TcpListener,
+    config: ServerConfig,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let connections = Arc::new(Semaphore::new(config.max_connections));
+    info!(addr = ?listener.local_addr().ok(), agent = agent.name(), "agent listening");
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            warn!(%peer, limit = config.max_connections, "too many connections; refusing");
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let agent = agent.clone();
+        let config = config.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(
+            async move {
+                if let Err(e) = connection(agent, stream, config, shutdown).await {
+                    debug!(error = %e, "connection closed");
+                }
+                drop(permit);
+            }
+            .instrument(tracing::info_span!("conn", %peer)),
+        );
+    }
+}
+
+async fn connection(
+    agent: Agent,
+    stream: TcpStream,
+    config: ServerConfig,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let framed = Framed::new(
+        stream,
+        FrameCodec::<RequestFrame, ResponseFrame>::new(config.max_frame_bytes),
+    );
+    let (mut sink, mut frames) = framed.split();
+
+    // Handshake.
+    let first = tokio::time::timeout(
+        Duration::from_millis(config.handshake_timeout_ms),
+        frames.next(),
+    )
+    .await;
+    let hello = match first {
+        Ok(Some(Ok(f))) => f,
+        Ok(Some(Err(e))) => return Err(e.into()),
+        Ok(None) | Err(_) => return Ok(()),
+    };
+    let reply = match hello.body {
+        Request::Hello { .. } => {
+            agent
+                .handle(
+                    hello.body,
+                    Duration::from_millis(config.handshake_timeout_ms),
+                )
+                .await
+        }
+        _ => Response::Failed(AgentError::new(
+            ErrorKind::VersionMismatch,
+            "the first request must be a Hello handshake",
+        )),
+    };
+    let accepted = matches!(reply, Response::Hello { .. });
+    sink.send(ResponseFrame {
+        id: hello.id,
+        body: reply,
+    })
+    .await?;
+    if !accepted {
+        return Ok(());
+    }
+
+    let (tx, mut rx) = mpsc::channel::<ResponseFrame>(config.max_in_flight_per_connection);
+    let writer = tokio::spawn(async move {
+        while let Some(frame) = rx.recv().await {
+            // Batch whatever else is ready into the same flush.
+            sink.feed(frame).await?;
+            while let Ok(more) = rx.try_recv() {
+                sink.feed(more).await?;
+            }
+            sink.flush().await?;
+        }
+        Ok::<_, twopc_shared::codec::CodecError>(())
+    });
+
+    let in_flight = Arc::new(Semaphore::new(config.max_in_flight_per_connection));
+    loop {
+        let frame = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            f = frames.next() => f,
+        };
+        let frame = match frame {
+            Some(Ok(f)) => f,
+            Some(Err(e)) => {
+                warn!(error = %e, "bad frame; closing connection");
+                break;
+            }
+            None => break,
+        };
+        let permit = in_flight.clone().acquire_owned().await?;
+        let agent = agent.clone();
+        let tx = tx.clone();
+        let timeout = Duration::from_millis(frame.timeout_ms.min(config.max_request_timeout_ms));
+        tokio::spawn(async move {
+            let body = match frame.body {
+                Request::Hello { .. } => Response::Failed(AgentError::new(
+                    ErrorKind::BadRequest,
+                    "handshake already done",
+                )),
+                body => agent.handle(body, timeout).await,
+            };
+            let _ = tx.send(ResponseFrame { id: frame.id, body }).await;
+            drop(permit);
+        });
+    }
+    drop(tx);
+    // In-flight requests finish (their effects are in PostgreSQL either way); the writer
+    // ends once they have all replied or the peer is gone.
+    let _ = writer.await;
+    Ok(())
+}
