@@ -1,1 +1,281 @@
+//! twopc test kit: throwaway PostgreSQL clusters with the bank schema, agents (served
+//! over TCP or in-process), a coordinator on a local port, an HTTP client, and the bank
+//! invariant checker.
+//!
+//! The cluster manager and the checker live in `twopc_coordinator::{pg_cluster, bank}`
+//! (the `demo` command uses them too); this crate re-exports them and adds the harness
+//! the integration tests in `tests/` share.
 
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+use twopc_coordinator::config::ServeConfig;
+use twopc_coordinator::server::Running;
+use twopc_participant::server::{serve, ServerConfig};
+use twopc_participant::{Agent, AgentConfig};
+
+pub use twopc_coordinator::bank::{self, audit, setup_bank, AuditReport, Expectation};
+pub use twopc_coordinator::pg_cluster::{ClusterOptions, PgBinaries, PgCluster, StopMode};
+pub use twopc_coordinator::workload;
+
+/// Accounts per database in the test bank.
+pub const ACCOUNTS: u32 = 100;
+/// Initial balance of each account.
+pub const BALANCE: i64 = 1_000;
+
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// How the coordinator reaches the agents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentMode {
+    /// Agents served over TCP on loopback (the production shape).
+    Remote,
+    /// Agents inside the coordinator process.
+    InProcess,
+}
+
+/// One database with its cluster and (in remote mode) its agent server.
+pub struct Db {
+    pub name: String,
+    pub cluster: PgCluster,
+    pub url: String,
+    /// `HOST:PORT` of the agent, in remote mode.
+    pub agent_addr: Option<String>,
+    agent_stop: Option<CancellationToken>,
+}
+
+impl Db {
+    /// Stops the agent server (remote mode): the participant becomes unreachable.
+    pub fn stop_agent(&mut self) {
+        if let Some(t) = self.agent_stop.take() {
+            t.cancel();
+        }
+    }
+}
+
+/// Clusters with the bank loaded, agents, and a coordinator.
+pub struct Harness {
+    pub dbs: Vec<Db>,
+    pub data_dir: PathBuf,
+    pub coordinator: Option<Running>,
+    pub base_url: String,
+    pub http: reqwest::Client,
+    pub mode: AgentMode,
+}
+
+/// Starts `n` clusters named a, b, c, ... each with the bank schema loaded.
+pub async fn start_dbs(n: usize, mode: AgentMode) -> anyhow::Result<Vec<Db>> {
+    let names: Vec<String> = (0..n).map(|i| ((b'a' + i as u8) as char).to_string()).collect();
+    let clusters = tokio::task::spawn_blocking({
+        let names = names.clone();
+        move || -> anyhow::Result<Vec<PgCluster>> {
+            names
+                .iter()
+                .map(|n| PgCluster::start(ClusterOptions::new(format!("t{n}"))).map_err(Into::into))
+                .collect()
+        }
+    })
+    .await??;
+    let mut dbs = Vec::new();
+    for (name, cluster) in names.into_iter().zip(clusters) {
+        let url = cluster.url("postgres");
+        setup_bank(&url, ACCOUNTS, BALANCE).await?;
+        let (agent_addr, agent_stop) = match mode {
+            AgentMode::Remote => {
+                let (addr, stop) = spawn_agent(&name, &url).await?;
+                (Some(addr), Some(stop))
+            }
+            AgentMode::InProcess => (None, None),
+        };
+        dbs.push(Db {
+            name,
+            cluster,
+            url,
+            agent_addr,
+            agent_stop,
+        });
+    }
+    Ok(dbs)
+}
+
+/// Serves an agent for `url` on a free loopback port.
+pub async fn spawn_agent(name: &str, url: &str) -> anyhow::Result<(String, CancellationToken)> {
+    let agent = Agent::connect(AgentConfig::new(name, url))
+        .await
+        .context("connect agent")?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?.to_string();
+    let stop = CancellationToken::new();
+    let token = stop.clone();
+    tokio::spawn(async move { serve(agent, listener, ServerConfig::default(), token).await });
+    Ok((addr, stop))
+}
+
+impl Harness {
+    /// `n` databases and a coordinator with default settings.
+    pub async fn start(n: usize, mode: AgentMode) -> anyhow::Result<Harness> {
+        Harness::start_with(n, mode, |_| {}).await
+    }
+
+    /// Like [`Harness::start`], letting the test adjust the coordinator's configuration.
+    pub async fn start_with(
+        n: usize,
+        mode: AgentMode,
+        adjust: impl FnOnce(&mut ServeConfig),
+    ) -> anyhow::Result<Harness> {
+        init_tracing();
+        let dbs = start_dbs(n, mode).await?;
+        let data_dir = std::env::temp_dir().join(format!(
+            "twopc-test-coord-{}-{}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        let mut h = Harness {
+            dbs,
+            data_dir,
+            coordinator: None,
+            base_url: String::new(),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()?,
+            mode,
+        };
+        h.start_coordinator(adjust).await?;
+        Ok(h)
+    }
+
+    pub fn serve_config(&self) -> ServeConfig {
+        let mut c = ServeConfig {
+            listen: "127.0.0.1:0".into(),
+            data_dir: self.data_dir.clone(),
+            ..ServeConfig::default()
+        };
+        for db in &self.dbs {
+            let spec = match (&db.agent_addr, self.mode) {
+                (Some(addr), AgentMode::Remote) => addr.clone(),
+                _ => db.url.clone(),
+            };
+            c.participants.insert(db.name.clone(), spec);
+        }
+        c
+    }
+
+    /// Starts (or restarts, on the same data dir) the coordinator.
+    pub async fn start_coordinator(
+        &mut self,
+        adjust: impl FnOnce(&mut ServeConfig),
+    ) -> anyhow::Result<()> {
+        let mut c = self.serve_config();
+        adjust(&mut c);
+        let running = twopc_coordinator::server::start(c).await?;
+        self.base_url = format!("http://{}", running.addr);
+        self.coordinator = Some(running);
+        Ok(())
+    }
+
+    /// Shuts the coordinator down cleanly.
+    pub async fn stop_coordinator(&mut self) -> anyhow::Result<()> {
+        if let Some(r) = self.coordinator.take() {
+            r.shutdown().await?;
+        }
+        Ok(())
+    }
+
+    pub fn gid_prefix(&self) -> String {
+        twopc_shared::gid::gid_prefix(&self.serve_config().coordinator_id)
+    }
+
+    /// POSTs `body` to `path`; returns the status and the JSON answer.
+    pub async fn post(&self, path: &str, body: &Value) -> anyhow::Result<(u16, Value)> {
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.base_url))
+            .json(body)
+            .send()
+            .await?;
+        let status = resp.status().as_u16();
+        let v = resp.json().await.unwrap_or(Value::Null);
+        Ok((status, v))
+    }
+
+    /// POSTs raw bytes (for malformed input).
+    pub async fn post_raw(&self, path: &str, body: Vec<u8>) -> anyhow::Result<(u16, Value)> {
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.base_url))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await?;
+        let status = resp.status().as_u16();
+        let v = resp.json().await.unwrap_or(Value::Null);
+        Ok((status, v))
+    }
+
+    pub async fn get(&self, path: &str) -> anyhow::Result<(u16, Value)> {
+        let resp = self
+            .http
+            .get(format!("{}{path}", self.base_url))
+            .send()
+            .await?;
+        let status = resp.status().as_u16();
+        let v = resp.json().await.unwrap_or(Value::Null);
+        Ok((status, v))
+    }
+
+    /// Runs the bank checker over every database.
+    pub async fn audit(&self, expect: Option<&Expectation>) -> anyhow::Result<AuditReport> {
+        let dbs: Vec<(String, String)> = self
+            .dbs
+            .iter()
+            .map(|d| (d.name.clone(), d.url.clone()))
+            .collect();
+        let per_db = ACCOUNTS as i64 * BALANCE;
+        let initial: Vec<(String, i64)> = self.dbs.iter().map(|d| (d.name.clone(), per_db)).collect();
+        Ok(audit(
+            &dbs,
+            per_db * self.dbs.len() as i64,
+            &initial,
+            &self.gid_prefix(),
+            expect,
+        )
+        .await?)
+    }
+
+    /// Runs `sql` on database `db` directly and returns the first column of the first row.
+    pub async fn scalar_i64(&self, db: usize, sql: &str) -> anyhow::Result<i64> {
+        let (client, conn) = tokio_postgres::connect(&self.dbs[db].url, tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        let row = client.query_one(sql, &[]).await?;
+        Ok(row.get::<_, i64>(0))
+    }
+
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        self.stop_coordinator().await?;
+        for db in &mut self.dbs {
+            db.stop_agent();
+        }
+        let _ = std::fs::remove_dir_all(&self.data_dir);
+        Ok(())
+    }
+}
+
+/// Statements for the HTTP API, as JSON.
+pub fn stmts(v: Vec<(String, Vec<Value>)>) -> Value {
+    Value::Array(
+        v.into_iter()
+            .map(|(sql, params)| serde_json::json!({ "sql": sql, "params": params }))
+            .collect(),
+    )
+}

@@ -1,0 +1,283 @@
+//! `twopc-coordinator serve` configuration: a TOML file (`--config`) overridden by flags
+//! (each also from a `TWOPC_*` environment variable).
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use serde::Deserialize;
+
+use crate::engine::{AckMode, EngineConfig};
+
+/// Where a participant's agent is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ParticipantSpec {
+    /// A `twopc-participant` reached over TCP.
+    Remote(String),
+    /// An agent in this process, fronting this database URL.
+    InProcess(String),
+}
+
+impl ParticipantSpec {
+    pub fn parse(s: &str) -> ParticipantSpec {
+        if s.starts_with("postgresql://") || s.starts_with("postgres://") {
+            ParticipantSpec::InProcess(s.to_owned())
+        } else {
+            ParticipantSpec::Remote(s.to_owned())
+        }
+    }
+}
+
+/// Parses `NAME=HOST:PORT` or `NAME=postgresql://...`.
+pub fn parse_participant(s: &str) -> anyhow::Result<(String, ParticipantSpec)> {
+    let (name, spec) = s
+        .split_once('=')
+        .with_context(|| format!("participant {s:?}: expected NAME=HOST:PORT or NAME=postgresql://..."))?;
+    validate_participant_name(name)?;
+    if spec.is_empty() {
+        bail!("participant {name:?}: empty address");
+    }
+    Ok((name.to_owned(), ParticipantSpec::parse(spec)))
+}
+
+fn validate_participant_name(name: &str) -> anyhow::Result<()> {
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        bail!("participant name {name:?}: 1 to 64 characters of [A-Za-z0-9_-]");
+    }
+    Ok(())
+}
+
+/// Everything `serve` needs, after merging file and flags.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServeConfig {
+    pub listen: String,
+    pub data_dir: PathBuf,
+    pub coordinator_id: String,
+    /// name → `HOST:PORT` or `postgresql://...`.
+    pub participants: std::collections::BTreeMap<String, String>,
+    pub recovery_interval_ms: u64,
+    pub one_phase: bool,
+    pub read_only: bool,
+    pub parallel: bool,
+    pub group_commit: bool,
+    pub ack: AckMode,
+    pub commit_wait_ms: u64,
+    pub default_timeout_ms: u64,
+    pub max_timeout_ms: u64,
+    pub idle_timeout_ms: u64,
+    pub call_timeout_ms: u64,
+    pub max_open_txns: usize,
+    pub max_statements_per_txn: usize,
+    pub max_body_bytes: usize,
+    pub log_retention_ms: u64,
+    pub log_segment_max_bytes: u64,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        let e = EngineConfig::new("c1");
+        ServeConfig {
+            listen: "127.0.0.1:7000".into(),
+            data_dir: PathBuf::from("twopc-data"),
+            coordinator_id: e.coordinator_id,
+            participants: Default::default(),
+            recovery_interval_ms: 5_000,
+            one_phase: e.one_phase,
+            read_only: e.read_only,
+            parallel: e.parallel,
+            group_commit: true,
+            ack: e.default_ack,
+            commit_wait_ms: e.commit_wait_ms,
+            default_timeout_ms: e.default_timeout_ms,
+            max_timeout_ms: e.max_timeout_ms,
+            idle_timeout_ms: e.idle_timeout_ms,
+            call_timeout_ms: e.call_timeout_ms,
+            max_open_txns: e.max_open_txns,
+            max_statements_per_txn: e.max_statements_per_txn,
+            max_body_bytes: 1024 * 1024,
+            log_retention_ms: 3_600_000,
+            log_segment_max_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// Flags of `twopc-coordinator serve`. Every flag overrides the file.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ServeArgs {
+    /// TOML file with any of the settings below (flags override it).
+    #[arg(long, env = "TWOPC_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Client API address (HTTP).
+    #[arg(long, env = "TWOPC_LISTEN")]
+    pub listen: Option<String>,
+    /// Directory of the decision log and the coordinator's identity file.
+    #[arg(long, env = "TWOPC_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Coordinator id: part of every GID; 1-32 letters or digits; fixed per data dir.
+    #[arg(long, env = "TWOPC_COORDINATOR_ID")]
+    pub coordinator_id: Option<String>,
+    /// A participant: NAME=HOST:PORT (remote agent) or NAME=postgresql://... (in-process
+    /// agent). Repeat for each.
+    #[arg(long = "participant", env = "TWOPC_PARTICIPANTS", value_delimiter = ',')]
+    pub participants: Vec<String>,
+    /// How often recovery looks for unresolved transactions.
+    #[arg(long, env = "TWOPC_RECOVERY_INTERVAL_MS")]
+    pub recovery_interval_ms: Option<u64>,
+    /// Default ack mode: applied or durable.
+    #[arg(long, env = "TWOPC_ACK", value_parser = parse_ack)]
+    pub ack: Option<AckMode>,
+    /// How long `applied` waits for acknowledgements before answering with the pending ones.
+    #[arg(long, env = "TWOPC_COMMIT_WAIT_MS")]
+    pub commit_wait_ms: Option<u64>,
+    /// Transaction lifetime when the client gives no timeout_ms.
+    #[arg(long, env = "TWOPC_DEFAULT_TIMEOUT_MS")]
+    pub default_timeout_ms: Option<u64>,
+    /// Idle time allowed between statements of an interactive transaction.
+    #[arg(long, env = "TWOPC_IDLE_TIMEOUT_MS")]
+    pub idle_timeout_ms: Option<u64>,
+    /// Largest client request body, in bytes.
+    #[arg(long, env = "TWOPC_MAX_BODY_BYTES")]
+    pub max_body_bytes: Option<usize>,
+    /// Keep finished decision-log segments (and answers about them) this long.
+    #[arg(long, env = "TWOPC_LOG_RETENTION_MS")]
+    pub log_retention_ms: Option<u64>,
+    /// Turn off one-phase commit for single-participant transactions.
+    #[arg(long, env = "TWOPC_NO_ONE_PHASE")]
+    pub no_one_phase: bool,
+    /// Turn off the read-only vote.
+    #[arg(long, env = "TWOPC_NO_READ_ONLY")]
+    pub no_read_only: bool,
+    /// Talk to participants one after another instead of in parallel.
+    #[arg(long, env = "TWOPC_NO_PARALLEL")]
+    pub no_parallel: bool,
+    /// One fdatasync per decision instead of group commit.
+    #[arg(long, env = "TWOPC_NO_GROUP_COMMIT")]
+    pub no_group_commit: bool,
+}
+
+fn parse_ack(s: &str) -> Result<AckMode, String> {
+    match s {
+        "applied" => Ok(AckMode::Applied),
+        "durable" => Ok(AckMode::Durable),
+        _ => Err(format!("{s:?}: expected applied or durable")),
+    }
+}
+
+impl ServeArgs {
+    /// Reads the file (if any) and applies the flags over it.
+    pub fn resolve(&self) -> anyhow::Result<ServeConfig> {
+        let mut c = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("read config file {}", path.display()))?;
+                toml::from_str::<ServeConfig>(&text)
+                    .with_context(|| format!("parse config file {}", path.display()))?
+            }
+            None => ServeConfig::default(),
+        };
+        if let Some(v) = &self.listen {
+            c.listen = v.clone();
+        }
+        if let Some(v) = &self.data_dir {
+            c.data_dir = v.clone();
+        }
+        if let Some(v) = &self.coordinator_id {
+            c.coordinator_id = v.clone();
+        }
+        for p in &self.participants {
+            let (name, _) = parse_participant(p)?;
+            let spec = p[name.len() + 1..].to_owned();
+            c.participants.insert(name, spec);
+        }
+        macro_rules! set {
+            ($($f:ident),*) => { $( if let Some(v) = self.$f { c.$f = v; } )* };
+        }
+        set!(recovery_interval_ms, commit_wait_ms, default_timeout_ms, idle_timeout_ms, max_body_bytes, log_retention_ms);
+        if let Some(a) = self.ack {
+            c.ack = a;
+        }
+        c.one_phase &= !self.no_one_phase;
+        c.read_only &= !self.no_read_only;
+        c.parallel &= !self.no_parallel;
+        c.group_commit &= !self.no_group_commit;
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+impl ServeConfig {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        twopc_shared::gid::validate_coordinator_id(&self.coordinator_id)?;
+        if self.participants.is_empty() {
+            bail!("no participants: give at least one --participant NAME=HOST:PORT");
+        }
+        for name in self.participants.keys() {
+            validate_participant_name(name)?;
+        }
+        Ok(())
+    }
+
+    pub fn engine_config(&self) -> EngineConfig {
+        let mut e = EngineConfig::new(self.coordinator_id.clone());
+        e.one_phase = self.one_phase;
+        e.read_only = self.read_only;
+        e.parallel = self.parallel;
+        e.default_ack = self.ack;
+        e.commit_wait_ms = self.commit_wait_ms;
+        e.default_timeout_ms = self.default_timeout_ms;
+        e.max_timeout_ms = self.max_timeout_ms;
+        e.idle_timeout_ms = self.idle_timeout_ms;
+        e.call_timeout_ms = self.call_timeout_ms;
+        e.max_open_txns = self.max_open_txns;
+        e.max_statements_per_txn = self.max_statements_per_txn;
+        e.outcome_retention_ms = self.log_retention_ms;
+        e
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn participant_specs() {
+        assert_eq!(
+            parse_participant("a=127.0.0.1:7001").unwrap(),
+            ("a".into(), ParticipantSpec::Remote("127.0.0.1:7001".into()))
+        );
+        assert_eq!(
+            parse_participant("b=postgresql://u@h/db").unwrap().1,
+            ParticipantSpec::InProcess("postgresql://u@h/db".into())
+        );
+        assert!(parse_participant("nonsense").is_err());
+        assert!(parse_participant("a b=x:1").is_err());
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(
+            &file,
+            "listen = \"0.0.0.0:1\"\ncoordinator_id = \"x1\"\none_phase = false\n[participants]\na = \"h:1\"\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(file),
+            listen: Some("127.0.0.1:2".into()),
+            participants: vec!["b=h:2".into()],
+            ..Default::default()
+        };
+        let c = args.resolve().unwrap();
+        assert_eq!(c.listen, "127.0.0.1:2");
+        assert_eq!(c.coordinator_id, "x1");
+        assert!(!c.one_phase);
+        assert_eq!(c.participants.len(), 2);
+    }
+}

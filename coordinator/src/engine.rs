@@ -1,0 +1,1230 @@
+//! The transaction engine: runs client transactions across participants with two-phase
+//! commit, presumed abort.
+//!
+//! One transaction goes: branches execute and PREPARE (in parallel) → every vote YES or
+//! READ-ONLY → the COMMIT record is forced to the decision log → COMMIT PREPARED on every
+//! YES voter (phase 2, retried until acknowledged) → END record (lazy). Any NO vote,
+//! error, timeout or unreachable participant before the decision → ROLLBACK everywhere,
+//! with nothing logged (presumed abort).
+//!
+//! Invariant 1 lives in [`Engine::decide_and_commit`]: no `CommitPrepared` is sent before
+//! `append_forced(Commit)` has returned.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures::future::join_all;
+use serde::{Deserialize, Serialize};
+use tracing::{debug, error, info, warn, Instrument};
+use twopc_shared::gid::{gid_prefix, validate_txn_id, Gid};
+use twopc_shared::msg::{
+    AgentError, BranchOutcome, CommitAck, ErrorKind, ExecuteBranch, Finish, Isolation, Request,
+    Response, Statement, StmtResult,
+};
+
+use crate::decision_log::{DecisionLog, LogError, Record, Replay};
+use crate::participant::{CallError, Participant};
+
+/// When the client gets its answer for a committed transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AckMode {
+    /// After every participant acknowledged COMMIT PREPARED (bounded by `commit_wait_ms`;
+    /// the answer lists the participants still pending).
+    #[default]
+    Applied,
+    /// As soon as the decision is durable; phase 2 runs in the background.
+    Durable,
+}
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub coordinator_id: String,
+    /// One-phase commit when a single participant is involved (no PREPARE, no log).
+    pub one_phase: bool,
+    /// Read-only branches vote READ-ONLY and drop out of phase 2.
+    pub read_only: bool,
+    /// Fan out to participants in parallel (otherwise one after another).
+    pub parallel: bool,
+    pub default_ack: AckMode,
+    /// `applied` mode waits at most this long for acknowledgements.
+    pub commit_wait_ms: u64,
+    /// Transaction lifetime when the client gives none.
+    pub default_timeout_ms: u64,
+    /// Longest lifetime a client may ask for.
+    pub max_timeout_ms: u64,
+    /// An interactive transaction with no statement for this long is rolled back.
+    pub idle_timeout_ms: u64,
+    /// Deadline of one phase-2 or abort call to an agent.
+    pub call_timeout_ms: u64,
+    /// Phase-2 retry backoff bounds.
+    pub retry_min_ms: u64,
+    pub retry_max_ms: u64,
+    pub max_open_txns: usize,
+    pub max_statements_per_txn: usize,
+    /// Outcomes of finished transactions stay answerable in memory this long.
+    pub outcome_retention_ms: u64,
+}
+
+impl EngineConfig {
+    pub fn new(coordinator_id: impl Into<String>) -> EngineConfig {
+        EngineConfig {
+            coordinator_id: coordinator_id.into(),
+            one_phase: true,
+            read_only: true,
+            parallel: true,
+            default_ack: AckMode::Applied,
+            commit_wait_ms: 5_000,
+            default_timeout_ms: 30_000,
+            max_timeout_ms: 600_000,
+            idle_timeout_ms: 60_000,
+            call_timeout_ms: 10_000,
+            retry_min_ms: 50,
+            retry_max_ms: 5_000,
+            max_open_txns: 4096,
+            max_statements_per_txn: 10_000,
+            outcome_retention_ms: 3_600_000,
+        }
+    }
+}
+
+/// Errors a client can tell apart (each maps to one HTTP status).
+#[derive(Debug, thiserror::Error)]
+pub enum TxnError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("unknown participant {0:?}")]
+    UnknownParticipant(String),
+    #[error("unknown transaction {0:?}")]
+    UnknownTxn(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Limit(String),
+    /// The transaction was rolled back everywhere.
+    #[error("transaction {} aborted: {}", .0.txn_id, .0.message)]
+    Aborted(AbortInfo),
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// Why a transaction aborted.
+#[derive(Debug, Clone, Serialize)]
+pub struct AbortInfo {
+    pub txn_id: String,
+    pub participant: Option<String>,
+    /// SQLSTATE of the failure (for non-SQL failures the closest class: 08006 for an
+    /// unreachable participant, 57014 for a timeout, 22023 for a bad parameter).
+    pub code: Option<String>,
+    pub message: String,
+    /// The client's input was at fault (a bad parameter): answered with 400, not 409.
+    #[serde(skip)]
+    pub client_fault: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BranchResults {
+    pub participant: String,
+    pub results: Vec<StmtResult>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Committed {
+    pub txn_id: String,
+    pub outcome: &'static str,
+    pub branches: Vec<BranchResults>,
+    /// Participants that had not acknowledged COMMIT PREPARED when the answer was sent
+    /// (they will: phase 2 retries until they do).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pending: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BranchSpec {
+    pub participant: String,
+    pub statements: Vec<Statement>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TxnRequest {
+    pub txn_id: Option<String>,
+    pub branches: Option<Vec<BranchSpec>>,
+    pub isolation: Option<Isolation>,
+    pub timeout_ms: Option<u64>,
+    pub ack: Option<AckMode>,
+}
+
+/// What `GET /v1/transactions/{id}` answers.
+#[derive(Debug, Clone, Serialize)]
+pub struct TxnStatus {
+    pub txn_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gid: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pending: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct InDoubtEntry {
+    pub txn_id: String,
+    pub gid: String,
+    /// `committed`: decided, waiting for acknowledgements.
+    pub state: &'static str,
+    pub pending: Vec<String>,
+    pub age_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Active,
+    Preparing,
+    Committing,
+}
+
+impl Phase {
+    fn name(self) -> &'static str {
+        match self {
+            Phase::Active => "active",
+            Phase::Preparing => "preparing",
+            Phase::Committing => "committing",
+        }
+    }
+}
+
+/// A transaction of this incarnation that has not finished.
+struct LiveTxn {
+    txn_id: String,
+    gid: Gid,
+    isolation: Isolation,
+    deadline: Instant,
+    interactive: bool,
+    /// Serializes the requests of one transaction.
+    state: tokio::sync::Mutex<TxnState>,
+    /// Mirror of `state.phase` readable without awaiting.
+    phase: Mutex<Phase>,
+}
+
+struct TxnState {
+    /// Participants with an open branch, in first-use order.
+    branches: Vec<String>,
+    statements: usize,
+    last_activity: Instant,
+    /// Set once the transaction ended; later requests find it gone.
+    finished: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Committed,
+    Aborted,
+}
+
+struct OutcomeEntry {
+    gid: String,
+    outcome: Outcome,
+}
+
+struct InDoubt {
+    txn_id: String,
+    pending: HashSet<String>,
+    decided_at: SystemTime,
+}
+
+#[derive(Default)]
+struct Outcomes {
+    by_txn: HashMap<String, OutcomeEntry>,
+    order: VecDeque<(Instant, String)>,
+}
+
+#[derive(Default)]
+pub struct Counters {
+    pub committed: AtomicU64,
+    pub committed_one_phase: AtomicU64,
+    pub aborted: AtomicU64,
+    pub read_only_branches: AtomicU64,
+    pub phase2_retries: AtomicU64,
+}
+
+struct Inner {
+    config: EngineConfig,
+    epoch: u64,
+    seq: AtomicU64,
+    participants: HashMap<String, Participant>,
+    log: DecisionLog,
+    live: Mutex<HashMap<String, Arc<LiveTxn>>>,
+    outcomes: Mutex<Outcomes>,
+    in_doubt: Mutex<HashMap<Gid, InDoubt>>,
+    counters: Counters,
+    started: Instant,
+}
+
+/// The coordinator's transaction engine. Cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The decision log failed: the process cannot know what is durable, so it stops and
+/// lets recovery decide from what the log holds.
+fn fatal_log_error(e: &LogError) -> ! {
+    error!(error = %e, "decision log failed; exiting so recovery can decide from what is durable");
+    std::process::exit(70)
+}
+
+impl Engine {
+    /// Builds the engine over an opened log. `replay` is what the log held at open: every
+    /// committed transaction without an END record is in doubt and phase 2 resumes for it.
+    pub fn new(
+        config: EngineConfig,
+        epoch: u64,
+        participants: Vec<Participant>,
+        log: DecisionLog,
+        replay: &Replay,
+    ) -> Engine {
+        let participants = participants
+            .into_iter()
+            .map(|p| (p.name().to_owned(), p))
+            .collect();
+        let engine = Engine {
+            inner: Arc::new(Inner {
+                config,
+                epoch,
+                seq: AtomicU64::new(1),
+                participants,
+                log,
+                live: Mutex::new(HashMap::new()),
+                outcomes: Mutex::new(Outcomes::default()),
+                in_doubt: Mutex::new(HashMap::new()),
+                counters: Counters::default(),
+                started: Instant::now(),
+            }),
+        };
+        engine.load_replay(replay);
+        engine
+    }
+
+    fn load_replay(&self, replay: &Replay) {
+        let mut committed: HashMap<String, (String, Vec<String>, u64)> = HashMap::new();
+        let mut ended: HashSet<String> = HashSet::new();
+        for rec in &replay.records {
+            match rec {
+                Record::Commit {
+                    gid,
+                    txn_id,
+                    participants,
+                    decided_at_ms,
+                } => {
+                    committed.insert(gid.clone(), (txn_id.clone(), participants.clone(), *decided_at_ms));
+                    self.remember(txn_id, gid, Outcome::Committed);
+                }
+                Record::End { gid } => {
+                    ended.insert(gid.clone());
+                }
+                Record::OnePhaseCommitted { gid, txn_id, .. } => {
+                    self.remember(txn_id, gid, Outcome::Committed)
+                }
+                Record::Abort { gid, txn_id, .. } => self.remember(txn_id, gid, Outcome::Aborted),
+            }
+        }
+        let mut in_doubt = lock(&self.inner.in_doubt);
+        for (gid, (txn_id, participants, decided_at_ms)) in committed {
+            if ended.contains(&gid) {
+                continue;
+            }
+            let Ok(gid) = Gid::parse(&gid) else {
+                error!(%gid, "commit record with an invalid GID; ignoring it");
+                continue;
+            };
+            in_doubt.insert(
+                gid,
+                InDoubt {
+                    txn_id,
+                    pending: participants.into_iter().collect(),
+                    decided_at: UNIX_EPOCH + Duration::from_millis(decided_at_ms),
+                },
+            );
+        }
+        info!(
+            records = replay.records.len(),
+            in_doubt = in_doubt.len(),
+            "decision log replayed"
+        );
+    }
+
+    /// Starts the background work: phase 2 for transactions decided before a restart,
+    /// and the reaper of expired transactions. Call once, inside the runtime.
+    pub fn spawn_background(&self) {
+        let pending: Vec<(Gid, Vec<String>)> = lock(&self.inner.in_doubt)
+            .iter()
+            .map(|(g, d)| (g.clone(), d.pending.iter().cloned().collect()))
+            .collect();
+        for (gid, participants) in pending {
+            info!(%gid, ?participants, "resuming phase 2 of a committed transaction");
+            for p in participants {
+                let engine = self.clone();
+                let gid = gid.clone();
+                tokio::spawn(async move { engine.drive_commit(gid, p).await });
+            }
+        }
+        let weak = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                let Some(inner) = weak.upgrade() else { return };
+                Engine { inner }.reap().await;
+            }
+        });
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.inner.epoch
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.inner.config
+    }
+
+    pub fn participant_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.inner.participants.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.inner.counters
+    }
+
+    pub fn log(&self) -> &DecisionLog {
+        &self.inner.log
+    }
+
+    pub fn open_txns(&self) -> usize {
+        lock(&self.inner.live).len()
+    }
+
+    pub fn uptime(&self) -> Duration {
+        self.inner.started.elapsed()
+    }
+
+    // ---- client operations -------------------------------------------------------
+
+    /// Runs a one-shot transaction (`branches` given).
+    pub async fn run(&self, req: TxnRequest) -> Result<Committed, TxnError> {
+        let branches = req.branches.clone().unwrap_or_default();
+        if branches.is_empty() {
+            return Err(TxnError::BadRequest("branches is empty".into()));
+        }
+        // Merge branches of the same participant, keeping statement order.
+        let mut plan: Vec<(String, Vec<Statement>)> = Vec::new();
+        let mut total = 0usize;
+        for b in branches {
+            self.participant(&b.participant)?;
+            total += b.statements.len();
+            match plan.iter_mut().find(|(p, _)| *p == b.participant) {
+                Some((_, stmts)) => stmts.extend(b.statements),
+                None => plan.push((b.participant, b.statements)),
+            }
+        }
+        if total > self.inner.config.max_statements_per_txn {
+            return Err(TxnError::Limit(format!(
+                "{total} statements; the limit is {}",
+                self.inner.config.max_statements_per_txn
+            )));
+        }
+        let ack = req.ack.unwrap_or(self.inner.config.default_ack);
+        let txn = self.register(&req, false)?;
+        let span = tracing::info_span!("txn", txn_id = %txn.txn_id, gid = %txn.gid);
+        let result = async {
+            let mut state = txn.state.lock().await;
+            state.branches = plan.iter().map(|(p, _)| p.clone()).collect();
+            self.finish(&txn, &mut state, plan, ack).await
+        }
+        .instrument(span)
+        .await;
+        self.unregister(&txn);
+        result
+    }
+
+    /// Begins an interactive transaction; returns its id.
+    pub fn begin(&self, req: TxnRequest) -> Result<String, TxnError> {
+        let txn = self.register(&req, true)?;
+        debug!(txn_id = %txn.txn_id, gid = %txn.gid, "interactive transaction begun");
+        Ok(txn.txn_id.clone())
+    }
+
+    /// Runs one statement of an interactive transaction. Any failure rolls the whole
+    /// transaction back (as PostgreSQL does with a failed statement).
+    pub async fn statement(
+        &self,
+        txn_id: &str,
+        participant: &str,
+        stmt: Statement,
+    ) -> Result<StmtResult, TxnError> {
+        let txn = self.live(txn_id)?;
+        let p = self.participant(participant)?.clone();
+        let span = tracing::info_span!("txn", txn_id = %txn.txn_id, gid = %txn.gid);
+        async {
+            let mut state = txn.state.lock().await;
+            if state.finished {
+                return Err(TxnError::UnknownTxn(txn_id.to_owned()));
+            }
+            if state.statements >= self.inner.config.max_statements_per_txn {
+                return Err(TxnError::Limit(format!(
+                    "the transaction already ran {} statements, the limit",
+                    state.statements
+                )));
+            }
+            let remaining = txn.deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                let info = abort_info(&txn.txn_id, None, "57014", "transaction timed out", false);
+                self.abort_txn(&txn, &mut state).await;
+                return Err(TxnError::Aborted(info));
+            }
+            if !state.branches.iter().any(|b| b == participant) {
+                state.branches.push(participant.to_owned());
+            }
+            state.statements += 1;
+            state.last_activity = Instant::now();
+            let exec = ExecuteBranch {
+                gid: txn.gid.clone(),
+                isolation: txn.isolation,
+                statements: vec![stmt],
+                finish: Finish::Keep,
+                read_only_vote: false,
+            };
+            let resp = p.call(Request::Execute(exec), remaining).await;
+            state.last_activity = Instant::now();
+            match classify(participant, &txn.txn_id, resp) {
+                Ok((mut results, _)) => Ok(results.pop().unwrap_or_default()),
+                Err(info) => {
+                    self.abort_txn(&txn, &mut state).await;
+                    Err(TxnError::Aborted(info))
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Commits an interactive transaction.
+    pub async fn commit(&self, txn_id: &str, ack: Option<AckMode>) -> Result<Committed, TxnError> {
+        let txn = self.live(txn_id)?;
+        let ack = ack.unwrap_or(self.inner.config.default_ack);
+        let span = tracing::info_span!("txn", txn_id = %txn.txn_id, gid = %txn.gid);
+        let result = async {
+            let mut state = txn.state.lock().await;
+            if state.finished {
+                return Err(TxnError::UnknownTxn(txn_id.to_owned()));
+            }
+            let plan = state
+                .branches
+                .iter()
+                .map(|p| (p.clone(), Vec::new()))
+                .collect();
+            self.finish(&txn, &mut state, plan, ack).await
+        }
+        .instrument(span)
+        .await;
+        self.unregister(&txn);
+        result
+    }
+
+    /// Rolls back an interactive transaction.
+    pub async fn rollback(&self, txn_id: &str) -> Result<(), TxnError> {
+        let txn = self.live(txn_id)?;
+        let mut state = txn.state.lock().await;
+        if state.finished {
+            return Err(TxnError::UnknownTxn(txn_id.to_owned()));
+        }
+        self.abort_txn(&txn, &mut state).await;
+        Ok(())
+    }
+
+    /// What happened to `txn_id`: live state, a remembered or logged outcome, or
+    /// presumed abort.
+    pub fn status(&self, txn_id: &str) -> TxnStatus {
+        if let Some(t) = lock(&self.inner.live).get(txn_id) {
+            return TxnStatus {
+                txn_id: txn_id.to_owned(),
+                state: Some(lock(&t.phase).name()),
+                outcome: None,
+                gid: Some(t.gid.to_string()),
+                pending: vec![],
+            };
+        }
+        let found = lock(&self.inner.outcomes)
+            .by_txn
+            .get(txn_id)
+            .map(|e| (e.gid.clone(), e.outcome));
+        match found {
+            Some((gid, Outcome::Committed)) => {
+                let pending = Gid::parse(&gid)
+                    .ok()
+                    .and_then(|g| {
+                        lock(&self.inner.in_doubt).get(&g).map(|d| {
+                            let mut v: Vec<String> = d.pending.iter().cloned().collect();
+                            v.sort();
+                            v
+                        })
+                    })
+                    .unwrap_or_default();
+                TxnStatus {
+                    txn_id: txn_id.to_owned(),
+                    state: None,
+                    outcome: Some("committed"),
+                    gid: Some(gid),
+                    pending,
+                }
+            }
+            Some((gid, Outcome::Aborted)) => TxnStatus {
+                txn_id: txn_id.to_owned(),
+                state: None,
+                outcome: Some("aborted"),
+                gid: Some(gid),
+                pending: vec![],
+            },
+            // Presumed abort: no commit record, not live.
+            None => TxnStatus {
+                txn_id: txn_id.to_owned(),
+                state: None,
+                outcome: Some("aborted"),
+                gid: None,
+                pending: vec![],
+            },
+        }
+    }
+
+    /// Committed transactions some participant has not acknowledged yet.
+    pub fn in_doubt(&self) -> Vec<InDoubtEntry> {
+        let now = SystemTime::now();
+        let mut v: Vec<InDoubtEntry> = lock(&self.inner.in_doubt)
+            .iter()
+            .map(|(gid, d)| {
+                let mut pending: Vec<String> = d.pending.iter().cloned().collect();
+                pending.sort();
+                InDoubtEntry {
+                    txn_id: d.txn_id.clone(),
+                    gid: gid.to_string(),
+                    state: "committed",
+                    pending,
+                    age_ms: now
+                        .duration_since(d.decided_at)
+                        .map(|a| a.as_millis() as u64)
+                        .unwrap_or(0),
+                }
+            })
+            .collect();
+        v.sort_by(|a, b| b.age_ms.cmp(&a.age_ms));
+        v
+    }
+
+    // ---- internals ---------------------------------------------------------------
+
+    fn participant(&self, name: &str) -> Result<&Participant, TxnError> {
+        self.inner
+            .participants
+            .get(name)
+            .ok_or_else(|| TxnError::UnknownParticipant(name.to_owned()))
+    }
+
+    fn live(&self, txn_id: &str) -> Result<Arc<LiveTxn>, TxnError> {
+        lock(&self.inner.live)
+            .get(txn_id)
+            .filter(|t| t.interactive)
+            .cloned()
+            .ok_or_else(|| TxnError::UnknownTxn(txn_id.to_owned()))
+    }
+
+    fn register(&self, req: &TxnRequest, interactive: bool) -> Result<Arc<LiveTxn>, TxnError> {
+        let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed);
+        let gid = Gid::new(&self.inner.config.coordinator_id, self.inner.epoch, seq)
+            .map_err(|e| TxnError::Internal(e.to_string()))?;
+        let txn_id = match &req.txn_id {
+            Some(id) => {
+                validate_txn_id(id).map_err(|e| TxnError::BadRequest(e.to_string()))?;
+                id.clone()
+            }
+            None => gid.to_string(),
+        };
+        let timeout_ms = req.timeout_ms.unwrap_or(self.inner.config.default_timeout_ms);
+        if timeout_ms == 0 || timeout_ms > self.inner.config.max_timeout_ms {
+            return Err(TxnError::BadRequest(format!(
+                "timeout_ms must be between 1 and {}",
+                self.inner.config.max_timeout_ms
+            )));
+        }
+        if let Some(e) = lock(&self.inner.outcomes).by_txn.get(&txn_id) {
+            if e.outcome == Outcome::Committed {
+                return Err(TxnError::Conflict(format!(
+                    "txn_id {txn_id:?} already committed; choose a new txn_id"
+                )));
+            }
+        }
+        let now = Instant::now();
+        let txn = Arc::new(LiveTxn {
+            txn_id: txn_id.clone(),
+            gid,
+            isolation: req.isolation.unwrap_or_default(),
+            deadline: now + Duration::from_millis(timeout_ms),
+            interactive,
+            state: tokio::sync::Mutex::new(TxnState {
+                branches: Vec::new(),
+                statements: 0,
+                last_activity: now,
+                finished: false,
+            }),
+            phase: Mutex::new(if interactive {
+                Phase::Active
+            } else {
+                Phase::Preparing
+            }),
+        });
+        let mut live = lock(&self.inner.live);
+        if live.len() >= self.inner.config.max_open_txns {
+            return Err(TxnError::Limit(format!(
+                "{} transactions open; the limit is {}",
+                live.len(),
+                self.inner.config.max_open_txns
+            )));
+        }
+        if live.contains_key(&txn_id) {
+            return Err(TxnError::Conflict(format!(
+                "txn_id {txn_id:?} is already running"
+            )));
+        }
+        live.insert(txn_id, txn.clone());
+        Ok(txn)
+    }
+
+    fn unregister(&self, txn: &LiveTxn) {
+        let mut live = lock(&self.inner.live);
+        if live
+            .get(&txn.txn_id)
+            .is_some_and(|t| t.gid == txn.gid)
+        {
+            live.remove(&txn.txn_id);
+        }
+    }
+
+    fn remember(&self, txn_id: &str, gid: &str, outcome: Outcome) {
+        let mut o = lock(&self.inner.outcomes);
+        o.by_txn.insert(
+            txn_id.to_owned(),
+            OutcomeEntry {
+                gid: gid.to_owned(),
+                outcome,
+            },
+        );
+        o.order.push_back((Instant::now(), txn_id.to_owned()));
+    }
+
+    fn set_phase(&self, txn: &LiveTxn, phase: Phase) {
+        *lock(&txn.phase) = phase;
+    }
+
+    /// Prepares every branch of `plan` (running its statements first), decides, and
+    /// commits or aborts.
+    async fn finish(
+        &self,
+        txn: &Arc<LiveTxn>,
+        state: &mut TxnState,
+        plan: Vec<(String, Vec<Statement>)>,
+        ack: AckMode,
+    ) -> Result<Committed, TxnError> {
+        let remaining = txn.deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            let info = abort_info(&txn.txn_id, None, "57014", "transaction timed out", false);
+            self.abort_txn(txn, state).await;
+            return Err(TxnError::Aborted(info));
+        }
+        self.set_phase(txn, Phase::Preparing);
+        let config = &self.inner.config;
+
+        if plan.is_empty() {
+            // Nothing ran anywhere.
+            state.finished = true;
+            self.remember(&txn.txn_id, txn.gid.as_str(), Outcome::Committed);
+            self.inner.counters.committed.fetch_add(1, Ordering::Relaxed);
+            return Ok(Committed {
+                txn_id: txn.txn_id.clone(),
+                outcome: "committed",
+                branches: vec![],
+                pending: vec![],
+            });
+        }
+
+        let one_phase = config.one_phase && plan.len() == 1;
+        let finish = if one_phase {
+            Finish::Commit
+        } else {
+            Finish::Prepare
+        };
+        let calls = plan.into_iter().map(|(name, statements)| {
+            let p = self.inner.participants.get(&name).cloned();
+            let exec = ExecuteBranch {
+                gid: txn.gid.clone(),
+                isolation: txn.isolation,
+                statements,
+                finish,
+                read_only_vote: config.read_only,
+            };
+            async move {
+                let resp = match p {
+                    Some(p) => p.call(Request::Execute(exec), remaining).await,
+                    None => Err(CallError::Unreachable {
+                        participant: name.clone(),
+                        message: "not configured".into(),
+                    }),
+                };
+                (name, resp)
+            }
+        });
+        let votes: Vec<(String, Result<Response, CallError>)> = if config.parallel {
+            join_all(calls).await
+        } else {
+            let mut v = Vec::new();
+            for c in calls {
+                let vote = c.await;
+                let failed = !matches!(vote.1, Ok(Response::Executed { .. }));
+                v.push(vote);
+                if failed {
+                    break;
+                }
+            }
+            v
+        };
+
+        let mut branches = Vec::with_capacity(votes.len());
+        let mut yes = Vec::new();
+        let mut failure: Option<AbortInfo> = None;
+        for (name, resp) in votes {
+            match classify(&name, &txn.txn_id, resp) {
+                Ok((results, outcome)) => {
+                    match outcome {
+                        BranchOutcome::Prepared => yes.push(name.clone()),
+                        BranchOutcome::ReadOnly => {
+                            self.inner
+                                .counters
+                                .read_only_branches
+                                .fetch_add(1, Ordering::Relaxed);
+                        }
+                        BranchOutcome::Committed | BranchOutcome::Active => {}
+                    }
+                    branches.push(BranchResults {
+                        participant: name,
+                        results,
+                    });
+                }
+                Err(info) => {
+                    // Keep the most telling failure: a participant's own error beats the
+                    // echo of a branch that was aborted because of it.
+                    if failure.is_none() {
+                        failure = Some(info);
+                    }
+                }
+            }
+        }
+        if let Some(info) = failure {
+            self.abort_txn(txn, state).await;
+            return Err(TxnError::Aborted(info));
+        }
+
+        state.finished = true;
+        if one_phase {
+            self.inner
+                .counters
+                .committed_one_phase
+                .fetch_add(1, Ordering::Relaxed);
+            self.inner.counters.committed.fetch_add(1, Ordering::Relaxed);
+            self.remember(&txn.txn_id, txn.gid.as_str(), Outcome::Committed);
+            // Remember it across restarts too (not forced: nothing depends on it but
+            // the answer to a later GET).
+            let participant = branches
+                .first()
+                .map(|b| b.participant.clone())
+                .unwrap_or_default();
+            if let Err(e) = self
+                .inner
+                .log
+                .append_lazy(Record::OnePhaseCommitted {
+                    gid: txn.gid.to_string(),
+                    txn_id: txn.txn_id.clone(),
+                    participant,
+                    decided_at_ms: now_ms(),
+                })
+                .await
+            {
+                fatal_log_error(&e);
+            }
+            return Ok(Committed {
+                txn_id: txn.txn_id.clone(),
+                outcome: "committed",
+                branches,
+                pending: vec![],
+            });
+        }
+        self.set_phase(txn, Phase::Committing);
+        let pending = self.decide_and_commit(txn, yes, ack).await;
+        Ok(Committed {
+            txn_id: txn.txn_id.clone(),
+            outcome: "committed",
+            branches,
+            pending,
+        })
+    }
+
+    /// Every vote was YES or READ-ONLY: log the decision (forced) and run phase 2.
+    /// Returns the participants that have not acknowledged when the client is answered.
+    async fn decide_and_commit(&self, txn: &LiveTxn, yes: Vec<String>, ack: AckMode) -> Vec<String> {
+        self.inner.counters.committed.fetch_add(1, Ordering::Relaxed);
+        if yes.is_empty() {
+            // Every branch was read-only and is finished already.
+            self.remember(&txn.txn_id, txn.gid.as_str(), Outcome::Committed);
+            return vec![];
+        }
+        let single_writer = yes.len() == 1 && self.inner.config.one_phase;
+        if single_writer {
+            // Only one branch wrote: its COMMIT PREPARED alone decides, so no forced
+            // record is needed (if we crash first, recovery rolls the branch back and the
+            // client was never told otherwise).
+            self.inner
+                .counters
+                .committed_one_phase
+                .fetch_add(1, Ordering::Relaxed);
+        } else {
+            let record = Record::Commit {
+                gid: txn.gid.to_string(),
+                txn_id: txn.txn_id.clone(),
+                participants: yes.clone(),
+                decided_at_ms: now_ms(),
+            };
+            if let Err(e) = self.inner.log.append_forced(record).await {
+                fatal_log_error(&e);
+            }
+        }
+        // The decision is durable (or, single writer, needs no record): from here on the
+        // transaction is committed.
+        self.remember(&txn.txn_id, txn.gid.as_str(), Outcome::Committed);
+        lock(&self.inner.in_doubt).insert(
+            txn.gid.clone(),
+            InDoubt {
+                txn_id: txn.txn_id.clone(),
+                pending: yes.iter().cloned().collect(),
+                decided_at: SystemTime::now(),
+            },
+        );
+        if single_writer {
+            let engine = self.clone();
+            let gid = txn.gid.clone();
+            let txn_id = txn.txn_id.clone();
+            let p = yes[0].clone();
+            // The outcome record is lazy, written once the branch acknowledged.
+            let handle = tokio::spawn(async move {
+                engine.drive_commit(gid.clone(), p.clone()).await;
+                if let Err(e) = engine
+                    .inner
+                    .log
+                    .append_lazy(Record::OnePhaseCommitted {
+                        gid: gid.to_string(),
+                        txn_id,
+                        participant: p,
+                        decided_at_ms: now_ms(),
+                    })
+                    .await
+                {
+                    fatal_log_error(&e);
+                }
+            });
+            return self.await_acks(txn, vec![handle], ack).await;
+        }
+        let handles: Vec<_> = if self.inner.config.parallel {
+            yes.into_iter()
+                .map(|p| {
+                    let engine = self.clone();
+                    let gid = txn.gid.clone();
+                    tokio::spawn(async move { engine.drive_commit(gid, p).await })
+                })
+                .collect()
+        } else {
+            let engine = self.clone();
+            let gid = txn.gid.clone();
+            vec![tokio::spawn(async move {
+                for p in yes {
+                    engine.drive_commit(gid.clone(), p).await;
+                }
+            })]
+        };
+        self.await_acks(txn, handles, ack).await
+    }
+
+    async fn await_acks(
+        &self,
+        txn: &LiveTxn,
+        handles: Vec<tokio::task::JoinHandle<()>>,
+        ack: AckMode,
+    ) -> Vec<String> {
+        if ack == AckMode::Applied {
+            let wait = Duration::from_millis(self.inner.config.commit_wait_ms);
+            let _ = tokio::time::timeout(wait, join_all(handles)).await;
+        }
+        lock(&self.inner.in_doubt)
+            .get(&txn.gid)
+            .map(|d| {
+                let mut v: Vec<String> = d.pending.iter().cloned().collect();
+                v.sort();
+                v
+            })
+            .unwrap_or_default()
+    }
+
+    /// Phase 2 for one participant: COMMIT PREPARED until it is acknowledged.
+    async fn drive_commit(&self, gid: Gid, participant: String) {
+        let span = tracing::info_span!("phase2", %gid, %participant);
+        async {
+            let Some(p) = self.inner.participants.get(&participant).cloned() else {
+                error!("participant of a committed transaction is not configured; it stays in doubt until it is");
+                return;
+            };
+            let timeout = Duration::from_millis(self.inner.config.call_timeout_ms);
+            let mut backoff = Duration::from_millis(self.inner.config.retry_min_ms);
+            let max = Duration::from_millis(self.inner.config.retry_max_ms);
+            let mut attempt = 0u64;
+            loop {
+                attempt += 1;
+                let resp = p
+                    .call(Request::CommitPrepared { gid: gid.clone() }, timeout)
+                    .await;
+                let problem = match resp {
+                    Ok(Response::CommitPrepared(CommitAck::Committed)) => break,
+                    Ok(Response::CommitPrepared(CommitAck::NotPrepared)) => {
+                        // Our log says commit, so the branch was committed by an earlier
+                        // attempt whose acknowledgement got lost.
+                        debug!("branch no longer prepared: already committed");
+                        break;
+                    }
+                    Ok(Response::Failed(e)) => e.to_string(),
+                    Ok(other) => format!("unexpected answer {other:?}"),
+                    Err(e) => e.to_string(),
+                };
+                self.inner.counters.phase2_retries.fetch_add(1, Ordering::Relaxed);
+                if attempt == 1 || attempt.is_power_of_two() {
+                    warn!(attempt, error = %problem, "COMMIT PREPARED not acknowledged; retrying");
+                }
+                tokio::time::sleep(jitter(backoff)).await;
+                backoff = (backoff * 2).min(max);
+            }
+            self.acknowledged(&gid, &participant).await;
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Records one participant's acknowledgement; the last one writes the END record.
+    async fn acknowledged(&self, gid: &Gid, participant: &str) {
+        let done = {
+            let mut in_doubt = lock(&self.inner.in_doubt);
+            match in_doubt.get_mut(gid) {
+                Some(d) => {
+                    d.pending.remove(participant);
+                    if d.pending.is_empty() {
+                        in_doubt.remove(gid);
+                        true
+                    } else {
+                        false
+                    }
+                }
+                None => false,
+            }
+        };
+        if done {
+            debug!(%gid, "every participant acknowledged");
+            if let Err(e) = self
+                .inner
+                .log
+                .append_lazy(Record::End {
+                    gid: gid.to_string(),
+                })
+                .await
+            {
+                fatal_log_error(&e);
+            }
+        }
+    }
+
+    /// Rolls back every branch of `txn` and marks it aborted.
+    async fn abort_txn(&self, txn: &LiveTxn, state: &mut TxnState) {
+        state.finished = true;
+        self.inner.counters.aborted.fetch_add(1, Ordering::Relaxed);
+        self.remember(&txn.txn_id, txn.gid.as_str(), Outcome::Aborted);
+        let timeout = Duration::from_millis(self.inner.config.call_timeout_ms);
+        let calls = state.branches.iter().filter_map(|name| {
+            let p = self.inner.participants.get(name)?.clone();
+            let gid = txn.gid.clone();
+            Some(async move {
+                let r = p.call(Request::Abort { gid: gid.clone() }, timeout).await;
+                (p, gid, r)
+            })
+        });
+        for (p, gid, r) in join_all(calls).await {
+            if !matches!(r, Ok(Response::Aborted)) {
+                // Keep trying in the background; a branch left prepared must not hold
+                // its locks forever.
+                let engine = self.clone();
+                tokio::spawn(async move { engine.drive_abort(p, gid).await });
+            }
+        }
+        info!(branches = state.branches.len(), "transaction aborted");
+    }
+
+    async fn drive_abort(&self, p: Participant, gid: Gid) {
+        let timeout = Duration::from_millis(self.inner.config.call_timeout_ms);
+        let mut backoff = Duration::from_millis(self.inner.config.retry_min_ms);
+        let max = Duration::from_millis(self.inner.config.retry_max_ms);
+        // Bounded: after this, the branch (if it is prepared at all) is left to recovery.
+        for attempt in 1..=20u32 {
+            match p.call(Request::Abort { gid: gid.clone() }, timeout).await {
+                Ok(Response::Aborted) => return,
+                other => {
+                    if attempt == 1 || attempt.is_power_of_two() {
+                        warn!(%gid, participant = p.name(), attempt, result = ?other.err(), "abort not acknowledged; retrying");
+                    }
+                }
+            }
+            tokio::time::sleep(jitter(backoff)).await;
+            backoff = (backoff * 2).min(max);
+        }
+        error!(%gid, participant = p.name(), "abort still not acknowledged; leaving the branch to recovery");
+    }
+
+    /// Rolls back interactive transactions past their deadline or idle too long, and
+    /// forgets outcomes past retention.
+    async fn reap(&self) {
+        let now = Instant::now();
+        let idle = Duration::from_millis(self.inner.config.idle_timeout_ms);
+        let candidates: Vec<Arc<LiveTxn>> = lock(&self.inner.live)
+            .values()
+            .filter(|t| t.interactive)
+            .cloned()
+            .collect();
+        for txn in candidates {
+            let Ok(mut state) = txn.state.try_lock() else {
+                continue; // busy: its own request enforces the deadline
+            };
+            if state.finished {
+                continue;
+            }
+            let expired = now >= txn.deadline;
+            let idle_too_long = now.duration_since(state.last_activity) >= idle;
+            if expired || idle_too_long {
+                warn!(txn_id = %txn.txn_id, gid = %txn.gid, expired, idle_too_long, "rolling back an expired transaction");
+                self.abort_txn(&txn, &mut state).await;
+                drop(state);
+                self.unregister(&txn);
+            }
+        }
+        let retention = Duration::from_millis(self.inner.config.outcome_retention_ms);
+        let mut o = lock(&self.inner.outcomes);
+        // Bounded work per pass.
+        for _ in 0..10_000 {
+            match o.order.front() {
+                Some((at, _)) if now.duration_since(*at) > retention => {
+                    if let Some((_, id)) = o.order.pop_front() {
+                        o.by_txn.remove(&id);
+                    }
+                }
+                _ => break,
+            }
+        }
+    }
+
+    /// Prefix of every GID this coordinator creates.
+    pub fn gid_prefix(&self) -> String {
+        gid_prefix(&self.inner.config.coordinator_id)
+    }
+}
+
+fn jitter(d: Duration) -> Duration {
+    let ms = d.as_millis() as u64;
+    Duration::from_millis(ms / 2 + rand::random::<u64>() % (ms / 2 + 1))
+}
+
+fn abort_info(
+    txn_id: &str,
+    participant: Option<&str>,
+    code: &str,
+    message: impl Into<String>,
+    client_fault: bool,
+) -> AbortInfo {
+    AbortInfo {
+        txn_id: txn_id.to_owned(),
+        participant: participant.map(str::to_owned),
+        code: Some(code.to_owned()),
+        message: message.into(),
+        client_fault,
+    }
+}
+
+/// A branch's answer: its results and vote, or why the transaction must abort.
+fn classify(
+    participant: &str,
+    txn_id: &str,
+    resp: Result<Response, CallError>,
+) -> Result<(Vec<StmtResult>, BranchOutcome), AbortInfo> {
+    match resp {
+        Ok(Response::Executed { results, outcome }) => Ok((results, outcome)),
+        Ok(Response::Failed(e)) => Err(agent_abort(participant, txn_id, e)),
+        Ok(other) => Err(abort_info(
+            txn_id,
+            Some(participant),
+            "XX000",
+            format!("unexpected answer from the agent: {other:?}"),
+            false,
+        )),
+        Err(e @ CallError::Timeout { .. }) => {
+            Err(abort_info(txn_id, Some(participant), "57014", e.to_string(), false))
+        }
+        Err(e) => Err(abort_info(txn_id, Some(participant), "08006", e.to_string(), false)),
+    }
+}
+
+fn agent_abort(participant: &str, txn_id: &str, e: AgentError) -> AbortInfo {
+    let (code, client_fault) = match e.kind {
+        ErrorKind::Sql => (e.sqlstate.clone().unwrap_or_else(|| "XX000".into()), false),
+        ErrorKind::BadParam => ("22023".to_owned(), true),
+        ErrorKind::Timeout => ("57014".to_owned(), false),
+        ErrorKind::Unavailable => ("08006".to_owned(), false),
+        ErrorKind::Limit => ("53000".to_owned(), false),
+        ErrorKind::BadRequest | ErrorKind::UnknownBranch => ("25000".to_owned(), false),
+        ErrorKind::VersionMismatch | ErrorKind::Internal => ("XX000".to_owned(), false),
+    };
+    let message = match e.statement_index {
+        Some(i) => format!("statement {}: {}", i + 1, e.message),
+        None => e.message,
+    };
+    AbortInfo {
+        txn_id: txn_id.to_owned(),
+        participant: Some(participant.to_owned()),
+        code: Some(code),
+        message,
+        client_fault,
+    }
+}

@@ -1,0 +1,257 @@
+//! The client API: HTTP/JSON over [`Engine`].
+//!
+//! Every error is a JSON body `{"error": {"message", ...}}` with a 4xx/5xx status; an
+//! aborted transaction is `{"txn_id", "outcome": "aborted", "error": {"participant",
+//! "code", "message"}}` with 409 (400 when the client's input was at fault).
+
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use twopc_shared::gid::validate_txn_id;
+use twopc_shared::msg::Statement;
+
+use crate::engine::{AckMode, Engine, TxnError, TxnRequest};
+
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    /// Largest request body accepted, in bytes.
+    pub max_body_bytes: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            max_body_bytes: 1024 * 1024,
+        }
+    }
+}
+
+pub fn router(engine: Engine, config: HttpConfig) -> Router {
+    Router::new()
+        .route("/v1/transactions", post(create_txn).get(list_txns))
+        .route("/v1/transactions/{id}", get(get_txn))
+        .route("/v1/transactions/{id}/statements", post(statement))
+        .route("/v1/transactions/{id}/commit", post(commit))
+        .route("/v1/transactions/{id}/rollback", post(rollback))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint".into()) })
+        .layer(DefaultBodyLimit::max(config.max_body_bytes))
+        .with_state(engine)
+}
+
+fn error(status: StatusCode, message: String) -> Response {
+    (status, Json(json!({ "error": { "message": message } }))).into_response()
+}
+
+impl IntoResponse for TxnError {
+    fn into_response(self) -> Response {
+        match self {
+            TxnError::BadRequest(m) => error(StatusCode::BAD_REQUEST, m),
+            e @ TxnError::UnknownParticipant(_) => error(StatusCode::BAD_REQUEST, e.to_string()),
+            e @ TxnError::UnknownTxn(_) => error(StatusCode::NOT_FOUND, e.to_string()),
+            TxnError::Conflict(m) => error(StatusCode::CONFLICT, m),
+            TxnError::Limit(m) => error(StatusCode::TOO_MANY_REQUESTS, m),
+            TxnError::Internal(m) => error(StatusCode::INTERNAL_SERVER_ERROR, m),
+            TxnError::Aborted(info) => {
+                let status = if info.client_fault {
+                    StatusCode::BAD_REQUEST
+                } else {
+                    StatusCode::CONFLICT
+                };
+                (
+                    status,
+                    Json(json!({
+                        "txn_id": info.txn_id,
+                        "outcome": "aborted",
+                        "error": {
+                            "participant": info.participant,
+                            "code": info.code,
+                            "message": info.message,
+                        }
+                    })),
+                )
+                    .into_response()
+            }
+        }
+    }
+}
+
+/// Parses a JSON body whatever its content type; an empty body reads as `{}`.
+fn parse_body<T: DeserializeOwned>(body: &Bytes) -> Result<T, Response> {
+    let bytes: &[u8] = if body.iter().all(u8::is_ascii_whitespace) {
+        b"{}"
+    } else {
+        body
+    };
+    serde_json::from_slice(bytes)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, format!("malformed JSON body: {e}")))
+}
+
+fn check_path_id(id: &str) -> Result<(), Response> {
+    validate_txn_id(id).map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string()))
+}
+
+async fn create_txn(State(engine): State<Engine>, body: Bytes) -> Response {
+    let req: TxnRequest = match parse_body(&body) {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    if req.branches.is_some() {
+        match engine.run(req).await {
+            Ok(c) => (StatusCode::OK, Json(c)).into_response(),
+            Err(e) => e.into_response(),
+        }
+    } else {
+        if req.ack.is_some() {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "ack is given at commit for an interactive transaction".into(),
+            );
+        }
+        match engine.begin(req) {
+            Ok(txn_id) => (
+                StatusCode::CREATED,
+                Json(json!({ "txn_id": txn_id, "state": "active" })),
+            )
+                .into_response(),
+            Err(e) => e.into_response(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StatementRequest {
+    participant: String,
+    sql: String,
+    #[serde(default)]
+    params: Vec<Value>,
+}
+
+async fn statement(
+    State(engine): State<Engine>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Response {
+    if let Err(r) = check_path_id(&id) {
+        return r;
+    }
+    let req: StatementRequest = match parse_body(&body) {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    let stmt = Statement {
+        sql: req.sql,
+        params: req.params,
+    };
+    match engine.statement(&id, &req.participant, stmt).await {
+        Ok(r) => Json(r).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CommitRequest {
+    ack: Option<AckMode>,
+}
+
+async fn commit(State(engine): State<Engine>, Path(id): Path<String>, body: Bytes) -> Response {
+    if let Err(r) = check_path_id(&id) {
+        return r;
+    }
+    let req: CommitRequest = match parse_body(&body) {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    match engine.commit(&id, req.ack).await {
+        Ok(c) => Json(c).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn rollback(State(engine): State<Engine>, Path(id): Path<String>) -> Response {
+    if let Err(r) = check_path_id(&id) {
+        return r;
+    }
+    match engine.rollback(&id).await {
+        Ok(()) => Json(json!({ "txn_id": id, "outcome": "aborted" })).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn get_txn(State(engine): State<Engine>, Path(id): Path<String>) -> Response {
+    if let Err(r) = check_path_id(&id) {
+        return r;
+    }
+    Json(engine.status(&id)).into_response()
+}
+
+#[derive(Debug, Deserialize)]
+struct ListQuery {
+    state: Option<String>,
+}
+
+async fn list_txns(State(engine): State<Engine>, Query(q): Query<ListQuery>) -> Response {
+    match q.state.as_deref() {
+        Some("in_doubt") => Json(json!({ "transactions": engine.in_doubt() })).into_response(),
+        other => error(
+            StatusCode::BAD_REQUEST,
+            format!("unsupported state filter {other:?}; use ?state=in_doubt"),
+        ),
+    }
+}
+
+async fn healthz(State(engine): State<Engine>) -> Response {
+    Json(json!({
+        "status": "ok",
+        "coordinator_id": engine.config().coordinator_id,
+        "epoch": engine.epoch(),
+        "version": twopc_shared::BUILD_VERSION,
+        "participants": engine.participant_names(),
+    }))
+    .into_response()
+}
+
+async fn metrics(State(engine): State<Engine>) -> Response {
+    let c = engine.counters();
+    let log = engine.log().stats();
+    let mut out = String::new();
+    let mut counter = |name: &str, help: &str, value: u64| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
+    };
+    counter("twopc_txns_committed_total", "Transactions committed.", c.committed.load(Ordering::Relaxed));
+    counter("twopc_txns_committed_one_phase_total", "Transactions committed without a forced decision record.", c.committed_one_phase.load(Ordering::Relaxed));
+    counter("twopc_txns_aborted_total", "Transactions rolled back.", c.aborted.load(Ordering::Relaxed));
+    counter("twopc_read_only_branches_total", "Branches that voted read-only.", c.read_only_branches.load(Ordering::Relaxed));
+    counter("twopc_phase2_retries_total", "COMMIT PREPARED attempts that were not acknowledged.", c.phase2_retries.load(Ordering::Relaxed));
+    counter("twopc_log_records_total", "Decision log records written.", log.records);
+    counter("twopc_log_fsyncs_total", "Decision log fdatasync calls.", log.fsyncs);
+    counter("twopc_log_bytes_total", "Decision log bytes written.", log.bytes_written);
+    let _ = writeln!(
+        out,
+        "# HELP twopc_txns_open Transactions running now.\n# TYPE twopc_txns_open gauge\ntwopc_txns_open {}",
+        engine.open_txns()
+    );
+    let _ = writeln!(
+        out,
+        "# HELP twopc_txns_in_doubt Committed transactions not yet acknowledged everywhere.\n# TYPE twopc_txns_in_doubt gauge\ntwopc_txns_in_doubt {}",
+        engine.in_doubt().len()
+    );
+    (
+        StatusCode::OK,
+        [("content-type", "text/plain; version=0.0.4")],
+        out,
+    )
+        .into_response()
+}

@@ -1,0 +1,330 @@
+//! Handles on participants: the same [`Request`]/[`Response`] whether the agent runs in
+//! this process ([`Agent::handle`]) or behind TCP ([`RemoteAgent`]).
+//!
+//! A remote agent is one multiplexed connection: requests carry ids, a reader task routes
+//! responses to their waiters, and a broken connection fails every waiter at once and is
+//! re-established (with the handshake) by the next call.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::codec::Framed;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+use twopc_participant::Agent;
+use twopc_shared::codec::FrameCodec;
+use twopc_shared::msg::{Request, RequestFrame, Response, ResponseFrame};
+use twopc_shared::PROTOCOL_VERSION;
+
+/// Why a call got no answer from the agent. In every case the request may or may not
+/// have taken effect.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CallError {
+    #[error("participant {participant} unreachable: {message}")]
+    Unreachable { participant: String, message: String },
+    #[error("participant {participant} did not answer within {timeout_ms} ms")]
+    Timeout { participant: String, timeout_ms: u64 },
+    #[error("participant {participant}: connection lost")]
+    ConnectionLost { participant: String },
+    #[error("participant {participant} refused the handshake: {message}")]
+    Handshake { participant: String, message: String },
+}
+
+/// One participant, local or remote.
+#[derive(Clone)]
+pub enum Participant {
+    Local { name: String, agent: Agent },
+    Remote(Arc<RemoteAgent>),
+}
+
+impl Participant {
+    pub fn name(&self) -> &str {
+        match self {
+            Participant::Local { name, .. } => name,
+            Participant::Remote(r) => &r.name,
+        }
+    }
+
+    /// Sends `request` and waits for the answer at most `timeout`.
+    pub async fn call(&self, request: Request, timeout: Duration) -> Result<Response, CallError> {
+        match self {
+            Participant::Local { agent, .. } => {
+                // The agent enforces the deadline itself; the outer bound only guards
+                // against a bug there.
+                match tokio::time::timeout(timeout + Duration::from_secs(1), agent.handle(request, timeout))
+                    .await
+                {
+                    Ok(r) => Ok(r),
+                    Err(_) => Err(CallError::Timeout {
+                        participant: self.name().to_owned(),
+                        timeout_ms: timeout.as_millis() as u64,
+                    }),
+                }
+            }
+            Participant::Remote(r) => r.call(request, timeout).await,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RemoteConfig {
+    pub connect_timeout_ms: u64,
+    pub max_frame_bytes: usize,
+    /// Requests waiting to be written on the connection.
+    pub send_queue: usize,
+}
+
+impl Default for RemoteConfig {
+    fn default() -> Self {
+        RemoteConfig {
+            connect_timeout_ms: 2_000,
+            max_frame_bytes: twopc_shared::codec::DEFAULT_MAX_FRAME_BYTES,
+            send_queue: 4096,
+        }
+    }
+}
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Response>>>>;
+
+struct Conn {
+    tx: mpsc::Sender<RequestFrame>,
+    pending: Pending,
+    /// Cancelled (before `pending` is cleared) when the connection fails.
+    dead: CancellationToken,
+}
+
+impl Conn {
+    fn is_closed(&self) -> bool {
+        self.dead.is_cancelled()
+    }
+}
+
+/// A participant agent reached over TCP.
+pub struct RemoteAgent {
+    pub name: String,
+    pub addr: String,
+    coordinator_id: String,
+    epoch: u64,
+    config: RemoteConfig,
+    next_id: AtomicU64,
+    conn: tokio::sync::Mutex<Option<Arc<Conn>>>,
+}
+
+impl RemoteAgent {
+    pub fn new(
+        name: String,
+        addr: String,
+        coordinator_id: String,
+        epoch: u64,
+        config: RemoteConfig,
+    ) -> RemoteAgent {
+        RemoteAgent {
+            name,
+            addr,
+            coordinator_id,
+            epoch,
+            config,
+            next_id: AtomicU64::new(1),
+            conn: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    pub async fn call(&self, body: Request, timeout: Duration) -> Result<Response, CallError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let conn = tokio::time::timeout_at(deadline, self.connection())
+            .await
+            .map_err(|_| self.timeout_error(timeout))??;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        lock(&conn.pending).insert(id, tx);
+        if conn.is_closed() {
+            // The reader may have cleared `pending` before our insert.
+            lock(&conn.pending).remove(&id);
+            return Err(CallError::ConnectionLost {
+                participant: self.name.clone(),
+            });
+        }
+        let frame = RequestFrame {
+            id,
+            timeout_ms: timeout.as_millis() as u64,
+            body,
+        };
+        let sent = tokio::time::timeout_at(deadline, conn.tx.send(frame)).await;
+        match sent {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => {
+                lock(&conn.pending).remove(&id);
+                return Err(CallError::ConnectionLost {
+                    participant: self.name.clone(),
+                });
+            }
+            Err(_) => {
+                lock(&conn.pending).remove(&id);
+                return Err(self.timeout_error(timeout));
+            }
+        }
+        // Give the agent a little longer than its own deadline so its timeout answer
+        // (which says what it rolled back) usually arrives.
+        let grace = Duration::from_millis(500);
+        match tokio::time::timeout_at(deadline + grace, rx).await {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(_)) => Err(CallError::ConnectionLost {
+                participant: self.name.clone(),
+            }),
+            Err(_) => {
+                lock(&conn.pending).remove(&id);
+                Err(self.timeout_error(timeout))
+            }
+        }
+    }
+
+    fn timeout_error(&self, timeout: Duration) -> CallError {
+        CallError::Timeout {
+            participant: self.name.clone(),
+            timeout_ms: timeout.as_millis() as u64,
+        }
+    }
+
+    /// The live connection, or a new one (connect + handshake).
+    async fn connection(&self) -> Result<Arc<Conn>, CallError> {
+        let mut guard = self.conn.lock().await;
+        if let Some(c) = guard.as_ref() {
+            if !c.is_closed() {
+                return Ok(c.clone());
+            }
+        }
+        *guard = None;
+        let conn = Arc::new(self.connect().await?);
+        *guard = Some(conn.clone());
+        Ok(conn)
+    }
+
+    async fn connect(&self) -> Result<Conn, CallError> {
+        let unreachable = |message: String| CallError::Unreachable {
+            participant: self.name.clone(),
+            message,
+        };
+        let connect_timeout = Duration::from_millis(self.config.connect_timeout_ms);
+        let stream = tokio::time::timeout(connect_timeout, TcpStream::connect(&self.addr))
+            .await
+            .map_err(|_| unreachable(format!("connect to {} timed out", self.addr)))?
+            .map_err(|e| unreachable(format!("connect to {}: {e}", self.addr)))?;
+        let _ = stream.set_nodelay(true);
+        let mut framed = Framed::new(
+            stream,
+            FrameCodec::<ResponseFrame, RequestFrame>::new(self.config.max_frame_bytes),
+        );
+        let hello = RequestFrame {
+            id: 0,
+            timeout_ms: self.config.connect_timeout_ms,
+            body: Request::Hello {
+                protocol_version: PROTOCOL_VERSION,
+                coordinator_id: self.coordinator_id.clone(),
+                epoch: self.epoch,
+            },
+        };
+        let handshake = async {
+            framed.send(hello).await.map_err(|e| e.to_string())?;
+            match framed.next().await {
+                Some(Ok(f)) => Ok(f.body),
+                Some(Err(e)) => Err(e.to_string()),
+                None => Err("closed during handshake".to_owned()),
+            }
+        };
+        let reply = tokio::time::timeout(connect_timeout, handshake)
+            .await
+            .map_err(|_| unreachable("handshake timed out".into()))?
+            .map_err(unreachable)?;
+        match reply {
+            Response::Hello {
+                agent_name,
+                database,
+                build_version,
+                ..
+            } => {
+                info!(participant = %self.name, addr = %self.addr, %agent_name, %database, %build_version, "connected to agent");
+            }
+            Response::Failed(e) => {
+                return Err(CallError::Handshake {
+                    participant: self.name.clone(),
+                    message: e.message,
+                })
+            }
+            other => {
+                return Err(CallError::Handshake {
+                    participant: self.name.clone(),
+                    message: format!("unexpected reply {other:?}"),
+                })
+            }
+        }
+
+        let (mut sink, mut stream) = framed.split();
+        let (tx, mut rx) = mpsc::channel::<RequestFrame>(self.config.send_queue);
+        let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
+        let name = self.name.clone();
+        let dead = CancellationToken::new();
+        // Writer: batches whatever is queued into one flush. Ends when the connection is
+        // dead or every sender is gone; a write failure kills the connection.
+        let writer_dead = dead.clone();
+        tokio::spawn(async move {
+            loop {
+                let frame = tokio::select! {
+                    _ = writer_dead.cancelled() => return,
+                    f = rx.recv() => match f { Some(f) => f, None => return },
+                };
+                if sink.feed(frame).await.is_err() {
+                    writer_dead.cancel();
+                    return;
+                }
+                while let Ok(more) = rx.try_recv() {
+                    if sink.feed(more).await.is_err() {
+                        writer_dead.cancel();
+                        return;
+                    }
+                }
+                if sink.flush().await.is_err() {
+                    writer_dead.cancel();
+                    return;
+                }
+            }
+        });
+        let reader_pending = pending.clone();
+        let reader_dead = dead.clone();
+        tokio::spawn(async move {
+            loop {
+                let frame = tokio::select! {
+                    _ = reader_dead.cancelled() => break,
+                    f = stream.next() => match f { Some(f) => f, None => break },
+                };
+                match frame {
+                    Ok(f) => {
+                        if let Some(waiter) = lock(&reader_pending).remove(&f.id) {
+                            let _ = waiter.send(f.body);
+                        } else {
+                            debug!(participant = %name, id = f.id, "response for a request nobody waits for");
+                        }
+                    }
+                    Err(e) => {
+                        warn!(participant = %name, error = %e, "bad frame from agent; dropping connection");
+                        break;
+                    }
+                }
+            }
+            // Mark the connection dead first, then fail every waiter (dropping the
+            // senders wakes them with an error).
+            reader_dead.cancel();
+            lock(&reader_pending).clear();
+            debug!(participant = %name, "agent connection closed");
+        });
+        Ok(Conn { tx, pending, dead })
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

@@ -1,0 +1,115 @@
+//! Starting a coordinator: identity (epoch), decision log, participants, engine, HTTP.
+
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+use twopc_participant::{Agent, AgentConfig};
+
+use crate::config::{ParticipantSpec, ServeConfig};
+use crate::decision_log::{DecisionLog, LogConfig};
+use crate::engine::Engine;
+use crate::http::{router, HttpConfig};
+use crate::meta;
+use crate::participant::{Participant, RemoteAgent, RemoteConfig};
+
+/// A coordinator serving HTTP. Dropping it does not stop it; call [`Running::shutdown`].
+pub struct Running {
+    pub addr: SocketAddr,
+    pub engine: Engine,
+    shutdown: CancellationToken,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Running {
+    /// Stops accepting requests, lets in-flight ones finish, flushes the log.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.server.await.context("join HTTP server")??;
+        self.engine.log().clone().close().await;
+        Ok(())
+    }
+
+    /// Waits until the server stops (after `token` is cancelled).
+    pub fn token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+}
+
+/// Builds the participant handles of `config` (in-process agents connect now).
+pub async fn participants(config: &ServeConfig, epoch: u64) -> anyhow::Result<Vec<Participant>> {
+    let mut out = Vec::new();
+    for (name, spec) in &config.participants {
+        match ParticipantSpec::parse(spec) {
+            ParticipantSpec::Remote(addr) => out.push(Participant::Remote(std::sync::Arc::new(
+                RemoteAgent::new(
+                    name.clone(),
+                    addr,
+                    config.coordinator_id.clone(),
+                    epoch,
+                    RemoteConfig::default(),
+                ),
+            ))),
+            ParticipantSpec::InProcess(url) => {
+                let agent = Agent::connect(AgentConfig::new(name.clone(), url))
+                    .await
+                    .with_context(|| format!("start in-process agent {name}"))?;
+                out.push(Participant::Local {
+                    name: name.clone(),
+                    agent,
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Starts a coordinator: bumps the epoch, opens (and repairs) the log, resumes phase 2
+/// of logged decisions, and serves HTTP on `config.listen`.
+pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
+    config.validate()?;
+    let meta = meta::bump_epoch(&config.data_dir, &config.coordinator_id)
+        .context("start a new epoch")?;
+    info!(coordinator_id = %meta.coordinator_id, epoch = meta.epoch, "coordinator starting");
+    let mut log_config = LogConfig::new(config.data_dir.join("log"));
+    log_config.group_commit = config.group_commit;
+    log_config.retention_ms = config.log_retention_ms;
+    log_config.segment_max_bytes = config.log_segment_max_bytes;
+    let (log, replay) = tokio::task::spawn_blocking(move || DecisionLog::open(log_config))
+        .await
+        .context("join log open")?
+        .context("open decision log")?;
+    if replay.truncated_bytes > 0 {
+        info!(truncated_bytes = replay.truncated_bytes, "decision log had a torn tail; truncated");
+    }
+    let parts = participants(&config, meta.epoch).await?;
+    let engine = Engine::new(config.engine_config(), meta.epoch, parts, log, &replay);
+    engine.spawn_background();
+
+    let listener = TcpListener::bind(&config.listen)
+        .await
+        .with_context(|| format!("listen on {}", config.listen))?;
+    let addr = listener.local_addr().context("read listen address")?;
+    let app = router(
+        engine.clone(),
+        HttpConfig {
+            max_body_bytes: config.max_body_bytes,
+        },
+    );
+    let shutdown = CancellationToken::new();
+    let stop = shutdown.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await
+    });
+    info!(%addr, "coordinator listening");
+    Ok(Running {
+        addr,
+        engine,
+        shutdown,
+        server,
+    })
+}

@@ -1,0 +1,503 @@
+//! End-to-end: client transactions across real PostgreSQL clusters through the
+//! coordinator's HTTP API.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use twopc_testkit::bank::{credit_statements, debit_statements};
+use twopc_testkit::workload::{self, WorkloadConfig};
+use twopc_testkit::{stmts, AgentMode, Harness, ACCOUNTS, BALANCE};
+
+fn transfer(txn_id: &str, legs: &[(&str, i32, i64)]) -> Value {
+    let branches: Vec<Value> = legs
+        .iter()
+        .map(|(p, acct, delta)| {
+            let s = if *delta < 0 {
+                debit_statements(txn_id, *acct, -delta)
+            } else {
+                credit_statements(txn_id, *acct, *delta)
+            };
+            json!({ "participant": p, "statements": stmts(s) })
+        })
+        .collect();
+    json!({ "txn_id": txn_id, "branches": branches })
+}
+
+async fn balance(h: &Harness, db: usize, acct: i32) -> i64 {
+    h.scalar_i64(db, &format!("SELECT bal FROM acct WHERE id = {acct}"))
+        .await
+        .unwrap()
+}
+
+async fn ledger_rows(h: &Harness, db: usize, txn_id: &str) -> i64 {
+    h.scalar_i64(
+        db,
+        &format!("SELECT count(*) FROM ledger WHERE txn_id = '{txn_id}'"),
+    )
+    .await
+    .unwrap()
+}
+
+async fn assert_clean(h: &Harness) {
+    let report = h.audit(None).await.unwrap();
+    assert!(report.ok(), "audit failed: {:?}", report.violations());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_shot_commits_on_two_databases_with_remote_agents() {
+    let h = Harness::start(2, AgentMode::Remote).await.unwrap();
+    let (status, body) = h
+        .post("/v1/transactions", &transfer("t1", &[("a", 1, -10), ("b", 2, 10)]))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["outcome"], "committed");
+    assert_eq!(body["txn_id"], "t1");
+    assert_eq!(body["branches"].as_array().unwrap().len(), 2);
+    assert_eq!(body["branches"][0]["results"][0]["rows_affected"], 1);
+    assert_eq!(balance(&h, 0, 1).await, BALANCE - 10);
+    assert_eq!(balance(&h, 1, 2).await, BALANCE + 10);
+    let (status, st) = h.get("/v1/transactions/t1").await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(st["outcome"], "committed");
+    assert_clean(&h).await;
+    h.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_shot_commits_on_three_databases_in_process() {
+    let h = Harness::start(3, AgentMode::InProcess).await.unwrap();
+    // a pays 30: 10 to b, 20 to c; ledger rows of one txn on three databases.
+    let body = json!({
+        "txn_id": "three",
+        "branches": [
+            { "participant": "a", "statements": [
+                { "sql": "UPDATE acct SET bal = bal - $1 WHERE id = $2", "params": [30, 5] } ] },
+            { "participant": "b", "statements": [
+                { "sql": "UPDATE acct SET bal = bal + $1 WHERE id = $2", "params": [10, 5] } ] },
+            { "participant": "c", "statements": [
+                { "sql": "UPDATE acct SET bal = bal + $1 WHERE id = $2", "params": [20, 5] },
+                { "sql": "SELECT bal FROM acct WHERE id = $1", "params": [5] } ] },
+        ]
+    });
+    let (status, resp) = h.post("/v1/transactions", &body).await.unwrap();
+    assert_eq!(status, 200, "{resp}");
+    assert_eq!(resp["branches"][2]["results"][1]["rows"][0]["bal"], BALANCE + 20);
+    assert_eq!(balance(&h, 0, 5).await, BALANCE - 30);
+    assert_eq!(balance(&h, 1, 5).await, BALANCE + 10);
+    assert_eq!(balance(&h, 2, 5).await, BALANCE + 20);
+    assert_clean(&h).await;
+    h.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interactive_commit_and_rollback() {
+    for (n, mode) in [(2, AgentMode::Remote), (3, AgentMode::InProcess)] {
+        let h = Harness::start(n, mode).await.unwrap();
+        let (status, begun) = h.post("/v1/transactions", &json!({})).await.unwrap();
+        assert_eq!(status, 201, "{begun}");
+        assert_eq!(begun["state"], "active");
+        let id = begun["txn_id"].as_str().unwrap().to_owned();
+        let (_, st) = h.get(&format!("/v1/transactions/{id}")).await.unwrap();
+        assert_eq!(st["state"], "active");
+        for (i, db) in h.dbs.iter().enumerate() {
+            let delta = if i == 0 { -(n as i64 - 1) * 7 } else { 7 };
+            let (status, r) = h
+                .post(
+                    &format!("/v1/transactions/{id}/statements"),
+                    &json!({ "participant": db.name, "sql": "UPDATE acct SET bal = bal + $1 WHERE id = $2", "params": [delta, 3] }),
+                )
+                .await
+                .unwrap();
+            assert_eq!(status, 200, "{r}");
+            assert_eq!(r["rows_affected"], 1);
+            let (_, r) = h
+                .post(
+                    &format!("/v1/transactions/{id}/statements"),
+                    &json!({ "participant": db.name, "sql": "INSERT INTO ledger(txn_id, acct, delta) VALUES ($1, $2, $3)", "params": [id, 3, delta] }),
+                )
+                .await
+                .unwrap();
+            assert_eq!(r["rows_affected"], 1, "{r}");
+        }
+        // Reads see the transaction's own writes.
+        let (_, r) = h
+            .post(
+                &format!("/v1/transactions/{id}/statements"),
+                &json!({ "participant": "b", "sql": "SELECT id, bal FROM acct WHERE id = $1", "params": [3] }),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r["rows"][0]["bal"], BALANCE + 7, "{r}");
+        let (status, c) = h
+            .post(&format!("/v1/transactions/{id}/commit"), &json!({}))
+            .await
+            .unwrap();
+        assert_eq!(status, 200, "{c}");
+        assert_eq!(c["outcome"], "committed");
+        assert_eq!(balance(&h, 1, 3).await, BALANCE + 7);
+        let (_, st) = h.get(&format!("/v1/transactions/{id}")).await.unwrap();
+        assert_eq!(st["outcome"], "committed");
+
+        // Rollback leaves nothing.
+        let (_, begun) = h.post("/v1/transactions", &json!({"txn_id": "rb-1"})).await.unwrap();
+        assert_eq!(begun["txn_id"], "rb-1");
+        let (status, _) = h
+            .post(
+                "/v1/transactions/rb-1/statements",
+                &json!({ "participant": "a", "sql": "UPDATE acct SET bal = 0 WHERE id = $1", "params": [4] }),
+            )
+            .await
+            .unwrap();
+        assert_eq!(status, 200);
+        let (status, r) = h.post("/v1/transactions/rb-1/rollback", &json!({})).await.unwrap();
+        assert_eq!(status, 200, "{r}");
+        assert_eq!(r["outcome"], "aborted");
+        assert_eq!(balance(&h, 0, 4).await, BALANCE);
+        let (status, _) = h.post("/v1/transactions/rb-1/commit", &json!({})).await.unwrap();
+        assert_eq!(status, 404);
+        assert_clean(&h).await;
+        h.shutdown().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_branch_aborts_every_branch() {
+    let mut h = Harness::start(3, AgentMode::Remote).await.unwrap();
+
+    // Constraint violation on a (balance would go negative): b and c roll back too.
+    let body = transfer("over", &[("a", 1, -(BALANCE + 1)), ("b", 1, BALANCE + 1)]);
+    let (status, r) = h.post("/v1/transactions", &body).await.unwrap();
+    assert_eq!(status, 409, "{r}");
+    assert_eq!(r["outcome"], "aborted");
+    assert_eq!(r["error"]["participant"], "a");
+    assert_eq!(r["error"]["code"], "23514", "{r}");
+    assert_eq!(balance(&h, 1, 1).await, BALANCE);
+    for db in 0..2 {
+        assert_eq!(ledger_rows(&h, db, "over").await, 0);
+    }
+    let (_, st) = h.get("/v1/transactions/over").await.unwrap();
+    assert_eq!(st["outcome"], "aborted");
+
+    // Syntax error on c.
+    let body = json!({ "txn_id": "syntax", "branches": [
+        { "participant": "a", "statements": stmts(debit_statements("syntax", 2, 5)) },
+        { "participant": "b", "statements": stmts(credit_statements("syntax", 2, 5)) },
+        { "participant": "c", "statements": [ { "sql": "UPDATE acct SET bal = bal + WHERE", "params": [] } ] },
+    ]});
+    let (status, r) = h.post("/v1/transactions", &body).await.unwrap();
+    assert_eq!(status, 409, "{r}");
+    assert_eq!(r["error"]["participant"], "c");
+    assert_eq!(r["error"]["code"], "42601");
+    for db in 0..3 {
+        assert_eq!(ledger_rows(&h, db, "syntax").await, 0);
+    }
+
+    // A participant that is down.
+    h.dbs[2].stop_agent();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let body = json!({ "txn_id": "down", "branches": [
+        { "participant": "a", "statements": stmts(debit_statements("down", 3, 5)) },
+        { "participant": "c", "statements": stmts(credit_statements("down", 3, 5)) },
+    ]});
+    let (status, r) = h.post("/v1/transactions", &body).await.unwrap();
+    assert_eq!(status, 409, "{r}");
+    assert_eq!(r["error"]["participant"], "c");
+    assert_eq!(r["error"]["code"], "08006", "{r}");
+    assert_eq!(ledger_rows(&h, 0, "down").await, 0);
+    assert_eq!(balance(&h, 0, 3).await, BALANCE);
+
+    // The others still work.
+    let (status, _) = h
+        .post("/v1/transactions", &transfer("after", &[("a", 9, -1), ("b", 9, 1)]))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    assert_clean(&h).await;
+    h.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_transfers_conserve_the_total() {
+    for mode in [AgentMode::Remote, AgentMode::InProcess] {
+        let h = Harness::start(2, mode).await.unwrap();
+        let report = workload::run(WorkloadConfig {
+            base_url: h.base_url.clone(),
+            participants: vec!["a".into(), "b".into()],
+            accounts_per_db: ACCOUNTS,
+            clients: 16,
+            max_transfers: 400,
+            duration: Duration::from_secs(120),
+            max_amount: BALANCE,
+            txn_prefix: format!("conc-{mode:?}"),
+            request_timeout: Duration::from_secs(60),
+        })
+        .await
+        .unwrap();
+        assert_eq!(report.committed + report.aborted + report.unknown, 400);
+        assert_eq!(report.unknown, 0, "every client got an answer");
+        assert!(report.committed > 100, "{} committed", report.committed);
+        let audit = h.audit(Some(&report.expectation)).await.unwrap();
+        assert!(audit.ok(), "{mode:?}: {:?}", audit.violations());
+        assert_eq!(audit.ledger_txns as u64, report.committed);
+        h.shutdown().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_4xx_and_leaves_nothing_prepared() {
+    let h = Harness::start_with(2, AgentMode::Remote, |c| c.max_body_bytes = 64 * 1024)
+        .await
+        .unwrap();
+
+    // Malformed JSON.
+    let (status, r) = h.post_raw("/v1/transactions", b"{\"branches\": [".to_vec()).await.unwrap();
+    assert_eq!(status, 400);
+    assert!(r["error"]["message"].as_str().unwrap().contains("malformed JSON"), "{r}");
+
+    // Unknown participant: nothing runs anywhere.
+    let body = transfer("unk-p", &[("a", 1, -1), ("zz", 1, 1)]);
+    let (status, r) = h.post("/v1/transactions", &body).await.unwrap();
+    assert_eq!(status, 400, "{r}");
+    assert!(r["error"]["message"].as_str().unwrap().contains("zz"));
+    assert_eq!(ledger_rows(&h, 0, "unk-p").await, 0);
+
+    // Unknown transaction.
+    let (status, _) = h
+        .post("/v1/transactions/nope/statements", &json!({"participant": "a", "sql": "SELECT 1"}))
+        .await
+        .unwrap();
+    assert_eq!(status, 404);
+    let (status, _) = h.post("/v1/transactions/nope/commit", &json!({})).await.unwrap();
+    assert_eq!(status, 404);
+
+    // A parameter that does not fit its column: the other branch is rolled back.
+    let body = json!({ "txn_id": "badparam", "branches": [
+        { "participant": "a", "statements": stmts(debit_statements("badparam", 1, 5)) },
+        { "participant": "b", "statements": [
+            { "sql": "UPDATE acct SET bal = bal + $1 WHERE id = $2", "params": ["five", 1] } ] },
+    ]});
+    let (status, r) = h.post("/v1/transactions", &body).await.unwrap();
+    assert_eq!(status, 400, "{r}");
+    assert_eq!(r["outcome"], "aborted");
+    assert_eq!(r["error"]["participant"], "b");
+    assert!(r["error"]["message"].as_str().unwrap().contains("$1"), "{r}");
+    assert_eq!(ledger_rows(&h, 0, "badparam").await, 0);
+
+    // Wrong number of parameters.
+    let body = json!({ "branches": [ { "participant": "a", "statements": [
+        { "sql": "UPDATE acct SET bal = $1 WHERE id = $2", "params": [1] } ] } ] });
+    let (status, r) = h.post("/v1/transactions", &body).await.unwrap();
+    assert_eq!(status, 400, "{r}");
+
+    // Oversized body.
+    let big = json!({ "branches": [ { "participant": "a", "statements": [
+        { "sql": format!("SELECT '{}'", "x".repeat(100 * 1024)) } ] } ] });
+    let (status, _) = h.post("/v1/transactions", &big).await.unwrap();
+    assert_eq!(status, 413);
+
+    // Injection-shaped or over-long txn ids.
+    for id in ["a'b", "with space", &"x".repeat(129)] {
+        let (status, r) = h
+            .post("/v1/transactions", &transfer(id, &[("a", 1, -1), ("b", 1, 1)]))
+            .await
+            .unwrap();
+        assert_eq!(status, 400, "{id}: {r}");
+    }
+    let (status, _) = h.get("/v1/transactions/a'b").await.unwrap();
+    assert_eq!(status, 400);
+
+    // Unknown fields and empty branches.
+    let (status, _) = h.post("/v1/transactions", &json!({"branches": []})).await.unwrap();
+    assert_eq!(status, 400);
+    let (status, _) = h.post("/v1/transactions", &json!({"brnches": []})).await.unwrap();
+    assert_eq!(status, 400);
+
+    // An interactive statement with a bad parameter aborts the transaction.
+    let (_, begun) = h.post("/v1/transactions", &json!({"txn_id": "ia"})).await.unwrap();
+    assert_eq!(begun["state"], "active");
+    let (status, _) = h
+        .post("/v1/transactions/ia/statements", &json!({"participant": "a", "sql": "UPDATE acct SET bal = bal - 1 WHERE id = $1", "params": [1]}))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let (status, r) = h
+        .post("/v1/transactions/ia/statements", &json!({"participant": "b", "sql": "UPDATE acct SET bal = bal + 1 WHERE id = $1", "params": [1.5]}))
+        .await
+        .unwrap();
+    assert_eq!(status, 400, "{r}");
+    let (status, _) = h
+        .post("/v1/transactions/ia/statements", &json!({"participant": "b", "sql": "SELECT 1"}))
+        .await
+        .unwrap();
+    assert_eq!(status, 404);
+
+    assert_eq!(balance(&h, 0, 1).await, BALANCE);
+    assert_clean(&h).await;
+    h.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_coordinator_answers_for_earlier_transactions() {
+    let mut h = Harness::start(2, AgentMode::Remote).await.unwrap();
+    for i in 0..5 {
+        let id = format!("keep-{i}");
+        let (status, r) = h
+            .post("/v1/transactions", &transfer(&id, &[("a", i + 1, -3), ("b", i + 1, 3)]))
+            .await
+            .unwrap();
+        assert_eq!(status, 200, "{r}");
+    }
+    // One-phase (single database) and an aborted one.
+    let (status, _) = h
+        .post("/v1/transactions", &json!({"txn_id": "solo", "branches": [
+            {"participant": "a", "statements": [{"sql": "UPDATE acct SET bal = bal WHERE id = 1"}]}]}))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let (status, _) = h
+        .post("/v1/transactions", &transfer("broke", &[("a", 1, -(BALANCE * 2)), ("b", 1, BALANCE * 2)]))
+        .await
+        .unwrap();
+    assert_eq!(status, 409);
+
+    let epoch_before = h.get("/healthz").await.unwrap().1["epoch"].as_u64().unwrap();
+    h.stop_coordinator().await.unwrap();
+    h.start_coordinator(|_| {}).await.unwrap();
+    let epoch_after = h.get("/healthz").await.unwrap().1["epoch"].as_u64().unwrap();
+    assert_eq!(epoch_after, epoch_before + 1);
+
+    for i in 0..5 {
+        let (status, st) = h.get(&format!("/v1/transactions/keep-{i}")).await.unwrap();
+        assert_eq!(status, 200);
+        assert_eq!(st["outcome"], "committed", "keep-{i}: {st}");
+    }
+    assert_eq!(h.get("/v1/transactions/solo").await.unwrap().1["outcome"], "committed");
+    assert_eq!(h.get("/v1/transactions/broke").await.unwrap().1["outcome"], "aborted");
+    assert_eq!(h.get("/v1/transactions/never-seen").await.unwrap().1["outcome"], "aborted");
+    // A committed txn_id cannot be reused.
+    let (status, _) = h
+        .post("/v1/transactions", &transfer("keep-0", &[("a", 1, -1), ("b", 1, 1)]))
+        .await
+        .unwrap();
+    assert_eq!(status, 409);
+    assert_clean(&h).await;
+    h.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn optimizations_and_their_switches() {
+    for (one_phase, read_only, parallel, ack) in [
+        (true, true, true, "applied"),
+        (false, false, false, "applied"),
+        (true, true, true, "durable"),
+    ] {
+        let h = Harness::start_with(2, AgentMode::InProcess, |c| {
+            c.one_phase = one_phase;
+            c.read_only = read_only;
+            c.parallel = parallel;
+        })
+        .await
+        .unwrap();
+        // Single participant.
+        let (status, r) = h
+            .post("/v1/transactions", &json!({"ack": ack, "branches": [
+                {"participant": "a", "statements": [{"sql": "UPDATE acct SET bal = bal - 1 WHERE id = 1"},
+                                                     {"sql": "UPDATE acct SET bal = bal + 1 WHERE id = 2"}]}]}))
+            .await
+            .unwrap();
+        assert_eq!(status, 200, "{r}");
+        // One writer and one reader.
+        let (status, r) = h
+            .post("/v1/transactions", &json!({"ack": ack, "branches": [
+                {"participant": "a", "statements": [{"sql": "UPDATE acct SET bal = bal - 1 WHERE id = 3"},
+                                                     {"sql": "UPDATE acct SET bal = bal + 1 WHERE id = 4"}]},
+                {"participant": "b", "statements": [{"sql": "SELECT sum(bal)::bigint AS total FROM acct"}]}]}))
+            .await
+            .unwrap();
+        assert_eq!(status, 200, "{r}");
+        assert_eq!(r["branches"][1]["results"][0]["rows"][0]["total"], ACCOUNTS as i64 * BALANCE);
+        // A real two-writer transfer.
+        let (status, r) = h
+            .post("/v1/transactions", &{
+                let mut t = transfer("opt", &[("a", 5, -2), ("b", 5, 2)]);
+                t["ack"] = json!(ack);
+                t
+            })
+            .await
+            .unwrap();
+        assert_eq!(status, 200, "{r}");
+        // Durable ack returns before phase 2 finishes: wait for it to settle.
+        for _ in 0..100 {
+            let (_, l) = h.get("/v1/transactions?state=in_doubt").await.unwrap();
+            if l["transactions"].as_array().map_or(false, |a| a.is_empty()) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let metrics = h
+            .http
+            .get(format!("{}/metrics", h.base_url))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let value = |name: &str| -> u64 {
+            metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{name} ")))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or_else(|| panic!("{name} missing in {metrics}"))
+        };
+        assert_eq!(value("twopc_txns_committed_total"), 3);
+        if one_phase {
+            // The single-participant txn and the single-writer txn.
+            assert_eq!(value("twopc_txns_committed_one_phase_total"), 2);
+        } else {
+            assert_eq!(value("twopc_txns_committed_one_phase_total"), 0);
+        }
+        assert_eq!(value("twopc_read_only_branches_total"), u64::from(read_only));
+        assert_clean(&h).await;
+        h.shutdown().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_interactive_transaction_is_rolled_back() {
+    let h = Harness::start_with(2, AgentMode::Remote, |c| c.idle_timeout_ms = 500)
+        .await
+        .unwrap();
+    let (_, begun) = h.post("/v1/transactions", &json!({"txn_id": "idle"})).await.unwrap();
+    assert_eq!(begun["state"], "active");
+    let (status, _) = h
+        .post("/v1/transactions/idle/statements", &json!({"participant": "a", "sql": "UPDATE acct SET bal = bal - 1 WHERE id = 7"}))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (_, st) = h.get("/v1/transactions/idle").await.unwrap();
+    assert_eq!(st["outcome"], "aborted", "{st}");
+    // The row lock is gone: a direct update does not wait.
+    let (client, conn) = tokio_postgres::connect(&h.dbs[0].url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    client.batch_execute("SET lock_timeout = '2s'").await.unwrap();
+    client
+        .execute("UPDATE acct SET bal = bal WHERE id = 7", &[])
+        .await
+        .unwrap();
+    assert_eq!(balance(&h, 0, 7).await, BALANCE);
+
+    // A one-shot transaction that runs past its timeout aborts.
+    let body = json!({ "txn_id": "slow", "timeout_ms": 300, "branches": [
+        { "participant": "a", "statements": [ { "sql": "SELECT pg_sleep(2)" } ] },
+        { "participant": "b", "statements": stmts(credit_statements("slow", 1, 1)) } ] });
+    let (status, r) = h.post("/v1/transactions", &body).await.unwrap();
+    assert_eq!(status, 409, "{r}");
+    assert_eq!(r["error"]["code"], "57014");
+    assert_eq!(ledger_rows(&h, 1, "slow").await, 0);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_clean(&h).await;
+    h.shutdown().await.unwrap();
+}
