@@ -30,9 +30,9 @@ impl ParticipantSpec {
 
 /// Parses `NAME=HOST:PORT` or `NAME=postgresql://...`.
 pub fn parse_participant(s: &str) -> anyhow::Result<(String, ParticipantSpec)> {
-    let (name, spec) = s
-        .split_once('=')
-        .with_context(|| format!("participant {s:?}: expected NAME=HOST:PORT or NAME=postgresql://..."))?;
+    let (name, spec) = s.split_once('=').with_context(|| {
+        format!("participant {s:?}: expected NAME=HOST:PORT or NAME=postgresql://...")
+    })?;
     validate_participant_name(name)?;
     if spec.is_empty() {
         bail!("participant {name:?}: empty address");
@@ -124,7 +124,11 @@ pub struct ServeArgs {
     pub coordinator_id: Option<String>,
     /// A participant: NAME=HOST:PORT (remote agent) or NAME=postgresql://... (in-process
     /// agent). Repeat for each.
-    #[arg(long = "participant", env = "TWOPC_PARTICIPANTS", value_delimiter = ',')]
+    #[arg(
+        long = "participant",
+        env = "TWOPC_PARTICIPANTS",
+        value_delimiter = ','
+    )]
     pub participants: Vec<String>,
     /// How often recovery looks for unresolved transactions.
     #[arg(long, env = "TWOPC_RECOVERY_INTERVAL_MS")]
@@ -198,7 +202,14 @@ impl ServeArgs {
         macro_rules! set {
             ($($f:ident),*) => { $( if let Some(v) = self.$f { c.$f = v; } )* };
         }
-        set!(recovery_interval_ms, commit_wait_ms, default_timeout_ms, idle_timeout_ms, max_body_bytes, log_retention_ms);
+        set!(
+            recovery_interval_ms,
+            commit_wait_ms,
+            default_timeout_ms,
+            idle_timeout_ms,
+            max_body_bytes,
+            log_retention_ms
+        );
         if let Some(a) = self.ack {
             c.ack = a;
         }

@@ -36,7 +36,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             std::process::exit(2);
         }
     };
-    println!("PostgreSQL {} from {}", bins.version, bins.bin_dir.display());
+    println!(
+        "PostgreSQL {} from {}",
+        bins.version,
+        bins.bin_dir.display()
+    );
     println!("starting two throwaway clusters ...");
     let clusters = tokio::task::spawn_blocking(|| -> anyhow::Result<Vec<PgCluster>> {
         ["a", "b"]
@@ -103,8 +107,15 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     .await?;
 
     println!();
-    println!("committed  {:>8}  ({:.0}/s)", report.committed, report.throughput());
-    println!("aborted    {:>8}  (insufficient funds: the CHECK constraint voted no)", report.aborted);
+    println!(
+        "committed  {:>8}  ({:.0}/s)",
+        report.committed,
+        report.throughput()
+    );
+    println!(
+        "aborted    {:>8}  (insufficient funds: the CHECK constraint voted no)",
+        report.aborted
+    );
     println!("unknown    {:>8}", report.unknown);
     println!(
         "latency    p50 {:.2} ms, p99 {:.2} ms",

@@ -333,7 +333,10 @@ impl Engine {
                     participants,
                     decided_at_ms,
                 } => {
-                    committed.insert(gid.clone(), (txn_id.clone(), participants.clone(), *decided_at_ms));
+                    committed.insert(
+                        gid.clone(),
+                        (txn_id.clone(), participants.clone(), *decided_at_ms),
+                    );
                     self.remember(txn_id, gid, Outcome::Committed);
                 }
                 Record::End { gid } => {
@@ -665,7 +668,9 @@ impl Engine {
             }
             None => gid.to_string(),
         };
-        let timeout_ms = req.timeout_ms.unwrap_or(self.inner.config.default_timeout_ms);
+        let timeout_ms = req
+            .timeout_ms
+            .unwrap_or(self.inner.config.default_timeout_ms);
         if timeout_ms == 0 || timeout_ms > self.inner.config.max_timeout_ms {
             return Err(TxnError::BadRequest(format!(
                 "timeout_ms must be between 1 and {}",
@@ -717,10 +722,7 @@ impl Engine {
 
     fn unregister(&self, txn: &LiveTxn) {
         let mut live = lock(&self.inner.live);
-        if live
-            .get(&txn.txn_id)
-            .is_some_and(|t| t.gid == txn.gid)
-        {
+        if live.get(&txn.txn_id).is_some_and(|t| t.gid == txn.gid) {
             live.remove(&txn.txn_id);
         }
     }
@@ -763,7 +765,10 @@ impl Engine {
             // Nothing ran anywhere.
             state.finished = true;
             self.remember(&txn.txn_id, txn.gid.as_str(), Outcome::Committed);
-            self.inner.counters.committed.fetch_add(1, Ordering::Relaxed);
+            self.inner
+                .counters
+                .committed
+                .fetch_add(1, Ordering::Relaxed);
             return Ok(Committed {
                 txn_id: txn.txn_id.clone(),
                 outcome: "committed",
@@ -854,7 +859,10 @@ impl Engine {
                 .counters
                 .committed_one_phase
                 .fetch_add(1, Ordering::Relaxed);
-            self.inner.counters.committed.fetch_add(1, Ordering::Relaxed);
+            self.inner
+                .counters
+                .committed
+                .fetch_add(1, Ordering::Relaxed);
             self.remember(&txn.txn_id, txn.gid.as_str(), Outcome::Committed);
             // Remember it across restarts too (not forced: nothing depends on it but
             // the answer to a later GET).
@@ -894,8 +902,16 @@ impl Engine {
 
     /// Every vote was YES or READ-ONLY: log the decision (forced) and run phase 2.
     /// Returns the participants that have not acknowledged when the client is answered.
-    async fn decide_and_commit(&self, txn: &LiveTxn, yes: Vec<String>, ack: AckMode) -> Vec<String> {
-        self.inner.counters.committed.fetch_add(1, Ordering::Relaxed);
+    async fn decide_and_commit(
+        &self,
+        txn: &LiveTxn,
+        yes: Vec<String>,
+        ack: AckMode,
+    ) -> Vec<String> {
+        self.inner
+            .counters
+            .committed
+            .fetch_add(1, Ordering::Relaxed);
         if yes.is_empty() {
             // Every branch was read-only and is finished already.
             self.remember(&txn.txn_id, txn.gid.as_str(), Outcome::Committed);
@@ -1199,10 +1215,20 @@ fn classify(
             format!("unexpected answer from the agent: {other:?}"),
             false,
         )),
-        Err(e @ CallError::Timeout { .. }) => {
-            Err(abort_info(txn_id, Some(participant), "57014", e.to_string(), false))
-        }
-        Err(e) => Err(abort_info(txn_id, Some(participant), "08006", e.to_string(), false)),
+        Err(e @ CallError::Timeout { .. }) => Err(abort_info(
+            txn_id,
+            Some(participant),
+            "57014",
+            e.to_string(),
+            false,
+        )),
+        Err(e) => Err(abort_info(
+            txn_id,
+            Some(participant),
+            "08006",
+            e.to_string(),
+            false,
+        )),
     }
 }
 

@@ -138,11 +138,7 @@ struct StatementRequest {
     params: Vec<Value>,
 }
 
-async fn statement(
-    State(engine): State<Engine>,
-    Path(id): Path<String>,
-    body: Bytes,
-) -> Response {
+async fn statement(State(engine): State<Engine>, Path(id): Path<String>, body: Bytes) -> Response {
     if let Err(r) = check_path_id(&id) {
         return r;
     }
@@ -228,16 +224,51 @@ async fn metrics(State(engine): State<Engine>) -> Response {
     let log = engine.log().stats();
     let mut out = String::new();
     let mut counter = |name: &str, help: &str, value: u64| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+        );
     };
-    counter("twopc_txns_committed_total", "Transactions committed.", c.committed.load(Ordering::Relaxed));
-    counter("twopc_txns_committed_one_phase_total", "Transactions committed without a forced decision record.", c.committed_one_phase.load(Ordering::Relaxed));
-    counter("twopc_txns_aborted_total", "Transactions rolled back.", c.aborted.load(Ordering::Relaxed));
-    counter("twopc_read_only_branches_total", "Branches that voted read-only.", c.read_only_branches.load(Ordering::Relaxed));
-    counter("twopc_phase2_retries_total", "COMMIT PREPARED attempts that were not acknowledged.", c.phase2_retries.load(Ordering::Relaxed));
-    counter("twopc_log_records_total", "Decision log records written.", log.records);
-    counter("twopc_log_fsyncs_total", "Decision log fdatasync calls.", log.fsyncs);
-    counter("twopc_log_bytes_total", "Decision log bytes written.", log.bytes_written);
+    counter(
+        "twopc_txns_committed_total",
+        "Transactions committed.",
+        c.committed.load(Ordering::Relaxed),
+    );
+    counter(
+        "twopc_txns_committed_one_phase_total",
+        "Transactions committed without a forced decision record.",
+        c.committed_one_phase.load(Ordering::Relaxed),
+    );
+    counter(
+        "twopc_txns_aborted_total",
+        "Transactions rolled back.",
+        c.aborted.load(Ordering::Relaxed),
+    );
+    counter(
+        "twopc_read_only_branches_total",
+        "Branches that voted read-only.",
+        c.read_only_branches.load(Ordering::Relaxed),
+    );
+    counter(
+        "twopc_phase2_retries_total",
+        "COMMIT PREPARED attempts that were not acknowledged.",
+        c.phase2_retries.load(Ordering::Relaxed),
+    );
+    counter(
+        "twopc_log_records_total",
+        "Decision log records written.",
+        log.records,
+    );
+    counter(
+        "twopc_log_fsyncs_total",
+        "Decision log fdatasync calls.",
+        log.fsyncs,
+    );
+    counter(
+        "twopc_log_bytes_total",
+        "Decision log bytes written.",
+        log.bytes_written,
+    );
     let _ = writeln!(
         out,
         "# HELP twopc_txns_open Transactions running now.\n# TYPE twopc_txns_open gauge\ntwopc_txns_open {}",

@@ -6,7 +6,11 @@ use twopc_coordinator::config::ServeArgs;
 use twopc_coordinator::demo::{self, DemoArgs};
 
 #[derive(Debug, Parser)]
-#[command(name = "twopc-coordinator", version, about = "Two-phase commit across PostgreSQL databases")]
+#[command(
+    name = "twopc-coordinator",
+    version,
+    about = "Two-phase commit across PostgreSQL databases"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -50,13 +54,14 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {},
             _ = term.recv() => {},

@@ -26,13 +26,22 @@ use twopc_shared::PROTOCOL_VERSION;
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum CallError {
     #[error("participant {participant} unreachable: {message}")]
-    Unreachable { participant: String, message: String },
+    Unreachable {
+        participant: String,
+        message: String,
+    },
     #[error("participant {participant} did not answer within {timeout_ms} ms")]
-    Timeout { participant: String, timeout_ms: u64 },
+    Timeout {
+        participant: String,
+        timeout_ms: u64,
+    },
     #[error("participant {participant}: connection lost")]
     ConnectionLost { participant: String },
     #[error("participant {participant} refused the handshake: {message}")]
-    Handshake { participant: String, message: String },
+    Handshake {
+        participant: String,
+        message: String,
+    },
 }
 
 /// One participant, local or remote.
@@ -56,8 +65,11 @@ impl Participant {
             Participant::Local { agent, .. } => {
                 // The agent enforces the deadline itself; the outer bound only guards
                 // against a bug there.
-                match tokio::time::timeout(timeout + Duration::from_secs(1), agent.handle(request, timeout))
-                    .await
+                match tokio::time::timeout(
+                    timeout + Duration::from_secs(1),
+                    agent.handle(request, timeout),
+                )
+                .await
                 {
                     Ok(r) => Ok(r),
                     Err(_) => Err(CallError::Timeout {

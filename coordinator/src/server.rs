@@ -28,7 +28,12 @@ impl Running {
     pub async fn shutdown(self) -> anyhow::Result<()> {
         self.shutdown.cancel();
         self.server.await.context("join HTTP server")??;
-        self.engine.log().clone().close().await;
+        self.engine
+            .log()
+            .clone()
+            .close()
+            .await
+            .context("close decision log")?;
         Ok(())
     }
 
@@ -43,15 +48,15 @@ pub async fn participants(config: &ServeConfig, epoch: u64) -> anyhow::Result<Ve
     let mut out = Vec::new();
     for (name, spec) in &config.participants {
         match ParticipantSpec::parse(spec) {
-            ParticipantSpec::Remote(addr) => out.push(Participant::Remote(std::sync::Arc::new(
-                RemoteAgent::new(
+            ParticipantSpec::Remote(addr) => {
+                out.push(Participant::Remote(std::sync::Arc::new(RemoteAgent::new(
                     name.clone(),
                     addr,
                     config.coordinator_id.clone(),
                     epoch,
                     RemoteConfig::default(),
-                ),
-            ))),
+                ))))
+            }
             ParticipantSpec::InProcess(url) => {
                 let agent = Agent::connect(AgentConfig::new(name.clone(), url))
                     .await
@@ -70,8 +75,8 @@ pub async fn participants(config: &ServeConfig, epoch: u64) -> anyhow::Result<Ve
 /// of logged decisions, and serves HTTP on `config.listen`.
 pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
     config.validate()?;
-    let meta = meta::bump_epoch(&config.data_dir, &config.coordinator_id)
-        .context("start a new epoch")?;
+    let meta =
+        meta::bump_epoch(&config.data_dir, &config.coordinator_id).context("start a new epoch")?;
     info!(coordinator_id = %meta.coordinator_id, epoch = meta.epoch, "coordinator starting");
     let mut log_config = LogConfig::new(config.data_dir.join("log"));
     log_config.group_commit = config.group_commit;
@@ -82,7 +87,10 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
         .context("join log open")?
         .context("open decision log")?;
     if replay.truncated_bytes > 0 {
-        info!(truncated_bytes = replay.truncated_bytes, "decision log had a torn tail; truncated");
+        info!(
+            truncated_bytes = replay.truncated_bytes,
+            "decision log had a torn tail; truncated"
+        );
     }
     let parts = participants(&config, meta.epoch).await?;
     let engine = Engine::new(config.engine_config(), meta.epoch, parts, log, &replay);

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rand::Rng;
+use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
 use crate::bank::{credit_statements, debit_statements, Expectation};
@@ -63,12 +63,7 @@ impl WorkloadReport {
 }
 
 /// The JSON body of one transfer.
-pub fn transfer_body(
-    txn_id: &str,
-    from: (&str, i32),
-    to: (&str, i32),
-    amount: i64,
-) -> Value {
+pub fn transfer_body(txn_id: &str, from: (&str, i32), to: (&str, i32), amount: i64) -> Value {
     let stmts = |v: Vec<(String, Vec<Value>)>| {
         v.into_iter()
             .map(|(sql, params)| json!({ "sql": sql, "params": params }))

@@ -12,6 +12,7 @@
 
 pub mod agent;
 pub mod convert;
+pub mod failpoint;
 pub mod server;
 
 pub use agent::{Agent, AgentConfig, AgentStartError};

@@ -29,8 +29,7 @@ pub const BALANCE: i64 = 1_000;
 pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .with_test_writer()
         .try_init();
@@ -76,7 +75,9 @@ pub struct Harness {
 
 /// Starts `n` clusters named a, b, c, ... each with the bank schema loaded.
 pub async fn start_dbs(n: usize, mode: AgentMode) -> anyhow::Result<Vec<Db>> {
-    let names: Vec<String> = (0..n).map(|i| ((b'a' + i as u8) as char).to_string()).collect();
+    let names: Vec<String> = (0..n)
+        .map(|i| ((b'a' + i as u8) as char).to_string())
+        .collect();
     let clusters = tokio::task::spawn_blocking({
         let names = names.clone();
         move || -> anyhow::Result<Vec<PgCluster>> {
@@ -242,7 +243,8 @@ impl Harness {
             .map(|d| (d.name.clone(), d.url.clone()))
             .collect();
         let per_db = ACCOUNTS as i64 * BALANCE;
-        let initial: Vec<(String, i64)> = self.dbs.iter().map(|d| (d.name.clone(), per_db)).collect();
+        let initial: Vec<(String, i64)> =
+            self.dbs.iter().map(|d| (d.name.clone(), per_db)).collect();
         Ok(audit(
             &dbs,
             per_db * self.dbs.len() as i64,
@@ -255,7 +257,8 @@ impl Harness {
 
     /// Runs `sql` on database `db` directly and returns the first column of the first row.
     pub async fn scalar_i64(&self, db: usize, sql: &str) -> anyhow::Result<i64> {
-        let (client, conn) = tokio_postgres::connect(&self.dbs[db].url, tokio_postgres::NoTls).await?;
+        let (client, conn) =
+            tokio_postgres::connect(&self.dbs[db].url, tokio_postgres::NoTls).await?;
         tokio::spawn(conn);
         let row = client.query_one(sql, &[]).await?;
         Ok(row.get::<_, i64>(0))

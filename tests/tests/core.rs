@@ -47,7 +47,10 @@ async fn assert_clean(h: &Harness) {
 async fn one_shot_commits_on_two_databases_with_remote_agents() {
     let h = Harness::start(2, AgentMode::Remote).await.unwrap();
     let (status, body) = h
-        .post("/v1/transactions", &transfer("t1", &[("a", 1, -10), ("b", 2, 10)]))
+        .post(
+            "/v1/transactions",
+            &transfer("t1", &[("a", 1, -10), ("b", 2, 10)]),
+        )
         .await
         .unwrap();
     assert_eq!(status, 200, "{body}");
@@ -82,7 +85,10 @@ async fn one_shot_commits_on_three_databases_in_process() {
     });
     let (status, resp) = h.post("/v1/transactions", &body).await.unwrap();
     assert_eq!(status, 200, "{resp}");
-    assert_eq!(resp["branches"][2]["results"][1]["rows"][0]["bal"], BALANCE + 20);
+    assert_eq!(
+        resp["branches"][2]["results"][1]["rows"][0]["bal"],
+        BALANCE + 20
+    );
     assert_eq!(balance(&h, 0, 5).await, BALANCE - 30);
     assert_eq!(balance(&h, 1, 5).await, BALANCE + 10);
     assert_eq!(balance(&h, 2, 5).await, BALANCE + 20);
@@ -140,7 +146,10 @@ async fn interactive_commit_and_rollback() {
         assert_eq!(st["outcome"], "committed");
 
         // Rollback leaves nothing.
-        let (_, begun) = h.post("/v1/transactions", &json!({"txn_id": "rb-1"})).await.unwrap();
+        let (_, begun) = h
+            .post("/v1/transactions", &json!({"txn_id": "rb-1"}))
+            .await
+            .unwrap();
         assert_eq!(begun["txn_id"], "rb-1");
         let (status, _) = h
             .post(
@@ -150,11 +159,17 @@ async fn interactive_commit_and_rollback() {
             .await
             .unwrap();
         assert_eq!(status, 200);
-        let (status, r) = h.post("/v1/transactions/rb-1/rollback", &json!({})).await.unwrap();
+        let (status, r) = h
+            .post("/v1/transactions/rb-1/rollback", &json!({}))
+            .await
+            .unwrap();
         assert_eq!(status, 200, "{r}");
         assert_eq!(r["outcome"], "aborted");
         assert_eq!(balance(&h, 0, 4).await, BALANCE);
-        let (status, _) = h.post("/v1/transactions/rb-1/commit", &json!({})).await.unwrap();
+        let (status, _) = h
+            .post("/v1/transactions/rb-1/commit", &json!({}))
+            .await
+            .unwrap();
         assert_eq!(status, 404);
         assert_clean(&h).await;
         h.shutdown().await.unwrap();
@@ -209,7 +224,10 @@ async fn failing_branch_aborts_every_branch() {
 
     // The others still work.
     let (status, _) = h
-        .post("/v1/transactions", &transfer("after", &[("a", 9, -1), ("b", 9, 1)]))
+        .post(
+            "/v1/transactions",
+            &transfer("after", &[("a", 9, -1), ("b", 9, 1)]),
+        )
         .await
         .unwrap();
     assert_eq!(status, 200);
@@ -251,9 +269,18 @@ async fn bad_input_gets_4xx_and_leaves_nothing_prepared() {
         .unwrap();
 
     // Malformed JSON.
-    let (status, r) = h.post_raw("/v1/transactions", b"{\"branches\": [".to_vec()).await.unwrap();
+    let (status, r) = h
+        .post_raw("/v1/transactions", b"{\"branches\": [".to_vec())
+        .await
+        .unwrap();
     assert_eq!(status, 400);
-    assert!(r["error"]["message"].as_str().unwrap().contains("malformed JSON"), "{r}");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("malformed JSON"),
+        "{r}"
+    );
 
     // Unknown participant: nothing runs anywhere.
     let body = transfer("unk-p", &[("a", 1, -1), ("zz", 1, 1)]);
@@ -264,11 +291,17 @@ async fn bad_input_gets_4xx_and_leaves_nothing_prepared() {
 
     // Unknown transaction.
     let (status, _) = h
-        .post("/v1/transactions/nope/statements", &json!({"participant": "a", "sql": "SELECT 1"}))
+        .post(
+            "/v1/transactions/nope/statements",
+            &json!({"participant": "a", "sql": "SELECT 1"}),
+        )
         .await
         .unwrap();
     assert_eq!(status, 404);
-    let (status, _) = h.post("/v1/transactions/nope/commit", &json!({})).await.unwrap();
+    let (status, _) = h
+        .post("/v1/transactions/nope/commit", &json!({}))
+        .await
+        .unwrap();
     assert_eq!(status, 404);
 
     // A parameter that does not fit its column: the other branch is rolled back.
@@ -281,7 +314,10 @@ async fn bad_input_gets_4xx_and_leaves_nothing_prepared() {
     assert_eq!(status, 400, "{r}");
     assert_eq!(r["outcome"], "aborted");
     assert_eq!(r["error"]["participant"], "b");
-    assert!(r["error"]["message"].as_str().unwrap().contains("$1"), "{r}");
+    assert!(
+        r["error"]["message"].as_str().unwrap().contains("$1"),
+        "{r}"
+    );
     assert_eq!(ledger_rows(&h, 0, "badparam").await, 0);
 
     // Wrong number of parameters.
@@ -299,7 +335,10 @@ async fn bad_input_gets_4xx_and_leaves_nothing_prepared() {
     // Injection-shaped or over-long txn ids.
     for id in ["a'b", "with space", &"x".repeat(129)] {
         let (status, r) = h
-            .post("/v1/transactions", &transfer(id, &[("a", 1, -1), ("b", 1, 1)]))
+            .post(
+                "/v1/transactions",
+                &transfer(id, &[("a", 1, -1), ("b", 1, 1)]),
+            )
             .await
             .unwrap();
         assert_eq!(status, 400, "{id}: {r}");
@@ -308,13 +347,22 @@ async fn bad_input_gets_4xx_and_leaves_nothing_prepared() {
     assert_eq!(status, 400);
 
     // Unknown fields and empty branches.
-    let (status, _) = h.post("/v1/transactions", &json!({"branches": []})).await.unwrap();
+    let (status, _) = h
+        .post("/v1/transactions", &json!({"branches": []}))
+        .await
+        .unwrap();
     assert_eq!(status, 400);
-    let (status, _) = h.post("/v1/transactions", &json!({"brnches": []})).await.unwrap();
+    let (status, _) = h
+        .post("/v1/transactions", &json!({"brnches": []}))
+        .await
+        .unwrap();
     assert_eq!(status, 400);
 
     // An interactive statement with a bad parameter aborts the transaction.
-    let (_, begun) = h.post("/v1/transactions", &json!({"txn_id": "ia"})).await.unwrap();
+    let (_, begun) = h
+        .post("/v1/transactions", &json!({"txn_id": "ia"}))
+        .await
+        .unwrap();
     assert_eq!(begun["state"], "active");
     let (status, _) = h
         .post("/v1/transactions/ia/statements", &json!({"participant": "a", "sql": "UPDATE acct SET bal = bal - 1 WHERE id = $1", "params": [1]}))
@@ -327,7 +375,10 @@ async fn bad_input_gets_4xx_and_leaves_nothing_prepared() {
         .unwrap();
     assert_eq!(status, 400, "{r}");
     let (status, _) = h
-        .post("/v1/transactions/ia/statements", &json!({"participant": "b", "sql": "SELECT 1"}))
+        .post(
+            "/v1/transactions/ia/statements",
+            &json!({"participant": "b", "sql": "SELECT 1"}),
+        )
         .await
         .unwrap();
     assert_eq!(status, 404);
@@ -343,7 +394,10 @@ async fn restarted_coordinator_answers_for_earlier_transactions() {
     for i in 0..5 {
         let id = format!("keep-{i}");
         let (status, r) = h
-            .post("/v1/transactions", &transfer(&id, &[("a", i + 1, -3), ("b", i + 1, 3)]))
+            .post(
+                "/v1/transactions",
+                &transfer(&id, &[("a", i + 1, -3), ("b", i + 1, 3)]),
+            )
             .await
             .unwrap();
         assert_eq!(status, 200, "{r}");
@@ -356,15 +410,22 @@ async fn restarted_coordinator_answers_for_earlier_transactions() {
         .unwrap();
     assert_eq!(status, 200);
     let (status, _) = h
-        .post("/v1/transactions", &transfer("broke", &[("a", 1, -(BALANCE * 2)), ("b", 1, BALANCE * 2)]))
+        .post(
+            "/v1/transactions",
+            &transfer("broke", &[("a", 1, -(BALANCE * 2)), ("b", 1, BALANCE * 2)]),
+        )
         .await
         .unwrap();
     assert_eq!(status, 409);
 
-    let epoch_before = h.get("/healthz").await.unwrap().1["epoch"].as_u64().unwrap();
+    let epoch_before = h.get("/healthz").await.unwrap().1["epoch"]
+        .as_u64()
+        .unwrap();
     h.stop_coordinator().await.unwrap();
     h.start_coordinator(|_| {}).await.unwrap();
-    let epoch_after = h.get("/healthz").await.unwrap().1["epoch"].as_u64().unwrap();
+    let epoch_after = h.get("/healthz").await.unwrap().1["epoch"]
+        .as_u64()
+        .unwrap();
     assert_eq!(epoch_after, epoch_before + 1);
 
     for i in 0..5 {
@@ -372,12 +433,24 @@ async fn restarted_coordinator_answers_for_earlier_transactions() {
         assert_eq!(status, 200);
         assert_eq!(st["outcome"], "committed", "keep-{i}: {st}");
     }
-    assert_eq!(h.get("/v1/transactions/solo").await.unwrap().1["outcome"], "committed");
-    assert_eq!(h.get("/v1/transactions/broke").await.unwrap().1["outcome"], "aborted");
-    assert_eq!(h.get("/v1/transactions/never-seen").await.unwrap().1["outcome"], "aborted");
+    assert_eq!(
+        h.get("/v1/transactions/solo").await.unwrap().1["outcome"],
+        "committed"
+    );
+    assert_eq!(
+        h.get("/v1/transactions/broke").await.unwrap().1["outcome"],
+        "aborted"
+    );
+    assert_eq!(
+        h.get("/v1/transactions/never-seen").await.unwrap().1["outcome"],
+        "aborted"
+    );
     // A committed txn_id cannot be reused.
     let (status, _) = h
-        .post("/v1/transactions", &transfer("keep-0", &[("a", 1, -1), ("b", 1, 1)]))
+        .post(
+            "/v1/transactions",
+            &transfer("keep-0", &[("a", 1, -1), ("b", 1, 1)]),
+        )
         .await
         .unwrap();
     assert_eq!(status, 409);
@@ -416,7 +489,10 @@ async fn optimizations_and_their_switches() {
             .await
             .unwrap();
         assert_eq!(status, 200, "{r}");
-        assert_eq!(r["branches"][1]["results"][0]["rows"][0]["total"], ACCOUNTS as i64 * BALANCE);
+        assert_eq!(
+            r["branches"][1]["results"][0]["rows"][0]["total"],
+            ACCOUNTS as i64 * BALANCE
+        );
         // A real two-writer transfer.
         let (status, r) = h
             .post("/v1/transactions", &{
@@ -458,7 +534,10 @@ async fn optimizations_and_their_switches() {
         } else {
             assert_eq!(value("twopc_txns_committed_one_phase_total"), 0);
         }
-        assert_eq!(value("twopc_read_only_branches_total"), u64::from(read_only));
+        assert_eq!(
+            value("twopc_read_only_branches_total"),
+            u64::from(read_only)
+        );
         assert_clean(&h).await;
         h.shutdown().await.unwrap();
     }
@@ -469,10 +548,16 @@ async fn abandoned_interactive_transaction_is_rolled_back() {
     let h = Harness::start_with(2, AgentMode::Remote, |c| c.idle_timeout_ms = 500)
         .await
         .unwrap();
-    let (_, begun) = h.post("/v1/transactions", &json!({"txn_id": "idle"})).await.unwrap();
+    let (_, begun) = h
+        .post("/v1/transactions", &json!({"txn_id": "idle"}))
+        .await
+        .unwrap();
     assert_eq!(begun["state"], "active");
     let (status, _) = h
-        .post("/v1/transactions/idle/statements", &json!({"participant": "a", "sql": "UPDATE acct SET bal = bal - 1 WHERE id = 7"}))
+        .post(
+            "/v1/transactions/idle/statements",
+            &json!({"participant": "a", "sql": "UPDATE acct SET bal = bal - 1 WHERE id = 7"}),
+        )
         .await
         .unwrap();
     assert_eq!(status, 200);
@@ -480,9 +565,14 @@ async fn abandoned_interactive_transaction_is_rolled_back() {
     let (_, st) = h.get("/v1/transactions/idle").await.unwrap();
     assert_eq!(st["outcome"], "aborted", "{st}");
     // The row lock is gone: a direct update does not wait.
-    let (client, conn) = tokio_postgres::connect(&h.dbs[0].url, tokio_postgres::NoTls).await.unwrap();
+    let (client, conn) = tokio_postgres::connect(&h.dbs[0].url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
     tokio::spawn(conn);
-    client.batch_execute("SET lock_timeout = '2s'").await.unwrap();
+    client
+        .batch_execute("SET lock_timeout = '2s'")
+        .await
+        .unwrap();
     client
         .execute("UPDATE acct SET bal = bal WHERE id = 7", &[])
         .await

@@ -1,0 +1,154 @@
+//! Failpoints for crash tests.
+//!
+//! Built only with the cargo feature `failpoints`; without it every failpoint compiles to
+//! nothing. Configured by the environment variable `TWOPC_FAILPOINTS`, read once:
+//! `name=action;name=action`, where action is
+//! - `crash`: exit at once (status 137, no destructors, no flushing: like kill -9),
+//! - `sleep(MS)`: pause this task for MS milliseconds,
+//! - `error`: make the step fail as an I/O error would,
+//!
+//! optionally followed by `@N` to act only on the N-th hit (earlier hits pass), so a
+//! crash can land in the middle of a running workload.
+//!
+//! The coordinator's failpoints use this module too (the coordinator depends on the
+//! participant crate).
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Crash,
+    Sleep(u64),
+    Error,
+}
+
+#[cfg(feature = "failpoints")]
+mod imp {
+    use super::Action;
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+
+    struct Point {
+        action: Action,
+        /// Act on this hit (1-based); 0 = every hit.
+        on_hit: u64,
+        hits: AtomicU64,
+    }
+
+    fn table() -> &'static HashMap<String, Point> {
+        static TABLE: OnceLock<HashMap<String, Point>> = OnceLock::new();
+        TABLE.get_or_init(|| {
+            let spec = std::env::var("TWOPC_FAILPOINTS").unwrap_or_default();
+            parse(&spec)
+        })
+    }
+
+    fn parse(spec: &str) -> HashMap<String, Point> {
+        let mut out = HashMap::new();
+        for item in spec.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+            let Some((name, action)) = item.split_once('=') else {
+                eprintln!("TWOPC_FAILPOINTS: ignoring {item:?} (want name=action)");
+                continue;
+            };
+            let (action, on_hit) = match action.split_once('@') {
+                Some((a, n)) => (a, n.parse().unwrap_or(0)),
+                None => (action, 0),
+            };
+            let action = match action {
+                "crash" => Action::Crash,
+                "error" => Action::Error,
+                a if a.starts_with("sleep(") && a.ends_with(')') => {
+                    match a[6..a.len() - 1].parse() {
+                        Ok(ms) => Action::Sleep(ms),
+                        Err(_) => {
+                            eprintln!("TWOPC_FAILPOINTS: bad sleep in {item:?}");
+                            continue;
+                        }
+                    }
+                }
+                _ => {
+                    eprintln!("TWOPC_FAILPOINTS: unknown action in {item:?}");
+                    continue;
+                }
+            };
+            out.insert(
+                name.trim().to_owned(),
+                Point {
+                    action,
+                    on_hit,
+                    hits: AtomicU64::new(0),
+                },
+            );
+        }
+        out
+    }
+
+    pub fn check(name: &str) -> Option<Action> {
+        let p = table().get(name)?;
+        let hit = p.hits.fetch_add(1, Ordering::Relaxed) + 1;
+        if p.on_hit != 0 && hit != p.on_hit {
+            return None;
+        }
+        if p.action == Action::Crash {
+            eprintln!("failpoint {name}: crash");
+            // Like kill -9: no unwinding, no destructors, no buffered output.
+            unsafe { libc_exit(137) }
+        }
+        Some(p.action)
+    }
+
+    extern "C" {
+        #[link_name = "_exit"]
+        fn libc_exit(status: i32) -> !;
+    }
+}
+
+/// Evaluates the failpoint `name`: `None` to carry on, or the action to take (`Crash`
+/// never returns).
+#[inline]
+pub fn check(name: &str) -> Option<Action> {
+    #[cfg(feature = "failpoints")]
+    {
+        imp::check(name)
+    }
+    #[cfg(not(feature = "failpoints"))]
+    {
+        let _ = name;
+        None
+    }
+}
+
+/// In an async fn: `failpoint!("name", error_expr)` sleeps, crashes, or returns
+/// `Err(error_expr)` as configured; `failpoint!("name")` only sleeps or crashes.
+#[macro_export]
+macro_rules! failpoint {
+    ($name:expr) => {
+        match $crate::failpoint::check($name) {
+            Some($crate::failpoint::Action::Sleep(ms)) => {
+                tokio::time::sleep(std::time::Duration::from_millis(ms)).await
+            }
+            _ => {}
+        }
+    };
+    ($name:expr, $err:expr) => {
+        match $crate::failpoint::check($name) {
+            Some($crate::failpoint::Action::Sleep(ms)) => {
+                tokio::time::sleep(std::time::Duration::from_millis(ms)).await
+            }
+            Some($crate::failpoint::Action::Error) => return Err($err),
+            _ => {}
+        }
+    };
+}
+
+/// Synchronous contexts (the log writer thread): sleeps the thread, crashes, or returns
+/// true if the step should fail.
+pub fn check_sync(name: &str) -> bool {
+    match check(name) {
+        Some(Action::Sleep(ms)) => {
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+            false
+        }
+        Some(Action::Error) => true,
+        _ => false,
+    }
+}
