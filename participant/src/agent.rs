@@ -467,9 +467,20 @@ impl Agent {
             prepared.push(st);
         }
 
+        let read_only_check = exec.finish == Finish::Prepare && exec.read_only_vote;
+        let read_only_stmt = if read_only_check {
+            match session
+                .prepare_cached("SELECT txid_current_if_assigned() IS NULL")
+                .await
+            {
+                Ok(st) => Some(st),
+                Err(e) => return (session.release(), Err(sql_failure(&e, None))),
+            }
+        } else {
+            None
+        };
         let client: &tokio_postgres::Client = &session;
         let prepare_sql = format!("PREPARE TRANSACTION {}", exec.gid.sql_literal());
-        let read_only_check = exec.finish == Finish::Prepare && exec.read_only_vote;
         let mut steps: Vec<BoxFuture<'_, Step>> = Vec::with_capacity(prepared.len() + 3);
         if is_new {
             steps.push(
@@ -511,14 +522,17 @@ impl Agent {
                 .boxed(),
             );
         }
-        if read_only_check {
+        if let Some(st) = &read_only_stmt {
+            // A prepared statement: one message, sent in order with the others. (A SQL
+            // string would cost a Parse round trip first, and PREPARE TRANSACTION would
+            // overtake it.)
             steps.push(
                 async move {
                     Step::ReadOnly(
                         client
-                            .query_one("SELECT txid_current_if_assigned() IS NULL", &[])
+                            .query_one(st, &[])
                             .await
-                            .map(|r| r.get::<_, bool>(0)),
+                            .and_then(|r| r.try_get::<_, bool>(0)),
                     )
                 }
                 .boxed(),

@@ -71,23 +71,22 @@ async fn one_shot_commits_on_two_databases_with_remote_agents() {
 async fn one_shot_commits_on_three_databases_in_process() {
     let h = Harness::start(3, AgentMode::InProcess).await.unwrap();
     // a pays 30: 10 to b, 20 to c; ledger rows of one txn on three databases.
+    let mut c_stmts = credit_statements("three", 5, 20);
+    c_stmts.push(("SELECT bal FROM acct WHERE id = $1".into(), vec![json!(5)]));
     let body = json!({
         "txn_id": "three",
         "branches": [
-            { "participant": "a", "statements": [
-                { "sql": "UPDATE acct SET bal = bal - $1 WHERE id = $2", "params": [30, 5] } ] },
-            { "participant": "b", "statements": [
-                { "sql": "UPDATE acct SET bal = bal + $1 WHERE id = $2", "params": [10, 5] } ] },
-            { "participant": "c", "statements": [
-                { "sql": "UPDATE acct SET bal = bal + $1 WHERE id = $2", "params": [20, 5] },
-                { "sql": "SELECT bal FROM acct WHERE id = $1", "params": [5] } ] },
+            { "participant": "a", "statements": stmts(debit_statements("three", 5, 30)) },
+            { "participant": "b", "statements": stmts(credit_statements("three", 5, 10)) },
+            { "participant": "c", "statements": stmts(c_stmts) },
         ]
     });
     let (status, resp) = h.post("/v1/transactions", &body).await.unwrap();
     assert_eq!(status, 200, "{resp}");
     assert_eq!(
-        resp["branches"][2]["results"][1]["rows"][0]["bal"],
-        BALANCE + 20
+        resp["branches"][2]["results"][2]["rows"][0]["bal"],
+        BALANCE + 20,
+        "{resp}"
     );
     assert_eq!(balance(&h, 0, 5).await, BALANCE - 30);
     assert_eq!(balance(&h, 1, 5).await, BALANCE + 10);
