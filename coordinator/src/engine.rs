@@ -636,7 +636,7 @@ impl Engine {
                 }
             })
             .collect();
-        v.sort_by(|a, b| b.age_ms.cmp(&a.age_ms));
+        v.sort_by_key(|e| std::cmp::Reverse(e.age_ms));
         v
     }
 

@@ -87,6 +87,7 @@ impl IntoResponse for TxnError {
 }
 
 /// Parses a JSON body whatever its content type; an empty body reads as `{}`.
+#[allow(clippy::result_large_err)] // axum responses are large; errors are rare
 fn parse_body<T: DeserializeOwned>(body: &Bytes) -> Result<T, Response> {
     let bytes: &[u8] = if body.iter().all(u8::is_ascii_whitespace) {
         b"{}"
@@ -97,6 +98,7 @@ fn parse_body<T: DeserializeOwned>(body: &Bytes) -> Result<T, Response> {
         .map_err(|e| error(StatusCode::BAD_REQUEST, format!("malformed JSON body: {e}")))
 }
 
+#[allow(clippy::result_large_err)]
 fn check_path_id(id: &str) -> Result<(), Response> {
     validate_txn_id(id).map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string()))
 }

@@ -57,7 +57,7 @@ impl PgBinaries {
                 Some((v, e.path().join("bin")))
             })
             .collect();
-        versioned.sort_by(|a, b| b.0.cmp(&a.0));
+        versioned.sort_by_key(|v| std::cmp::Reverse(v.0));
         candidates.extend(versioned.into_iter().map(|(_, p)| p));
         for dir in candidates {
             if dir.join("initdb").is_file() && dir.join("pg_ctl").is_file() {

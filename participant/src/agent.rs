@@ -95,7 +95,7 @@ pub enum AgentStartError {
 /// One branch with an open local transaction.
 enum Branch {
     /// Waiting for more statements; holds its session since the instant.
-    Idle(Object, Instant),
+    Idle(Box<Object>, Instant),
     /// A request is running statements on it.
     Busy { abort_requested: bool },
 }
@@ -315,6 +315,7 @@ impl Agent {
             let mut t = self.tables();
             match t.branches.remove(&exec.gid) {
                 Some(Branch::Idle(session, _)) => {
+                    let session = *session;
                     t.branches.insert(
                         exec.gid.clone(),
                         Branch::Busy {
@@ -399,9 +400,10 @@ impl Agent {
                 match ran.outcome {
                     BranchOutcome::Active => {
                         if let Some(s) = session {
-                            self.tables()
-                                .branches
-                                .insert(exec.gid.clone(), Branch::Idle(s, Instant::now()));
+                            self.tables().branches.insert(
+                                exec.gid.clone(),
+                                Branch::Idle(Box::new(s), Instant::now()),
+                            );
                         }
                     }
                     BranchOutcome::Prepared
@@ -661,7 +663,7 @@ impl Agent {
             let mut t = self.tables();
             t.tombstones.insert(gid.clone());
             match t.branches.remove(&gid) {
-                Some(Branch::Idle(s, _)) => Some(s),
+                Some(Branch::Idle(s, _)) => Some(*s),
                 Some(Branch::Busy { .. }) => {
                     // The running request rolls it back when it finishes.
                     t.branches.insert(

@@ -505,7 +505,7 @@ async fn optimizations_and_their_switches() {
         // Durable ack returns before phase 2 finishes: wait for it to settle.
         for _ in 0..100 {
             let (_, l) = h.get("/v1/transactions?state=in_doubt").await.unwrap();
-            if l["transactions"].as_array().map_or(false, |a| a.is_empty()) {
+            if l["transactions"].as_array().is_some_and(|a| a.is_empty()) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
