@@ -777,6 +777,7 @@ impl Engine {
             });
         }
 
+        twopc_participant::failpoint!("coordinator.before_prepare");
         let one_phase = config.one_phase && plan.len() == 1;
         let finish = if one_phase {
             Finish::Commit
@@ -852,6 +853,7 @@ impl Engine {
             self.abort_txn(txn, state).await;
             return Err(TxnError::Aborted(info));
         }
+        twopc_participant::failpoint!("coordinator.after_prepare");
 
         state.finished = true;
         if one_phase {
@@ -936,6 +938,7 @@ impl Engine {
             if let Err(e) = self.inner.log.append_forced(record).await {
                 fatal_log_error(&e);
             }
+            twopc_participant::failpoint!("coordinator.after_decision");
         }
         // The decision is durable (or, single writer, needs no record): from here on the
         // transaction is committed.
@@ -1056,21 +1059,25 @@ impl Engine {
 
     /// Records one participant's acknowledgement; the last one writes the END record.
     async fn acknowledged(&self, gid: &Gid, participant: &str) {
-        let done = {
+        let (done, others_pending) = {
             let mut in_doubt = lock(&self.inner.in_doubt);
             match in_doubt.get_mut(gid) {
                 Some(d) => {
                     d.pending.remove(participant);
                     if d.pending.is_empty() {
                         in_doubt.remove(gid);
-                        true
+                        (true, false)
                     } else {
-                        false
+                        (false, true)
                     }
                 }
-                None => false,
+                None => (false, false),
             }
         };
+        if others_pending {
+            // One participant committed, another has not yet.
+            twopc_participant::failpoint!("coordinator.mid_commit");
+        }
         if done {
             debug!(%gid, "every participant acknowledged");
             if let Err(e) = self

@@ -15,6 +15,7 @@
 //!   kit reuses the first two).
 
 pub mod bank;
+pub mod cli;
 pub mod config;
 pub mod decision_log;
 pub mod demo;

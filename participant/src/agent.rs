@@ -413,6 +413,9 @@ impl Agent {
                         drop(session);
                     }
                 }
+                if ran.outcome == BranchOutcome::Prepared {
+                    crate::failpoint!("participant.after_prepare");
+                }
                 debug!(new = is_new, outcome = ?ran.outcome, "branch executed");
                 Response::Executed {
                     results: ran.results,
@@ -642,9 +645,19 @@ impl Agent {
     async fn commit_prepared(&self, gid: Gid, timeout: Duration) -> Response {
         let work = async {
             let session = self.session().await?;
+            crate::failpoint!(
+                "participant.before_commit_prepared",
+                AgentError::new(
+                    ErrorKind::Internal,
+                    "failpoint participant.before_commit_prepared"
+                )
+            );
             let sql = format!("COMMIT PREPARED {}", gid.sql_literal());
             match session.batch_execute(&sql).await {
-                Ok(()) => Ok(CommitAck::Committed),
+                Ok(()) => {
+                    crate::failpoint!("participant.after_commit_prepared");
+                    Ok(CommitAck::Committed)
+                }
                 Err(e) if sqlstate(&e) == Some(SQLSTATE_UNDEFINED_OBJECT) => {
                     Ok(CommitAck::NotPrepared)
                 }

@@ -51,12 +51,16 @@ pub const WRITER_THREAD_NAME: &str = "twopc-log-writer";
 const QUEUE_CAPACITY_MAX: usize = 1 << 20;
 const LAZY_FLUSH_MS_MAX: u64 = 10_000;
 
-/// Hook for failpoints the product adds later. Called at
+/// Failpoint hook, called at
 /// `decision_log.before_write`, `decision_log.before_fsync` and
-/// `decision_log.after_fsync`. Does nothing for now.
+/// `decision_log.after_fsync` (see `twopc_participant::failpoint`; inert unless built
+/// with the `failpoints` feature). An `error` action fails the step like an I/O error.
 #[inline(always)]
-fn failpoint(name: &str) {
-    let _ = name;
+fn failpoint(name: &str) -> std::io::Result<()> {
+    if twopc_participant::failpoint::check_sync(name) {
+        return Err(std::io::Error::other(format!("failpoint {name}")));
+    }
+    Ok(())
 }
 
 /// Decision log settings. Sizes are in bytes, times in milliseconds.

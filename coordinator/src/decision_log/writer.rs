@@ -392,13 +392,13 @@ impl Writer {
         assert_eq!(buf.len(), batch_bytes);
         assert!(records > 0);
 
-        failpoint("decision_log.before_write");
+        failpoint("decision_log.before_write")?;
         self.faults.check(FaultPoint::BeforeWrite)?;
         self.active_file.write_all(buf)?;
-        failpoint("decision_log.before_fsync");
+        failpoint("decision_log.before_fsync")?;
         self.faults.check(FaultPoint::BeforeFsync)?;
         self.active_file.sync_data()?;
-        failpoint("decision_log.after_fsync");
+        failpoint("decision_log.after_fsync")?;
 
         self.active_len_bytes += batch_bytes_u64;
         debug_assert_eq!(self.active_file.metadata()?.len(), self.active_len_bytes);

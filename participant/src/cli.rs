@@ -1,0 +1,108 @@
+//! The `twopc-participant` command line: serves one database to a twopc coordinator.
+//! (The binary is a thin wrapper over [`run`].)
+
+use crate::server::{serve, ServerConfig};
+use crate::{Agent, AgentConfig};
+use anyhow::Context;
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "twopc-participant",
+    version,
+    about = "twopc participant agent: fronts one PostgreSQL database"
+)]
+struct Args {
+    /// Address to listen on for the coordinator.
+    #[arg(long, env = "TWOPC_LISTEN", default_value = "127.0.0.1:7001")]
+    listen: String,
+    /// The database this agent fronts, e.g. postgresql://twopc@127.0.0.1:5432/bank.
+    #[arg(long, env = "TWOPC_DATABASE")]
+    database: String,
+    /// Participant name reported to the coordinator (defaults to the database name).
+    #[arg(long, env = "TWOPC_NAME")]
+    name: Option<String>,
+    /// Sessions in the connection pool.
+    #[arg(long, env = "TWOPC_POOL_SIZE", default_value_t = 32)]
+    pool_size: usize,
+    /// Branches with an open session (interactive transactions) at once.
+    #[arg(long, env = "TWOPC_MAX_OPEN_BRANCHES", default_value_t = 256)]
+    max_open_branches: usize,
+    /// Largest frame accepted from the coordinator, in bytes.
+    #[arg(long, env = "TWOPC_MAX_FRAME_BYTES", default_value_t = twopc_shared::codec::DEFAULT_MAX_FRAME_BYTES)]
+    max_frame_bytes: usize,
+}
+
+/// Parses the command line and serves until SIGINT/SIGTERM.
+pub fn run() -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start tokio runtime")?
+        .block_on(run_async())
+}
+
+async fn run_async() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let name = match args.name {
+        Some(n) => n,
+        None => args
+            .database
+            .rsplit('/')
+            .next()
+            .and_then(|s| s.split('?').next())
+            .filter(|s| !s.is_empty())
+            .unwrap_or("participant")
+            .to_owned(),
+    };
+    let mut config = AgentConfig::new(name, args.database);
+    config.pool_size = args.pool_size;
+    config.max_open_branches = args.max_open_branches;
+    let agent = Agent::connect(config).await.context("start agent")?;
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("listen on {}", args.listen))?;
+    let shutdown = CancellationToken::new();
+    let on_signal = shutdown.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        on_signal.cancel();
+    });
+    let server_config = ServerConfig {
+        max_frame_bytes: args.max_frame_bytes,
+        ..ServerConfig::default()
+    };
+    serve(agent, listener, server_config, shutdown)
+        .await
+        .context("serve agent")?;
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
