@@ -1,7 +1,24 @@
-// TEMPORARY: replaced by the full converter before commit.
+//! JSON ↔ PostgreSQL values.
+//!
+//! Parameters: a JSON value is checked against the type PostgreSQL reports for its `$n`
+//! ([`check_params`]) before anything runs, then bound in TEXT format ([`JsonParam`]), so
+//! PostgreSQL itself parses it with the exact semantics of the type (numeric precision,
+//! timestamp formats, ...).
+//!
+//! Rows: binary results decoded per column type ([`row_to_json`]): `numeric` as an exact
+//! string, `int8` beyond 2^53 as a string, timestamps RFC 3339.
+
+use std::error::Error as StdError;
+
 use bytes::BytesMut;
-use postgres_types::{Format, IsNull, ToSql, Type};
-use serde_json::Value;
+use chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime, Utc};
+use postgres_types::{Format, FromSql, IsNull, Kind, ToSql, Type};
+use serde_json::{Map, Number, Value};
+
+type BoxError = Box<dyn StdError + Sync + Send>;
+
+/// Largest integer a JSON number carries exactly in common clients (2^53).
+const JSON_SAFE_INT: i64 = 1 << 53;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConvertError {
@@ -15,31 +32,128 @@ pub enum ConvertError {
     Decode { column: String, message: String },
 }
 
+/// A JSON value bound to a parameter, sent as text for PostgreSQL to parse.
 #[derive(Debug)]
 pub struct JsonParam<'a>(pub &'a Value);
 
 impl ToSql for JsonParam<'_> {
-    fn to_sql(
-        &self,
-        _ty: &Type,
-        out: &mut BytesMut,
-    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+    fn to_sql(&self, ty: &Type, out: &mut BytesMut) -> Result<IsNull, BoxError> {
         match self.0 {
             Value::Null => return Ok(IsNull::Yes),
             Value::String(s) => out.extend_from_slice(s.as_bytes()),
-            other => out.extend_from_slice(other.to_string().as_bytes()),
+            Value::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
+            Value::Number(n) => out.extend_from_slice(n.to_string().as_bytes()),
+            v @ (Value::Array(_) | Value::Object(_)) => {
+                if matches!(ty.kind(), Kind::Array(_))
+                    && *ty != Type::JSON_ARRAY
+                    && *ty != Type::JSONB_ARRAY
+                {
+                    if let Value::Array(items) = v {
+                        out.extend_from_slice(array_literal(items).as_bytes());
+                        return Ok(IsNull::No);
+                    }
+                }
+                out.extend_from_slice(v.to_string().as_bytes())
+            }
         }
         Ok(IsNull::No)
     }
+
     fn accepts(_: &Type) -> bool {
         true
     }
+
     fn encode_format(&self, _ty: &Type) -> Format {
         Format::Text
     }
+
     postgres_types::to_sql_checked!();
 }
 
+/// A JSON array as a PostgreSQL array literal: `{"a","b",NULL}`.
+fn array_literal(items: &[Value]) -> String {
+    let mut s = String::from("{");
+    for (i, v) in items.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        match v {
+            Value::Null => s.push_str("NULL"),
+            Value::Array(inner) => s.push_str(&array_literal(inner)),
+            other => {
+                let text = match other {
+                    Value::String(t) => t.clone(),
+                    o => o.to_string(),
+                };
+                s.push('"');
+                for c in text.chars() {
+                    if c == '"' || c == '\\' {
+                        s.push('\\');
+                    }
+                    s.push(c);
+                }
+                s.push('"');
+            }
+        }
+    }
+    s.push('}');
+    s
+}
+
+fn describe(v: &Value) -> String {
+    let text = v.to_string();
+    let short: String = text.chars().take(40).collect();
+    let kind = match v {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    };
+    if short.len() < text.len() {
+        format!("{kind} {short}...")
+    } else {
+        format!("{kind} {short}")
+    }
+}
+
+fn int_fits(v: &Value, min: i64, max: i64) -> bool {
+    let n = match v {
+        Value::Number(n) => n.as_i64(),
+        Value::String(s) => s.trim().parse::<i64>().ok(),
+        _ => None,
+    };
+    n.is_some_and(|n| (min..=max).contains(&n))
+}
+
+fn is_numeric_text(s: &str) -> bool {
+    let s = s.trim();
+    if matches!(
+        s.to_ascii_lowercase().as_str(),
+        "nan" | "infinity" | "-infinity" | "+infinity" | "inf" | "-inf"
+    ) {
+        return true;
+    }
+    let s = s.strip_prefix(['+', '-']).unwrap_or(s);
+    let (mantissa, exp) = match s.find(['e', 'E']) {
+        Some(i) => (&s[..i], Some(&s[i + 1..])),
+        None => (s, None),
+    };
+    let (int, frac) = match mantissa.split_once('.') {
+        Some((a, b)) => (a, b),
+        None => (mantissa, ""),
+    };
+    let digits = |t: &str| t.bytes().all(|b| b.is_ascii_digit());
+    let mantissa_ok = (!int.is_empty() || !frac.is_empty()) && digits(int) && digits(frac);
+    let exp_ok = exp.is_none_or(|e| {
+        let e = e.strip_prefix(['+', '-']).unwrap_or(e);
+        !e.is_empty() && digits(e)
+    });
+    mantissa_ok && exp_ok
+}
+
+/// Checks `params` against the statement's parameter types before anything runs.
 pub fn check_params(types: &[Type], params: &[Value]) -> Result<(), ConvertError> {
     if types.len() != params.len() {
         return Err(ConvertError::ParamCount {
@@ -47,33 +161,377 @@ pub fn check_params(types: &[Type], params: &[Value]) -> Result<(), ConvertError
             got: params.len(),
         });
     }
+    for (i, (ty, v)) in types.iter().zip(params).enumerate() {
+        if v.is_null() {
+            continue;
+        }
+        let ok = match *ty {
+            Type::BOOL => {
+                v.is_boolean() || matches!(v.as_str(), Some("true" | "false" | "t" | "f"))
+            }
+            Type::INT2 => int_fits(v, i16::MIN as i64, i16::MAX as i64),
+            Type::INT4 => int_fits(v, i32::MIN as i64, i32::MAX as i64),
+            Type::INT8 | Type::OID => int_fits(v, i64::MIN, i64::MAX),
+            Type::FLOAT4 | Type::FLOAT8 | Type::NUMERIC => match v {
+                Value::Number(_) => true,
+                Value::String(s) => is_numeric_text(s),
+                _ => false,
+            },
+            Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME | Type::CHAR => {
+                matches!(v, Value::String(_) | Value::Number(_) | Value::Bool(_))
+            }
+            Type::JSON | Type::JSONB => true,
+            Type::UUID => v
+                .as_str()
+                .is_some_and(|s| uuid::Uuid::parse_str(s.trim()).is_ok()),
+            Type::BYTEA => v.is_string(),
+            _ => match ty.kind() {
+                Kind::Array(_) => v.is_array() || v.is_string(),
+                _ => v.is_string() || v.is_number() || v.is_boolean(),
+            },
+        };
+        if !ok {
+            return Err(ConvertError::Param {
+                index: i + 1,
+                message: format!("expected {}, got {}", ty.name(), describe(v)),
+            });
+        }
+    }
     Ok(())
 }
 
-pub fn row_to_json(
-    row: &tokio_postgres::Row,
-) -> Result<serde_json::Map<String, Value>, ConvertError> {
-    let mut m = serde_json::Map::new();
-    for (i, c) in row.columns().iter().enumerate() {
-        let v = match *c.type_() {
-            Type::INT4 => row
-                .try_get::<_, Option<i32>>(i)
-                .ok()
-                .flatten()
-                .map(Value::from),
-            Type::INT8 => row
-                .try_get::<_, Option<i64>>(i)
-                .ok()
-                .flatten()
-                .map(Value::from),
-            Type::TEXT => row
-                .try_get::<_, Option<String>>(i)
-                .ok()
-                .flatten()
-                .map(Value::from),
-            _ => None,
+/// PostgreSQL's binary `numeric`, kept as its exact decimal text.
+struct PgNumeric(String);
+
+impl<'a> FromSql<'a> for PgNumeric {
+    fn from_sql(_ty: &Type, raw: &'a [u8]) -> Result<Self, BoxError> {
+        let u16_at = |i: usize| -> Result<u16, BoxError> {
+            raw.get(i..i + 2)
+                .map(|b| u16::from_be_bytes([b[0], b[1]]))
+                .ok_or_else(|| "numeric: short input".into())
         };
-        m.insert(c.name().to_owned(), v.unwrap_or(Value::Null));
+        let ndigits = u16_at(0)? as usize;
+        let weight = u16_at(2)? as i16 as i32;
+        let sign = u16_at(4)?;
+        let dscale = u16_at(6)? as usize;
+        match sign {
+            0xC000 => return Ok(PgNumeric("NaN".into())),
+            0xD000 => return Ok(PgNumeric("Infinity".into())),
+            0xF000 => return Ok(PgNumeric("-Infinity".into())),
+            0x0000 | 0x4000 => {}
+            other => return Err(format!("numeric: bad sign {other:#x}").into()),
+        }
+        if raw.len() != 8 + 2 * ndigits {
+            return Err("numeric: length does not match digit count".into());
+        }
+        let mut digits = Vec::with_capacity(ndigits);
+        for k in 0..ndigits {
+            let d = u16_at(8 + 2 * k)?;
+            if d >= 10_000 {
+                return Err("numeric: digit out of range".into());
+            }
+            digits.push(d);
+        }
+        let digit = |idx: i32| -> u16 {
+            if idx >= 0 && (idx as usize) < digits.len() {
+                digits[idx as usize]
+            } else {
+                0
+            }
+        };
+        let mut s = String::new();
+        if sign == 0x4000 {
+            s.push('-');
+        }
+        // Integer part: base-10000 digits with weights weight..=0.
+        if weight < 0 {
+            s.push('0');
+        } else {
+            for w in 0..=weight {
+                let d = digit(w);
+                if w == 0 {
+                    s.push_str(&d.to_string());
+                } else {
+                    s.push_str(&format!("{d:04}"));
+                }
+            }
+        }
+        if dscale > 0 {
+            s.push('.');
+            let mut frac = String::new();
+            let mut idx = weight + 1;
+            while frac.len() < dscale {
+                frac.push_str(&format!("{:04}", digit(idx)));
+                idx += 1;
+            }
+            frac.truncate(dscale);
+            s.push_str(&frac);
+        }
+        Ok(PgNumeric(s))
     }
-    Ok(m)
+
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::NUMERIC
+    }
+}
+
+/// Any type, read as its raw text (for text-like types we do not know by OID).
+struct RawText(String);
+
+impl<'a> FromSql<'a> for RawText {
+    fn from_sql(_ty: &Type, raw: &'a [u8]) -> Result<Self, BoxError> {
+        Ok(RawText(std::str::from_utf8(raw)?.to_owned()))
+    }
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+}
+
+fn float_json(f: f64) -> Value {
+    if f.is_nan() {
+        Value::String("NaN".into())
+    } else if f.is_infinite() {
+        Value::String(if f > 0.0 { "Infinity" } else { "-Infinity" }.into())
+    } else {
+        Number::from_f64(f).map_or(Value::Null, Value::Number)
+    }
+}
+
+fn frac_micros(fmt: &str, t: &str) -> String {
+    // chrono prints ".%6f" always; PostgreSQL omits a zero fraction.
+    t.strip_suffix(fmt).unwrap_or(t).to_owned()
+}
+
+fn column_value(row: &tokio_postgres::Row, i: usize, ty: &Type) -> Result<Value, BoxError> {
+    macro_rules! get {
+        ($t:ty) => {
+            row.try_get::<_, Option<$t>>(i)?
+        };
+    }
+    Ok(match *ty {
+        Type::BOOL => get!(bool).map_or(Value::Null, Value::Bool),
+        Type::INT2 => get!(i16).map_or(Value::Null, Value::from),
+        Type::INT4 => get!(i32).map_or(Value::Null, Value::from),
+        Type::OID => get!(u32).map_or(Value::Null, Value::from),
+        Type::INT8 => match get!(i64) {
+            None => Value::Null,
+            Some(n) if (-JSON_SAFE_INT..=JSON_SAFE_INT).contains(&n) => Value::from(n),
+            Some(n) => Value::String(n.to_string()),
+        },
+        Type::FLOAT4 => get!(f32).map_or(Value::Null, |f| float_json(f as f64)),
+        Type::FLOAT8 => get!(f64).map_or(Value::Null, float_json),
+        Type::NUMERIC => get!(PgNumeric).map_or(Value::Null, |n| Value::String(n.0)),
+        Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME | Type::UNKNOWN => {
+            get!(String).map_or(Value::Null, Value::String)
+        }
+        Type::CHAR => get!(i8).map_or(Value::Null, |c| {
+            Value::String(char::from(c as u8).to_string())
+        }),
+        Type::JSON | Type::JSONB => get!(Value).unwrap_or(Value::Null),
+        Type::UUID => get!(uuid::Uuid).map_or(Value::Null, |u| Value::String(u.to_string())),
+        Type::BYTEA => get!(Vec<u8>).map_or(Value::Null, |b| {
+            let mut s = String::with_capacity(2 + 2 * b.len());
+            s.push_str("\\x");
+            for byte in b {
+                s.push_str(&format!("{byte:02x}"));
+            }
+            Value::String(s)
+        }),
+        Type::TIMESTAMPTZ => get!(DateTime<Utc>).map_or(Value::Null, |t| {
+            Value::String(t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
+        }),
+        Type::TIMESTAMP => get!(NaiveDateTime).map_or(Value::Null, |t| {
+            Value::String(frac_micros(
+                ".000000",
+                &t.format("%Y-%m-%dT%H:%M:%S%.6f").to_string(),
+            ))
+        }),
+        Type::DATE => get!(NaiveDate).map_or(Value::Null, |d| {
+            Value::String(d.format("%Y-%m-%d").to_string())
+        }),
+        Type::TIME => get!(NaiveTime).map_or(Value::Null, |t| {
+            Value::String(frac_micros(
+                ".000000",
+                &t.format("%H:%M:%S%.6f").to_string(),
+            ))
+        }),
+        _ => match ty.kind() {
+            // Enums travel as their label text.
+            Kind::Enum(_) => get!(RawText).map_or(Value::Null, |t| Value::String(t.0)),
+            Kind::Array(elem) => {
+                return array_value(row, i, elem);
+            }
+            _ => return Err(Box::new(Unsupported)),
+        },
+    })
+}
+
+fn array_value(row: &tokio_postgres::Row, i: usize, elem: &Type) -> Result<Value, BoxError> {
+    macro_rules! arr {
+        ($t:ty, $f:expr) => {
+            row.try_get::<_, Option<Vec<Option<$t>>>>(i)?
+                .map_or(Value::Null, |v| {
+                    Value::Array(v.into_iter().map(|x| x.map_or(Value::Null, $f)).collect())
+                })
+        };
+    }
+    Ok(match *elem {
+        Type::BOOL => arr!(bool, Value::Bool),
+        Type::INT2 => arr!(i16, Value::from),
+        Type::INT4 => arr!(i32, Value::from),
+        Type::INT8 => arr!(
+            i64,
+            |n: i64| if (-JSON_SAFE_INT..=JSON_SAFE_INT).contains(&n) {
+                Value::from(n)
+            } else {
+                Value::String(n.to_string())
+            }
+        ),
+        Type::FLOAT8 => arr!(f64, float_json),
+        Type::TEXT | Type::VARCHAR => arr!(String, Value::String),
+        Type::NUMERIC => arr!(PgNumeric, |n: PgNumeric| Value::String(n.0)),
+        _ => return Err(Box::new(Unsupported)),
+    })
+}
+
+#[derive(Debug)]
+struct Unsupported;
+
+impl std::fmt::Display for Unsupported {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("unsupported type")
+    }
+}
+
+impl StdError for Unsupported {}
+
+/// One row as a JSON object, column name → value, in column order.
+pub fn row_to_json(row: &tokio_postgres::Row) -> Result<Map<String, Value>, ConvertError> {
+    let mut out = Map::with_capacity(row.len());
+    for (i, col) in row.columns().iter().enumerate() {
+        let v = column_value(row, i, col.type_()).map_err(|e| {
+            if e.is::<Unsupported>() {
+                ConvertError::Column {
+                    column: col.name().to_owned(),
+                    type_name: col.type_().name().to_owned(),
+                }
+            } else {
+                ConvertError::Decode {
+                    column: col.name().to_owned(),
+                    message: e.to_string(),
+                }
+            }
+        })?;
+        out.insert(col.name().to_owned(), v);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn params_that_fit() {
+        let types = [
+            Type::INT4,
+            Type::INT8,
+            Type::BOOL,
+            Type::NUMERIC,
+            Type::TEXT,
+            Type::JSONB,
+            Type::UUID,
+            Type::FLOAT8,
+            Type::TIMESTAMPTZ,
+        ];
+        let params = [
+            json!(5),
+            json!("9007199254740993"),
+            json!(true),
+            json!("12345678901234567890.000001"),
+            json!("x"),
+            json!({"a": [1]}),
+            json!("67e55044-10b1-426f-9247-bb680e5fe0c8"),
+            json!(1.5),
+            json!("2024-01-02 03:04:05+00"),
+        ];
+        check_params(&types, &params).unwrap();
+        check_params(&[Type::INT4], &[Value::Null]).unwrap();
+    }
+
+    #[test]
+    fn params_that_do_not_fit_name_index_and_type() {
+        let cases = [
+            (Type::INT4, json!("abc")),
+            (Type::INT4, json!(3.5)),
+            (Type::INT4, json!(1u64 << 40)),
+            (Type::INT2, json!(40000)),
+            (Type::BOOL, json!(1)),
+            (Type::NUMERIC, json!("12a")),
+            (Type::TEXT, json!({})),
+            (Type::UUID, json!("not-a-uuid")),
+            (Type::FLOAT8, json!([1])),
+        ];
+        for (ty, v) in cases {
+            let err = check_params(&[Type::TEXT, ty.clone()], &[json!("ok"), v.clone()])
+                .expect_err(&format!("{ty} accepted {v}"));
+            let msg = err.to_string();
+            assert!(msg.contains("$2"), "{msg}");
+            assert!(msg.contains(ty.name()), "{msg}");
+        }
+        assert!(matches!(
+            check_params(&[Type::INT4], &[]),
+            Err(ConvertError::ParamCount {
+                expected: 1,
+                got: 0
+            })
+        ));
+    }
+
+    #[test]
+    fn numeric_text_syntax() {
+        for ok in [
+            "0", "-1", "1.", ".5", "1e10", "-1.5E-3", "NaN", "Infinity", " 7 ",
+        ] {
+            assert!(is_numeric_text(ok), "{ok}");
+        }
+        for bad in ["", "-", ".", "1e", "1.2.3", "abc", "1e+"] {
+            assert!(!is_numeric_text(bad), "{bad}");
+        }
+    }
+
+    fn numeric_bytes(ndigits: &[u16], weight: i16, sign: u16, dscale: u16) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend_from_slice(&(ndigits.len() as u16).to_be_bytes());
+        b.extend_from_slice(&weight.to_be_bytes());
+        b.extend_from_slice(&sign.to_be_bytes());
+        b.extend_from_slice(&dscale.to_be_bytes());
+        for d in ndigits {
+            b.extend_from_slice(&d.to_be_bytes());
+        }
+        b
+    }
+
+    #[test]
+    fn numeric_decoding() {
+        let dec = |b: Vec<u8>| PgNumeric::from_sql(&Type::NUMERIC, &b).unwrap().0;
+        assert_eq!(dec(numeric_bytes(&[], 0, 0, 0)), "0");
+        assert_eq!(dec(numeric_bytes(&[], 0, 0, 2)), "0.00");
+        assert_eq!(dec(numeric_bytes(&[1], 1, 0, 0)), "10000");
+        assert_eq!(dec(numeric_bytes(&[5000], -1, 0x4000, 1)), "-0.5");
+        assert_eq!(dec(numeric_bytes(&[1], -1, 0, 4)), "0.0001");
+        assert_eq!(dec(numeric_bytes(&[12, 3456, 7800], 1, 0, 2)), "123456.78");
+        assert_eq!(dec(numeric_bytes(&[], 0, 0xC000, 0)), "NaN");
+        assert!(PgNumeric::from_sql(&Type::NUMERIC, &[0, 1]).is_err());
+        assert!(PgNumeric::from_sql(&Type::NUMERIC, &numeric_bytes(&[10000], 0, 0, 0)).is_err());
+    }
+
+    #[test]
+    fn array_literals_escape() {
+        assert_eq!(
+            array_literal(&[json!("a\"b"), Value::Null, json!(3)]),
+            r#"{"a\"b",NULL,"3"}"#
+        );
+    }
 }

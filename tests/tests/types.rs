@@ -1,0 +1,164 @@
+//! JSON parameters and result rows against a real server: what PostgreSQL stored and
+//! what comes back as JSON.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use twopc_participant::{Agent, AgentConfig};
+use twopc_shared::gid::Gid;
+use twopc_shared::msg::{ErrorKind, ExecuteBranch, Finish, Request, Response, Statement};
+use twopc_testkit::{ClusterOptions, PgCluster};
+
+async fn one(agent: &Agent, seq: u64, sql: &str, params: Vec<Value>) -> Response {
+    agent
+        .handle(
+            Request::Execute(ExecuteBranch {
+                gid: Gid::new("types", 1, seq).unwrap(),
+                isolation: Default::default(),
+                statements: vec![Statement {
+                    sql: sql.into(),
+                    params,
+                }],
+                finish: Finish::Commit,
+                read_only_vote: false,
+            }),
+            Duration::from_secs(10),
+        )
+        .await
+}
+
+fn first_row(r: Response) -> serde_json::Map<String, Value> {
+    match r {
+        Response::Executed { mut results, .. } => results.remove(0).rows.remove(0),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_round_trip_with_postgres_semantics() {
+    twopc_testkit::init_tracing();
+    let cluster = tokio::task::spawn_blocking(|| PgCluster::start(ClusterOptions::new("types")))
+        .await
+        .unwrap()
+        .unwrap();
+    let agent = Agent::connect(AgentConfig::new("t", cluster.url("postgres")))
+        .await
+        .unwrap();
+    let mut seq = 0;
+    let mut next = || {
+        seq += 1;
+        seq
+    };
+
+    // numeric: exact, as PostgreSQL prints it.
+    for v in [
+        json!("0"),
+        json!("-0.5"),
+        json!("0.00000000000000000001"),
+        json!("123456789012345678901234567890.123"),
+        json!(10000),
+        json!("0.0001"),
+        json!("NaN"),
+        json!("1.50"),
+        json!(-12.25),
+    ] {
+        let row = first_row(
+            one(
+                &agent,
+                next(),
+                "SELECT $1::numeric AS n, $1::numeric::text AS t",
+                vec![v.clone()],
+            )
+            .await,
+        );
+        assert_eq!(row["n"], row["t"], "numeric {v}");
+    }
+
+    // Integers, big int8 as strings, floats, bool, text, json, uuid, bytea, time types.
+    let row = first_row(
+        one(
+            &agent,
+            next(),
+            "SELECT $1::int4 AS i, $2::int8 AS small, $3::int8 AS big, $4::float8 AS f, \
+             $5::bool AS b, $6::text AS s, $7::jsonb AS j, $8::uuid AS u, $9::bytea AS y, \
+             $10::timestamptz AS tz, $11::timestamp AS ts, $12::date AS d, $13::time AS tm, \
+             $14::int4 AS nothing, 'Infinity'::float8 AS inf",
+            vec![
+                json!(-7),
+                json!(9007199254740992i64),
+                json!("9007199254740993"),
+                json!(1.25),
+                json!(true),
+                json!("héllo 'quoted'"),
+                json!({"k": [1, 2]}),
+                json!("67e55044-10b1-426f-9247-bb680e5fe0c8"),
+                json!("\\xdeadbeef"),
+                json!("2024-01-02 03:04:05.123456+02"),
+                json!("2024-01-02 03:04:05"),
+                json!("2024-02-29"),
+                json!("12:34:56.5"),
+                Value::Null,
+            ],
+        )
+        .await,
+    );
+    assert_eq!(row["i"], json!(-7));
+    assert_eq!(row["small"], json!(9007199254740992i64));
+    assert_eq!(row["big"], json!("9007199254740993"));
+    assert_eq!(row["f"], json!(1.25));
+    assert_eq!(row["b"], json!(true));
+    assert_eq!(row["s"], json!("héllo 'quoted'"));
+    assert_eq!(row["j"], json!({"k": [1, 2]}));
+    assert_eq!(row["u"], json!("67e55044-10b1-426f-9247-bb680e5fe0c8"));
+    assert_eq!(row["y"], json!("\\xdeadbeef"));
+    assert_eq!(row["tz"], json!("2024-01-02T01:04:05.123456Z"));
+    assert_eq!(row["ts"], json!("2024-01-02T03:04:05"));
+    assert_eq!(row["d"], json!("2024-02-29"));
+    assert_eq!(row["tm"], json!("12:34:56.500000"));
+    assert_eq!(row["nothing"], Value::Null);
+    assert_eq!(row["inf"], json!("Infinity"));
+    // Keys keep the column order.
+    let keys: Vec<&String> = row.keys().collect();
+    assert_eq!(keys[0], "i");
+    assert_eq!(keys[14], "inf");
+
+    // Arrays both ways.
+    let row = first_row(
+        one(
+            &agent,
+            next(),
+            "SELECT $1::int4[] AS a, $2::text[] AS t",
+            vec![json!([1, null, 3]), json!(["a\"b", "c"])],
+        )
+        .await,
+    );
+    assert_eq!(row["a"], json!([1, null, 3]));
+    assert_eq!(row["t"], json!(["a\"b", "c"]));
+
+    // Values that do not fit are refused before anything runs, naming the parameter.
+    for (sql, v) in [
+        ("SELECT $1::int4", json!("abc")),
+        ("SELECT $1::int4", json!(3.5)),
+        ("SELECT $1::int4", json!(1u64 << 40)),
+        ("SELECT $1::text", json!({})),
+    ] {
+        match one(&agent, next(), sql, vec![v.clone()]).await {
+            Response::Failed(e) => {
+                assert_eq!(e.kind, ErrorKind::BadParam, "{v}: {e}");
+                assert!(e.message.contains("$1"), "{}", e.message);
+            }
+            other => panic!("{v} accepted: {other:?}"),
+        }
+    }
+    // A value of the right JSON kind that PostgreSQL rejects is a SQL error.
+    match one(&agent, next(), "SELECT $1::date", vec![json!("2024-02-30")]).await {
+        Response::Failed(e) => assert_eq!(e.sqlstate.as_deref(), Some("22008"), "{e}"),
+        other => panic!("accepted: {other:?}"),
+    }
+    // An unsupported result type says how to cast it.
+    match one(&agent, next(), "SELECT interval '1 day' AS iv", vec![]).await {
+        Response::Failed(e) => assert!(e.message.contains("iv::text"), "{}", e.message),
+        other => panic!("unexpected {other:?}"),
+    }
+    drop(cluster);
+}
