@@ -23,6 +23,8 @@ enum Command {
     Serve(ServeArgs),
     /// Throwaway local clusters, in-process agents, a bank workload and its audit.
     Demo(DemoArgs),
+    /// Inspect and resolve in-doubt transactions (through a running coordinator).
+    Txns(crate::txns::TxnsArgs),
 }
 
 /// Parses the command line and runs the command.
@@ -37,7 +39,7 @@ pub fn run() -> anyhow::Result<()> {
 
 async fn run_cli(cli: Cli) -> anyhow::Result<()> {
     let default_filter = match cli.command {
-        Command::Demo(_) => "warn",
+        Command::Demo(_) | Command::Txns(_) => "warn",
         _ => "info",
     };
     tracing_subscriber::fmt()
@@ -56,5 +58,6 @@ async fn run_cli(cli: Cli) -> anyhow::Result<()> {
             running.shutdown().await
         }
         Command::Demo(args) => demo::run(args).await,
+        Command::Txns(args) => crate::txns::run(args).await,
     }
 }

@@ -248,6 +248,7 @@ impl ServeConfig {
         e.max_open_txns = self.max_open_txns;
         e.max_statements_per_txn = self.max_statements_per_txn;
         e.outcome_retention_ms = self.log_retention_ms;
+        e.recovery_interval_ms = self.recovery_interval_ms;
         e
     }
 }

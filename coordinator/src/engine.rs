@@ -66,6 +66,8 @@ pub struct EngineConfig {
     pub max_statements_per_txn: usize,
     /// Outcomes of finished transactions stay answerable in memory this long.
     pub outcome_retention_ms: u64,
+    /// How often recovery asks every participant for prepared branches of ours.
+    pub recovery_interval_ms: u64,
 }
 
 impl EngineConfig {
@@ -86,6 +88,7 @@ impl EngineConfig {
             max_open_txns: 4096,
             max_statements_per_txn: 10_000,
             outcome_retention_ms: 3_600_000,
+            recovery_interval_ms: 5_000,
         }
     }
 }
@@ -180,6 +183,16 @@ pub struct InDoubtEntry {
     pub state: &'static str,
     pub pending: Vec<String>,
     pub age_ms: u64,
+}
+
+/// What a recovery pass did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RecoveryReport {
+    /// Prepared branches of ours seen on the participants.
+    pub prepared_seen: usize,
+    pub rolled_back: usize,
+    /// Participants that could not be asked.
+    pub unreachable: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -345,7 +358,11 @@ impl Engine {
                 Record::OnePhaseCommitted { gid, txn_id, .. } => {
                     self.remember(txn_id, gid, Outcome::Committed)
                 }
-                Record::Abort { gid, txn_id, .. } => self.remember(txn_id, gid, Outcome::Aborted),
+                Record::Abort { gid, txn_id, .. } => {
+                    // An operator's forced resolution overrides an earlier decision.
+                    committed.remove(gid);
+                    self.remember(txn_id, gid, Outcome::Aborted)
+                }
             }
         }
         let mut in_doubt = lock(&self.inner.in_doubt);
@@ -396,6 +413,88 @@ impl Engine {
                 Engine { inner }.reap().await;
             }
         });
+        let weak = Arc::downgrade(&self.inner);
+        let interval = Duration::from_millis(self.inner.config.recovery_interval_ms.max(10));
+        tokio::spawn(async move {
+            // First pass at once: orphans of the previous incarnation hold locks.
+            loop {
+                let Some(inner) = weak.upgrade() else { return };
+                let report = Engine { inner }.recover_once().await;
+                if report.rolled_back > 0 || !report.unreachable.is_empty() {
+                    info!(
+                        rolled_back = report.rolled_back,
+                        unreachable = ?report.unreachable,
+                        "recovery pass"
+                    );
+                }
+                tokio::time::sleep(interval).await;
+            }
+        });
+    }
+
+    /// One recovery pass: asks every participant for its prepared branches with our GID
+    /// prefix and rolls back those that are neither running nor committed (presumed
+    /// abort). Committed ones are in `in_doubt` and phase 2 is already driving them.
+    ///
+    /// Invariant 5: a branch is only touched if its transaction is not live. The order
+    /// of the checks matters: a transaction enters `in_doubt` before it leaves `live`,
+    /// and leaves `in_doubt` only once no branch of it is prepared; so checking `live`
+    /// first, then `in_doubt`, can never see a committed, prepared branch as neither.
+    pub async fn recover_once(&self) -> RecoveryReport {
+        let prefix = self.gid_prefix();
+        let timeout = Duration::from_millis(self.inner.config.call_timeout_ms);
+        let mut report = RecoveryReport::default();
+        let listings = join_all(self.inner.participants.values().map(|p| {
+            let prefix = prefix.clone();
+            async move {
+                let r = p
+                    .call(Request::ListPrepared { gid_prefix: prefix }, timeout)
+                    .await;
+                (p.clone(), r)
+            }
+        }))
+        .await;
+        for (p, listing) in listings {
+            let branches = match listing {
+                Ok(Response::Prepared { branches }) => branches,
+                Ok(other) => {
+                    report.unreachable.push(format!("{}: {other:?}", p.name()));
+                    continue;
+                }
+                Err(e) => {
+                    report.unreachable.push(e.to_string());
+                    continue;
+                }
+            };
+            for b in branches {
+                let Ok(gid) = Gid::parse(&b.gid) else {
+                    warn!(participant = p.name(), gid = %b.gid, "prepared transaction with our prefix but not our GID format; leaving it alone");
+                    continue;
+                };
+                if gid.coordinator_id() != self.inner.config.coordinator_id {
+                    continue;
+                }
+                report.prepared_seen += 1;
+                if self.is_live_gid(&gid) {
+                    continue;
+                }
+                if lock(&self.inner.in_doubt).contains_key(&gid) {
+                    continue;
+                }
+                info!(%gid, participant = p.name(), age_ms = b.age_ms, "rolling back a prepared branch with no commit decision (presumed abort)");
+                match p.call(Request::Abort { gid: gid.clone() }, timeout).await {
+                    Ok(Response::Aborted) => report.rolled_back += 1,
+                    other => {
+                        warn!(%gid, participant = p.name(), result = ?other, "recovery could not roll back; next pass retries")
+                    }
+                }
+            }
+        }
+        report
+    }
+
+    fn is_live_gid(&self, gid: &Gid) -> bool {
+        lock(&self.inner.live).values().any(|t| &t.gid == gid)
     }
 
     pub fn epoch(&self) -> u64 {
@@ -1028,6 +1127,13 @@ impl Engine {
             let max = Duration::from_millis(self.inner.config.retry_max_ms);
             let mut attempt = 0u64;
             loop {
+                let still_pending = lock(&self.inner.in_doubt)
+                    .get(&gid)
+                    .is_some_and(|d| d.pending.contains(&participant));
+                if !still_pending {
+                    // Acknowledged by a concurrent driver, or resolved by an operator.
+                    return;
+                }
                 attempt += 1;
                 let resp = p
                     .call(Request::CommitPrepared { gid: gid.clone() }, timeout)
@@ -1182,6 +1288,344 @@ impl Engine {
     /// Prefix of every GID this coordinator creates.
     pub fn gid_prefix(&self) -> String {
         gid_prefix(&self.inner.config.coordinator_id)
+    }
+}
+
+/// What the log and the participants say about one GID (operator view).
+#[derive(Debug, Clone, Serialize)]
+pub struct TxnView {
+    pub gid: String,
+    pub txn_id: Option<String>,
+    /// `running`, `committed` (logged, acknowledgements pending), `committed_done`,
+    /// `aborted` (explicit record or known to this incarnation), or `none` (no record:
+    /// presumed abort).
+    pub decision: &'static str,
+    pub pending: Vec<String>,
+    pub age_ms: Option<u64>,
+    /// Each participant's `pg_prepared_xacts` row for the GID (or why it is unknown).
+    pub branches: Vec<BranchView>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BranchView {
+    pub participant: String,
+    pub prepared: Option<twopc_shared::msg::PreparedBranch>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResolveAction {
+    Commit,
+    Abort,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ResolveReport {
+    pub gid: String,
+    pub action: ResolveAction,
+    pub dry_run: bool,
+    /// What was (or, dry run, would be) done, in order.
+    pub steps: Vec<String>,
+}
+
+impl Engine {
+    /// Every participant's prepared branches of ours: (participant, branches or error).
+    async fn prepared_everywhere(
+        &self,
+    ) -> Vec<(
+        String,
+        Result<Vec<twopc_shared::msg::PreparedBranch>, String>,
+    )> {
+        let timeout = Duration::from_millis(self.inner.config.call_timeout_ms);
+        let prefix = self.gid_prefix();
+        let mut names = self.participant_names();
+        names.sort();
+        join_all(names.into_iter().map(|name| {
+            let p = self.inner.participants.get(&name).cloned();
+            let prefix = prefix.clone();
+            async move {
+                let r = match p {
+                    Some(p) => match p
+                        .call(Request::ListPrepared { gid_prefix: prefix }, timeout)
+                        .await
+                    {
+                        Ok(Response::Prepared { branches }) => Ok(branches),
+                        Ok(Response::Failed(e)) => Err(e.to_string()),
+                        Ok(other) => Err(format!("unexpected answer {other:?}")),
+                        Err(e) => Err(e.to_string()),
+                    },
+                    None => Err("not configured".into()),
+                };
+                (name, r)
+            }
+        }))
+        .await
+    }
+
+    /// The GID a client txn id or GID names, if this coordinator knows it.
+    fn find_gid(&self, id: &str) -> Option<Gid> {
+        if let Ok(g) = Gid::parse(id) {
+            return Some(g);
+        }
+        if let Some(t) = lock(&self.inner.live).get(id) {
+            return Some(t.gid.clone());
+        }
+        if let Some(e) = lock(&self.inner.outcomes).by_txn.get(id) {
+            return Gid::parse(&e.gid).ok();
+        }
+        lock(&self.inner.in_doubt)
+            .iter()
+            .find(|(_, d)| d.txn_id == id)
+            .map(|(g, _)| g.clone())
+    }
+
+    fn decision_of(&self, gid: &Gid) -> (&'static str, Option<String>, Vec<String>, Option<u64>) {
+        if let Some(t) = lock(&self.inner.live).values().find(|t| &t.gid == gid) {
+            return ("running", Some(t.txn_id.clone()), vec![], None);
+        }
+        if let Some(d) = lock(&self.inner.in_doubt).get(gid) {
+            let mut pending: Vec<String> = d.pending.iter().cloned().collect();
+            pending.sort();
+            let age = SystemTime::now()
+                .duration_since(d.decided_at)
+                .map(|a| a.as_millis() as u64)
+                .ok();
+            return ("committed", Some(d.txn_id.clone()), pending, age);
+        }
+        let o = lock(&self.inner.outcomes);
+        match o.by_txn.iter().find(|(_, e)| e.gid == gid.as_str()) {
+            Some((txn, e)) if e.outcome == Outcome::Committed => {
+                ("committed_done", Some(txn.clone()), vec![], None)
+            }
+            Some((txn, _)) => ("aborted", Some(txn.clone()), vec![], None),
+            None => ("none", None, vec![], None),
+        }
+    }
+
+    /// Operator view: every GID that is in doubt in the log or prepared somewhere.
+    pub async fn inspect_all(&self) -> Vec<TxnView> {
+        let listings = self.prepared_everywhere().await;
+        let mut gids: Vec<Gid> = lock(&self.inner.in_doubt).keys().cloned().collect();
+        for (_, r) in &listings {
+            for b in r.iter().flatten() {
+                if let Ok(g) = Gid::parse(&b.gid) {
+                    if !gids.contains(&g) {
+                        gids.push(g);
+                    }
+                }
+            }
+        }
+        gids.sort_by_key(|g| (g.epoch(), g.seq()));
+        gids.iter().map(|g| self.view(g, &listings)).collect()
+    }
+
+    /// Operator view of one transaction (by client txn id or GID).
+    pub async fn inspect(&self, id: &str) -> Result<TxnView, TxnError> {
+        let gid = self
+            .find_gid(id)
+            .ok_or_else(|| TxnError::UnknownTxn(id.to_owned()))?;
+        let listings = self.prepared_everywhere().await;
+        Ok(self.view(&gid, &listings))
+    }
+
+    fn view(
+        &self,
+        gid: &Gid,
+        listings: &[(
+            String,
+            Result<Vec<twopc_shared::msg::PreparedBranch>, String>,
+        )],
+    ) -> TxnView {
+        let (decision, txn_id, pending, age_ms) = self.decision_of(gid);
+        let branches = listings
+            .iter()
+            .map(|(name, r)| match r {
+                Ok(bs) => BranchView {
+                    participant: name.clone(),
+                    prepared: bs.iter().find(|b| b.gid == gid.as_str()).cloned(),
+                    error: None,
+                },
+                Err(e) => BranchView {
+                    participant: name.clone(),
+                    prepared: None,
+                    error: Some(e.clone()),
+                },
+            })
+            .collect::<Vec<_>>();
+        let age_ms = age_ms.or_else(|| {
+            branches
+                .iter()
+                .filter_map(|b| b.prepared.as_ref().map(|p| p.age_ms))
+                .max()
+        });
+        TxnView {
+            gid: gid.to_string(),
+            txn_id,
+            decision,
+            pending,
+            age_ms,
+            branches,
+        }
+    }
+
+    /// Resolves a transaction by hand. Refuses to race a running transaction, and to
+    /// contradict a logged decision unless `force`. Records what it decided in the log
+    /// (forced) before touching any participant.
+    pub async fn resolve(
+        &self,
+        id: &str,
+        action: ResolveAction,
+        dry_run: bool,
+        force: bool,
+    ) -> Result<ResolveReport, TxnError> {
+        let gid = self
+            .find_gid(id)
+            .ok_or_else(|| TxnError::UnknownTxn(id.to_owned()))?;
+        let listings = self.prepared_everywhere().await;
+        let view = self.view(&gid, &listings);
+        let mut steps = Vec::new();
+        match (view.decision, action) {
+            ("running", _) => {
+                return Err(TxnError::Conflict(format!(
+                    "{gid} is running in this coordinator; it resolves itself"
+                )))
+            }
+            ("committed" | "committed_done", ResolveAction::Abort) if !force => {
+                return Err(TxnError::Conflict(format!(
+                    "the decision log says {gid} committed; aborting it now would leave it committed                      on some participants and rolled back on others. Use --force to do it anyway"
+                )))
+            }
+            ("aborted", ResolveAction::Commit) if !force => {
+                return Err(TxnError::Conflict(format!(
+                    "{gid} is recorded as aborted; use --force to commit it anyway"
+                )))
+            }
+            _ => {}
+        }
+        let prepared_on: Vec<String> = view
+            .branches
+            .iter()
+            .filter(|b| b.prepared.is_some())
+            .map(|b| b.participant.clone())
+            .collect();
+        let unknown: Vec<String> = view
+            .branches
+            .iter()
+            .filter(|b| b.error.is_some())
+            .map(|b| b.participant.clone())
+            .collect();
+        if !unknown.is_empty() {
+            steps.push(format!(
+                "warning: could not ask {} whether the branch is prepared",
+                unknown.join(", ")
+            ));
+        }
+        let txn_id = view.txn_id.clone().unwrap_or_else(|| gid.to_string());
+        match action {
+            ResolveAction::Commit => {
+                let mut pending = view.pending.clone();
+                for p in &prepared_on {
+                    if !pending.contains(p) {
+                        pending.push(p.clone());
+                    }
+                }
+                if view.decision != "committed" {
+                    steps.push(format!(
+                        "log COMMIT {gid} (txn {txn_id}) for {}",
+                        pending.join(", ")
+                    ));
+                }
+                for p in &pending {
+                    steps.push(format!("COMMIT PREPARED on {p}"));
+                }
+                if dry_run {
+                    return Ok(ResolveReport {
+                        gid: gid.to_string(),
+                        action,
+                        dry_run,
+                        steps,
+                    });
+                }
+                if view.decision != "committed" {
+                    let record = Record::Commit {
+                        gid: gid.to_string(),
+                        txn_id: txn_id.clone(),
+                        participants: pending.clone(),
+                        decided_at_ms: now_ms(),
+                    };
+                    if let Err(e) = self.inner.log.append_forced(record).await {
+                        fatal_log_error(&e);
+                    }
+                }
+                warn!(%gid, %txn_id, ?pending, "operator resolved: COMMIT");
+                self.remember(&txn_id, gid.as_str(), Outcome::Committed);
+                lock(&self.inner.in_doubt)
+                    .entry(gid.clone())
+                    .or_insert_with(|| InDoubt {
+                        txn_id: txn_id.clone(),
+                        pending: HashSet::new(),
+                        decided_at: SystemTime::now(),
+                    })
+                    .pending
+                    .extend(pending.iter().cloned());
+                let wait = Duration::from_millis(self.inner.config.commit_wait_ms);
+                let drivers = pending.into_iter().map(|p| {
+                    let engine = self.clone();
+                    let gid = gid.clone();
+                    tokio::spawn(async move { engine.drive_commit(gid, p).await })
+                });
+                let _ = tokio::time::timeout(wait, join_all(drivers.collect::<Vec<_>>())).await;
+            }
+            ResolveAction::Abort => {
+                steps.push(format!("log ABORT {gid} (txn {txn_id})"));
+                for p in &prepared_on {
+                    steps.push(format!("ROLLBACK PREPARED on {p}"));
+                }
+                if dry_run {
+                    return Ok(ResolveReport {
+                        gid: gid.to_string(),
+                        action,
+                        dry_run,
+                        steps,
+                    });
+                }
+                let record = Record::Abort {
+                    gid: gid.to_string(),
+                    txn_id: txn_id.clone(),
+                    decided_at_ms: now_ms(),
+                    reason: if force {
+                        "operator (forced)".into()
+                    } else {
+                        "operator".into()
+                    },
+                };
+                if let Err(e) = self.inner.log.append_forced(record).await {
+                    fatal_log_error(&e);
+                }
+                warn!(%gid, %txn_id, forced = force, "operator resolved: ABORT");
+                lock(&self.inner.in_doubt).remove(&gid);
+                self.remember(&txn_id, gid.as_str(), Outcome::Aborted);
+                let timeout = Duration::from_millis(self.inner.config.call_timeout_ms);
+                for name in &prepared_on {
+                    if let Some(p) = self.inner.participants.get(name) {
+                        match p.call(Request::Abort { gid: gid.clone() }, timeout).await {
+                            Ok(Response::Aborted) => {}
+                            other => steps.push(format!(
+                                "warning: ROLLBACK PREPARED on {name} not acknowledged ({other:?}); recovery retries"
+                            )),
+                        }
+                    }
+                }
+            }
+        }
+        Ok(ResolveReport {
+            gid: gid.to_string(),
+            action,
+            dry_run,
+            steps,
+        })
     }
 }
 

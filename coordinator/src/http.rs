@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 use twopc_shared::gid::validate_txn_id;
 use twopc_shared::msg::Statement;
 
-use crate::engine::{AckMode, Engine, TxnError, TxnRequest};
+use crate::engine::{AckMode, Engine, ResolveAction, TxnError, TxnRequest};
 
 #[derive(Debug, Clone)]
 pub struct HttpConfig {
@@ -42,6 +42,10 @@ pub fn router(engine: Engine, config: HttpConfig) -> Router {
         .route("/v1/transactions/{id}/statements", post(statement))
         .route("/v1/transactions/{id}/commit", post(commit))
         .route("/v1/transactions/{id}/rollback", post(rollback))
+        .route("/v1/admin/txns", get(admin_list))
+        .route("/v1/admin/txns/{id}", get(admin_show))
+        .route("/v1/admin/txns/{id}/resolve", post(admin_resolve))
+        .route("/v1/admin/recover", post(admin_recover))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint".into()) })
@@ -202,12 +206,85 @@ struct ListQuery {
 
 async fn list_txns(State(engine): State<Engine>, Query(q): Query<ListQuery>) -> Response {
     match q.state.as_deref() {
-        Some("in_doubt") => Json(json!({ "transactions": engine.in_doubt() })).into_response(),
+        Some("in_doubt") => {
+            // Decided but not acknowledged everywhere (from the log), then prepared
+            // branches that recovery has yet to roll back.
+            let mut list: Vec<Value> = engine
+                .in_doubt()
+                .into_iter()
+                .filter_map(|e| serde_json::to_value(e).ok())
+                .collect();
+            for v in engine.inspect_all().await {
+                if v.decision == "committed" || v.decision == "running" {
+                    continue;
+                }
+                let on: Vec<&str> = v
+                    .branches
+                    .iter()
+                    .filter(|b| b.prepared.is_some())
+                    .map(|b| b.participant.as_str())
+                    .collect();
+                if on.is_empty() {
+                    continue;
+                }
+                list.push(json!({
+                    "txn_id": v.txn_id.clone().unwrap_or_else(|| v.gid.clone()),
+                    "gid": v.gid,
+                    "state": "prepared_awaiting_recovery",
+                    "pending": on,
+                    "age_ms": v.age_ms,
+                }));
+            }
+            Json(json!({ "transactions": list })).into_response()
+        }
         other => error(
             StatusCode::BAD_REQUEST,
             format!("unsupported state filter {other:?}; use ?state=in_doubt"),
         ),
     }
+}
+
+async fn admin_list(State(engine): State<Engine>) -> Response {
+    Json(json!({ "transactions": engine.inspect_all().await })).into_response()
+}
+
+async fn admin_show(State(engine): State<Engine>, Path(id): Path<String>) -> Response {
+    match engine.inspect(&id).await {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResolveRequest {
+    action: ResolveAction,
+    #[serde(default)]
+    dry_run: bool,
+    #[serde(default)]
+    force: bool,
+}
+
+async fn admin_resolve(
+    State(engine): State<Engine>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Response {
+    let req: ResolveRequest = match parse_body(&body) {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    match engine
+        .resolve(&id, req.action, req.dry_run, req.force)
+        .await
+    {
+        Ok(r) => Json(r).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn admin_recover(State(engine): State<Engine>) -> Response {
+    Json(engine.recover_once().await).into_response()
 }
 
 async fn healthz(State(engine): State<Engine>) -> Response {

@@ -10,6 +10,7 @@
 //! - [`meta`]: coordinator id and epoch, bumped durably on every start.
 //! - [`participant`]: handles on agents, in-process or over TCP.
 //! - [`config`] and [`server`]: flags/TOML and the startup sequence of `serve`.
+//! - [`cli`]: the command line; [`txns`]: the operator's in-doubt tooling.
 //! - [`pg_cluster`], [`bank`] and [`demo`]: throwaway PostgreSQL clusters, the bank
 //!   workload and its invariant checker, and the `demo` command built on them (the test
 //!   kit reuses the first two).
@@ -25,4 +26,5 @@ pub mod meta;
 pub mod participant;
 pub mod pg_cluster;
 pub mod server;
+pub mod txns;
 pub mod workload;

@@ -63,9 +63,11 @@ impl PgBinaries {
             if dir.join("initdb").is_file() && dir.join("pg_ctl").is_file() {
                 let out = Command::new(dir.join("pg_ctl")).arg("--version").output();
                 let version = match out {
+                    // "pg_ctl (PostgreSQL) 15.18 (Debian ...)"
                     Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout)
                         .split_whitespace()
-                        .last()
+                        .skip_while(|w| *w != "(PostgreSQL)")
+                        .nth(1)
                         .unwrap_or("?")
                         .to_owned(),
                     _ => continue,
