@@ -89,6 +89,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         max_amount: args.balance / 2 + 1,
         txn_prefix: "demo".into(),
         request_timeout: Duration::from_secs(30),
+        stop_on_no_answer: false,
     })
     .await?;
     let gid_prefix = running.engine.gid_prefix();

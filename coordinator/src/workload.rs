@@ -29,6 +29,8 @@ pub struct WorkloadConfig {
     pub txn_prefix: String,
     /// Per-request HTTP timeout.
     pub request_timeout: Duration,
+    /// A client stops at its first request with no answer (the coordinator died).
+    pub stop_on_no_answer: bool,
 }
 
 #[derive(Debug, Default)]
@@ -144,7 +146,11 @@ pub async fn run(config: WorkloadConfig) -> anyhow::Result<WorkloadReport> {
                     }
                     Err(_) => Told::Unknown,
                 };
+                let no_answer = matches!(told, Told::Unknown);
                 out.push((txn_id, told, t0.elapsed()));
+                if no_answer && config.stop_on_no_answer {
+                    break;
+                }
             }
             out
         }));

@@ -6,6 +6,8 @@
 //! (the `demo` command uses them too); this crate re-exports them and adds the harness
 //! the integration tests in `tests/` share.
 
+pub mod procs;
+
 use std::path::PathBuf;
 use std::time::Duration;
 

@@ -1,0 +1,5 @@
+//! `twopc-participant` built with failpoints, for the crash tests.
+
+fn main() -> anyhow::Result<()> {
+    twopc_participant::cli::run()
+}

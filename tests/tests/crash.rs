@@ -1,0 +1,275 @@
+//! Crash tests with real processes and real clusters: a failpoint (or SIGKILL, or an
+//! immediate PostgreSQL stop) at every protocol step under concurrent load; then the dead
+//! process is restarted and the bank checker must find one outcome everywhere, every
+//! acknowledged commit present, nothing of ours prepared, and `GET` telling the truth.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use twopc_testkit::procs::{Bins, ProcHarness};
+use twopc_testkit::workload::{self, WorkloadConfig, WorkloadReport};
+use twopc_testkit::{Expectation, StopMode, ACCOUNTS, BALANCE};
+
+fn bins() -> Bins {
+    Bins {
+        coordinator: env!("CARGO_BIN_EXE_twopc-coordinator-fp").into(),
+        participant: env!("CARGO_BIN_EXE_twopc-participant-fp").into(),
+    }
+}
+
+fn load(
+    h: &ProcHarness,
+    tag: &str,
+    transfers: u64,
+    seconds: u64,
+    stop_on_no_answer: bool,
+) -> WorkloadConfig {
+    WorkloadConfig {
+        base_url: h.base_url(),
+        participants: h.names.clone(),
+        accounts_per_db: ACCOUNTS,
+        clients: 8,
+        max_transfers: transfers,
+        duration: Duration::from_secs(seconds),
+        max_amount: BALANCE / 2,
+        txn_prefix: tag.into(),
+        request_timeout: Duration::from_secs(15),
+        stop_on_no_answer,
+    }
+}
+
+/// Asks the coordinator what happened to every transfer whose client got no answer, and
+/// checks the databases against what every client was told or found out.
+async fn settle_and_audit(h: &ProcHarness, report: &WorkloadReport, case: &str) {
+    let took = h
+        .wait_resolved(Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|e| panic!("{case}: {e}"));
+    let mut expect: Expectation = report.expectation.clone();
+    let mut outcomes: HashMap<&str, usize> = HashMap::new();
+    for id in &report.unknown_ids {
+        let st = h.get(&format!("/v1/transactions/{id}")).await.unwrap();
+        match st["outcome"].as_str() {
+            Some("committed") => {
+                expect.committed.insert(id.clone());
+                *outcomes.entry("committed").or_default() += 1;
+            }
+            Some("aborted") => {
+                expect.aborted.insert(id.clone());
+                *outcomes.entry("aborted").or_default() += 1;
+            }
+            other => panic!("{case}: {id} still {other:?} after recovery: {st}"),
+        }
+    }
+    let audit = h.audit(Some(&expect)).await.unwrap();
+    assert!(
+        audit.ok(),
+        "{case}: {}\nunknown resolved as {outcomes:?}",
+        audit.violations().join("\n")
+    );
+    eprintln!(
+        "{case}: committed {} aborted {} unknown {} ({outcomes:?}), resolved in {took:?}",
+        report.committed, report.aborted, report.unknown
+    );
+}
+
+/// Crash the coordinator at `failpoint` (on its `hit`-th pass) under load, restart it,
+/// audit. Twice per failpoint.
+async fn coordinator_crash_case(h: &mut ProcHarness, failpoint: &str, hit: u32, round: u32) {
+    let case = format!("{failpoint}@{hit} round {round}");
+    h.reset_bank().await.unwrap();
+    h.start_all(&format!("{failpoint}=crash@{hit}"), &[])
+        .await
+        .unwrap();
+    let report = workload::run(load(
+        h,
+        &format!("c{round}{}", failpoint.replace('.', "-")),
+        400,
+        20,
+        true,
+    ))
+    .await
+    .unwrap();
+    let status = h
+        .coordinator
+        .as_mut()
+        .unwrap()
+        .wait_exit(Duration::from_secs(10));
+    assert!(
+        status.is_some(),
+        "{case}: the failpoint never fired ({} committed)",
+        report.committed
+    );
+    h.coordinator = None;
+    h.start_coordinator("").await.unwrap();
+    settle_and_audit(h, &report, &case).await;
+    h.stop_all();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_crashes_at_every_step() {
+    let mut h = ProcHarness::start(bins(), 2).await.unwrap();
+    for (fp, hit) in [
+        ("coordinator.before_prepare", 30),
+        ("coordinator.after_prepare", 30),
+        ("coordinator.after_decision", 30),
+        ("coordinator.mid_commit", 30),
+        ("decision_log.before_write", 20),
+        ("decision_log.before_fsync", 20),
+        ("decision_log.after_fsync", 20),
+    ] {
+        for round in 0..2 {
+            coordinator_crash_case(&mut h, fp, hit + round * 7, round).await;
+        }
+    }
+}
+
+/// Crash agent `b` at `failpoint` under load; the coordinator stays up. Restart the agent.
+async fn agent_crash_case(h: &mut ProcHarness, failpoint: &str, hit: u32, round: u32) {
+    let case = format!("{failpoint}@{hit} round {round}");
+    h.reset_bank().await.unwrap();
+    let fp = format!("{failpoint}=crash@{hit}");
+    h.start_all("", &["", &fp]).await.unwrap();
+    let report = workload::run(load(
+        h,
+        &format!("a{round}{}", failpoint.replace('.', "-")),
+        300,
+        3,
+        false,
+    ))
+    .await
+    .unwrap();
+    let status = h.agents[1]
+        .as_mut()
+        .unwrap()
+        .wait_exit(Duration::from_secs(5));
+    assert!(status.is_some(), "{case}: the failpoint never fired");
+    // While b is down, anything decided but unacknowledged shows as in doubt.
+    h.agents[1] = None;
+    h.start_agent(1, "").await.unwrap();
+    settle_and_audit(h, &report, &case).await;
+    h.stop_all();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_crashes_at_every_step() {
+    let mut h = ProcHarness::start(bins(), 2).await.unwrap();
+    for (fp, hit) in [
+        ("participant.after_prepare", 25),
+        ("participant.before_commit_prepared", 25),
+        ("participant.after_commit_prepared", 25),
+    ] {
+        for round in 0..2 {
+            agent_crash_case(&mut h, fp, hit + round * 5, round).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_of_coordinator_and_agent_under_load() {
+    let mut h = ProcHarness::start(bins(), 3).await.unwrap();
+    for round in 0..3u64 {
+        // Coordinator.
+        h.reset_bank().await.unwrap();
+        h.start_all("", &[]).await.unwrap();
+        let cfg = load(&h, &format!("k9c{round}"), 100_000, 30, true);
+        let wl = tokio::spawn(workload::run(cfg));
+        tokio::time::sleep(Duration::from_millis(700 + 300 * round)).await;
+        h.coordinator.as_mut().unwrap().kill9();
+        let report = wl.await.unwrap().unwrap();
+        assert!(report.unknown > 0, "the kill cut requests off");
+        h.coordinator = None;
+        h.start_coordinator("").await.unwrap();
+        settle_and_audit(&h, &report, &format!("kill -9 coordinator round {round}")).await;
+        h.stop_all();
+
+        // An agent.
+        h.reset_bank().await.unwrap();
+        h.start_all("", &[]).await.unwrap();
+        let cfg = load(&h, &format!("k9a{round}"), 100_000, 3, false);
+        let wl = tokio::spawn(workload::run(cfg));
+        tokio::time::sleep(Duration::from_millis(700 + 300 * round)).await;
+        let victim = (round % 3) as usize;
+        h.agents[victim].as_mut().unwrap().kill9();
+        h.agents[victim] = None;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        h.start_agent(victim, "").await.unwrap();
+        let report = wl.await.unwrap().unwrap();
+        settle_and_audit(&h, &report, &format!("kill -9 agent round {round}")).await;
+        h.stop_all();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_immediate_stop_mid_load() {
+    let mut h = ProcHarness::start(bins(), 2).await.unwrap();
+    for round in 0..2 {
+        h.reset_bank().await.unwrap();
+        h.start_all("", &[]).await.unwrap();
+        let cfg = load(&h, &format!("pg{round}"), 100_000, 4, false);
+        let wl = tokio::spawn(workload::run(cfg));
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let cluster = &mut h.clusters[round];
+        tokio::task::block_in_place(|| {
+            cluster.stop(StopMode::Immediate).unwrap();
+            std::thread::sleep(Duration::from_millis(500));
+            cluster.start_again().unwrap();
+        });
+        let report = wl.await.unwrap().unwrap();
+        settle_and_audit(
+            &h,
+            &report,
+            &format!("postgres immediate stop round {round}"),
+        )
+        .await;
+        h.stop_all();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn participant_down_longer_than_recovery_interval() {
+    let mut h = ProcHarness::start(bins(), 2).await.unwrap();
+    h.reset_bank().await.unwrap();
+    // b dies on its first COMMIT PREPARED: that transaction is committed in the log and
+    // prepared on b.
+    h.start_all("", &["", "participant.before_commit_prepared=crash@1"])
+        .await
+        .unwrap();
+    let report = workload::run(load(&h, "down", 1, 5, false)).await.unwrap();
+    assert_eq!(
+        report.committed, 1,
+        "committed once the decision is durable"
+    );
+    assert!(h.agents[1]
+        .as_mut()
+        .unwrap()
+        .wait_exit(Duration::from_secs(5))
+        .is_some());
+    h.agents[1] = None;
+    let id = report.expectation.committed.iter().next().unwrap().clone();
+
+    // Several recovery intervals pass; the transaction stays committed and in doubt.
+    tokio::time::sleep(Duration::from_millis(h.recovery_interval_ms * 5)).await;
+    let st = h.get(&format!("/v1/transactions/{id}")).await.unwrap();
+    assert_eq!(st["outcome"], "committed", "{st}");
+    assert_eq!(st["pending"][0], "b", "{st}");
+    let list = h.get("/v1/transactions?state=in_doubt").await.unwrap();
+    let entry = &list["transactions"][0];
+    assert_eq!(entry["txn_id"], id.as_str(), "{list}");
+    assert!(
+        entry["age_ms"].as_u64().unwrap() >= h.recovery_interval_ms * 4,
+        "{list}"
+    );
+    let prepared = h.prepared_left().await.unwrap();
+    assert_eq!(
+        prepared.len(),
+        1,
+        "b keeps its branch prepared: {prepared:?}"
+    );
+
+    // b comes back: phase 2 finishes, nothing is left.
+    h.start_agent(1, "").await.unwrap();
+    settle_and_audit(&h, &report, "participant down").await;
+    let st = h.get(&format!("/v1/transactions/{id}")).await.unwrap();
+    assert!(st["pending"].is_null(), "{st}");
+}
