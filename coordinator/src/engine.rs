@@ -111,6 +111,8 @@ pub enum TxnError {
     Aborted(AbortInfo),
     #[error("{0}")]
     Internal(String),
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// Why a transaction aborted.
@@ -277,6 +279,9 @@ struct Inner {
     in_doubt: Mutex<HashMap<Gid, InDoubt>>,
     counters: Counters,
     started: Instant,
+    /// Cancelled by [`Engine::shutdown`]: background loops (phase 2, aborts, reaper,
+    /// recovery) stop; what they did not finish, the next incarnation's recovery does.
+    shutdown: tokio_util::sync::CancellationToken,
 }
 
 /// The coordinator's transaction engine. Cheap to clone.
@@ -296,11 +301,33 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// A lazy record could not be queued. `Closed` means the engine is shutting down (the
+/// record is only an optimization: recovery re-derives it); anything else is fatal.
+fn lazy_log_error(e: &LogError) {
+    if matches!(e, LogError::Closed) {
+        debug!("decision log closed; lazy record dropped (shutting down)");
+        return;
+    }
+    fatal_log_error(e)
+}
+
 /// The decision log failed: the process cannot know what is durable, so it stops and
 /// lets recovery decide from what the log holds.
 fn fatal_log_error(e: &LogError) -> ! {
     error!(error = %e, "decision log failed; exiting so recovery can decide from what is durable");
     std::process::exit(70)
+}
+
+/// A forced record failed: fatal, unless the log was closed by a shutdown, in which case
+/// the decision was not made and the client is told so (the prepared branches are
+/// rolled back by the next incarnation's recovery: no record, presumed abort).
+fn forced_log_error(e: &LogError) -> TxnError {
+    if matches!(e, LogError::Closed) {
+        return TxnError::Unavailable(
+            "the coordinator is shutting down; nothing was committed".into(),
+        );
+    }
+    fatal_log_error(e)
 }
 
 impl Engine {
@@ -329,6 +356,7 @@ impl Engine {
                 in_doubt: Mutex::new(HashMap::new()),
                 counters: Counters::default(),
                 started: Instant::now(),
+                shutdown: tokio_util::sync::CancellationToken::new(),
             }),
         };
         engine.load_replay(replay);
@@ -410,7 +438,11 @@ impl Engine {
             loop {
                 tokio::time::sleep(Duration::from_millis(250)).await;
                 let Some(inner) = weak.upgrade() else { return };
-                Engine { inner }.reap().await;
+                let engine = Engine { inner };
+                if engine.inner.shutdown.is_cancelled() {
+                    return;
+                }
+                engine.reap().await;
             }
         });
         let weak = Arc::downgrade(&self.inner);
@@ -419,7 +451,11 @@ impl Engine {
             // First pass at once: orphans of the previous incarnation hold locks.
             loop {
                 let Some(inner) = weak.upgrade() else { return };
-                let report = Engine { inner }.recover_once().await;
+                let engine = Engine { inner };
+                if engine.inner.shutdown.is_cancelled() {
+                    return;
+                }
+                let report = engine.recover_once().await;
                 if report.rolled_back > 0 || !report.unreachable.is_empty() {
                     info!(
                         rolled_back = report.rolled_back,
@@ -427,7 +463,10 @@ impl Engine {
                         "recovery pass"
                     );
                 }
-                tokio::time::sleep(interval).await;
+                if !engine.pause(interval).await {
+                    return;
+                }
+                drop(engine);
             }
         });
     }
@@ -499,6 +538,20 @@ impl Engine {
 
     pub fn epoch(&self) -> u64 {
         self.inner.epoch
+    }
+
+    /// Stops the background work. Transactions in phase 2 stay in the log and are
+    /// resumed by the next start.
+    pub fn shutdown(&self) {
+        self.inner.shutdown.cancel();
+    }
+
+    /// Sleeps `d`; false if the engine is shutting down.
+    async fn pause(&self, d: Duration) -> bool {
+        tokio::select! {
+            _ = self.inner.shutdown.cancelled() => false,
+            _ = tokio::time::sleep(d) => true,
+        }
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -982,7 +1035,7 @@ impl Engine {
                 })
                 .await
             {
-                fatal_log_error(&e);
+                lazy_log_error(&e);
             }
             return Ok(Committed {
                 txn_id: txn.txn_id.clone(),
@@ -992,7 +1045,7 @@ impl Engine {
             });
         }
         self.set_phase(txn, Phase::Committing);
-        let pending = self.decide_and_commit(txn, yes, ack).await;
+        let pending = self.decide_and_commit(txn, yes, ack).await?;
         Ok(Committed {
             txn_id: txn.txn_id.clone(),
             outcome: "committed",
@@ -1008,15 +1061,15 @@ impl Engine {
         txn: &LiveTxn,
         yes: Vec<String>,
         ack: AckMode,
-    ) -> Vec<String> {
-        self.inner
-            .counters
-            .committed
-            .fetch_add(1, Ordering::Relaxed);
+    ) -> Result<Vec<String>, TxnError> {
         if yes.is_empty() {
+            self.inner
+                .counters
+                .committed
+                .fetch_add(1, Ordering::Relaxed);
             // Every branch was read-only and is finished already.
             self.remember(&txn.txn_id, txn.gid.as_str(), Outcome::Committed);
-            return vec![];
+            return Ok(vec![]);
         }
         let single_writer = yes.len() == 1 && self.inner.config.one_phase;
         if single_writer {
@@ -1035,12 +1088,16 @@ impl Engine {
                 decided_at_ms: now_ms(),
             };
             if let Err(e) = self.inner.log.append_forced(record).await {
-                fatal_log_error(&e);
+                return Err(forced_log_error(&e));
             }
             twopc_participant::failpoint!("coordinator.after_decision");
         }
         // The decision is durable (or, single writer, needs no record): from here on the
         // transaction is committed.
+        self.inner
+            .counters
+            .committed
+            .fetch_add(1, Ordering::Relaxed);
         self.remember(&txn.txn_id, txn.gid.as_str(), Outcome::Committed);
         lock(&self.inner.in_doubt).insert(
             txn.gid.clone(),
@@ -1069,10 +1126,10 @@ impl Engine {
                     })
                     .await
                 {
-                    fatal_log_error(&e);
+                    lazy_log_error(&e);
                 }
             });
-            return self.await_acks(txn, vec![handle], ack).await;
+            return Ok(self.await_acks(txn, vec![handle], ack).await);
         }
         let handles: Vec<_> = if self.inner.config.parallel {
             yes.into_iter()
@@ -1091,7 +1148,7 @@ impl Engine {
                 }
             })]
         };
-        self.await_acks(txn, handles, ack).await
+        Ok(self.await_acks(txn, handles, ack).await)
     }
 
     async fn await_acks(
@@ -1154,7 +1211,9 @@ impl Engine {
                 if attempt == 1 || attempt.is_power_of_two() {
                     warn!(attempt, error = %problem, "COMMIT PREPARED not acknowledged; retrying");
                 }
-                tokio::time::sleep(jitter(backoff)).await;
+                if !self.pause(jitter(backoff)).await {
+                    return;
+                }
                 backoff = (backoff * 2).min(max);
             }
             self.acknowledged(&gid, &participant).await;
@@ -1194,7 +1253,7 @@ impl Engine {
                 })
                 .await
             {
-                fatal_log_error(&e);
+                lazy_log_error(&e);
             }
         }
     }
@@ -1238,7 +1297,9 @@ impl Engine {
                     }
                 }
             }
-            tokio::time::sleep(jitter(backoff)).await;
+            if !self.pause(jitter(backoff)).await {
+                return;
+            }
             backoff = (backoff * 2).min(max);
         }
         error!(%gid, participant = p.name(), "abort still not acknowledged; leaving the branch to recovery");
@@ -1525,8 +1586,10 @@ impl Engine {
         let txn_id = view.txn_id.clone().unwrap_or_else(|| gid.to_string());
         match action {
             ResolveAction::Commit => {
+                // A participant we could not ask may hold the branch prepared: include
+                // it (COMMIT PREPARED of a GID that is not prepared is harmless).
                 let mut pending = view.pending.clone();
-                for p in &prepared_on {
+                for p in prepared_on.iter().chain(&unknown) {
                     if !pending.contains(p) {
                         pending.push(p.clone());
                     }
@@ -1556,7 +1619,7 @@ impl Engine {
                         decided_at_ms: now_ms(),
                     };
                     if let Err(e) = self.inner.log.append_forced(record).await {
-                        fatal_log_error(&e);
+                        return Err(forced_log_error(&e));
                     }
                 }
                 warn!(%gid, %txn_id, ?pending, "operator resolved: COMMIT");
@@ -1602,7 +1665,7 @@ impl Engine {
                     },
                 };
                 if let Err(e) = self.inner.log.append_forced(record).await {
-                    fatal_log_error(&e);
+                    return Err(forced_log_error(&e));
                 }
                 warn!(%gid, %txn_id, forced = force, "operator resolved: ABORT");
                 lock(&self.inner.in_doubt).remove(&gid);

@@ -66,6 +66,7 @@ impl IntoResponse for TxnError {
             TxnError::Conflict(m) => error(StatusCode::CONFLICT, m),
             TxnError::Limit(m) => error(StatusCode::TOO_MANY_REQUESTS, m),
             TxnError::Internal(m) => error(StatusCode::INTERNAL_SERVER_ERROR, m),
+            TxnError::Unavailable(m) => error(StatusCode::SERVICE_UNAVAILABLE, m),
             TxnError::Aborted(info) => {
                 let status = if info.client_fault {
                     StatusCode::BAD_REQUEST

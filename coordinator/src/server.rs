@@ -28,6 +28,7 @@ impl Running {
     pub async fn shutdown(self) -> anyhow::Result<()> {
         self.shutdown.cancel();
         self.server.await.context("join HTTP server")??;
+        self.engine.shutdown();
         self.engine
             .log()
             .clone()

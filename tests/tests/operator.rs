@@ -1,0 +1,182 @@
+//! Operator tooling: `txns list/show/resolve` over the admin API and the CLI.
+
+use std::process::Command;
+
+use serde_json::{json, Value};
+use twopc_testkit::{AgentMode, Harness};
+
+async fn prepare_by_hand(h: &Harness, db: usize, gid: &str) {
+    // A row of its own, so the prepared branches do not wait on each other's locks.
+    let row: i32 = gid.rsplit('_').next().unwrap().parse().unwrap();
+    let (client, conn) = tokio_postgres::connect(&h.dbs[db].url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+        .batch_execute(&format!(
+            "BEGIN; UPDATE acct SET bal = bal WHERE id = {row}; PREPARE TRANSACTION '{gid}'"
+        ))
+        .await
+        .unwrap();
+}
+
+fn prepared_on(view: &Value) -> Vec<String> {
+    view["branches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["prepared"].is_object())
+        .map(|b| b["participant"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_show_and_resolve_by_hand() {
+    // Recovery would resolve the orphans itself; give the operator the time to look.
+    let mut h = Harness::start_with(2, AgentMode::Remote, |c| c.recovery_interval_ms = 3_600_000)
+        .await
+        .unwrap();
+    // Orphans of an earlier incarnation (epoch 0), prepared with no decision logged.
+    prepare_by_hand(&h, 0, "twopc_c1_0_5").await;
+    prepare_by_hand(&h, 1, "twopc_c1_0_5").await;
+    prepare_by_hand(&h, 0, "twopc_c1_0_6").await;
+    prepare_by_hand(&h, 0, "twopc_c1_0_7").await;
+    prepare_by_hand(&h, 1, "twopc_c1_0_7").await;
+
+    let (status, list) = h.get("/v1/admin/txns").await.unwrap();
+    assert_eq!(status, 200);
+    let txns = list["transactions"].as_array().unwrap();
+    assert_eq!(txns.len(), 3, "{list}");
+    assert_eq!(txns[0]["gid"], "twopc_c1_0_5");
+    assert_eq!(txns[0]["decision"], "none");
+    assert_eq!(prepared_on(&txns[0]), vec!["a", "b"]);
+    // The in-doubt listing shows them as awaiting recovery, with an age.
+    let (_, in_doubt) = h.get("/v1/transactions?state=in_doubt").await.unwrap();
+    assert_eq!(
+        in_doubt["transactions"].as_array().unwrap().len(),
+        3,
+        "{in_doubt}"
+    );
+    assert_eq!(
+        in_doubt["transactions"][0]["state"],
+        "prepared_awaiting_recovery"
+    );
+
+    // Dry run: says what it would do, does nothing.
+    let (status, r) = h
+        .post(
+            "/v1/admin/txns/twopc_c1_0_5/resolve",
+            &json!({"action": "commit", "dry_run": true}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{r}");
+    let steps: Vec<&str> = r["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap())
+        .collect();
+    assert!(steps[0].starts_with("log COMMIT twopc_c1_0_5"), "{steps:?}");
+    assert!(steps.contains(&"COMMIT PREPARED on a") && steps.contains(&"COMMIT PREPARED on b"));
+    let (_, view) = h.get("/v1/admin/txns/twopc_c1_0_5").await.unwrap();
+    assert_eq!(
+        prepared_on(&view),
+        vec!["a", "b"],
+        "dry run changed nothing"
+    );
+
+    // Commit it: logged first, then applied; GET answers from the log.
+    let (status, r) = h
+        .post(
+            "/v1/admin/txns/twopc_c1_0_5/resolve",
+            &json!({"action": "commit"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{r}");
+    let (_, view) = h.get("/v1/admin/txns/twopc_c1_0_5").await.unwrap();
+    assert!(prepared_on(&view).is_empty(), "{view}");
+    assert_eq!(
+        h.get("/v1/transactions/twopc_c1_0_5").await.unwrap().1["outcome"],
+        "committed"
+    );
+
+    // Abort another; its record says aborted.
+    let (status, _) = h
+        .post(
+            "/v1/admin/txns/twopc_c1_0_6/resolve",
+            &json!({"action": "abort"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(
+        h.get("/v1/transactions/twopc_c1_0_6").await.unwrap().1["outcome"],
+        "aborted"
+    );
+
+    // Commit the third while b is unreachable: a commits, b stays pending in the log.
+    h.dbs[1].stop_agent();
+    let (status, r) = h
+        .post(
+            "/v1/admin/txns/twopc_c1_0_7/resolve",
+            &json!({"action": "commit"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{r}");
+    let st = h.get("/v1/transactions/twopc_c1_0_7").await.unwrap().1;
+    assert_eq!(st["outcome"], "committed");
+    assert_eq!(st["pending"], json!(["b"]), "{st}");
+    // Refuses to contradict the logged decision ...
+    let (status, r) = h
+        .post(
+            "/v1/admin/txns/twopc_c1_0_7/resolve",
+            &json!({"action": "abort"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 409, "{r}");
+    assert!(r["error"]["message"].as_str().unwrap().contains("--force"));
+
+    // The CLI shows the same, through the running coordinator.
+    let out = Command::new(env!("CARGO_BIN_EXE_twopc-coordinator-fp"))
+        .args(["txns", "--coordinator", &h.base_url, "show", "twopc_c1_0_7"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("decision committed"), "{text}");
+    assert!(text.contains("pending b"), "{text}");
+    assert!(text.contains("unknown"), "b is unreachable: {text}");
+    let out = Command::new(env!("CARGO_BIN_EXE_twopc-coordinator-fp"))
+        .args([
+            "txns",
+            "--coordinator",
+            &h.base_url,
+            "resolve",
+            "twopc_c1_0_7",
+            "--abort",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "refused");
+
+    // ... and the log survives a restart: the decision is still committed and pending.
+    h.stop_coordinator().await.unwrap();
+    h.start_coordinator(|c| c.recovery_interval_ms = 3_600_000)
+        .await
+        .unwrap();
+    let st = h.get("/v1/transactions/twopc_c1_0_7").await.unwrap().1;
+    assert_eq!(st["outcome"], "committed", "{st}");
+    assert_eq!(
+        h.get("/v1/transactions/twopc_c1_0_6").await.unwrap().1["outcome"],
+        "aborted"
+    );
+    h.shutdown().await.unwrap();
+}
