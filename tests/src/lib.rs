@@ -75,21 +75,27 @@ pub struct Harness {
     pub mode: AgentMode,
 }
 
-/// Starts `n` clusters named a, b, c, ... each with the bank schema loaded.
-pub async fn start_dbs(n: usize, mode: AgentMode) -> anyhow::Result<Vec<Db>> {
+/// Starts `n` throwaway clusters; their participant names are a, b, c, ...
+pub async fn start_clusters(tag: &str, n: usize) -> anyhow::Result<(Vec<String>, Vec<PgCluster>)> {
     let names: Vec<String> = (0..n)
         .map(|i| ((b'a' + i as u8) as char).to_string())
         .collect();
-    let clusters = tokio::task::spawn_blocking({
-        let names = names.clone();
-        move || -> anyhow::Result<Vec<PgCluster>> {
-            names
-                .iter()
-                .map(|n| PgCluster::start(ClusterOptions::new(format!("t{n}"))).map_err(Into::into))
-                .collect()
-        }
+    let opts: Vec<ClusterOptions> = names
+        .iter()
+        .map(|n| ClusterOptions::new(format!("{tag}{n}")))
+        .collect();
+    let clusters = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<PgCluster>> {
+        opts.into_iter()
+            .map(|o| PgCluster::start(o).map_err(Into::into))
+            .collect()
     })
     .await??;
+    Ok((names, clusters))
+}
+
+/// Starts `n` clusters named a, b, c, ... each with the bank schema loaded.
+pub async fn start_dbs(n: usize, mode: AgentMode) -> anyhow::Result<Vec<Db>> {
+    let (names, clusters) = start_clusters("t", n).await?;
     let mut dbs = Vec::new();
     for (name, cluster) in names.into_iter().zip(clusters) {
         let url = cluster.url("postgres");

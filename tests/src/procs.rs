@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use serde_json::Value;
 
-use crate::{setup_bank, ClusterOptions, PgCluster, ACCOUNTS, BALANCE};
+use crate::{setup_bank, PgCluster, ACCOUNTS, BALANCE};
 
 /// Paths of the binaries under test (the test passes `env!("CARGO_BIN_EXE_...")`).
 #[derive(Debug, Clone)]
@@ -98,21 +98,7 @@ pub struct ProcHarness {
 impl ProcHarness {
     pub async fn start(bins: Bins, n: usize) -> anyhow::Result<ProcHarness> {
         crate::init_tracing();
-        let names: Vec<String> = (0..n)
-            .map(|i| ((b'a' + i as u8) as char).to_string())
-            .collect();
-        let clusters = tokio::task::spawn_blocking({
-            let names = names.clone();
-            move || -> anyhow::Result<Vec<PgCluster>> {
-                names
-                    .iter()
-                    .map(|n| {
-                        PgCluster::start(ClusterOptions::new(format!("p{n}"))).map_err(Into::into)
-                    })
-                    .collect()
-            }
-        })
-        .await??;
+        let (names, clusters) = crate::start_clusters("p", n).await?;
         let dir = std::env::temp_dir().join(format!(
             "twopc-procs-{}-{:08x}",
             std::process::id(),
