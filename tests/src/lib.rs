@@ -6,6 +6,7 @@
 //! (the `demo` command uses them too); this crate re-exports them and adds the harness
 //! the integration tests in `tests/` share.
 
+pub mod bench;
 pub mod procs;
 
 use std::path::PathBuf;

@@ -1,0 +1,723 @@
+//! `twopc-bench`: the same bank transfer through several paths, side by side, in one run.
+//!
+//! - `direct-2pc`: the client does BEGIN/UPDATE/INSERT/PREPARE on both databases itself,
+//!   then COMMIT PREPARED on both (tokio-postgres, no coordinator, no log): the floor for
+//!   atomic commit.
+//! - `non-atomic`: two independent local commits.
+//! - `twopc-remote-applied|durable`, `twopc-inproc-applied|durable`: through the
+//!   coordinator's HTTP API, with agents over TCP or in the coordinator's process.
+//! - `single-direct` / `single-twopc`: one database, plain commit vs twopc's one-phase path.
+//!
+//! Reports throughput, p50/p99/p999 latency (HdrHistogram), aborts and errors per path and
+//! concurrency, the ratio to `direct-2pc`, and writes JSON plus an SVG plot.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use hdrhistogram::Histogram;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use serde_json::json;
+use tokio_postgres::{Client, NoTls, Statement};
+
+use twopc_coordinator::config::ServeConfig;
+use twopc_coordinator::server::Running;
+use twopc_coordinator::workload::transfer_body;
+
+use crate::{setup_bank, spawn_agent, ClusterOptions, PgCluster};
+
+pub const ALL_PATHS: &[&str] = &[
+    "direct-2pc",
+    "non-atomic",
+    "twopc-remote-applied",
+    "twopc-remote-durable",
+    "twopc-inproc-applied",
+    "twopc-inproc-durable",
+    "single-direct",
+    "single-twopc",
+];
+
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    pub paths: Vec<String>,
+    pub concurrency: Vec<usize>,
+    pub duration: Duration,
+    pub warmup: Duration,
+    pub accounts: u32,
+    /// Existing databases (`postgresql://...`, two), or None to start clusters.
+    pub urls: Option<(String, String)>,
+    pub pg_fsync: bool,
+    pub out_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PointResult {
+    pub path: String,
+    pub concurrency: usize,
+    pub seconds: f64,
+    pub committed: u64,
+    pub aborted: u64,
+    pub errors: u64,
+    pub throughput: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    /// Throughput and p50 relative to `direct-2pc` at the same concurrency
+    /// (`single-twopc` relative to `single-direct`).
+    pub throughput_ratio: Option<f64>,
+    pub p50_ratio: Option<f64>,
+}
+
+enum Op {
+    Committed,
+    Aborted,
+    Error,
+}
+
+/// One client's way of doing a transfer.
+enum Driver {
+    Direct2pc {
+        a: Client,
+        b: Client,
+        upd_a: Statement,
+        ins_a: Statement,
+        upd_b: Statement,
+        ins_b: Statement,
+    },
+    NonAtomic {
+        a: Client,
+        b: Client,
+        upd_a: Statement,
+        ins_a: Statement,
+        upd_b: Statement,
+        ins_b: Statement,
+    },
+    SingleDirect {
+        a: Client,
+        upd: Statement,
+        ins: Statement,
+    },
+    Http {
+        http: reqwest::Client,
+        url: String,
+        ack: &'static str,
+        single: bool,
+    },
+}
+
+const UPD: &str = "UPDATE acct SET bal = bal + $1 WHERE id = $2";
+const INS: &str = "INSERT INTO ledger (txn_id, acct, delta) VALUES ($1, $2, $3)";
+
+async fn connect(url: &str) -> anyhow::Result<Client> {
+    let (c, conn) = tokio_postgres::connect(url, NoTls)
+        .await
+        .context("connect")?;
+    tokio::spawn(conn);
+    Ok(c)
+}
+
+/// BEGIN; debit/credit; ledger row; then `finish`, all pipelined in one round trip.
+async fn leg(
+    c: &Client,
+    upd: &Statement,
+    ins: &Statement,
+    txn_id: &str,
+    acct: i32,
+    delta: i64,
+    finish: &str,
+) -> Result<(), tokio_postgres::Error> {
+    let p_upd: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&delta, &acct];
+    let p_ins: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&txn_id, &acct, &delta];
+    let (r1, r2, r3, r4) = tokio::join!(
+        c.batch_execute("BEGIN"),
+        c.execute(upd, &p_upd),
+        c.execute(ins, &p_ins),
+        c.batch_execute(finish),
+    );
+    let res = r1.and(r2.map(|_| ())).and(r3.map(|_| ())).and(r4);
+    if res.is_err() {
+        let _ = c.batch_execute("ROLLBACK").await;
+    }
+    res
+}
+
+impl Driver {
+    async fn transfer(&self, txn_id: &str, from: i32, to: i32, amount: i64) -> Op {
+        match self {
+            Driver::Direct2pc {
+                a,
+                b,
+                upd_a,
+                ins_a,
+                upd_b,
+                ins_b,
+            } => {
+                let prepare = format!("PREPARE TRANSACTION '{txn_id}'");
+                let (ra, rb) = tokio::join!(
+                    leg(a, upd_a, ins_a, txn_id, from, -amount, &prepare),
+                    leg(b, upd_b, ins_b, txn_id, to, amount, &prepare),
+                );
+                if ra.is_err() || rb.is_err() {
+                    let rollback = format!("ROLLBACK PREPARED '{txn_id}'");
+                    if ra.is_ok() {
+                        let _ = a.batch_execute(&rollback).await;
+                    }
+                    if rb.is_ok() {
+                        let _ = b.batch_execute(&rollback).await;
+                    }
+                    return Op::Aborted;
+                }
+                let commit = format!("COMMIT PREPARED '{txn_id}'");
+                let (ca, cb) = tokio::join!(a.batch_execute(&commit), b.batch_execute(&commit));
+                if ca.is_ok() && cb.is_ok() {
+                    Op::Committed
+                } else {
+                    Op::Error
+                }
+            }
+            Driver::NonAtomic {
+                a,
+                b,
+                upd_a,
+                ins_a,
+                upd_b,
+                ins_b,
+            } => {
+                let (ra, rb) = tokio::join!(
+                    leg(a, upd_a, ins_a, txn_id, from, -amount, "COMMIT"),
+                    leg(b, upd_b, ins_b, txn_id, to, amount, "COMMIT"),
+                );
+                match (ra, rb) {
+                    (Ok(()), Ok(())) => Op::Committed,
+                    _ => Op::Error,
+                }
+            }
+            Driver::SingleDirect { a, upd, ins } => {
+                match leg(a, upd, ins, txn_id, from, 0, "COMMIT").await {
+                    Ok(()) => Op::Committed,
+                    Err(_) => Op::Aborted,
+                }
+            }
+            Driver::Http {
+                http,
+                url,
+                ack,
+                single,
+            } => {
+                let mut body = if *single {
+                    let stmts = twopc_coordinator::bank::credit_statements(txn_id, from, 0)
+                        .into_iter()
+                        .map(|(sql, params)| json!({"sql": sql, "params": params}))
+                        .collect::<Vec<_>>();
+                    json!({"txn_id": txn_id, "branches": [{"participant": "a", "statements": stmts}]})
+                } else {
+                    transfer_body(txn_id, ("a", from), ("b", to), amount)
+                };
+                body["ack"] = json!(ack);
+                match http.post(url).json(&body).send().await {
+                    Ok(r) if r.status().as_u16() == 200 => Op::Committed,
+                    Ok(r) if r.status().as_u16() == 409 => Op::Aborted,
+                    _ => Op::Error,
+                }
+            }
+        }
+    }
+}
+
+/// What a path needs running: coordinators for the twopc paths.
+struct Setup {
+    urls: (String, String),
+    remote: Option<Running>,
+    inproc: Option<Running>,
+    _clusters: Vec<PgCluster>,
+    _data_dirs: Vec<PathBuf>,
+}
+
+async fn coordinator(
+    participants: &[(&str, String)],
+    tag: &str,
+) -> anyhow::Result<(Running, PathBuf)> {
+    let dir = std::env::temp_dir().join(format!(
+        "twopc-bench-{tag}-{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    let mut c = ServeConfig {
+        listen: "127.0.0.1:0".into(),
+        data_dir: dir.clone(),
+        coordinator_id: format!("bench{tag}"),
+        ..ServeConfig::default()
+    };
+    for (n, spec) in participants {
+        c.participants.insert((*n).into(), spec.clone());
+    }
+    Ok((twopc_coordinator::server::start(c).await?, dir))
+}
+
+impl Setup {
+    async fn new(config: &BenchConfig) -> anyhow::Result<Setup> {
+        let mut clusters = Vec::new();
+        let urls = match &config.urls {
+            Some(u) => u.clone(),
+            None => {
+                let fsync = config.pg_fsync;
+                clusters =
+                    tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<PgCluster>> {
+                        ["a", "b"]
+                            .iter()
+                            .map(|n| {
+                                let mut o = ClusterOptions::new(format!("bench{n}"));
+                                o.fsync = fsync;
+                                o.max_connections = 300;
+                                o.max_prepared_transactions = 250;
+                                o.extra_conf.push(("shared_buffers".into(), "256MB".into()));
+                                PgCluster::start(o).map_err(Into::into)
+                            })
+                            .collect()
+                    })
+                    .await??;
+                (clusters[0].url("postgres"), clusters[1].url("postgres"))
+            }
+        };
+        let mut setup = Setup {
+            urls,
+            remote: None,
+            inproc: None,
+            _clusters: clusters,
+            _data_dirs: vec![],
+        };
+        let wants = |p: &str| config.paths.iter().any(|x| x.starts_with(p));
+        if wants("twopc-remote") || wants("single-twopc") {
+            let (a, _) = spawn_agent("a", &setup.urls.0).await?;
+            let (b, _) = spawn_agent("b", &setup.urls.1).await?;
+            let (r, d) = coordinator(&[("a", a), ("b", b)], "r").await?;
+            setup.remote = Some(r);
+            setup._data_dirs.push(d);
+        }
+        if wants("twopc-inproc") {
+            let (r, d) = coordinator(
+                &[("a", setup.urls.0.clone()), ("b", setup.urls.1.clone())],
+                "i",
+            )
+            .await?;
+            setup.inproc = Some(r);
+            setup._data_dirs.push(d);
+        }
+        Ok(setup)
+    }
+
+    async fn driver(&self, path: &str, http: &reqwest::Client) -> anyhow::Result<Driver> {
+        let url_of = |r: &Option<Running>| -> anyhow::Result<String> {
+            Ok(format!(
+                "http://{}/v1/transactions",
+                r.as_ref().context("coordinator not started")?.addr
+            ))
+        };
+        Ok(match path {
+            "direct-2pc" | "non-atomic" => {
+                let a = connect(&self.urls.0).await?;
+                let b = connect(&self.urls.1).await?;
+                let (upd_a, ins_a, upd_b, ins_b) = (
+                    a.prepare(UPD).await?,
+                    a.prepare(INS).await?,
+                    b.prepare(UPD).await?,
+                    b.prepare(INS).await?,
+                );
+                if path == "direct-2pc" {
+                    Driver::Direct2pc {
+                        a,
+                        b,
+                        upd_a,
+                        ins_a,
+                        upd_b,
+                        ins_b,
+                    }
+                } else {
+                    Driver::NonAtomic {
+                        a,
+                        b,
+                        upd_a,
+                        ins_a,
+                        upd_b,
+                        ins_b,
+                    }
+                }
+            }
+            "single-direct" => {
+                let a = connect(&self.urls.0).await?;
+                let (upd, ins) = (a.prepare(UPD).await?, a.prepare(INS).await?);
+                Driver::SingleDirect { a, upd, ins }
+            }
+            "single-twopc" => Driver::Http {
+                http: http.clone(),
+                url: url_of(&self.remote)?,
+                ack: "applied",
+                single: true,
+            },
+            "twopc-remote-applied" => Driver::Http {
+                http: http.clone(),
+                url: url_of(&self.remote)?,
+                ack: "applied",
+                single: false,
+            },
+            "twopc-remote-durable" => Driver::Http {
+                http: http.clone(),
+                url: url_of(&self.remote)?,
+                ack: "durable",
+                single: false,
+            },
+            "twopc-inproc-applied" => Driver::Http {
+                http: http.clone(),
+                url: url_of(&self.inproc)?,
+                ack: "applied",
+                single: false,
+            },
+            "twopc-inproc-durable" => Driver::Http {
+                http: http.clone(),
+                url: url_of(&self.inproc)?,
+                ack: "durable",
+                single: false,
+            },
+            other => anyhow::bail!("unknown path {other:?}; paths: {}", ALL_PATHS.join(", ")),
+        })
+    }
+
+    async fn shutdown(self) {
+        for r in [self.remote, self.inproc].into_iter().flatten() {
+            let _ = r.shutdown().await;
+        }
+        for d in &self._data_dirs {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
+async fn run_point(
+    setup: &Setup,
+    path: &str,
+    concurrency: usize,
+    config: &BenchConfig,
+    run_tag: u64,
+) -> anyhow::Result<PointResult> {
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(concurrency)
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    let measuring = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for client in 0..concurrency {
+        let driver = setup.driver(path, &http).await?;
+        let (measuring, stop, done) = (measuring.clone(), stop.clone(), done.clone());
+        let accounts = config.accounts as i32;
+        let tag = format!("{}{run_tag}x{client}", path.replace('-', ""));
+        tasks.push(tokio::spawn(async move {
+            let mut hist =
+                Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+            let (mut committed, mut aborted, mut errors) = (0u64, 0u64, 0u64);
+            let mut rng = rand::rngs::StdRng::from_entropy();
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                let txn_id = format!("{tag}n{n}");
+                let from = rng.gen_range(1..=accounts);
+                let to = rng.gen_range(1..=accounts);
+                let t0 = Instant::now();
+                let op = driver.transfer(&txn_id, from, to, 1).await;
+                if !measuring.load(Ordering::Relaxed) {
+                    continue;
+                }
+                match op {
+                    Op::Committed => {
+                        committed += 1;
+                        let _ = hist.record(t0.elapsed().as_micros().max(1) as u64);
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Op::Aborted => aborted += 1,
+                    Op::Error => errors += 1,
+                }
+            }
+            (hist, committed, aborted, errors)
+        }));
+    }
+    tokio::time::sleep(config.warmup).await;
+    measuring.store(true, Ordering::Relaxed);
+    let t0 = Instant::now();
+    while t0.elapsed() < config.duration {
+        tokio::time::sleep(Duration::from_secs(1).min(config.duration)).await;
+        eprint!(
+            "\r  {path:<22} c={concurrency:<3} {:>4.0}s/{:.0}s {:>8} committed   ",
+            t0.elapsed().as_secs_f64(),
+            config.duration.as_secs_f64(),
+            done.load(Ordering::Relaxed)
+        );
+    }
+    measuring.store(false, Ordering::Relaxed);
+    let seconds = t0.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let (mut committed, mut aborted, mut errors) = (0, 0, 0);
+    for t in tasks {
+        let (h, c, a, e) = t.await?;
+        hist.add(h)?;
+        committed += c;
+        aborted += a;
+        errors += e;
+    }
+    eprintln!();
+    let q = |p: f64| hist.value_at_quantile(p) as f64 / 1000.0;
+    Ok(PointResult {
+        path: path.to_owned(),
+        concurrency,
+        seconds,
+        committed,
+        aborted,
+        errors,
+        throughput: committed as f64 / seconds,
+        p50_ms: q(0.5),
+        p99_ms: q(0.99),
+        p999_ms: q(0.999),
+        throughput_ratio: None,
+        p50_ratio: None,
+    })
+}
+
+/// Runs every path at every concurrency; prints a table and writes JSON + SVG.
+pub async fn run(config: BenchConfig) -> anyhow::Result<Vec<PointResult>> {
+    let setup = Setup::new(&config).await?;
+    for url in [&setup.urls.0, &setup.urls.1] {
+        setup_bank(url, config.accounts, 1_000_000_000).await?;
+    }
+    let mut results = Vec::new();
+    let run_tag = rand::random::<u32>() as u64;
+    for &c in &config.concurrency {
+        for path in &config.paths {
+            let r = run_point(&setup, path, c, &config, run_tag).await?;
+            results.push(r);
+        }
+    }
+    setup.shutdown().await;
+    // Ratios.
+    let snapshot = results.clone();
+    for r in &mut results {
+        let base = if r.path.starts_with("single-") {
+            "single-direct"
+        } else {
+            "direct-2pc"
+        };
+        if let Some(b) = snapshot
+            .iter()
+            .find(|b| b.path == base && b.concurrency == r.concurrency)
+        {
+            if b.throughput > 0.0 {
+                r.throughput_ratio = Some(r.throughput / b.throughput);
+            }
+            if b.p50_ms > 0.0 {
+                r.p50_ratio = Some(r.p50_ms / b.p50_ms);
+            }
+        }
+    }
+    std::fs::create_dir_all(&config.out_dir)?;
+    let json_path = config.out_dir.join("bench.json");
+    std::fs::write(
+        &json_path,
+        serde_json::to_string_pretty(&json!({
+            "duration_s": config.duration.as_secs_f64(),
+            "accounts": config.accounts,
+            "pg_fsync": config.pg_fsync,
+            "results": results,
+        }))?,
+    )?;
+    let svg_path = config.out_dir.join("bench.svg");
+    std::fs::write(&svg_path, svg(&results))?;
+    println!("{}", table(&results));
+    println!("wrote {} and {}", json_path.display(), svg_path.display());
+    Ok(results)
+}
+
+pub fn table(results: &[PointResult]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{:<22} {:>4} {:>9} {:>8} {:>8} {:>8} {:>7} {:>6} {:>8} {:>8}",
+        "path",
+        "c",
+        "tps",
+        "p50 ms",
+        "p99 ms",
+        "p999 ms",
+        "aborts",
+        "errors",
+        "tps/base",
+        "p50/base"
+    );
+    for r in results {
+        let ratio = |x: Option<f64>| x.map_or("-".to_owned(), |v| format!("{v:.2}"));
+        let _ = writeln!(
+            s,
+            "{:<22} {:>4} {:>9.0} {:>8.2} {:>8.2} {:>8.2} {:>7} {:>6} {:>8} {:>8}",
+            r.path,
+            r.concurrency,
+            r.throughput,
+            r.p50_ms,
+            r.p99_ms,
+            r.p999_ms,
+            r.aborted,
+            r.errors,
+            ratio(r.throughput_ratio),
+            ratio(r.p50_ratio)
+        );
+    }
+    s
+}
+
+/// Two line charts (throughput and p50/p99 latency against concurrency), one line per path.
+pub fn svg(results: &[PointResult]) -> String {
+    let mut paths: Vec<&str> = Vec::new();
+    for r in results {
+        if !paths.contains(&r.path.as_str()) {
+            paths.push(&r.path);
+        }
+    }
+    let mut conc: Vec<usize> = results.iter().map(|r| r.concurrency).collect();
+    conc.sort_unstable();
+    conc.dedup();
+    let colors = [
+        "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+    ];
+    let (w, h, pad) = (520.0, 340.0, 55.0);
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{}" height="{}" font-family="sans-serif" font-size="11">"#,
+        2.0 * w + 200.0,
+        h + 20.0
+    );
+    let chart = |out: &mut String, x0: f64, title: &str, value: &dyn Fn(&PointResult) -> f64| {
+        let max = results.iter().map(value).fold(0.0f64, f64::max).max(1e-9) * 1.1;
+        let xs =
+            |i: usize| x0 + pad + (w - 2.0 * pad) * (i as f64) / ((conc.len().max(2) - 1) as f64);
+        let ys = |v: f64| h - pad + 10.0 - (h - 2.0 * pad) * v / max;
+        let _ = writeln!(
+            out,
+            r#"<text x="{}" y="18" font-size="13">{title}</text>"#,
+            x0 + pad
+        );
+        let _ = writeln!(
+            out,
+            r#"<line x1="{a}" y1="{b}" x2="{c}" y2="{b}" stroke="black"/><line x1="{a}" y1="{d}" x2="{a}" y2="{b}" stroke="black"/>"#,
+            a = x0 + pad,
+            b = h - pad + 10.0,
+            c = x0 + w - pad,
+            d = pad - 10.0
+        );
+        for k in 0..=4 {
+            let v = max * k as f64 / 4.0;
+            let _ = writeln!(
+                out,
+                r#"<text x="{}" y="{}" text-anchor="end">{v:.1}</text>"#,
+                x0 + pad - 4.0,
+                ys(v) + 4.0
+            );
+        }
+        for (i, c) in conc.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                r#"<text x="{}" y="{}" text-anchor="middle">{c}</text>"#,
+                xs(i),
+                h - pad + 24.0
+            );
+        }
+        let _ = writeln!(
+            out,
+            r#"<text x="{}" y="{}" text-anchor="middle">clients</text>"#,
+            x0 + w / 2.0,
+            h - pad + 38.0
+        );
+        for (pi, p) in paths.iter().enumerate() {
+            let pts: Vec<String> = conc
+                .iter()
+                .enumerate()
+                .filter_map(|(i, c)| {
+                    results
+                        .iter()
+                        .find(|r| r.path == *p && r.concurrency == *c)
+                        .map(|r| format!("{:.1},{:.1}", xs(i), ys(value(r))))
+                })
+                .collect();
+            let _ = writeln!(
+                out,
+                r#"<polyline fill="none" stroke="{}" stroke-width="2" points="{}"/>"#,
+                colors[pi % colors.len()],
+                pts.join(" ")
+            );
+        }
+    };
+    chart(&mut out, 0.0, "throughput (committed/s)", &|r| r.throughput);
+    chart(&mut out, w, "p50 latency (ms)", &|r| r.p50_ms);
+    for (pi, p) in paths.iter().enumerate() {
+        let y = 40.0 + 16.0 * pi as f64;
+        let _ = writeln!(
+            out,
+            r#"<rect x="{}" y="{}" width="10" height="10" fill="{}"/><text x="{}" y="{}">{p}</text>"#,
+            2.0 * w + 10.0,
+            y - 9.0,
+            colors[pi % colors.len()],
+            2.0 * w + 25.0,
+            y
+        );
+    }
+    out.push_str("</svg>\n");
+    out
+}
+
+/// The decision log alone: `appenders` tasks doing forced appends for `duration`.
+pub async fn log_bench(appenders: usize, duration: Duration, dir: PathBuf) -> anyhow::Result<f64> {
+    use twopc_coordinator::decision_log::{DecisionLog, LogConfig, Record};
+    let _ = std::fs::remove_dir_all(&dir);
+    let (log, _) = DecisionLog::open(LogConfig::new(&dir))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for t in 0..appenders {
+        let (log, stop) = (log.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                let rec = Record::Commit {
+                    gid: format!("twopc_bench_1_{t}{n}"),
+                    txn_id: format!("bench-{t}-{n}"),
+                    participants: vec!["a".into(), "b".into()],
+                    decided_at_ms: 0,
+                };
+                if log.append_forced(rec).await.is_err() {
+                    break;
+                }
+            }
+            n
+        }));
+    }
+    let t0 = Instant::now();
+    tokio::time::sleep(duration).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut total = 0;
+    for t in tasks {
+        total += t.await?;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let stats = log.stats();
+    log.close().await?;
+    let _ = std::fs::remove_dir_all(&dir);
+    let rate = total as f64 / secs;
+    println!(
+        "decision log: {appenders} appenders, {total} forced appends in {secs:.1}s = {rate:.0}/s, {} fsyncs ({:.1} records per fsync)",
+        stats.fsyncs,
+        stats.records as f64 / stats.fsyncs.max(1) as f64
+    );
+    Ok(rate)
+}

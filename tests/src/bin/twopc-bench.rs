@@ -1,0 +1,72 @@
+//! `twopc-bench`: see `twopc_testkit::bench`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use twopc_testkit::bench::{self, BenchConfig, ALL_PATHS};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "twopc-bench",
+    about = "The same transfer through direct 2PC, non-atomic commits and twopc, side by side"
+)]
+struct Args {
+    /// Paths to run (comma-separated); default all.
+    #[arg(long, value_delimiter = ',')]
+    paths: Vec<String>,
+    /// Client counts (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    concurrency: Vec<usize>,
+    /// Measured seconds per path and concurrency.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Unmeasured seconds before each measurement.
+    #[arg(long, default_value_t = 2)]
+    warmup_seconds: u64,
+    /// Accounts per database.
+    #[arg(long, default_value_t = 10_000)]
+    accounts: u32,
+    /// Use these two databases instead of starting clusters (both must have
+    /// max_prepared_transactions > 0; the bank tables are (re)created).
+    #[arg(long, num_args = 2, value_names = ["URL_A", "URL_B"])]
+    databases: Option<Vec<String>>,
+    /// Started clusters run with fsync=off (faster, less realistic).
+    #[arg(long)]
+    pg_no_fsync: bool,
+    /// Where bench.json and bench.svg go.
+    #[arg(long, default_value = "bench-results")]
+    out: PathBuf,
+    /// Only the decision log: forced appends per second with this many appenders.
+    #[arg(long)]
+    log_only: Option<usize>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    twopc_testkit::init_tracing();
+    let args = Args::parse();
+    if let Some(appenders) = args.log_only {
+        let dir = std::env::current_dir()?.join(".twopc-log-bench");
+        bench::log_bench(appenders, Duration::from_secs(args.seconds), dir).await?;
+        return Ok(());
+    }
+    let paths = if args.paths.is_empty() {
+        ALL_PATHS.iter().map(|s| s.to_string()).collect()
+    } else {
+        args.paths
+    };
+    let urls = args.databases.map(|v| (v[0].clone(), v[1].clone()));
+    bench::run(BenchConfig {
+        paths,
+        concurrency: args.concurrency,
+        duration: Duration::from_secs(args.seconds),
+        warmup: Duration::from_secs(args.warmup_seconds),
+        accounts: args.accounts,
+        urls,
+        pg_fsync: !args.pg_no_fsync,
+        out_dir: args.out,
+    })
+    .await?;
+    Ok(())
+}
