@@ -68,6 +68,8 @@ pub struct EngineConfig {
     pub outcome_retention_ms: u64,
     /// How often recovery asks every participant for prepared branches of ours.
     pub recovery_interval_ms: u64,
+    /// Most outcomes kept in memory for `GET` (oldest forgotten first; ~100 bytes each).
+    pub outcome_index_max: usize,
 }
 
 impl EngineConfig {
@@ -89,6 +91,7 @@ impl EngineConfig {
             max_statements_per_txn: 10_000,
             outcome_retention_ms: 3_600_000,
             recovery_interval_ms: 5_000,
+            outcome_index_max: 1_000_000,
         }
     }
 }
@@ -889,6 +892,12 @@ impl Engine {
             },
         );
         o.order.push_back((Instant::now(), txn_id.to_owned()));
+        // Bounded: a busy coordinator must not grow without limit between reaper passes.
+        while o.order.len() > self.inner.config.outcome_index_max {
+            if let Some((_, old)) = o.order.pop_front() {
+                o.by_txn.remove(&old);
+            }
+        }
     }
 
     fn set_phase(&self, txn: &LiveTxn, phase: Phase) {

@@ -415,7 +415,7 @@ async fn run_point(
         let driver = setup.driver(path, &http).await?;
         let (measuring, stop, done) = (measuring.clone(), stop.clone(), done.clone());
         let accounts = config.accounts as i32;
-        let tag = format!("{}{run_tag}x{client}", path.replace('-', ""));
+        let tag = format!("{}{run_tag}c{concurrency}x{client}", path.replace('-', ""));
         tasks.push(tokio::spawn(async move {
             let mut hist =
                 Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
