@@ -587,6 +587,11 @@ impl Engine {
 
     /// Runs a one-shot transaction (`branches` given).
     pub async fn run(&self, req: TxnRequest) -> Result<Committed, TxnError> {
+        let this = self.clone();
+        detached(async move { this.run_inner(req).await }).await
+    }
+
+    async fn run_inner(&self, req: TxnRequest) -> Result<Committed, TxnError> {
         let branches = req.branches.clone().unwrap_or_default();
         if branches.is_empty() {
             return Err(TxnError::BadRequest("branches is empty".into()));
@@ -632,6 +637,16 @@ impl Engine {
     /// Runs one statement of an interactive transaction. Any failure rolls the whole
     /// transaction back (as PostgreSQL does with a failed statement).
     pub async fn statement(
+        &self,
+        txn_id: &str,
+        participant: &str,
+        stmt: Statement,
+    ) -> Result<StmtResult, TxnError> {
+        let (this, txn_id, participant) = (self.clone(), txn_id.to_owned(), participant.to_owned());
+        detached(async move { this.statement_inner(&txn_id, &participant, stmt).await }).await
+    }
+
+    async fn statement_inner(
         &self,
         txn_id: &str,
         participant: &str,
@@ -685,6 +700,15 @@ impl Engine {
 
     /// Commits an interactive transaction.
     pub async fn commit(&self, txn_id: &str, ack: Option<AckMode>) -> Result<Committed, TxnError> {
+        let (this, txn_id) = (self.clone(), txn_id.to_owned());
+        detached(async move { this.commit_inner(&txn_id, ack).await }).await
+    }
+
+    async fn commit_inner(
+        &self,
+        txn_id: &str,
+        ack: Option<AckMode>,
+    ) -> Result<Committed, TxnError> {
         let txn = self.live(txn_id)?;
         let ack = ack.unwrap_or(self.inner.config.default_ack);
         let span = tracing::info_span!("txn", txn_id = %txn.txn_id, gid = %txn.gid);
@@ -708,6 +732,11 @@ impl Engine {
 
     /// Rolls back an interactive transaction.
     pub async fn rollback(&self, txn_id: &str) -> Result<(), TxnError> {
+        let (this, txn_id) = (self.clone(), txn_id.to_owned());
+        detached(async move { this.rollback_inner(&txn_id).await }).await
+    }
+
+    async fn rollback_inner(&self, txn_id: &str) -> Result<(), TxnError> {
         let txn = self.live(txn_id)?;
         let mut state = txn.state.lock().await;
         if state.finished {
@@ -1550,6 +1579,17 @@ impl Engine {
         dry_run: bool,
         force: bool,
     ) -> Result<ResolveReport, TxnError> {
+        let (this, id) = (self.clone(), id.to_owned());
+        detached(async move { this.resolve_inner(&id, action, dry_run, force).await }).await
+    }
+
+    async fn resolve_inner(
+        &self,
+        id: &str,
+        action: ResolveAction,
+        dry_run: bool,
+        force: bool,
+    ) -> Result<ResolveReport, TxnError> {
         let gid = self
             .find_gid(id)
             .ok_or_else(|| TxnError::UnknownTxn(id.to_owned()))?;
@@ -1698,6 +1738,18 @@ impl Engine {
             dry_run,
             steps,
         })
+    }
+}
+
+/// Runs `work` as its own task: a client that disconnects (dropping the request future)
+/// must not cut a transaction off between two steps of the protocol, e.g. after its
+/// decision is logged but before phase 2 starts, or before it leaves the live table.
+async fn detached<T: Send + 'static>(
+    work: impl std::future::Future<Output = Result<T, TxnError>> + Send + 'static,
+) -> Result<T, TxnError> {
+    match tokio::spawn(work).await {
+        Ok(r) => r,
+        Err(e) => Err(TxnError::Internal(format!("transaction task failed: {e}"))),
     }
 }
 

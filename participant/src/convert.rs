@@ -355,6 +355,8 @@ fn column_value(row: &tokio_postgres::Row, i: usize, ty: &Type) -> Result<Value,
                 &t.format("%H:%M:%S%.6f").to_string(),
             ))
         }),
+        // Functions returning void (pg_sleep, ...): nothing to show.
+        Type::VOID => Value::Null,
         _ => match ty.kind() {
             // Enums travel as their label text.
             Kind::Enum(_) => get!(RawText).map_or(Value::Null, |t| Value::String(t.0)),

@@ -591,3 +591,38 @@ async fn abandoned_interactive_transaction_is_rolled_back() {
     assert_clean(&h).await;
     h.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_that_hangs_up_does_not_cut_a_transaction_off() {
+    let h = Harness::start(2, AgentMode::Remote).await.unwrap();
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let mut body = transfer("hangup", &[("a", 8, -4), ("b", 8, 4)]);
+    body["branches"][0]["statements"]
+        .as_array_mut()
+        .unwrap()
+        .insert(0, json!({"sql": "SELECT pg_sleep(1)"}));
+    let r = impatient
+        .post(format!("{}/v1/transactions", h.base_url))
+        .json(&body)
+        .send()
+        .await;
+    assert!(r.is_err(), "the client gave up before the answer");
+    // The transaction runs to its end anyway: one outcome, nothing left prepared or live.
+    let mut outcome = Value::Null;
+    for _ in 0..100 {
+        let (_, st) = h.get("/v1/transactions/hangup").await.unwrap();
+        if st["outcome"].is_string() {
+            outcome = st["outcome"].clone();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(outcome, "committed");
+    assert_eq!(ledger_rows(&h, 0, "hangup").await, 1);
+    assert_eq!(ledger_rows(&h, 1, "hangup").await, 1);
+    assert_clean(&h).await;
+    h.shutdown().await.unwrap();
+}

@@ -155,6 +155,10 @@ async fn values_round_trip_with_postgres_semantics() {
         Response::Failed(e) => assert_eq!(e.sqlstate.as_deref(), Some("22008"), "{e}"),
         other => panic!("accepted: {other:?}"),
     }
+    // void (pg_sleep and friends) reads as null.
+    let row = first_row(one(&agent, next(), "SELECT pg_sleep(0) AS s", vec![]).await);
+    assert_eq!(row["s"], Value::Null);
+
     // An unsupported result type says how to cast it.
     match one(&agent, next(), "SELECT interval '1 day' AS iv", vec![]).await {
         Response::Failed(e) => assert!(e.message.contains("iv::text"), "{}", e.message),
