@@ -1815,7 +1815,9 @@ fn agent_abort(participant: &str, txn_id: &str, e: AgentError) -> AbortInfo {
         ErrorKind::Unavailable => ("08006".to_owned(), false),
         ErrorKind::Limit => ("53000".to_owned(), false),
         ErrorKind::BadRequest | ErrorKind::UnknownBranch => ("25000".to_owned(), false),
-        ErrorKind::VersionMismatch | ErrorKind::Internal => ("XX000".to_owned(), false),
+        ErrorKind::VersionMismatch | ErrorKind::Fenced | ErrorKind::Internal => {
+            ("XX000".to_owned(), false)
+        }
     };
     let message = match e.statement_index {
         Some(i) => format!("statement {}: {}", i + 1, e.message),

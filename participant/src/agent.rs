@@ -122,6 +122,9 @@ impl Tombstones {
 struct Tables {
     branches: HashMap<Gid, Branch>,
     tombstones: Tombstones,
+    /// Newest epoch seen per coordinator id (fencing). In memory: after an agent restart
+    /// the first coordinator to connect sets it again.
+    epochs: HashMap<String, u64>,
 }
 
 struct Inner {
@@ -203,6 +206,7 @@ impl Agent {
                         order: VecDeque::new(),
                         max: tombstones_max,
                     },
+                    epochs: HashMap::new(),
                 }),
             }),
         };
@@ -242,6 +246,24 @@ impl Agent {
         &self.inner.config.name
     }
 
+    /// Fencing: records `epoch` for `coordinator_id` if it is the newest seen, and
+    /// refuses an epoch older than the newest (a stale incarnation of that coordinator).
+    pub fn check_epoch(&self, coordinator_id: &str, epoch: u64) -> Result<(), AgentError> {
+        let mut t = self.tables();
+        let newest = t.epochs.entry(coordinator_id.to_owned()).or_insert(epoch);
+        if epoch < *newest {
+            return Err(AgentError::new(
+                ErrorKind::Fenced,
+                format!(
+                    "coordinator {coordinator_id} epoch {epoch} is older than epoch {} already seen;                      a newer incarnation is running",
+                    *newest
+                ),
+            ));
+        }
+        *newest = epoch;
+        Ok(())
+    }
+
     pub fn database(&self) -> &str {
         &self.inner.database
     }
@@ -256,8 +278,13 @@ impl Agent {
     pub async fn handle(&self, request: Request, timeout: Duration) -> Response {
         match request {
             Request::Hello {
-                protocol_version, ..
+                protocol_version,
+                coordinator_id,
+                epoch,
             } => {
+                if let Err(e) = self.check_epoch(&coordinator_id, epoch) {
+                    return Response::Failed(e);
+                }
                 if protocol_version != PROTOCOL_VERSION {
                     return failed(
                         ErrorKind::VersionMismatch,

@@ -107,6 +107,17 @@ async fn connection(
         Ok(Some(Err(e))) => return Err(e.into()),
         Ok(None) | Err(_) => return Ok(()),
     };
+    // Fencing: every later request of this connection is checked against the newest
+    // epoch of its coordinator.
+    let identity = match &hello.body {
+        Request::Hello {
+            coordinator_id,
+            epoch,
+            ..
+        } => (coordinator_id.clone(), *epoch),
+        _ => (String::new(), 0),
+    };
+    let identity = Arc::new(identity);
     let reply = match hello.body {
         Request::Hello { .. } => {
             agent
@@ -161,6 +172,7 @@ async fn connection(
         let permit = in_flight.clone().acquire_owned().await?;
         let agent = agent.clone();
         let tx = tx.clone();
+        let identity = identity.clone();
         let timeout = Duration::from_millis(frame.timeout_ms.min(config.max_request_timeout_ms));
         tokio::spawn(async move {
             let body = match frame.body {
@@ -168,7 +180,10 @@ async fn connection(
                     ErrorKind::BadRequest,
                     "handshake already done",
                 )),
-                body => agent.handle(body, timeout).await,
+                body => match agent.check_epoch(&identity.0, identity.1) {
+                    Ok(()) => agent.handle(body, timeout).await,
+                    Err(e) => Response::Failed(e),
+                },
             };
             let _ = tx.send(ResponseFrame { id: frame.id, body }).await;
             drop(permit);

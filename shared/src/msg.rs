@@ -198,6 +198,9 @@ pub enum ErrorKind {
     Unavailable,
     /// The peer speaks another protocol version, or skipped the handshake.
     VersionMismatch,
+    /// The request comes from an older epoch of a coordinator than one the agent has
+    /// already seen: a stale incarnation must not command the agent.
+    Fenced,
     Internal,
 }
 

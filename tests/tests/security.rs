@@ -1,0 +1,120 @@
+//! Only the coordinator commands the agents: fencing, limits, least privilege.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use twopc_coordinator::participant::{CallError, RemoteAgent, RemoteConfig};
+use twopc_shared::msg::{ErrorKind, Request, Response};
+use twopc_testkit::{spawn_agent, start_clusters, AgentMode, Harness};
+
+fn remote(addr: &str, epoch: u64) -> Arc<RemoteAgent> {
+    Arc::new(RemoteAgent::new(
+        "a".into(),
+        addr.into(),
+        "c1".into(),
+        epoch,
+        RemoteConfig::default(),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_coordinator_epoch_is_fenced() {
+    twopc_testkit::init_tracing();
+    let (_, clusters) = start_clusters("fence", 1).await.unwrap();
+    let (addr, _stop) = spawn_agent("a", &clusters[0].url("postgres"))
+        .await
+        .unwrap();
+    let t = Duration::from_secs(5);
+
+    let old = remote(&addr, 1);
+    assert!(matches!(
+        old.call(Request::Ping, t).await,
+        Ok(Response::Pong)
+    ));
+
+    // A newer incarnation connects: from now on epoch 1 is stale.
+    let new = remote(&addr, 2);
+    assert!(matches!(
+        new.call(Request::Ping, t).await,
+        Ok(Response::Pong)
+    ));
+    match old.call(Request::Ping, t).await {
+        Ok(Response::Failed(e)) => assert_eq!(e.kind, ErrorKind::Fenced, "{e}"),
+        other => panic!("stale epoch obeyed: {other:?}"),
+    }
+    // A fresh connection with the stale epoch is refused at the handshake.
+    let again = remote(&addr, 1);
+    match again.call(Request::Ping, t).await {
+        Err(CallError::Handshake { message, .. }) => {
+            assert!(message.contains("epoch"), "{message}")
+        }
+        other => panic!("stale handshake accepted: {other:?}"),
+    }
+    // Other coordinator ids are not affected.
+    let other = Arc::new(RemoteAgent::new(
+        "a".into(),
+        addr.clone(),
+        "c2".into(),
+        1,
+        RemoteConfig::default(),
+    ));
+    assert!(matches!(
+        other.call(Request::Ping, t).await,
+        Ok(Response::Pong)
+    ));
+    assert!(matches!(
+        new.call(Request::Ping, t).await,
+        Ok(Response::Pong)
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_give_clear_errors_and_leave_nothing_behind() {
+    let h = Harness::start_with(2, AgentMode::Remote, |c| {
+        c.max_open_txns = 3;
+        c.max_statements_per_txn = 4;
+    })
+    .await
+    .unwrap();
+    // Open interactive transactions.
+    for i in 0..3 {
+        let (status, _) = h
+            .post("/v1/transactions", &json!({"txn_id": format!("open{i}")}))
+            .await
+            .unwrap();
+        assert_eq!(status, 201);
+    }
+    let (status, r) = h.post("/v1/transactions", &json!({})).await.unwrap();
+    assert_eq!(status, 429, "{r}");
+    assert!(
+        r["error"]["message"].as_str().unwrap().contains("limit"),
+        "{r}"
+    );
+    for i in 0..3 {
+        let (status, _) = h
+            .post(&format!("/v1/transactions/open{i}/rollback"), &json!({}))
+            .await
+            .unwrap();
+        assert_eq!(status, 200);
+    }
+    // Statements per transaction.
+    let stmts: Vec<_> = (0..5).map(|_| json!({"sql": "SELECT 1"})).collect();
+    let (status, r) = h
+        .post(
+            "/v1/transactions",
+            &json!({"branches": [{"participant": "a", "statements": stmts}]}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 429, "{r}");
+    // A transaction lifetime beyond the maximum.
+    let (status, _) = h
+        .post("/v1/transactions", &json!({"timeout_ms": 100_000_000}))
+        .await
+        .unwrap();
+    assert_eq!(status, 400);
+    let report = h.audit(None).await.unwrap();
+    assert!(report.ok(), "{:?}", report.violations());
+    h.shutdown().await.unwrap();
+}
