@@ -77,6 +77,8 @@ pub struct ServeConfig {
     pub max_body_bytes: usize,
     pub log_retention_ms: u64,
     pub log_segment_max_bytes: u64,
+    /// File holding the bearer token clients must send (`Authorization: Bearer ...`).
+    pub api_token_file: Option<PathBuf>,
 }
 
 impl Default for ServeConfig {
@@ -103,6 +105,7 @@ impl Default for ServeConfig {
             max_body_bytes: 1024 * 1024,
             log_retention_ms: 3_600_000,
             log_segment_max_bytes: 64 * 1024 * 1024,
+            api_token_file: None,
         }
     }
 }
@@ -151,6 +154,9 @@ pub struct ServeArgs {
     /// Keep finished decision-log segments (and answers about them) this long.
     #[arg(long, env = "TWOPC_LOG_RETENTION_MS")]
     pub log_retention_ms: Option<u64>,
+    /// File with the bearer token every API request must carry (all but /healthz).
+    #[arg(long, env = "TWOPC_API_TOKEN_FILE")]
+    pub api_token_file: Option<PathBuf>,
     /// Turn off one-phase commit for single-participant transactions.
     #[arg(long, env = "TWOPC_NO_ONE_PHASE")]
     pub no_one_phase: bool,
@@ -210,6 +216,9 @@ impl ServeArgs {
             max_body_bytes,
             log_retention_ms
         );
+        if let Some(f) = &self.api_token_file {
+            c.api_token_file = Some(f.clone());
+        }
         if let Some(a) = self.ack {
             c.ack = a;
         }

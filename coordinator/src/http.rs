@@ -25,17 +25,75 @@ use crate::engine::{AckMode, Engine, ResolveAction, TxnError, TxnRequest};
 pub struct HttpConfig {
     /// Largest request body accepted, in bytes.
     pub max_body_bytes: usize,
+    /// Bearer token every request but `/healthz` must carry; `None`: no authentication.
+    pub api_token: Option<String>,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             max_body_bytes: 1024 * 1024,
+            api_token: None,
         }
     }
 }
 
+/// Reads a token file: the first line, trimmed; refuses an empty or short token.
+pub fn read_token_file(path: &std::path::Path) -> anyhow::Result<String> {
+    use anyhow::Context;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("read API token file {}", path.display()))?;
+    let token = text.lines().next().unwrap_or("").trim().to_owned();
+    anyhow::ensure!(
+        token.len() >= 16,
+        "API token in {} is shorter than 16 characters",
+        path.display()
+    );
+    Ok(token)
+}
+
+/// Compares in time independent of where the inputs differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn require_token(
+    axum::extract::State(token): axum::extract::State<std::sync::Arc<String>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if req.uri().path() == "/healthz" {
+        return next.run(req).await;
+    }
+    let presented = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match presented {
+        Some(p) if constant_time_eq(p.as_bytes(), token.as_bytes()) => next.run(req).await,
+        _ => error(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token (Authorization: Bearer ...)".into(),
+        ),
+    }
+}
+
 pub fn router(engine: Engine, config: HttpConfig) -> Router {
+    let app = routes(engine, &config);
+    match config.api_token {
+        Some(token) => app.layer(axum::middleware::from_fn_with_state(
+            std::sync::Arc::new(token),
+            require_token,
+        )),
+        None => app,
+    }
+}
+
+fn routes(engine: Engine, config: &HttpConfig) -> Router {
     Router::new()
         .route("/v1/transactions", post(create_txn).get(list_txns))
         .route("/v1/transactions/{id}", get(get_txn))

@@ -76,6 +76,10 @@ pub async fn participants(config: &ServeConfig, epoch: u64) -> anyhow::Result<Ve
 /// of logged decisions, and serves HTTP on `config.listen`.
 pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
     config.validate()?;
+    let api_token = match &config.api_token_file {
+        Some(path) => Some(crate::http::read_token_file(path)?),
+        None => None,
+    };
     let meta =
         meta::bump_epoch(&config.data_dir, &config.coordinator_id).context("start a new epoch")?;
     info!(coordinator_id = %meta.coordinator_id, epoch = meta.epoch, "coordinator starting");
@@ -105,6 +109,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
         engine.clone(),
         HttpConfig {
             max_body_bytes: config.max_body_bytes,
+            api_token,
         },
     );
     let shutdown = CancellationToken::new();

@@ -15,6 +15,9 @@ pub struct TxnsArgs {
         default_value = "http://127.0.0.1:7000"
     )]
     pub coordinator: String,
+    /// File with the API bearer token, if the coordinator requires one.
+    #[arg(long, env = "TWOPC_API_TOKEN_FILE")]
+    pub api_token_file: Option<std::path::PathBuf>,
     /// Print the raw JSON answers.
     #[arg(long)]
     pub json: bool,
@@ -96,8 +99,19 @@ fn print_view(v: &Value) {
 }
 
 pub async fn run(args: TxnsArgs) -> anyhow::Result<()> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(path) = &args.api_token_file {
+        let token = crate::http::read_token_file(path)?;
+        headers.insert(
+            reqwest::header::AUTHORIZATION,
+            format!("Bearer {token}")
+                .parse()
+                .context("token as a header")?,
+        );
+    }
     let http = reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(60))
+        .default_headers(headers)
         .build()?;
     let base = args.coordinator.trim_end_matches('/');
     let body = match &args.command {

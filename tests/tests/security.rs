@@ -118,3 +118,59 @@ async fn limits_give_clear_errors_and_leave_nothing_behind() {
     assert!(report.ok(), "{:?}", report.violations());
     h.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_requires_the_bearer_token() {
+    let dir = std::env::temp_dir().join(format!("twopc-token-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("token");
+    std::fs::write(&file, "s3cret-token-0123456789\n").unwrap();
+    let h = Harness::start_with(2, AgentMode::InProcess, |c| {
+        c.api_token_file = Some(file.clone())
+    })
+    .await
+    .unwrap();
+    let url = format!("{}/v1/transactions", h.base_url);
+    let body = json!({"branches": [{"participant": "a", "statements": [{"sql": "SELECT 1"}]}]});
+    // Missing or wrong token: 401, and nothing runs.
+    let r = h.http.post(&url).json(&body).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    let r = h
+        .http
+        .post(&url)
+        .bearer_auth("s3cret-token-0123456788")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    for path in ["/v1/transactions/x", "/v1/admin/txns", "/metrics"] {
+        let r = h
+            .http
+            .get(format!("{}{path}", h.base_url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 401, "{path}");
+    }
+    // Liveness stays open.
+    let r = h
+        .http
+        .get(format!("{}/healthz", h.base_url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    // The right token works.
+    let r = h
+        .http
+        .post(&url)
+        .bearer_auth("s3cret-token-0123456789")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    h.shutdown().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
