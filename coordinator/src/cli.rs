@@ -25,6 +25,8 @@ enum Command {
     Demo(DemoArgs),
     /// Inspect and resolve in-doubt transactions (through a running coordinator).
     Txns(crate::txns::TxnsArgs),
+    /// Write a development CA and certificates for mutual TLS with the agents.
+    Certs(crate::certs::CertsArgs),
 }
 
 /// Parses the command line and runs the command.
@@ -39,7 +41,7 @@ pub fn run() -> anyhow::Result<()> {
 
 async fn run_cli(cli: Cli) -> anyhow::Result<()> {
     let default_filter = match cli.command {
-        Command::Demo(_) | Command::Txns(_) => "warn",
+        Command::Demo(_) | Command::Txns(_) | Command::Certs(_) => "warn",
         _ => "info",
     };
     tracing_subscriber::fmt()
@@ -59,5 +61,6 @@ async fn run_cli(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Demo(args) => demo::run(args).await,
         Command::Txns(args) => crate::txns::run(args).await,
+        Command::Certs(args) => crate::certs::run(args),
     }
 }

@@ -79,6 +79,10 @@ pub struct ServeConfig {
     pub log_segment_max_bytes: u64,
     /// File holding the bearer token clients must send (`Authorization: Bearer ...`).
     pub api_token_file: Option<PathBuf>,
+    /// Mutual TLS to remote agents: client certificate, its key, and the agents' CA.
+    pub agent_tls_cert: Option<PathBuf>,
+    pub agent_tls_key: Option<PathBuf>,
+    pub agent_ca: Option<PathBuf>,
 }
 
 impl Default for ServeConfig {
@@ -106,6 +110,9 @@ impl Default for ServeConfig {
             log_retention_ms: 3_600_000,
             log_segment_max_bytes: 64 * 1024 * 1024,
             api_token_file: None,
+            agent_tls_cert: None,
+            agent_tls_key: None,
+            agent_ca: None,
         }
     }
 }
@@ -157,6 +164,16 @@ pub struct ServeArgs {
     /// File with the bearer token every API request must carry (all but /healthz).
     #[arg(long, env = "TWOPC_API_TOKEN_FILE")]
     pub api_token_file: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS to the agents (with --agent-tls-key and
+    /// --agent-ca).
+    #[arg(long, env = "TWOPC_AGENT_TLS_CERT", requires_all = ["agent_tls_key", "agent_ca"])]
+    pub agent_tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of the client certificate.
+    #[arg(long, env = "TWOPC_AGENT_TLS_KEY", requires = "agent_tls_cert")]
+    pub agent_tls_key: Option<PathBuf>,
+    /// CA (PEM) that must have signed the agents' certificates.
+    #[arg(long, env = "TWOPC_AGENT_CA", requires = "agent_tls_cert")]
+    pub agent_ca: Option<PathBuf>,
     /// Turn off one-phase commit for single-participant transactions.
     #[arg(long, env = "TWOPC_NO_ONE_PHASE")]
     pub no_one_phase: bool,
@@ -218,6 +235,11 @@ impl ServeArgs {
         );
         if let Some(f) = &self.api_token_file {
             c.api_token_file = Some(f.clone());
+        }
+        if self.agent_tls_cert.is_some() {
+            c.agent_tls_cert = self.agent_tls_cert.clone();
+            c.agent_tls_key = self.agent_tls_key.clone();
+            c.agent_ca = self.agent_ca.clone();
         }
         if let Some(a) = self.ack {
             c.ack = a;

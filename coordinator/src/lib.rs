@@ -16,6 +16,7 @@
 //!   kit reuses the first two).
 
 pub mod bank;
+pub mod certs;
 pub mod cli;
 pub mod config;
 pub mod decision_log;

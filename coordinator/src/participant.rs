@@ -89,7 +89,13 @@ pub struct RemoteConfig {
     pub max_frame_bytes: usize,
     /// Requests waiting to be written on the connection.
     pub send_queue: usize,
+    /// Mutual TLS to the agents (see `twopc_participant::tls::client_config`).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
+
+/// A byte stream to an agent: plain TCP or TLS over it.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 
 impl Default for RemoteConfig {
     fn default() -> Self {
@@ -97,6 +103,7 @@ impl Default for RemoteConfig {
             connect_timeout_ms: 2_000,
             max_frame_bytes: twopc_shared::codec::DEFAULT_MAX_FRAME_BYTES,
             send_queue: 4096,
+            tls: None,
         }
     }
 }
@@ -227,6 +234,28 @@ impl RemoteAgent {
             .map_err(|_| unreachable(format!("connect to {} timed out", self.addr)))?
             .map_err(|e| unreachable(format!("connect to {}: {e}", self.addr)))?;
         let _ = stream.set_nodelay(true);
+        let stream: Box<dyn Io> = match &self.config.tls {
+            None => Box::new(stream),
+            Some(tls) => {
+                let host = self
+                    .addr
+                    .rsplit_once(':')
+                    .map_or(self.addr.as_str(), |(h, _)| h)
+                    .trim_start_matches('[')
+                    .trim_end_matches(']');
+                let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+                    .map_err(|e| unreachable(format!("server name {host:?}: {e}")))?;
+                let connector = tokio_rustls::TlsConnector::from(tls.clone());
+                let s = tokio::time::timeout(connect_timeout, connector.connect(name, stream))
+                    .await
+                    .map_err(|_| unreachable("TLS handshake timed out".into()))?
+                    .map_err(|e| CallError::Handshake {
+                        participant: self.name.clone(),
+                        message: format!("TLS: {e}"),
+                    })?;
+                Box::new(s)
+            }
+        };
         let mut framed = Framed::new(
             stream,
             FrameCodec::<ResponseFrame, RequestFrame>::new(self.config.max_frame_bytes),

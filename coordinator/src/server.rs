@@ -46,6 +46,18 @@ impl Running {
 
 /// Builds the participant handles of `config` (in-process agents connect now).
 pub async fn participants(config: &ServeConfig, epoch: u64) -> anyhow::Result<Vec<Participant>> {
+    let tls = match (
+        &config.agent_tls_cert,
+        &config.agent_tls_key,
+        &config.agent_ca,
+    ) {
+        (Some(c), Some(k), Some(ca)) => Some(
+            twopc_participant::tls::client_config(c, k, ca)
+                .context("load agent TLS certificates")?,
+        ),
+        (None, None, None) => None,
+        _ => anyhow::bail!("agent TLS needs all of agent_tls_cert, agent_tls_key and agent_ca"),
+    };
     let mut out = Vec::new();
     for (name, spec) in &config.participants {
         match ParticipantSpec::parse(spec) {
@@ -55,7 +67,10 @@ pub async fn participants(config: &ServeConfig, epoch: u64) -> anyhow::Result<Ve
                     addr,
                     config.coordinator_id.clone(),
                     epoch,
-                    RemoteConfig::default(),
+                    RemoteConfig {
+                        tls: tls.clone(),
+                        ..RemoteConfig::default()
+                    },
                 ))))
             }
             ParticipantSpec::InProcess(url) => {

@@ -29,6 +29,16 @@ struct Args {
     /// Branches with an open session (interactive transactions) at once.
     #[arg(long, env = "TWOPC_MAX_OPEN_BRANCHES", default_value_t = 256)]
     max_open_branches: usize,
+    /// Agent certificate (PEM) for mutual TLS; with --tls-key and --tls-client-ca the
+    /// agent accepts only TLS connections with a client certificate signed by that CA.
+    #[arg(long, env = "TWOPC_TLS_CERT", requires_all = ["tls_key", "tls_client_ca"])]
+    tls_cert: Option<std::path::PathBuf>,
+    /// Agent private key (PEM).
+    #[arg(long, env = "TWOPC_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+    /// CA (PEM) that must have signed the coordinator's client certificate.
+    #[arg(long, env = "TWOPC_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<std::path::PathBuf>,
     /// Largest frame accepted from the coordinator, in bytes.
     #[arg(long, env = "TWOPC_MAX_FRAME_BYTES", default_value_t = twopc_shared::codec::DEFAULT_MAX_FRAME_BYTES)]
     max_frame_bytes: usize,
@@ -75,8 +85,15 @@ async fn run_async() -> anyhow::Result<()> {
         shutdown_signal().await;
         on_signal.cancel();
     });
+    let tls = match (&args.tls_cert, &args.tls_key, &args.tls_client_ca) {
+        (Some(c), Some(k), Some(ca)) => {
+            Some(crate::tls::server_config(c, k, ca).context("load TLS certificates")?)
+        }
+        _ => None,
+    };
     let server_config = ServerConfig {
         max_frame_bytes: args.max_frame_bytes,
+        tls,
         ..ServerConfig::default()
     };
     serve(agent, listener, server_config, shutdown)

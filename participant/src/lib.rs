@@ -15,5 +15,6 @@ pub mod cli;
 pub mod convert;
 pub mod failpoint;
 pub mod server;
+pub mod tls;
 
 pub use agent::{Agent, AgentConfig, AgentStartError};

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
@@ -28,6 +28,8 @@ pub struct ServerConfig {
     pub max_request_timeout_ms: u64,
     /// A connection must complete the handshake within this.
     pub handshake_timeout_ms: u64,
+    /// Mutual TLS (see [`crate::tls::server_config`]); `None`: plaintext.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Default for ServerConfig {
@@ -38,6 +40,7 @@ impl Default for ServerConfig {
             max_connections: 256,
             max_request_timeout_ms: 10 * 60 * 1000,
             handshake_timeout_ms: 10_000,
+            tls: None,
         }
     }
 }
@@ -74,7 +77,29 @@ pub async fn serve(
         let shutdown = shutdown.clone();
         tokio::spawn(
             async move {
-                if let Err(e) = connection(agent, stream, config, shutdown).await {
+                let result = match config.tls.clone() {
+                    None => connection(agent, stream, config, shutdown).await,
+                    Some(tls) => {
+                        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+                        let handshake = tokio::time::timeout(
+                            Duration::from_millis(config.handshake_timeout_ms),
+                            acceptor.accept(stream),
+                        )
+                        .await;
+                        match handshake {
+                            Ok(Ok(s)) => connection(agent, s, config, shutdown).await,
+                            Ok(Err(e)) => {
+                                warn!(error = %e, "TLS handshake refused");
+                                Ok(())
+                            }
+                            Err(_) => {
+                                warn!("TLS handshake timed out");
+                                Ok(())
+                            }
+                        }
+                    }
+                };
+                if let Err(e) = result {
                     debug!(error = %e, "connection closed");
                 }
                 drop(permit);
@@ -84,12 +109,15 @@ pub async fn serve(
     }
 }
 
-async fn connection(
+async fn connection<S>(
     agent: Agent,
-    stream: TcpStream,
+    stream: S,
     config: ServerConfig,
     shutdown: CancellationToken,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<()>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let framed = Framed::new(
         stream,
         FrameCodec::<RequestFrame, ResponseFrame>::new(config.max_frame_bytes),

@@ -121,6 +121,15 @@ pub async fn start_dbs(n: usize, mode: AgentMode) -> anyhow::Result<Vec<Db>> {
 
 /// Serves an agent for `url` on a free loopback port.
 pub async fn spawn_agent(name: &str, url: &str) -> anyhow::Result<(String, CancellationToken)> {
+    spawn_agent_with(name, url, ServerConfig::default()).await
+}
+
+/// Like [`spawn_agent`] with server settings (e.g. TLS).
+pub async fn spawn_agent_with(
+    name: &str,
+    url: &str,
+    server: ServerConfig,
+) -> anyhow::Result<(String, CancellationToken)> {
     let agent = Agent::connect(AgentConfig::new(name, url))
         .await
         .context("connect agent")?;
@@ -128,7 +137,7 @@ pub async fn spawn_agent(name: &str, url: &str) -> anyhow::Result<(String, Cance
     let addr = listener.local_addr()?.to_string();
     let stop = CancellationToken::new();
     let token = stop.clone();
-    tokio::spawn(async move { serve(agent, listener, ServerConfig::default(), token).await });
+    tokio::spawn(async move { serve(agent, listener, server, token).await });
     Ok((addr, stop))
 }
 

@@ -174,3 +174,114 @@ async fn api_requires_the_bearer_token() {
     h.shutdown().await.unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_between_coordinator_and_agents() {
+    use twopc_participant::server::ServerConfig;
+    use twopc_participant::tls;
+    twopc_testkit::init_tracing();
+    let dir = std::env::temp_dir().join(format!(
+        "twopc-tls-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    let good = dir.join("good");
+    let rogue = dir.join("rogue");
+    twopc_coordinator::certs::generate(&good, &[]).unwrap();
+    twopc_coordinator::certs::generate(&rogue, &[]).unwrap();
+
+    let (_, clusters) = start_clusters("tls", 2).await.unwrap();
+    let server_tls = tls::server_config(
+        &good.join("agent.pem"),
+        &good.join("agent-key.pem"),
+        &good.join("ca.pem"),
+    )
+    .unwrap();
+    let mut addrs = Vec::new();
+    for (name, c) in ["a", "b"].iter().zip(&clusters) {
+        let (addr, _stop) = twopc_testkit::spawn_agent_with(
+            name,
+            &c.url("postgres"),
+            ServerConfig {
+                tls: Some(server_tls.clone()),
+                ..ServerConfig::default()
+            },
+        )
+        .await
+        .unwrap();
+        twopc_testkit::setup_bank(&c.url("postgres"), 10, 100)
+            .await
+            .unwrap();
+        addrs.push(addr);
+    }
+    let t = Duration::from_secs(5);
+    let with = |tls: Option<Arc<rustls::ClientConfig>>| {
+        Arc::new(RemoteAgent::new(
+            "a".into(),
+            addrs[0].clone(),
+            "c1".into(),
+            1,
+            RemoteConfig {
+                tls,
+                ..RemoteConfig::default()
+            },
+        ))
+    };
+    // Plaintext is refused.
+    assert!(
+        with(None).call(Request::Ping, t).await.is_err(),
+        "plaintext accepted"
+    );
+    // A client certificate from another CA is refused.
+    let rogue_client = tls::client_config(
+        &rogue.join("coordinator.pem"),
+        &rogue.join("coordinator-key.pem"),
+        &good.join("ca.pem"),
+    )
+    .unwrap();
+    assert!(
+        with(Some(rogue_client))
+            .call(Request::Ping, t)
+            .await
+            .is_err(),
+        "foreign client certificate accepted"
+    );
+    // An agent certificate from another CA is refused by the coordinator.
+    let distrustful = tls::client_config(
+        &good.join("coordinator.pem"),
+        &good.join("coordinator-key.pem"),
+        &rogue.join("ca.pem"),
+    )
+    .unwrap();
+    assert!(
+        with(Some(distrustful))
+            .call(Request::Ping, t)
+            .await
+            .is_err(),
+        "foreign agent certificate trusted"
+    );
+    // The right pair works, end to end through a coordinator.
+    let mut config = twopc_coordinator::config::ServeConfig {
+        listen: "127.0.0.1:0".into(),
+        data_dir: dir.join("coord"),
+        agent_tls_cert: Some(good.join("coordinator.pem")),
+        agent_tls_key: Some(good.join("coordinator-key.pem")),
+        agent_ca: Some(good.join("ca.pem")),
+        ..Default::default()
+    };
+    config.participants.insert("a".into(), addrs[0].clone());
+    config.participants.insert("b".into(), addrs[1].clone());
+    let running = twopc_coordinator::server::start(config).await.unwrap();
+    let body = twopc_testkit::workload::transfer_body("tls-1", ("a", 1), ("b", 2), 5);
+    let r = reqwest::Client::new()
+        .post(format!("http://{}/v1/transactions", running.addr))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(status, 200, "{v}");
+    running.shutdown().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,83 @@
+//! `twopc-coordinator certs`: a development CA and certificates for mutual TLS between
+//! the coordinator and its agents. For production, use your own PKI: the agent needs a
+//! server certificate for the name the coordinator dials, the coordinator a client
+//! certificate, each signed by a CA the other side trusts.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::Args;
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose,
+};
+
+#[derive(Debug, Clone, Args)]
+pub struct CertsArgs {
+    /// Directory to write ca.pem, agent.pem, agent-key.pem, coordinator.pem,
+    /// coordinator-key.pem into.
+    #[arg(long, default_value = "twopc-certs")]
+    pub out: PathBuf,
+    /// Names (DNS or IP) the agents are dialed at (repeatable); localhost and 127.0.0.1
+    /// are always included.
+    #[arg(long = "agent-host")]
+    pub agent_hosts: Vec<String>,
+}
+
+fn write(dir: &Path, name: &str, pem: &str) -> anyhow::Result<()> {
+    let path = dir.join(name);
+    std::fs::write(&path, pem).with_context(|| format!("write {}", path.display()))?;
+    if name.ends_with("-key.pem") {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("chmod {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Generates a CA plus an agent (server) and a coordinator (client) certificate.
+pub fn generate(out: &Path, agent_hosts: &[String]) -> anyhow::Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("create {}", out.display()))?;
+    let ca_key = KeyPair::generate()?;
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.distinguished_name
+        .push(DnType::CommonName, "twopc development CA");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca_cert = ca.self_signed(&ca_key)?;
+
+    let mut hosts = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
+    hosts.extend(agent_hosts.iter().cloned());
+    let agent_key = KeyPair::generate()?;
+    let mut agent = CertificateParams::new(hosts)?;
+    agent
+        .distinguished_name
+        .push(DnType::CommonName, "twopc agent");
+    agent.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let agent_cert = agent.signed_by(&agent_key, &ca_cert, &ca_key)?;
+
+    let coord_key = KeyPair::generate()?;
+    let mut coord = CertificateParams::new(vec!["twopc-coordinator".to_owned()])?;
+    coord
+        .distinguished_name
+        .push(DnType::CommonName, "twopc coordinator");
+    coord.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let coord_cert = coord.signed_by(&coord_key, &ca_cert, &ca_key)?;
+
+    write(out, "ca.pem", &ca_cert.pem())?;
+    write(out, "ca-key.pem", &ca_key.serialize_pem())?;
+    write(out, "agent.pem", &agent_cert.pem())?;
+    write(out, "agent-key.pem", &agent_key.serialize_pem())?;
+    write(out, "coordinator.pem", &coord_cert.pem())?;
+    write(out, "coordinator-key.pem", &coord_key.serialize_pem())?;
+    Ok(())
+}
+
+pub fn run(args: CertsArgs) -> anyhow::Result<()> {
+    generate(&args.out, &args.agent_hosts)?;
+    let d = args.out.display();
+    println!("wrote a development CA and certificates to {d}");
+    println!("agent:       --tls-cert {d}/agent.pem --tls-key {d}/agent-key.pem --tls-client-ca {d}/ca.pem");
+    println!("coordinator: --agent-tls-cert {d}/coordinator.pem --agent-tls-key {d}/coordinator-key.pem --agent-ca {d}/ca.pem");
+    Ok(())
+}
