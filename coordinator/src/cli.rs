@@ -20,7 +20,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve the HTTP API and drive transactions across the participants.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Throwaway local clusters, in-process agents, a bank workload and its audit.
     Demo(DemoArgs),
     /// Inspect and resolve in-doubt transactions (through a running coordinator).
