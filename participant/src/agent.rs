@@ -60,6 +60,15 @@ pub struct AgentConfig {
     /// An open (unprepared) branch with no request for this long is rolled back: its
     /// coordinator is gone or forgot it. Keep it above the coordinator's idle timeout.
     pub idle_branch_timeout_ms: u64,
+    /// Session settings (0 = PostgreSQL's default, no limit): a runaway statement, a
+    /// lock wait, or a session left idle in a transaction is cut off by the server.
+    pub statement_timeout_ms: u64,
+    pub lock_timeout_ms: u64,
+    pub idle_in_transaction_timeout_ms: u64,
+    /// Branches this agent keeps prepared at once; 0 = the server's
+    /// `max_prepared_transactions` (which is server-wide: lower it if other software
+    /// prepares transactions too).
+    pub max_prepared_branches: u64,
 }
 
 impl AgentConfig {
@@ -75,6 +84,10 @@ impl AgentConfig {
             pool_wait_timeout_ms: 5_000,
             tombstones_max: 100_000,
             idle_branch_timeout_ms: 300_000,
+            statement_timeout_ms: 60_000,
+            lock_timeout_ms: 30_000,
+            idle_in_transaction_timeout_ms: 360_000,
+            max_prepared_branches: 0,
         }
     }
 }
@@ -129,6 +142,10 @@ struct Tables {
 
 struct Inner {
     config: AgentConfig,
+    /// Branches this agent prepared and has not yet seen finished (an upper bound on
+    /// its share of `max_prepared_transactions`).
+    prepared: std::sync::atomic::AtomicU64,
+    prepared_limit: u64,
     pool: Pool,
     database: String,
     owner: String,
@@ -145,8 +162,22 @@ pub struct Agent {
 impl Agent {
     /// Builds the pool and checks the database: reachable, and prepared transactions enabled.
     pub async fn connect(config: AgentConfig) -> Result<Agent, AgentStartError> {
-        let pg_config =
+        let mut pg_config =
             tokio_postgres::Config::from_str(&config.database_url).map_err(AgentStartError::Url)?;
+        let mut options = pg_config.get_options().unwrap_or("").to_owned();
+        for (name, ms) in [
+            ("statement_timeout", config.statement_timeout_ms),
+            ("lock_timeout", config.lock_timeout_ms),
+            (
+                "idle_in_transaction_session_timeout",
+                config.idle_in_transaction_timeout_ms,
+            ),
+        ] {
+            if ms > 0 {
+                options.push_str(&format!(" -c {name}={ms}"));
+            }
+        }
+        pg_config.options(options.trim());
         let manager = Manager::from_config(
             pg_config,
             NoTls,
@@ -190,12 +221,27 @@ impl Agent {
         if max_prepared == 0 {
             return Err(AgentStartError::NoPreparedTransactions);
         }
+        let already: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_prepared_xacts \
+                 WHERE database = current_database() AND owner = current_user",
+                &[],
+            )
+            .await
+            .map_err(|e| AgentStartError::Connect(e.to_string()))?
+            .get(0);
+        let prepared_limit = match config.max_prepared_branches {
+            0 => max_prepared as u64,
+            n => n.min(max_prepared as u64),
+        };
         drop(client);
         info!(name = %config.name, %database, %owner, max_prepared, "agent connected");
         let tombstones_max = config.tombstones_max;
         let agent = Agent {
             inner: Arc::new(Inner {
                 config,
+                prepared: std::sync::atomic::AtomicU64::new(already.max(0) as u64),
+                prepared_limit,
                 pool,
                 database,
                 owner,
@@ -326,7 +372,28 @@ impl Agent {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    fn prepared_done(&self) {
+        let _ = self.inner.prepared.fetch_update(
+            std::sync::atomic::Ordering::Relaxed,
+            std::sync::atomic::Ordering::Relaxed,
+            |n| Some(n.saturating_sub(1)),
+        );
+    }
+
     async fn execute(&self, exec: ExecuteBranch, timeout: Duration) -> Response {
+        let prepared = self
+            .inner
+            .prepared
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if exec.finish == Finish::Prepare && prepared >= self.inner.prepared_limit {
+            return failed(
+                ErrorKind::Limit,
+                format!(
+                    "{prepared} branches prepared; the limit is {} (max_prepared_transactions)",
+                    self.inner.prepared_limit
+                ),
+            );
+        }
         if exec.statements.len() > self.inner.config.max_statements_per_request {
             return failed(
                 ErrorKind::Limit,
@@ -441,6 +508,9 @@ impl Agent {
                     }
                 }
                 if ran.outcome == BranchOutcome::Prepared {
+                    self.inner
+                        .prepared
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     crate::failpoint!("participant.after_prepare");
                 }
                 debug!(new = is_new, outcome = ?ran.outcome, "branch executed");
@@ -657,7 +727,10 @@ impl Agent {
         let session = self.session().await?;
         let sql = format!("ROLLBACK PREPARED {}", gid.sql_literal());
         match session.batch_execute(&sql).await {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                self.prepared_done();
+                Ok(())
+            }
             Err(e) if sqlstate(&e) == Some(SQLSTATE_UNDEFINED_OBJECT) => Ok(()),
             Err(e) => Err(agent_error(&e, None)),
         }
@@ -682,6 +755,7 @@ impl Agent {
             let sql = format!("COMMIT PREPARED {}", gid.sql_literal());
             match session.batch_execute(&sql).await {
                 Ok(()) => {
+                    self.prepared_done();
                     crate::failpoint!("participant.after_commit_prepared");
                     Ok(CommitAck::Committed)
                 }

@@ -39,6 +39,18 @@ struct Args {
     /// CA (PEM) that must have signed the coordinator's client certificate.
     #[arg(long, env = "TWOPC_TLS_CLIENT_CA", requires = "tls_cert")]
     tls_client_ca: Option<std::path::PathBuf>,
+    /// statement_timeout of the agent's sessions (0 = none).
+    #[arg(long, env = "TWOPC_STATEMENT_TIMEOUT_MS", default_value_t = 60_000)]
+    statement_timeout_ms: u64,
+    /// lock_timeout of the agent's sessions (0 = none).
+    #[arg(long, env = "TWOPC_LOCK_TIMEOUT_MS", default_value_t = 30_000)]
+    lock_timeout_ms: u64,
+    /// An open branch with no request for this long is rolled back.
+    #[arg(long, env = "TWOPC_IDLE_BRANCH_TIMEOUT_MS", default_value_t = 300_000)]
+    idle_branch_timeout_ms: u64,
+    /// Branches kept prepared at once (0 = the server's max_prepared_transactions).
+    #[arg(long, env = "TWOPC_MAX_PREPARED_BRANCHES", default_value_t = 0)]
+    max_prepared_branches: u64,
     /// Largest frame accepted from the coordinator, in bytes.
     #[arg(long, env = "TWOPC_MAX_FRAME_BYTES", default_value_t = twopc_shared::codec::DEFAULT_MAX_FRAME_BYTES)]
     max_frame_bytes: usize,
@@ -75,6 +87,12 @@ async fn run_async() -> anyhow::Result<()> {
     let mut config = AgentConfig::new(name, args.database);
     config.pool_size = args.pool_size;
     config.max_open_branches = args.max_open_branches;
+    config.statement_timeout_ms = args.statement_timeout_ms;
+    config.lock_timeout_ms = args.lock_timeout_ms;
+    config.idle_branch_timeout_ms = args.idle_branch_timeout_ms;
+    // The server cuts off a session idle in a transaction a little after our reaper would.
+    config.idle_in_transaction_timeout_ms = args.idle_branch_timeout_ms + 60_000;
+    config.max_prepared_branches = args.max_prepared_branches;
     let agent = Agent::connect(config).await.context("start agent")?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await

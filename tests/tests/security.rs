@@ -285,3 +285,74 @@ async fn mutual_tls_between_coordinator_and_agents() {
     running.shutdown().await.unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_limits_prepared_branches_and_lock_waits() {
+    use twopc_participant::{Agent, AgentConfig};
+    use twopc_shared::gid::Gid;
+    use twopc_shared::msg::{ExecuteBranch, Finish, Statement};
+    twopc_testkit::init_tracing();
+    let (_, clusters) = start_clusters("lim", 1).await.unwrap();
+    let url = clusters[0].url("postgres");
+    twopc_testkit::setup_bank(&url, 10, 100).await.unwrap();
+    let mut config = AgentConfig::new("a", &url);
+    config.max_prepared_branches = 2;
+    config.lock_timeout_ms = 300;
+    let agent = Agent::connect(config).await.unwrap();
+    let t = Duration::from_secs(10);
+    let exec = |seq: u64, row: i32, finish: Finish| {
+        Request::Execute(ExecuteBranch {
+            gid: Gid::new("c1", 1, seq).unwrap(),
+            isolation: Default::default(),
+            statements: vec![Statement {
+                sql: "UPDATE acct SET bal = bal - 1 WHERE id = $1".into(),
+                params: vec![json!(row)],
+            }],
+            finish,
+            read_only_vote: true,
+        })
+    };
+    for seq in 1..=2 {
+        assert!(matches!(
+            agent
+                .handle(exec(seq, seq as i32, Finish::Prepare), t)
+                .await,
+            Response::Executed { .. }
+        ));
+    }
+    match agent.handle(exec(3, 3, Finish::Prepare), t).await {
+        Response::Failed(e) => assert_eq!(e.kind, ErrorKind::Limit, "{e}"),
+        other => panic!("third prepared branch accepted: {other:?}"),
+    }
+    // Finishing one frees a slot.
+    let gid1 = Gid::new("c1", 1, 1).unwrap();
+    assert!(matches!(
+        agent.handle(Request::CommitPrepared { gid: gid1 }, t).await,
+        Response::CommitPrepared(_)
+    ));
+    // Row 2 is locked by prepared branch 2: the wait is cut off by lock_timeout, the
+    // branch votes no (55P03) instead of hanging, and leaves nothing behind.
+    let started = std::time::Instant::now();
+    match agent.handle(exec(4, 2, Finish::Prepare), t).await {
+        Response::Failed(e) => assert_eq!(e.sqlstate.as_deref(), Some("55P03"), "{e}"),
+        other => panic!("lock wait not cut off: {other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let gid2 = Gid::new("c1", 1, 2).unwrap();
+    assert!(matches!(
+        agent.handle(Request::Abort { gid: gid2 }, t).await,
+        Response::Aborted
+    ));
+    match agent
+        .handle(
+            Request::ListPrepared {
+                gid_prefix: "twopc_c1_".into(),
+            },
+            t,
+        )
+        .await
+    {
+        Response::Prepared { branches } => assert!(branches.is_empty(), "{branches:?}"),
+        other => panic!("{other:?}"),
+    }
+}
