@@ -356,3 +356,103 @@ async fn agent_limits_prepared_branches_and_lock_waits() {
         other => panic!("{other:?}"),
     }
 }
+
+async fn sql(url: &str, text: &str) {
+    let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    c.batch_execute(text)
+        .await
+        .unwrap_or_else(|e| panic!("{text}: {e}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_run_as_a_plain_role_and_recovery_touches_only_ours() {
+    twopc_testkit::init_tracing();
+    let (names, clusters) = start_clusters("priv", 2).await.unwrap();
+    let mut config = twopc_coordinator::config::ServeConfig {
+        listen: "127.0.0.1:0".into(),
+        data_dir: std::env::temp_dir().join(format!(
+            "twopc-priv-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        )),
+        recovery_interval_ms: 200,
+        ..Default::default()
+    };
+    for (name, c) in names.iter().zip(&clusters) {
+        let admin = c.url("postgres");
+        twopc_testkit::setup_bank(&admin, 10, 100).await.unwrap();
+        // Least privilege: no superuser, no CREATE; just the tables it works on.
+        sql(
+            &admin,
+            "CREATE ROLE twopc_agent LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE; \
+             GRANT SELECT, UPDATE ON acct TO twopc_agent; \
+             GRANT SELECT, INSERT ON ledger TO twopc_agent",
+        )
+        .await;
+        sql(&admin, "CREATE DATABASE other").await;
+        let url = format!("postgresql://twopc_agent@127.0.0.1:{}/postgres", c.port());
+        config.participants.insert(name.clone(), url);
+    }
+    let a_admin = clusters[0].url("postgres");
+    let a_agent = format!(
+        "postgresql://twopc_agent@127.0.0.1:{}/postgres",
+        clusters[0].port()
+    );
+    let a_other = format!(
+        "postgresql://twopc_agent@127.0.0.1:{}/other",
+        clusters[0].port()
+    );
+    // Prepared transactions with our prefix that are not ours to touch: another role's,
+    // and our role's in another database.
+    sql(
+        &a_admin,
+        "BEGIN; UPDATE acct SET bal = bal WHERE id = 7; PREPARE TRANSACTION 'twopc_c1_0_77'",
+    )
+    .await;
+    sql(
+        &a_other,
+        "BEGIN; SELECT txid_current(); PREPARE TRANSACTION 'twopc_c1_0_78'",
+    )
+    .await;
+    // An orphan of ours (an earlier epoch, no decision): recovery rolls it back.
+    sql(
+        &a_agent,
+        "BEGIN; UPDATE acct SET bal = bal WHERE id = 8; PREPARE TRANSACTION 'twopc_c1_0_79'",
+    )
+    .await;
+
+    let running = twopc_coordinator::server::start(config.clone())
+        .await
+        .unwrap();
+    let body = twopc_testkit::workload::transfer_body("priv-1", ("a", 1), ("b", 2), 5);
+    let r = reqwest::Client::new()
+        .post(format!("http://{}/v1/transactions", running.addr))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200, "{}", r.text().await.unwrap());
+
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (c, conn) = tokio_postgres::connect(&a_admin, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let left: Vec<String> = c
+        .query("SELECT gid FROM pg_prepared_xacts ORDER BY gid", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        left,
+        vec!["twopc_c1_0_77", "twopc_c1_0_78"],
+        "recovery touched only its own"
+    );
+    running.shutdown().await.unwrap();
+    let _ = std::fs::remove_dir_all(&config.data_dir);
+}
