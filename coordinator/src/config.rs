@@ -79,6 +79,9 @@ pub struct ServeConfig {
     pub log_segment_max_bytes: u64,
     /// File holding the bearer token clients must send (`Authorization: Bearer ...`).
     pub api_token_file: Option<PathBuf>,
+    /// TLS on the client API: certificate and key (PEM). Both or neither.
+    pub api_tls_cert: Option<PathBuf>,
+    pub api_tls_key: Option<PathBuf>,
     /// Mutual TLS to remote agents: client certificate, its key, and the agents' CA.
     pub agent_tls_cert: Option<PathBuf>,
     pub agent_tls_key: Option<PathBuf>,
@@ -110,6 +113,8 @@ impl Default for ServeConfig {
             log_retention_ms: 3_600_000,
             log_segment_max_bytes: 64 * 1024 * 1024,
             api_token_file: None,
+            api_tls_cert: None,
+            api_tls_key: None,
             agent_tls_cert: None,
             agent_tls_key: None,
             agent_ca: None,
@@ -164,6 +169,12 @@ pub struct ServeArgs {
     /// File with the bearer token every API request must carry (all but /healthz).
     #[arg(long, env = "TWOPC_API_TOKEN_FILE")]
     pub api_token_file: Option<PathBuf>,
+    /// Serve the client API over TLS with this certificate (PEM; with --api-tls-key).
+    #[arg(long, env = "TWOPC_API_TLS_CERT", requires = "api_tls_key")]
+    pub api_tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of the client API certificate.
+    #[arg(long, env = "TWOPC_API_TLS_KEY", requires = "api_tls_cert")]
+    pub api_tls_key: Option<PathBuf>,
     /// Client certificate (PEM) for mutual TLS to the agents (with --agent-tls-key and
     /// --agent-ca).
     #[arg(long, env = "TWOPC_AGENT_TLS_CERT", requires_all = ["agent_tls_key", "agent_ca"])]
@@ -235,6 +246,10 @@ impl ServeArgs {
         );
         if let Some(f) = &self.api_token_file {
             c.api_token_file = Some(f.clone());
+        }
+        if self.api_tls_cert.is_some() {
+            c.api_tls_cert = self.api_tls_cert.clone();
+            c.api_tls_key = self.api_tls_key.clone();
         }
         if self.agent_tls_cert.is_some() {
             c.agent_tls_cert = self.agent_tls_cert.clone();

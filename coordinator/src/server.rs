@@ -87,6 +87,50 @@ pub async fn participants(config: &ServeConfig, epoch: u64) -> anyhow::Result<Ve
     Ok(out)
 }
 
+/// The client API over TLS: accept, handshake (bounded), then hyper on the TLS stream.
+/// Stops accepting when `stop` is cancelled; open connections finish their requests.
+async fn serve_tls(
+    listener: TcpListener,
+    app: axum::Router,
+    tls: std::sync::Arc<rustls::ServerConfig>,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let acceptor = acceptor.clone();
+        let app = app.clone();
+        tokio::spawn(async move {
+            let handshake =
+                tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp))
+                    .await;
+            let stream = match handshake {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "client TLS handshake failed");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            let _ =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+        });
+    }
+}
+
 /// Starts a coordinator: bumps the epoch, opens (and repairs) the log, resumes phase 2
 /// of logged decisions, and serves HTTP on `config.listen`.
 pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
@@ -127,13 +171,24 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
             api_token,
         },
     );
+    let api_tls = match (&config.api_tls_cert, &config.api_tls_key) {
+        (Some(c), Some(k)) => Some(
+            twopc_participant::tls::plain_server_config(c, k)
+                .context("load API TLS certificate")?,
+        ),
+        (None, None) => None,
+        _ => anyhow::bail!("API TLS needs both api_tls_cert and api_tls_key"),
+    };
     let shutdown = CancellationToken::new();
     let stop = shutdown.clone();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await
-    });
+    let server = match api_tls {
+        None => tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await
+        }),
+        Some(tls) => tokio::spawn(serve_tls(listener, app, tls, stop)),
+    };
     info!(%addr, "coordinator listening");
     Ok(Running {
         addr,

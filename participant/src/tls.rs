@@ -77,6 +77,17 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
+/// A plain TLS server (no client certificates): the coordinator's client API.
+pub fn plain_server_config(cert: &Path, key_path: &Path) -> Result<Arc<ServerConfig>, TlsError> {
+    let config = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs(cert)?, key(key_path)?)
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    Ok(Arc::new(config))
+}
+
 /// The coordinator's side: its client certificate and key, and the CA agents' certificates
 /// must be signed by.
 pub fn client_config(

@@ -456,3 +456,57 @@ async fn agents_run_as_a_plain_role_and_recovery_touches_only_ours() {
     running.shutdown().await.unwrap();
     let _ = std::fs::remove_dir_all(&config.data_dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_api_over_tls() {
+    let dir = std::env::temp_dir().join(format!(
+        "twopc-apitls-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    twopc_coordinator::certs::generate(&dir, &[]).unwrap();
+    let (cert, key) = (dir.join("agent.pem"), dir.join("agent-key.pem"));
+    let h = Harness::start_with(2, AgentMode::InProcess, |c| {
+        c.api_tls_cert = Some(cert.clone());
+        c.api_tls_key = Some(key.clone());
+    })
+    .await
+    .unwrap();
+    let addr = h.coordinator.as_ref().unwrap().addr;
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(dir.join("ca.pem")).unwrap()).unwrap();
+    let https = reqwest::Client::builder()
+        .add_root_certificate(ca)
+        .build()
+        .unwrap();
+    let body = twopc_testkit::workload::transfer_body("tls-api", ("a", 1), ("b", 2), 5);
+    let r = https
+        .post(format!("https://localhost:{}/v1/transactions", addr.port()))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    // Plain HTTP gets no answer.
+    let plain = h
+        .http
+        .get(format!("http://{addr}/healthz"))
+        .timeout(Duration::from_secs(3))
+        .send()
+        .await;
+    assert!(
+        plain.map(|r| !r.status().is_success()).unwrap_or(true),
+        "plaintext served"
+    );
+    // A client that does not trust the CA refuses the server.
+    let untrusting = reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .build()
+        .unwrap();
+    assert!(untrusting
+        .get(format!("https://localhost:{}/healthz", addr.port()))
+        .send()
+        .await
+        .is_err());
+    h.shutdown().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
