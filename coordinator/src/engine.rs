@@ -1790,6 +1790,13 @@ fn classify(
             format!("unexpected answer from the agent: {other:?}"),
             false,
         )),
+        Err(e @ CallError::TooLarge { .. }) => Err(abort_info(
+            txn_id,
+            Some(participant),
+            "54000",
+            e.to_string(),
+            true,
+        )),
         Err(e @ CallError::Timeout { .. }) => Err(abort_info(
             txn_id,
             Some(participant),

@@ -10,14 +10,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
-use tokio_util::codec::Framed;
+use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use twopc_participant::Agent;
-use twopc_shared::codec::FrameCodec;
+use twopc_shared::codec::{encode_payload, raw_codec, FrameCodec};
 use twopc_shared::msg::{Request, RequestFrame, Response, ResponseFrame};
 use twopc_shared::PROTOCOL_VERSION;
 
@@ -39,6 +40,12 @@ pub enum CallError {
     ConnectionLost { participant: String },
     #[error("participant {participant} refused the handshake: {message}")]
     Handshake {
+        participant: String,
+        message: String,
+    },
+    /// Nothing was sent: the request does not fit in a frame.
+    #[error("participant {participant}: {message}")]
+    TooLarge {
         participant: String,
         message: String,
     },
@@ -111,7 +118,7 @@ impl Default for RemoteConfig {
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Response>>>>;
 
 struct Conn {
-    tx: mpsc::Sender<RequestFrame>,
+    tx: mpsc::Sender<Bytes>,
     pending: Pending,
     /// Cancelled (before `pending` is cleared) when the connection fails.
     dead: CancellationToken,
@@ -159,6 +166,17 @@ impl RemoteAgent {
             .await
             .map_err(|_| self.timeout_error(timeout))??;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let frame = RequestFrame {
+            id,
+            timeout_ms: timeout.as_millis() as u64,
+            body,
+        };
+        let frame = encode_payload(&frame, self.config.max_frame_bytes).map_err(|e| {
+            CallError::TooLarge {
+                participant: self.name.clone(),
+                message: e.to_string(),
+            }
+        })?;
         let (tx, rx) = oneshot::channel();
         lock(&conn.pending).insert(id, tx);
         if conn.is_closed() {
@@ -168,11 +186,6 @@ impl RemoteAgent {
                 participant: self.name.clone(),
             });
         }
-        let frame = RequestFrame {
-            id,
-            timeout_ms: timeout.as_millis() as u64,
-            body,
-        };
         let sent = tokio::time::timeout_at(deadline, conn.tx.send(frame)).await;
         match sent {
             Ok(Ok(())) => {}
@@ -256,10 +269,12 @@ impl RemoteAgent {
                 Box::new(s)
             }
         };
-        let mut framed = Framed::new(
-            stream,
+        let (read_half, write_half) = tokio::io::split(stream);
+        let mut stream = FramedRead::new(
+            read_half,
             FrameCodec::<ResponseFrame, RequestFrame>::new(self.config.max_frame_bytes),
         );
+        let mut sink = FramedWrite::new(write_half, raw_codec(self.config.max_frame_bytes));
         let hello = RequestFrame {
             id: 0,
             timeout_ms: self.config.connect_timeout_ms,
@@ -270,8 +285,10 @@ impl RemoteAgent {
             },
         };
         let handshake = async {
-            framed.send(hello).await.map_err(|e| e.to_string())?;
-            match framed.next().await {
+            let bytes =
+                encode_payload(&hello, self.config.max_frame_bytes).map_err(|e| e.to_string())?;
+            sink.send(bytes).await.map_err(|e| e.to_string())?;
+            match stream.next().await {
                 Some(Ok(f)) => Ok(f.body),
                 Some(Err(e)) => Err(e.to_string()),
                 None => Err("closed during handshake".to_owned()),
@@ -304,8 +321,7 @@ impl RemoteAgent {
             }
         }
 
-        let (mut sink, mut stream) = framed.split();
-        let (tx, mut rx) = mpsc::channel::<RequestFrame>(self.config.send_queue);
+        let (tx, mut rx) = mpsc::channel::<Bytes>(self.config.send_queue);
         let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
         let name = self.name.clone();
         let dead = CancellationToken::new();
@@ -328,7 +344,7 @@ impl RemoteAgent {
                         return;
                     }
                 }
-                if sink.flush().await.is_err() {
+                if SinkExt::<Bytes>::flush(&mut sink).await.is_err() {
                     writer_dead.cancel();
                     return;
                 }

@@ -5,13 +5,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Semaphore};
-use tokio_util::codec::Framed;
+use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
-use twopc_shared::codec::FrameCodec;
+use twopc_shared::codec::{encode_payload, raw_codec, FrameCodec};
 use twopc_shared::msg::{AgentError, ErrorKind, Request, RequestFrame, Response, ResponseFrame};
 
 use crate::agent::Agent;
@@ -118,11 +119,12 @@ async fn connection<S>(
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let framed = Framed::new(
-        stream,
+    let (read_half, write_half) = tokio::io::split(stream);
+    let mut frames = FramedRead::new(
+        read_half,
         FrameCodec::<RequestFrame, ResponseFrame>::new(config.max_frame_bytes),
     );
-    let (mut sink, mut frames) = framed.split();
+    let mut sink = FramedWrite::new(write_half, raw_codec(config.max_frame_bytes));
 
     // Handshake.
     let first = tokio::time::timeout(
@@ -161,16 +163,13 @@ where
         )),
     };
     let accepted = matches!(reply, Response::Hello { .. });
-    sink.send(ResponseFrame {
-        id: hello.id,
-        body: reply,
-    })
-    .await?;
+    sink.send(encode_response(hello.id, reply, config.max_frame_bytes))
+        .await?;
     if !accepted {
         return Ok(());
     }
 
-    let (tx, mut rx) = mpsc::channel::<ResponseFrame>(config.max_in_flight_per_connection);
+    let (tx, mut rx) = mpsc::channel::<Bytes>(config.max_in_flight_per_connection);
     let writer = tokio::spawn(async move {
         while let Some(frame) = rx.recv().await {
             // Batch whatever else is ready into the same flush.
@@ -178,9 +177,9 @@ where
             while let Ok(more) = rx.try_recv() {
                 sink.feed(more).await?;
             }
-            sink.flush().await?;
+            SinkExt::<Bytes>::flush(&mut sink).await?;
         }
-        Ok::<_, twopc_shared::codec::CodecError>(())
+        Ok::<_, std::io::Error>(())
     });
 
     let in_flight = Arc::new(Semaphore::new(config.max_in_flight_per_connection));
@@ -202,6 +201,7 @@ where
         let tx = tx.clone();
         let identity = identity.clone();
         let timeout = Duration::from_millis(frame.timeout_ms.min(config.max_request_timeout_ms));
+        let max_frame_bytes = config.max_frame_bytes;
         tokio::spawn(async move {
             let body = match frame.body {
                 Request::Hello { .. } => Response::Failed(AgentError::new(
@@ -213,7 +213,10 @@ where
                     Err(e) => Response::Failed(e),
                 },
             };
-            let _ = tx.send(ResponseFrame { id: frame.id, body }).await;
+            // Encoded here, in parallel with other requests; an answer too large for a
+            // frame becomes an error for this request only.
+            let bytes = encode_response(frame.id, body, max_frame_bytes);
+            let _ = tx.send(bytes).await;
             drop(permit);
         });
     }
@@ -222,4 +225,20 @@ where
     // ends once they have all replied or the peer is gone.
     let _ = writer.await;
     Ok(())
+}
+
+/// Serializes a response; one too large for a frame is replaced by a `Limit` error.
+fn encode_response(id: u64, body: Response, max_frame_bytes: usize) -> Bytes {
+    match encode_payload(&ResponseFrame { id, body }, max_frame_bytes) {
+        Ok(b) => b,
+        Err(e) => {
+            warn!(id, error = %e, "response does not fit in a frame");
+            let body = Response::Failed(AgentError::new(
+                ErrorKind::Limit,
+                format!("the answer does not fit in a frame: {e}; return fewer rows"),
+            ));
+            // A short error always fits.
+            encode_payload(&ResponseFrame { id, body }, max_frame_bytes).unwrap_or_default()
+        }
+    }
 }

@@ -22,6 +22,29 @@ pub enum CodecError {
     TooLarge { len: usize, max: usize },
 }
 
+/// Serializes one message, refusing it if it would exceed `max_frame_bytes`. Senders
+/// encode in the task that produced the message and hand the bytes to the connection's
+/// writer ([`raw_codec`]), so one oversized message is an error for its own request, not
+/// a broken connection for everybody sharing it.
+pub fn encode_payload<T: Serialize>(item: &T, max_frame_bytes: usize) -> Result<Bytes, CodecError> {
+    let payload = serde_json::to_vec(item)?;
+    if payload.len() > max_frame_bytes {
+        return Err(CodecError::TooLarge {
+            len: payload.len(),
+            max: max_frame_bytes,
+        });
+    }
+    Ok(Bytes::from(payload))
+}
+
+/// The framing alone (`[u32 BE len][payload]`), for payloads from [`encode_payload`].
+pub fn raw_codec(max_frame_bytes: usize) -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder()
+        .length_field_length(4)
+        .max_frame_length(max_frame_bytes)
+        .new_codec()
+}
+
 pub struct FrameCodec<In, Out> {
     inner: LengthDelimitedCodec,
     max_frame_bytes: usize,
@@ -30,10 +53,7 @@ pub struct FrameCodec<In, Out> {
 
 impl<In, Out> FrameCodec<In, Out> {
     pub fn new(max_frame_bytes: usize) -> Self {
-        let inner = LengthDelimitedCodec::builder()
-            .length_field_length(4)
-            .max_frame_length(max_frame_bytes)
-            .new_codec();
+        let inner = raw_codec(max_frame_bytes);
         FrameCodec {
             inner,
             max_frame_bytes,
@@ -58,14 +78,8 @@ impl<In, Out: Serialize> Encoder<Out> for FrameCodec<In, Out> {
     type Error = CodecError;
 
     fn encode(&mut self, item: Out, dst: &mut BytesMut) -> Result<(), CodecError> {
-        let payload = serde_json::to_vec(&item)?;
-        if payload.len() > self.max_frame_bytes {
-            return Err(CodecError::TooLarge {
-                len: payload.len(),
-                max: self.max_frame_bytes,
-            });
-        }
-        self.inner.encode(Bytes::from(payload), dst)?;
+        let payload = encode_payload(&item, self.max_frame_bytes)?;
+        self.inner.encode(payload, dst)?;
         Ok(())
     }
 }

@@ -510,3 +510,58 @@ async fn client_api_over_tls() {
     h.shutdown().await.unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_too_large_for_a_frame_fails_alone() {
+    use twopc_participant::server::ServerConfig;
+    twopc_testkit::init_tracing();
+    let (names, clusters) = start_clusters("frame", 2).await.unwrap();
+    let mut config = twopc_coordinator::config::ServeConfig {
+        listen: "127.0.0.1:0".into(),
+        data_dir: std::env::temp_dir().join(format!(
+            "twopc-frame-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        )),
+        ..Default::default()
+    };
+    for (name, c) in names.iter().zip(&clusters) {
+        twopc_testkit::setup_bank(&c.url("postgres"), 10, 100)
+            .await
+            .unwrap();
+        let (addr, _stop) = twopc_testkit::spawn_agent_with(
+            name,
+            &c.url("postgres"),
+            ServerConfig {
+                max_frame_bytes: 64 * 1024,
+                ..ServerConfig::default()
+            },
+        )
+        .await
+        .unwrap();
+        config.participants.insert(name.clone(), addr);
+    }
+    let running = twopc_coordinator::server::start(config.clone())
+        .await
+        .unwrap();
+    let url = format!("http://{}/v1/transactions", running.addr);
+    let http = reqwest::Client::new();
+    let big = json!({"txn_id": "big", "branches": [
+        {"participant": "a", "statements": [{"sql": "SELECT repeat('x', 100000) AS x"}]},
+        {"participant": "b", "statements": [{"sql": "UPDATE acct SET bal = bal + 1 WHERE id = 1"}]}]});
+    let r = http.post(&url).json(&big).send().await.unwrap();
+    let status = r.status().as_u16();
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(status, 409, "{v}");
+    assert_eq!(v["error"]["participant"], "a");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("frame"),
+        "{v}"
+    );
+    // The shared connection survived: the next transaction goes through.
+    let ok = twopc_testkit::workload::transfer_body("after-big", ("a", 1), ("b", 2), 5);
+    let r = http.post(&url).json(&ok).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    running.shutdown().await.unwrap();
+    let _ = std::fs::remove_dir_all(&config.data_dir);
+}
