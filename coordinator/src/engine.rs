@@ -1031,8 +1031,8 @@ impl Engine {
                     });
                 }
                 Err(info) => {
-                    // Keep the most telling failure: a participant's own error beats the
-                    // echo of a branch that was aborted because of it.
+                    // Branches run independently, so every failure is a participant's
+                    // own; report the first (in plan order).
                     if failure.is_none() {
                         failure = Some(info);
                     }
