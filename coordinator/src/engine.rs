@@ -591,8 +591,8 @@ impl Engine {
         detached(async move { this.run_inner(req).await }).await
     }
 
-    async fn run_inner(&self, req: TxnRequest) -> Result<Committed, TxnError> {
-        let branches = req.branches.clone().unwrap_or_default();
+    async fn run_inner(&self, mut req: TxnRequest) -> Result<Committed, TxnError> {
+        let branches = req.branches.take().unwrap_or_default();
         if branches.is_empty() {
             return Err(TxnError::BadRequest("branches is empty".into()));
         }
