@@ -52,6 +52,9 @@ pub struct BenchConfig {
     pub urls: Option<(String, String)>,
     pub pg_fsync: bool,
     pub out_dir: PathBuf,
+    /// Optimizations of the coordinators the bench starts (to compare them).
+    pub one_phase: bool,
+    pub read_only: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -240,6 +243,7 @@ struct Setup {
 async fn coordinator(
     participants: &[(&str, String)],
     tag: &str,
+    config: &BenchConfig,
 ) -> anyhow::Result<(Running, PathBuf)> {
     let dir = std::env::temp_dir().join(format!(
         "twopc-bench-{tag}-{}-{:08x}",
@@ -255,6 +259,8 @@ async fn coordinator(
     for (n, spec) in participants {
         c.participants.insert((*n).into(), spec.clone());
     }
+    c.one_phase = config.one_phase;
+    c.read_only = config.read_only;
     Ok((twopc_coordinator::server::start(c).await?, dir))
 }
 
@@ -294,7 +300,7 @@ impl Setup {
         if wants("twopc-remote") || wants("single-twopc") {
             let (a, _) = spawn_agent("a", &setup.urls.0).await?;
             let (b, _) = spawn_agent("b", &setup.urls.1).await?;
-            let (r, d) = coordinator(&[("a", a), ("b", b)], "r").await?;
+            let (r, d) = coordinator(&[("a", a), ("b", b)], "r", config).await?;
             setup.remote = Some(r);
             setup._data_dirs.push(d);
         }
@@ -302,6 +308,7 @@ impl Setup {
             let (r, d) = coordinator(
                 &[("a", setup.urls.0.clone()), ("b", setup.urls.1.clone())],
                 "i",
+                config,
             )
             .await?;
             setup.inproc = Some(r);

@@ -37,6 +37,12 @@ struct Args {
     /// Where bench.json and bench.svg go.
     #[arg(long, default_value = "bench-results")]
     out: PathBuf,
+    /// Coordinators without the one-phase optimization.
+    #[arg(long)]
+    no_one_phase: bool,
+    /// Coordinators without the read-only vote.
+    #[arg(long)]
+    no_read_only: bool,
     /// Only the decision log: forced appends per second with this many appenders.
     #[arg(long)]
     log_only: Option<usize>,
@@ -66,6 +72,8 @@ async fn main() -> anyhow::Result<()> {
         urls,
         pg_fsync: !args.pg_no_fsync,
         out_dir: args.out,
+        one_phase: !args.no_one_phase,
+        read_only: !args.no_read_only,
     })
     .await?;
     Ok(())
