@@ -352,6 +352,8 @@ async fn healthz(State(engine): State<Engine>) -> Response {
         "coordinator_id": engine.config().coordinator_id,
         "epoch": engine.epoch(),
         "version": twopc_shared::BUILD_VERSION,
+        "uptime_s": engine.uptime().as_secs(),
+        "open_txns": engine.open_txns(),
         "participants": engine.participant_names(),
     }))
     .into_response()
