@@ -569,7 +569,11 @@ impl Agent {
             prepared.push(st);
         }
 
-        let read_only_check = exec.finish == Finish::Prepare && exec.read_only_vote;
+        // A branch with a data-changing statement almost surely wrote: skip the check
+        // statement and vote YES (if it matched no row, it is merely prepared for nothing).
+        let read_only_check = exec.finish == Finish::Prepare
+            && exec.read_only_vote
+            && !exec.statements.iter().any(|s| starts_with_dml(&s.sql));
         let read_only_stmt = if read_only_check {
             match session
                 .prepare_cached("SELECT txid_current_if_assigned() IS NULL")
@@ -855,6 +859,33 @@ impl Agent {
     }
 }
 
+/// Whether `sql` begins (after whitespace and comments) with INSERT, UPDATE, DELETE or
+/// MERGE. Only an optimization hint: a false answer costs one check statement.
+fn starts_with_dml(sql: &str) -> bool {
+    let mut rest = sql.trim_start();
+    loop {
+        if let Some(r) = rest.strip_prefix("--") {
+            rest = r
+                .split_once('\n')
+                .map_or("", |(_, after)| after)
+                .trim_start();
+        } else if let Some(r) = rest.strip_prefix("/*") {
+            rest = r
+                .split_once("*/")
+                .map_or("", |(_, after)| after)
+                .trim_start();
+        } else {
+            break;
+        }
+    }
+    let word: String = rest
+        .chars()
+        .take_while(|c| c.is_ascii_alphabetic())
+        .collect::<String>()
+        .to_ascii_lowercase();
+    matches!(word.as_str(), "insert" | "update" | "delete" | "merge")
+}
+
 /// A pooled session that is closed (not returned to the pool) unless released.
 struct DiscardOnDrop(Option<Object>);
 
@@ -928,4 +959,30 @@ fn agent_error(e: &tokio_postgres::Error, statement_index: Option<usize>) -> Age
 
 fn sql_failure(e: &tokio_postgres::Error, statement_index: Option<usize>) -> Response {
     Response::Failed(agent_error(e, statement_index))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::starts_with_dml;
+
+    #[test]
+    fn dml_detection() {
+        for yes in [
+            "UPDATE t SET x = 1",
+            "  insert into t values (1)",
+            "-- c\nDELETE FROM t",
+            "/* x */ merge into t",
+        ] {
+            assert!(starts_with_dml(yes), "{yes}");
+        }
+        for no in [
+            "SELECT 1",
+            "with x as (update t set a=1 returning *) select * from x",
+            "",
+            "-- only a comment",
+            "updated_at",
+        ] {
+            assert!(!starts_with_dml(no), "{no}");
+        }
+    }
 }
