@@ -269,6 +269,8 @@ pub struct Counters {
     pub aborted: AtomicU64,
     pub read_only_branches: AtomicU64,
     pub phase2_retries: AtomicU64,
+    /// Recovery passes completed.
+    pub recovery_passes: AtomicU64,
 }
 
 struct Inner {
@@ -532,6 +534,10 @@ impl Engine {
                 }
             }
         }
+        self.inner
+            .counters
+            .recovery_passes
+            .fetch_add(1, Ordering::Relaxed);
         report
     }
 

@@ -354,6 +354,7 @@ async fn healthz(State(engine): State<Engine>) -> Response {
         "version": twopc_shared::BUILD_VERSION,
         "uptime_s": engine.uptime().as_secs(),
         "open_txns": engine.open_txns(),
+        "recovery_passes": engine.counters().recovery_passes.load(Ordering::Relaxed),
         "participants": engine.participant_names(),
     }))
     .into_response()
@@ -393,6 +394,11 @@ async fn metrics(State(engine): State<Engine>) -> Response {
         "twopc_phase2_retries_total",
         "COMMIT PREPARED attempts that were not acknowledged.",
         c.phase2_retries.load(Ordering::Relaxed),
+    );
+    counter(
+        "twopc_recovery_passes_total",
+        "Recovery passes completed.",
+        c.recovery_passes.load(Ordering::Relaxed),
     );
     counter(
         "twopc_log_records_total",

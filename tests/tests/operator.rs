@@ -1,6 +1,7 @@
 //! Operator tooling: `txns list/show/resolve` over the admin API and the CLI.
 
 use std::process::Command;
+use std::time::Duration;
 
 use serde_json::{json, Value};
 use twopc_testkit::{AgentMode, Harness};
@@ -36,6 +37,13 @@ async fn list_show_and_resolve_by_hand() {
     let mut h = Harness::start_with(2, AgentMode::Remote, |c| c.recovery_interval_ms = 3_600_000)
         .await
         .unwrap();
+    // The start-up recovery pass must be over, or it would roll the orphans back.
+    for _ in 0..200 {
+        if h.get("/healthz").await.unwrap().1["recovery_passes"].as_u64() >= Some(1) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
     // Orphans of an earlier incarnation (epoch 0), prepared with no decision logged.
     prepare_by_hand(&h, 0, "twopc_c1_0_5").await;
     prepare_by_hand(&h, 1, "twopc_c1_0_5").await;
