@@ -545,7 +545,7 @@ async fn optimizations_and_their_switches() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abandoned_interactive_transaction_is_rolled_back() {
-    let h = Harness::start_with(2, AgentMode::Remote, |c| c.idle_timeout_ms = 500)
+    let h = Harness::start_with(2, AgentMode::Remote, |c| c.idle_timeout_ms = 1500)
         .await
         .unwrap();
     let (_, begun) = h
@@ -561,7 +561,7 @@ async fn abandoned_interactive_transaction_is_rolled_back() {
         .await
         .unwrap();
     assert_eq!(status, 200);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::time::sleep(Duration::from_millis(4000)).await;
     let (_, st) = h.get("/v1/transactions/idle").await.unwrap();
     assert_eq!(st["outcome"], "aborted", "{st}");
     // The row lock is gone: a direct update does not wait.
