@@ -256,6 +256,15 @@ struct InDoubt {
     decided_at: SystemTime,
 }
 
+impl InDoubt {
+    /// The participants still to acknowledge, in a stable order for answers.
+    fn pending_sorted(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.pending.iter().cloned().collect();
+        v.sort();
+        v
+    }
+}
+
 #[derive(Default)]
 struct Outcomes {
     by_txn: HashMap<String, OutcomeEntry>,
@@ -773,11 +782,9 @@ impl Engine {
                 let pending = Gid::parse(&gid)
                     .ok()
                     .and_then(|g| {
-                        lock(&self.inner.in_doubt).get(&g).map(|d| {
-                            let mut v: Vec<String> = d.pending.iter().cloned().collect();
-                            v.sort();
-                            v
-                        })
+                        lock(&self.inner.in_doubt)
+                            .get(&g)
+                            .map(InDoubt::pending_sorted)
                     })
                     .unwrap_or_default();
                 TxnStatus {
@@ -812,8 +819,7 @@ impl Engine {
         let mut v: Vec<InDoubtEntry> = lock(&self.inner.in_doubt)
             .iter()
             .map(|(gid, d)| {
-                let mut pending: Vec<String> = d.pending.iter().cloned().collect();
-                pending.sort();
+                let pending = d.pending_sorted();
                 InDoubtEntry {
                     txn_id: d.txn_id.clone(),
                     gid: gid.to_string(),
@@ -1131,8 +1137,14 @@ impl Engine {
                 participants: yes.clone(),
                 decided_at_ms: now_ms(),
             };
-            if let Err(e) = self.inner.log.append_forced(record).await {
-                return Err(forced_log_error(&e));
+            // `skip` here builds a deliberately broken coordinator (it commits with no
+            // durable decision) for the chaos driver's can-it-tell run.
+            let skip = twopc_participant::failpoint::check("coordinator.skip_decision_log")
+                == Some(twopc_participant::failpoint::Action::Skip);
+            if !skip {
+                if let Err(e) = self.inner.log.append_forced(record).await {
+                    return Err(forced_log_error(&e));
+                }
             }
             twopc_participant::failpoint!("coordinator.after_decision");
         }
@@ -1207,11 +1219,7 @@ impl Engine {
         }
         lock(&self.inner.in_doubt)
             .get(&txn.gid)
-            .map(|d| {
-                let mut v: Vec<String> = d.pending.iter().cloned().collect();
-                v.sort();
-                v
-            })
+            .map(InDoubt::pending_sorted)
             .unwrap_or_default()
     }
 
@@ -1491,8 +1499,7 @@ impl Engine {
             return ("running", Some(t.txn_id.clone()), vec![], None);
         }
         if let Some(d) = lock(&self.inner.in_doubt).get(gid) {
-            let mut pending: Vec<String> = d.pending.iter().cloned().collect();
-            pending.sort();
+            let pending = d.pending_sorted();
             let age = SystemTime::now()
                 .duration_since(d.decided_at)
                 .map(|a| a.as_millis() as u64)

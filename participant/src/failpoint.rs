@@ -6,6 +6,8 @@
 //! - `crash`: exit at once (status 137, no destructors, no flushing: like kill -9),
 //! - `sleep(MS)`: pause this task for MS milliseconds,
 //! - `error`: make the step fail as an I/O error would,
+//! - `skip`: leave the step out (only where a failpoint says so: it builds a deliberately
+//!   broken binary, e.g. `coordinator.skip_decision_log`, to show the chaos audit can tell),
 //!
 //! optionally followed by `@N` to act only on the N-th hit (earlier hits pass), so a
 //! crash can land in the middle of a running workload.
@@ -18,6 +20,7 @@ pub enum Action {
     Crash,
     Sleep(u64),
     Error,
+    Skip,
 }
 
 #[cfg(feature = "failpoints")]
@@ -56,6 +59,7 @@ mod imp {
             let action = match action {
                 "crash" => Action::Crash,
                 "error" => Action::Error,
+                "skip" => Action::Skip,
                 a if a.starts_with("sleep(") && a.ends_with(')') => {
                     match a[6..a.len() - 1].parse() {
                         Ok(ms) => Action::Sleep(ms),
