@@ -90,6 +90,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         txn_prefix: "demo".into(),
         request_timeout: Duration::from_secs(30),
         stop_on_no_answer: false,
+        stop: None,
     })
     .await?;
     let gid_prefix = running.engine.gid_prefix();

@@ -10,8 +10,12 @@ use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
 
 use crate::bank::{credit_statements, debit_statements, Expectation};
+
+/// A client that got no answer waits this long before its next transfer.
+const NO_ANSWER_BACKOFF_MS: u64 = 100;
 
 #[derive(Debug, Clone)]
 pub struct WorkloadConfig {
@@ -31,6 +35,8 @@ pub struct WorkloadConfig {
     pub request_timeout: Duration,
     /// A client stops at its first request with no answer (the coordinator died).
     pub stop_on_no_answer: bool,
+    /// Cancelled: every client stops after its current transfer.
+    pub stop: Option<CancellationToken>,
 }
 
 #[derive(Debug, Default)]
@@ -110,7 +116,8 @@ pub async fn run(config: WorkloadConfig) -> anyhow::Result<WorkloadReport> {
             let mut rng = rand::rngs::StdRng::from_entropy();
             loop {
                 let n = issued.fetch_add(1, Ordering::Relaxed);
-                if n >= config.max_transfers || Instant::now() >= deadline {
+                let stopped = config.stop.as_ref().is_some_and(|s| s.is_cancelled());
+                if n >= config.max_transfers || Instant::now() >= deadline || stopped {
                     break;
                 }
                 let txn_id = format!("{}-{client}-{n}", config.txn_prefix);
@@ -148,8 +155,12 @@ pub async fn run(config: WorkloadConfig) -> anyhow::Result<WorkloadReport> {
                 };
                 let no_answer = matches!(told, Told::Unknown);
                 out.push((txn_id, told, t0.elapsed()));
-                if no_answer && config.stop_on_no_answer {
-                    break;
+                if no_answer {
+                    if config.stop_on_no_answer {
+                        break;
+                    }
+                    // The coordinator is down or unreachable: do not spin against it.
+                    tokio::time::sleep(Duration::from_millis(NO_ANSWER_BACKOFF_MS)).await;
                 }
             }
             out

@@ -249,6 +249,7 @@ async fn concurrent_transfers_conserve_the_total() {
             txn_prefix: format!("conc-{mode:?}"),
             request_timeout: Duration::from_secs(60),
             stop_on_no_answer: false,
+            stop: None,
         })
         .await
         .unwrap();

@@ -35,6 +35,7 @@ fn load(
         txn_prefix: tag.into(),
         request_timeout: Duration::from_secs(15),
         stop_on_no_answer,
+        stop: None,
     }
 }
 
