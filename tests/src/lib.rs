@@ -7,6 +7,7 @@
 //! the integration tests in `tests/` share.
 
 pub mod bench;
+pub mod chaos;
 pub mod procs;
 
 use std::path::PathBuf;

@@ -1,0 +1,954 @@
+//! `twopc-chaos`: bank transfers across three databases through the coordinator of a
+//! running docker-compose topology, while faults are injected one after another (kill -9
+//! and restart of the coordinator, an agent or a PostgreSQL server; pause; network cut;
+//! added latency). Every fault is healed and the system must come back (a probe
+//! transaction over all three databases commits) before the next. At the end: heal
+//! everything, wait for recovery, resolve every unknown outcome, and audit.
+//!
+//! Audit rules (each reported pass/fail):
+//! - `total_conserved`: the sum of all balances is what it was at the start;
+//! - `atomic_transfers`: every transfer's ledger rows are on both databases or neither,
+//!   and each database's balances equal its initial total plus its ledger;
+//! - `acknowledged_commits_present` / `acknowledged_aborts_absent`: what clients were
+//!   told holds;
+//! - `unknown_outcomes_resolved`: every transfer whose client got no answer has a
+//!   definite outcome from the coordinator, and the ledgers agree with it;
+//! - `coordinator_agrees`: the coordinator's answer for every acknowledged commit is
+//!   still `committed` (it survived every restart);
+//! - `no_prepared_left`: no prepared transaction of ours within 60 s of the last heal;
+//! - `every_fault_recovered`: after each heal the probe committed within the limit;
+//! - `consistent_reads`: 2PC reads through twopc itself (SHARE locks on every database in
+//!   one distributed transaction), mid-run and at the end, see the total conserved.
+
+pub mod docker;
+pub mod proxy;
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+use twopc_coordinator::bank::{self, Expectation};
+use twopc_coordinator::workload::{self, WorkloadConfig};
+
+use docker::{Container, Docker};
+
+/// Longest wait for the system to commit a probe after a heal.
+const RECOVERY_LIMIT_MS: u64 = 90_000;
+/// No prepared transaction of ours may remain this long after the last heal.
+const PREPARED_LIMIT_MS: u64 = 60_000;
+/// Longest wait for an unknown outcome to become definite.
+const RESOLVE_LIMIT_MS: u64 = 60_000;
+/// Concurrent GETs when asking the coordinator about outcomes.
+const STATUS_CONCURRENCY: usize = 32;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FaultKind {
+    KillCoordinator,
+    KillAgent,
+    KillPostgres,
+    Pause,
+    Partition,
+    Latency,
+}
+
+pub const ALL_KINDS: [FaultKind; 6] = [
+    FaultKind::KillCoordinator,
+    FaultKind::KillAgent,
+    FaultKind::KillPostgres,
+    FaultKind::Pause,
+    FaultKind::Partition,
+    FaultKind::Latency,
+];
+
+impl FaultKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            FaultKind::KillCoordinator => "kill_coordinator",
+            FaultKind::KillAgent => "kill_agent",
+            FaultKind::KillPostgres => "kill_postgres",
+            FaultKind::Pause => "pause",
+            FaultKind::Partition => "partition",
+            FaultKind::Latency => "latency",
+        }
+    }
+
+    pub fn parse(s: &str) -> anyhow::Result<FaultKind> {
+        ALL_KINDS
+            .into_iter()
+            .find(|k| k.name() == s)
+            .with_context(|| format!("unknown fault kind {s:?}"))
+    }
+}
+
+/// Where the topology is and how hard to push it.
+#[derive(Debug, Clone)]
+pub struct ChaosConfig {
+    /// docker-compose project name (`-p`).
+    pub project: String,
+    /// The coordinator's client API, as published on this host.
+    pub coordinator_url: String,
+    /// `(participant name, compose service of its agent, compose service of its
+    /// PostgreSQL, database URL as published on this host)`, three of them.
+    pub databases: Vec<(String, String, String, String)>,
+    pub coordinator_service: String,
+    /// Control port of the latency proxy on the coordinator-to-agent links (its links
+    /// are named after the participants).
+    pub latency_control: String,
+    pub kinds: Vec<FaultKind>,
+    pub faults_per_kind: usize,
+    pub clients: usize,
+    pub accounts_per_db: u32,
+    pub initial_balance: i64,
+    /// How long a fault lasts before it is healed, drawn from this range.
+    pub fault_hold_ms: (u64, u64),
+    /// Quiet time after a recovery before the next fault, drawn from this range.
+    pub fault_gap_ms: (u64, u64),
+    /// A mid-run 2PC read audit this often.
+    pub audit_interval_ms: u64,
+    pub request_timeout_ms: u64,
+    pub seed: u64,
+    pub report_path: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FaultRecord {
+    pub kind: FaultKind,
+    pub target: String,
+    /// From the start of the run.
+    pub at_ms: u64,
+    pub held_ms: u64,
+    /// From the heal until a probe over every database committed; `None`: never, within
+    /// the limit.
+    pub recovery_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Rule {
+    pub name: &'static str,
+    pub pass: bool,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Transfers {
+    pub attempted: u64,
+    pub committed: u64,
+    pub aborted: u64,
+    pub unknown: u64,
+    pub unknown_resolved_committed: u64,
+    pub unknown_resolved_aborted: u64,
+    pub unknown_unresolved: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ReadAudits {
+    pub attempted: u64,
+    pub consistent: u64,
+    pub inconsistent: u64,
+    /// Could not complete (a fault was in the way, or a lock wait timed out).
+    pub incomplete: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RecoveryStats {
+    pub count: usize,
+    pub min_ms: u64,
+    pub p50_ms: u64,
+    pub max_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ChaosReport {
+    pub pass: bool,
+    pub seed: u64,
+    pub duration_s: f64,
+    pub transfers: Transfers,
+    pub faults_by_kind: BTreeMap<&'static str, usize>,
+    pub recovery_by_kind: BTreeMap<&'static str, RecoveryStats>,
+    pub faults: Vec<FaultRecord>,
+    pub read_audits: ReadAudits,
+    /// From the last heal until no prepared transaction of ours remained.
+    pub prepared_cleared_ms: Option<u64>,
+    pub total_expected: i64,
+    pub total_found: i64,
+    pub rules: Vec<Rule>,
+}
+
+impl ChaosReport {
+    /// The readable summary.
+    pub fn summary(&self) -> String {
+        let t = &self.transfers;
+        let mut s = format!(
+            "chaos run (seed {}): {:.0} s\n\
+             transfers: {} attempted, {} committed, {} aborted, {} unknown \
+             (resolved: {} committed, {} aborted, {} unresolved)\n",
+            self.seed,
+            self.duration_s,
+            t.attempted,
+            t.committed,
+            t.aborted,
+            t.unknown,
+            t.unknown_resolved_committed,
+            t.unknown_resolved_aborted,
+            t.unknown_unresolved
+        );
+        s.push_str("faults (count, recovery min/p50/max ms):\n");
+        for (kind, n) in &self.faults_by_kind {
+            match self.recovery_by_kind.get(kind) {
+                Some(r) => s.push_str(&format!(
+                    "  {kind:<17} {n:>3}   {}/{}/{}\n",
+                    r.min_ms, r.p50_ms, r.max_ms
+                )),
+                None => s.push_str(&format!("  {kind:<17} {n:>3}   (none recovered)\n")),
+            }
+        }
+        let r = &self.read_audits;
+        s.push_str(&format!(
+            "2PC read audits: {} attempted, {} consistent, {} inconsistent, {} incomplete\n",
+            r.attempted, r.consistent, r.inconsistent, r.incomplete
+        ));
+        match self.prepared_cleared_ms {
+            Some(ms) => s.push_str(&format!(
+                "prepared transactions cleared {ms} ms after the last heal\n"
+            )),
+            None => s.push_str("prepared transactions NOT cleared\n"),
+        }
+        s.push_str(&format!(
+            "total: expected {}, found {}\n",
+            self.total_expected, self.total_found
+        ));
+        for rule in &self.rules {
+            s.push_str(&format!(
+                "  [{}] {}: {}\n",
+                if rule.pass { "pass" } else { "FAIL" },
+                rule.name,
+                rule.detail
+            ));
+        }
+        s.push_str(if self.pass {
+            "chaos: PASS\n"
+        } else {
+            "chaos: FAIL\n"
+        });
+        s
+    }
+}
+
+struct Topology {
+    coordinator: Container,
+    agents: Vec<Container>,
+    postgres: Vec<Container>,
+}
+
+impl Topology {
+    fn all(&self) -> Vec<&Container> {
+        let mut v = vec![&self.coordinator];
+        v.extend(self.agents.iter());
+        v.extend(self.postgres.iter());
+        v
+    }
+}
+
+/// Runs the whole chaos scenario against an already running topology.
+pub async fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
+    anyhow::ensure!(
+        config.databases.len() >= 2,
+        "chaos needs at least two databases"
+    );
+    let docker = Docker::new(&config.project);
+    let topo = Topology {
+        coordinator: docker.container(&config.coordinator_service).await?,
+        agents: futures::future::try_join_all(
+            config.databases.iter().map(|d| docker.container(&d.1)),
+        )
+        .await?,
+        postgres: futures::future::try_join_all(
+            config.databases.iter().map(|d| docker.container(&d.2)),
+        )
+        .await?,
+    };
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_millis(config.request_timeout_ms))
+        .build()?;
+    let names: Vec<String> = config.databases.iter().map(|d| d.0.clone()).collect();
+    let dbs: Vec<(String, String)> = config
+        .databases
+        .iter()
+        .map(|d| (d.0.clone(), d.3.clone()))
+        .collect();
+
+    // A clean slate: nothing left over from an earlier run, then the bank.
+    heal_all(&docker, &topo, &config).await?;
+    eprintln!("chaos: waiting for the topology to answer");
+    let started_wait = Instant::now();
+    wait_recovered(&http, &config.coordinator_url, &names, RECOVERY_LIMIT_MS)
+        .await
+        .context("the topology did not come up")?;
+    eprintln!(
+        "chaos: topology up after {} ms; loading {} accounts per database",
+        started_wait.elapsed().as_millis(),
+        config.accounts_per_db
+    );
+    for (name, url) in &dbs {
+        bank::setup_bank(url, config.accounts_per_db, config.initial_balance)
+            .await
+            .with_context(|| format!("set up the bank on {name}"))?;
+    }
+    let per_db = config.accounts_per_db as i64 * config.initial_balance;
+    let initial: Vec<(String, i64)> = names.iter().map(|n| (n.clone(), per_db)).collect();
+    let expected_total = per_db * names.len() as i64;
+
+    let started = Instant::now();
+    let stop = CancellationToken::new();
+    let txn_prefix = format!("chaos{}-{}", config.seed, now_ms());
+    let load = tokio::spawn(workload::run(WorkloadConfig {
+        base_url: config.coordinator_url.clone(),
+        participants: names.clone(),
+        accounts_per_db: config.accounts_per_db,
+        clients: config.clients,
+        max_transfers: u64::MAX,
+        duration: Duration::from_secs(24 * 3600),
+        max_amount: 100,
+        txn_prefix,
+        request_timeout: Duration::from_millis(config.request_timeout_ms),
+        stop_on_no_answer: false,
+        stop: Some(stop.clone()),
+    }));
+    let auditor = {
+        let http = http.clone();
+        let url = config.coordinator_url.clone();
+        let names = names.clone();
+        let initial = initial.clone();
+        let stop = stop.clone();
+        let every = Duration::from_millis(config.audit_interval_ms);
+        tokio::spawn(async move {
+            let mut out = ReadAudits::default();
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(every) => {}
+                }
+                out.attempted += 1;
+                match read_audit(&http, &url, &names, &initial).await {
+                    Ok(Ok(())) => out.consistent += 1,
+                    Ok(Err(why)) => {
+                        eprintln!("chaos: 2PC read audit INCONSISTENT: {why}");
+                        out.inconsistent += 1;
+                    }
+                    Err(e) => {
+                        eprintln!("chaos: 2PC read audit incomplete: {e:#}");
+                        out.incomplete += 1;
+                    }
+                }
+            }
+            out
+        })
+    };
+
+    // The faults, in a random order, each healed and recovered from before the next.
+    let mut rng = StdRng::seed_from_u64(config.seed);
+    let mut plan: Vec<FaultKind> = config
+        .kinds
+        .iter()
+        .flat_map(|k| std::iter::repeat_n(*k, config.faults_per_kind))
+        .collect();
+    plan.shuffle(&mut rng);
+    let mut faults = Vec::with_capacity(plan.len());
+    let total = plan.len();
+    for (i, kind) in plan.into_iter().enumerate() {
+        let gap = rng.gen_range(config.fault_gap_ms.0..=config.fault_gap_ms.1);
+        tokio::time::sleep(Duration::from_millis(gap)).await;
+        // Latency is added on the coordinator's link to one participant; every other
+        // fault hits a container.
+        let target: Target = match kind {
+            FaultKind::KillCoordinator => Target::Container(&topo.coordinator),
+            FaultKind::KillAgent => {
+                Target::Container(topo.agents.choose(&mut rng).context("no agents")?)
+            }
+            FaultKind::KillPostgres => {
+                Target::Container(topo.postgres.choose(&mut rng).context("no databases")?)
+            }
+            FaultKind::Pause | FaultKind::Partition => {
+                Target::Container(topo.all().choose(&mut rng).context("no containers")?)
+            }
+            FaultKind::Latency => Target::Link(names.choose(&mut rng).context("no links")?),
+        };
+        let target_name = match target {
+            Target::Container(c) => c.service.clone(),
+            Target::Link(l) => format!("link to {l}"),
+        };
+        let hold = rng.gen_range(config.fault_hold_ms.0..=config.fault_hold_ms.1);
+        let delay_ms = rng.gen_range(50..=250);
+        let at_ms = started.elapsed().as_millis() as u64;
+        let error = inject(
+            &docker,
+            &config.latency_control,
+            kind,
+            target,
+            hold,
+            delay_ms,
+        )
+        .await
+        .err();
+        if let Some(e) = &error {
+            eprintln!("chaos: {} on {target_name}: {e:#}", kind.name());
+        }
+        // Heal whatever state the fault left, even after an error.
+        match target {
+            Target::Container(c) => docker
+                .heal(c)
+                .await
+                .with_context(|| format!("heal {}", c.service))?,
+            Target::Link(l) => proxy::set_delay(&config.latency_control, l, 0)
+                .await
+                .with_context(|| format!("heal the link to {l}"))?,
+        }
+        let healed = Instant::now();
+        let recovery_ms = wait_recovered(&http, &config.coordinator_url, &names, RECOVERY_LIMIT_MS)
+            .await
+            .ok()
+            .map(|_| healed.elapsed().as_millis() as u64);
+        eprintln!(
+            "chaos: [{:>3}/{total}] {:>6.1}s {:<16} {:<12} held {:>4} ms, recovered in {}",
+            i + 1,
+            started.elapsed().as_secs_f64(),
+            kind.name(),
+            target_name,
+            hold,
+            recovery_ms.map_or("NEVER".to_owned(), |ms| format!("{ms} ms"))
+        );
+        faults.push(FaultRecord {
+            kind,
+            target: target_name,
+            at_ms,
+            held_ms: hold,
+            recovery_ms,
+            error: error.map(|e| format!("{e:#}")),
+        });
+    }
+
+    // Heal everything (again), stop the load, and let recovery finish.
+    heal_all(&docker, &topo, &config).await?;
+    let last_heal = Instant::now();
+    let _ = wait_recovered(&http, &config.coordinator_url, &names, RECOVERY_LIMIT_MS).await;
+    stop.cancel();
+    let report = load.await.context("join the workload")??;
+    let read_audits_mid = auditor.await.context("join the auditor")?;
+    eprintln!(
+        "chaos: load stopped: {} committed, {} aborted, {} unknown; waiting for recovery",
+        report.committed, report.aborted, report.unknown
+    );
+    let prepared_cleared_ms = wait_no_prepared(&dbs, last_heal, PREPARED_LIMIT_MS).await;
+
+    // What became of every transfer whose client got no answer.
+    let resolved = resolve_outcomes(&http, &config.coordinator_url, &report.unknown_ids).await;
+    let mut unknown_committed = HashSet::new();
+    let mut unknown_aborted = HashSet::new();
+    let mut unresolved = Vec::new();
+    for (id, outcome) in &resolved {
+        match outcome.as_deref() {
+            Some("committed") => unknown_committed.insert(id.clone()),
+            Some("aborted") => unknown_aborted.insert(id.clone()),
+            _ => {
+                unresolved.push(id.clone());
+                true
+            }
+        };
+    }
+    // The coordinator must still say `committed` for every acknowledged commit.
+    let told_committed: Vec<String> = report.expectation.committed.iter().cloned().collect();
+    let answers = resolve_outcomes(&http, &config.coordinator_url, &told_committed).await;
+    let disagree: Vec<String> = answers
+        .iter()
+        .filter(|(_, o)| o.as_deref() != Some("committed"))
+        .map(|(id, o)| format!("{id}={}", o.as_deref().unwrap_or("no answer")))
+        .collect();
+
+    let expect = Expectation {
+        committed: report
+            .expectation
+            .committed
+            .union(&unknown_committed)
+            .cloned()
+            .collect(),
+        aborted: report
+            .expectation
+            .aborted
+            .union(&unknown_aborted)
+            .cloned()
+            .collect(),
+    };
+    let audit = bank::audit(&dbs, expected_total, &initial, "twopc_", Some(&expect))
+        .await
+        .context("audit the databases")?;
+    let mut read_audits = read_audits_mid;
+    read_audits.attempted += 1;
+    let final_read = read_audit(&http, &config.coordinator_url, &names, &initial).await;
+    match &final_read {
+        Ok(Ok(())) => read_audits.consistent += 1,
+        Ok(Err(_)) => read_audits.inconsistent += 1,
+        Err(_) => read_audits.incomplete += 1,
+    }
+
+    let split = |ids: &[String], told: &HashSet<String>| -> (Vec<String>, Vec<String>) {
+        ids.iter().cloned().partition(|id| told.contains(id))
+    };
+    let (missing_told, missing_unknown) =
+        split(&audit.missing_committed, &report.expectation.committed);
+    let (present_told, present_unknown) =
+        split(&audit.present_aborted, &report.expectation.aborted);
+    let shown = |v: &[String]| -> String {
+        let head: Vec<&str> = v.iter().take(5).map(String::as_str).collect();
+        format!("{} ({})", v.len(), head.join(", "))
+    };
+    let mut rules = vec![
+        Rule {
+            name: "total_conserved",
+            pass: audit.total == expected_total,
+            detail: format!("expected {expected_total}, found {}", audit.total),
+        },
+        Rule {
+            name: "atomic_transfers",
+            pass: audit.one_legged.is_empty()
+                && audit.unbalanced.is_empty()
+                && audit.balance_ledger_mismatch.is_empty(),
+            detail: format!(
+                "{} transfers in the ledgers; one-legged {}; unbalanced {}; balance/ledger mismatches {}",
+                audit.ledger_txns,
+                shown(&audit.one_legged),
+                shown(&audit.unbalanced),
+                shown(&audit.balance_ledger_mismatch)
+            ),
+        },
+        Rule {
+            name: "acknowledged_commits_present",
+            pass: missing_told.is_empty(),
+            detail: format!(
+                "{} acknowledged; missing {}",
+                report.expectation.committed.len(),
+                shown(&missing_told)
+            ),
+        },
+        Rule {
+            name: "acknowledged_aborts_absent",
+            pass: present_told.is_empty(),
+            detail: format!(
+                "{} acknowledged; present {}",
+                report.expectation.aborted.len(),
+                shown(&present_told)
+            ),
+        },
+        Rule {
+            name: "unknown_outcomes_resolved",
+            pass: unresolved.is_empty() && missing_unknown.is_empty() && present_unknown.is_empty(),
+            detail: format!(
+                "{} unknown: {} committed, {} aborted, unresolved {}; ledger disagrees: {} committed missing, {} aborted present",
+                report.unknown,
+                unknown_committed.len(),
+                unknown_aborted.len(),
+                shown(&unresolved),
+                shown(&missing_unknown),
+                shown(&present_unknown)
+            ),
+        },
+        Rule {
+            name: "coordinator_agrees",
+            pass: disagree.is_empty(),
+            detail: format!(
+                "{} acknowledged commits asked; disagreeing {}",
+                told_committed.len(),
+                shown(&disagree)
+            ),
+        },
+        Rule {
+            name: "no_prepared_left",
+            pass: prepared_cleared_ms.is_some() && audit.leftover_prepared.is_empty(),
+            detail: match prepared_cleared_ms {
+                Some(ms) => format!("cleared {ms} ms after the last heal (limit {PREPARED_LIMIT_MS} ms)"),
+                None => format!(
+                    "{} still prepared {PREPARED_LIMIT_MS} ms after the last heal",
+                    audit.leftover_prepared.len()
+                ),
+            },
+        },
+    ];
+    let never: Vec<String> = faults
+        .iter()
+        .filter(|f| f.recovery_ms.is_none())
+        .map(|f| format!("{}@{}ms on {}", f.kind.name(), f.at_ms, f.target))
+        .collect();
+    rules.push(Rule {
+        name: "every_fault_recovered",
+        pass: never.is_empty(),
+        detail: format!(
+            "{} faults; not recovered within {RECOVERY_LIMIT_MS} ms: {}",
+            faults.len(),
+            shown(&never)
+        ),
+    });
+    rules.push(Rule {
+        name: "consistent_reads",
+        pass: read_audits.inconsistent == 0 && matches!(final_read, Ok(Ok(()))),
+        detail: format!(
+            "{} 2PC reads: {} consistent, {} inconsistent, {} incomplete; final read: {}",
+            read_audits.attempted,
+            read_audits.consistent,
+            read_audits.inconsistent,
+            read_audits.incomplete,
+            match &final_read {
+                Ok(Ok(())) => "consistent".to_owned(),
+                Ok(Err(why)) => format!("INCONSISTENT: {why}"),
+                Err(e) => format!("incomplete: {e:#}"),
+            }
+        ),
+    });
+
+    let mut faults_by_kind = BTreeMap::new();
+    let mut recovery: BTreeMap<&'static str, Vec<u64>> = BTreeMap::new();
+    for f in &faults {
+        *faults_by_kind.entry(f.kind.name()).or_insert(0) += 1;
+        if let Some(ms) = f.recovery_ms {
+            recovery.entry(f.kind.name()).or_default().push(ms);
+        }
+    }
+    let recovery_by_kind = recovery
+        .into_iter()
+        .map(|(k, mut v)| {
+            v.sort_unstable();
+            let stats = RecoveryStats {
+                count: v.len(),
+                min_ms: v[0],
+                p50_ms: v[v.len() / 2],
+                max_ms: v[v.len() - 1],
+            };
+            (k, stats)
+        })
+        .collect();
+    let out = ChaosReport {
+        pass: rules.iter().all(|r| r.pass),
+        seed: config.seed,
+        duration_s: started.elapsed().as_secs_f64(),
+        transfers: Transfers {
+            attempted: report.committed + report.aborted + report.unknown,
+            committed: report.committed,
+            aborted: report.aborted,
+            unknown: report.unknown,
+            unknown_resolved_committed: unknown_committed.len() as u64,
+            unknown_resolved_aborted: unknown_aborted.len() as u64,
+            unknown_unresolved: unresolved.len() as u64,
+        },
+        faults_by_kind,
+        recovery_by_kind,
+        faults,
+        read_audits,
+        prepared_cleared_ms,
+        total_expected: expected_total,
+        total_found: audit.total,
+        rules,
+    };
+    let json = serde_json::to_string_pretty(&out)?;
+    if let Some(dir) = config.report_path.parent() {
+        if !dir.as_os_str().is_empty() {
+            std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        }
+    }
+    std::fs::write(&config.report_path, json)
+        .with_context(|| format!("write {}", config.report_path.display()))?;
+    Ok(out)
+}
+
+#[derive(Clone, Copy)]
+enum Target<'a> {
+    Container(&'a Container),
+    /// The coordinator's link to this participant, through the latency proxy.
+    Link(&'a str),
+}
+
+/// Every container running, unpaused and attached; no added latency.
+async fn heal_all(docker: &Docker, topo: &Topology, config: &ChaosConfig) -> anyhow::Result<()> {
+    for c in topo.all() {
+        docker
+            .heal(c)
+            .await
+            .with_context(|| format!("heal {}", c.service))?;
+    }
+    for (name, ..) in &config.databases {
+        proxy::set_delay(&config.latency_control, name, 0)
+            .await
+            .with_context(|| format!("heal the link to {name}"))?;
+    }
+    Ok(())
+}
+
+/// Does one fault and holds it for `hold_ms`; the caller heals.
+async fn inject(
+    docker: &Docker,
+    latency_control: &str,
+    kind: FaultKind,
+    target: Target<'_>,
+    hold_ms: u64,
+    delay_ms: u64,
+) -> anyhow::Result<()> {
+    let hold = Duration::from_millis(hold_ms);
+    match (kind, target) {
+        (
+            FaultKind::KillCoordinator | FaultKind::KillAgent | FaultKind::KillPostgres,
+            Target::Container(c),
+        ) => {
+            docker.kill(c).await?;
+            tokio::time::sleep(hold).await;
+            docker.start(c).await?;
+        }
+        (FaultKind::Pause, Target::Container(c)) => {
+            docker.pause(c).await?;
+            tokio::time::sleep(hold).await;
+            docker.unpause(c).await?;
+        }
+        (FaultKind::Partition, Target::Container(c)) => {
+            docker.disconnect(c).await?;
+            tokio::time::sleep(hold).await;
+            docker.connect(c).await?;
+        }
+        (FaultKind::Latency, Target::Link(l)) => {
+            proxy::set_delay(latency_control, l, delay_ms).await?;
+            tokio::time::sleep(hold).await;
+            proxy::set_delay(latency_control, l, 0).await?;
+        }
+        _ => anyhow::bail!("fault {} has no such target", kind.name()),
+    }
+    Ok(())
+}
+
+/// Until a read-only probe over every database commits through the coordinator.
+async fn wait_recovered(
+    http: &reqwest::Client,
+    base: &str,
+    names: &[String],
+    limit_ms: u64,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_millis(limit_ms);
+    let mut last = String::new();
+    let mut n = 0u64;
+    while Instant::now() < deadline {
+        n += 1;
+        let branches: Vec<Value> = names
+            .iter()
+            .map(|p| json!({ "participant": p, "statements": [{ "sql": "SELECT 1 AS one" }] }))
+            .collect();
+        let body = json!({ "txn_id": format!("probe-{}-{n}", now_ms()), "branches": branches });
+        match http
+            .post(format!("{base}/v1/transactions"))
+            .json(&body)
+            .send()
+            .await
+        {
+            Ok(r) if r.status().is_success() => return Ok(()),
+            Ok(r) => last = format!("HTTP {}", r.status()),
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("no probe committed within {limit_ms} ms (last: {last})")
+}
+
+/// A consistent read through twopc: one interactive distributed transaction that takes
+/// SHARE locks on the bank tables of every database (each waits for the prepared
+/// transfers there to finish) and reads the sums, and only then commits. Every lock is
+/// taken before any is released, so the sums are one cut. (A single-shot request would
+/// not do: each branch runs and votes in one round trip, and a read-only branch commits,
+/// releasing its locks, when it votes.) `Ok(Err(why))`: the read completed and the books
+/// do not balance.
+async fn read_audit(
+    http: &reqwest::Client,
+    base: &str,
+    names: &[String],
+    initial: &[(String, i64)],
+) -> anyhow::Result<Result<(), String>> {
+    let txn_id = format!("audit-{}", now_ms());
+    let post = |path: String, body: Value| {
+        let http = http.clone();
+        async move {
+            let resp = http
+                .post(format!("{base}{path}"))
+                .json(&body)
+                .send()
+                .await
+                .with_context(|| format!("POST {path}"))?;
+            let status = resp.status();
+            let v: Value = resp
+                .json()
+                .await
+                .with_context(|| format!("read the answer to {path}"))?;
+            anyhow::ensure!(status.is_success(), "POST {path}: HTTP {status}: {v}");
+            Ok::<Value, anyhow::Error>(v)
+        }
+    };
+    post(
+        "/v1/transactions".to_owned(),
+        json!({ "txn_id": txn_id, "timeout_ms": 30_000 }),
+    )
+    .await?;
+    let stmt_path = format!("/v1/transactions/{txn_id}/statements");
+    let reads = async {
+        let mut sums = Vec::with_capacity(names.len());
+        for p in names {
+            for sql in [
+                "SET LOCAL lock_timeout = '3s'",
+                "LOCK TABLE acct, ledger IN SHARE MODE",
+            ] {
+                post(stmt_path.clone(), json!({ "participant": p, "sql": sql })).await?;
+            }
+            let v = post(
+                stmt_path.clone(),
+                json!({ "participant": p, "sql":
+                    "SELECT (SELECT COALESCE(sum(bal), 0) FROM acct)::bigint AS bal, \
+                     (SELECT COALESCE(sum(delta), 0) FROM ledger)::bigint AS ledger" }),
+            )
+            .await?;
+            let row = &v["rows"][0];
+            let bal = row["bal"].as_i64().context("no balance in the answer")?;
+            let ledger = row["ledger"]
+                .as_i64()
+                .context("no ledger sum in the answer")?;
+            sums.push((p.clone(), bal, ledger));
+        }
+        Ok::<_, anyhow::Error>(sums)
+    }
+    .await;
+    let sums = match reads {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = post(format!("/v1/transactions/{txn_id}/rollback"), json!({})).await;
+            return Err(e);
+        }
+    };
+    post(format!("/v1/transactions/{txn_id}/commit"), json!({})).await?;
+    let mut total = 0i64;
+    let mut expected = 0i64;
+    let mut problems = Vec::new();
+    for (name, bal, ledger) in sums {
+        let init = initial
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map_or(0, |(_, t)| *t);
+        if bal != init + ledger {
+            problems.push(format!(
+                "{name}: balances {bal} != {init} + ledger {ledger}"
+            ));
+        }
+        total += bal;
+        expected += init;
+    }
+    if total != expected {
+        problems.push(format!("total {total} != {expected}"));
+    }
+    Ok(if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("; "))
+    })
+}
+
+/// Until no database holds a prepared transaction of ours; the time since `since`, or
+/// `None` past the limit.
+async fn wait_no_prepared(dbs: &[(String, String)], since: Instant, limit_ms: u64) -> Option<u64> {
+    let deadline = since + Duration::from_millis(limit_ms);
+    loop {
+        let mut left = 0usize;
+        let mut ok = true;
+        for (_, url) in dbs {
+            match count_prepared(url).await {
+                Ok(n) => left += n,
+                Err(_) => ok = false,
+            }
+        }
+        if ok && left == 0 {
+            return Some(since.elapsed().as_millis() as u64);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn count_prepared(url: &str) -> anyhow::Result<usize> {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    let row = client
+        .query_one(
+            "SELECT count(*) FROM pg_prepared_xacts WHERE gid LIKE 'twopc\\_%'",
+            &[],
+        )
+        .await?;
+    Ok(row.get::<_, i64>(0) as usize)
+}
+
+/// The coordinator's answer for each txn id: `Some("committed" | "aborted")`, or `None`
+/// if it gave no definite one within the limit.
+async fn resolve_outcomes(
+    http: &reqwest::Client,
+    base: &str,
+    ids: &[String],
+) -> Vec<(String, Option<String>)> {
+    use futures::stream::{self, StreamExt};
+    let deadline = Instant::now() + Duration::from_millis(RESOLVE_LIMIT_MS);
+    let http = Arc::new(http.clone());
+    stream::iter(ids.iter().cloned())
+        .map(|id| {
+            let http = http.clone();
+            let base = base.to_owned();
+            async move {
+                loop {
+                    let answer = async {
+                        let r = http
+                            .get(format!("{base}/v1/transactions/{id}"))
+                            .send()
+                            .await
+                            .ok()?;
+                        let v: Value = r.json().await.ok()?;
+                        v.get("outcome").and_then(Value::as_str).map(str::to_owned)
+                    }
+                    .await;
+                    match answer {
+                        Some(o) if o == "committed" || o == "aborted" => return (id, Some(o)),
+                        _ if Instant::now() >= deadline => return (id, None),
+                        _ => tokio::time::sleep(Duration::from_millis(250)).await,
+                    }
+                }
+            }
+        })
+        .buffer_unordered(STATUS_CONCURRENCY)
+        .collect()
+        .await
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fault_kinds_round_trip_by_name() {
+        for k in ALL_KINDS {
+            assert_eq!(FaultKind::parse(k.name()).unwrap(), k);
+        }
+        assert!(FaultKind::parse("reboot").is_err());
+    }
+}
