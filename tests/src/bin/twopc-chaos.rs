@@ -50,7 +50,7 @@ struct Args {
     #[arg(long, num_args = 2, default_values_t = [200u64, 1_500])]
     gap_ms: Vec<u64>,
     /// A mid-run 2PC read audit this often, in ms.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = 5_000)]
     audit_interval_ms: u64,
     /// Per-request timeout of the transfer clients, in ms.
     #[arg(long, default_value_t = 10_000)]

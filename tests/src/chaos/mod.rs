@@ -18,7 +18,9 @@
 //! - `no_prepared_left`: no prepared transaction of ours within 60 s of the last heal;
 //! - `every_fault_recovered`: after each heal the probe committed within the limit;
 //! - `consistent_reads`: 2PC reads through twopc itself (SHARE locks on every database in
-//!   one distributed transaction), mid-run and at the end, see the total conserved.
+//!   one distributed transaction), mid-run and at the end, see the total conserved; at
+//!   least one mid-run read must complete (a read that loses a lock wait to a transfer
+//!   is counted as incomplete, not as a failure).
 
 pub mod docker;
 pub mod proxy;
@@ -129,6 +131,9 @@ pub struct FaultRecord {
     /// From the heal until a probe over every database committed; `None`: never, within
     /// the limit.
     pub recovery_ms: Option<u64>,
+    /// From the heal until every transaction of ours that was prepared at the heal had
+    /// been resolved (committed or rolled back); `None`: not within the limit.
+    pub in_doubt_resolved_ms: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
@@ -175,7 +180,10 @@ pub struct ChaosReport {
     pub duration_s: f64,
     pub transfers: Transfers,
     pub faults_by_kind: BTreeMap<&'static str, usize>,
+    /// Heal → a probe over every database committed.
     pub recovery_by_kind: BTreeMap<&'static str, RecoveryStats>,
+    /// Heal → every transaction prepared at the heal resolved.
+    pub in_doubt_resolved_by_kind: BTreeMap<&'static str, RecoveryStats>,
     pub faults: Vec<FaultRecord>,
     pub read_audits: ReadAudits,
     /// From the last heal until no prepared transaction of ours remained.
@@ -203,15 +211,20 @@ impl ChaosReport {
             t.unknown_resolved_aborted,
             t.unknown_unresolved
         );
-        s.push_str("faults (count, recovery min/p50/max ms):\n");
+        s.push_str(
+            "faults: count; ms from heal to serving, and to in-doubt resolved (min/p50/max)\n",
+        );
+        let mmm = |r: Option<&RecoveryStats>| {
+            r.map_or("-".to_owned(), |r| {
+                format!("{}/{}/{}", r.min_ms, r.p50_ms, r.max_ms)
+            })
+        };
         for (kind, n) in &self.faults_by_kind {
-            match self.recovery_by_kind.get(kind) {
-                Some(r) => s.push_str(&format!(
-                    "  {kind:<17} {n:>3}   {}/{}/{}\n",
-                    r.min_ms, r.p50_ms, r.max_ms
-                )),
-                None => s.push_str(&format!("  {kind:<17} {n:>3}   (none recovered)\n")),
-            }
+            s.push_str(&format!(
+                "  {kind:<17} {n:>3}   serving {:<16} in-doubt resolved {}\n",
+                mmm(self.recovery_by_kind.get(kind)),
+                mmm(self.in_doubt_resolved_by_kind.get(kind)),
+            ));
         }
         let r = &self.read_audits;
         s.push_str(&format!(
@@ -419,14 +432,16 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
             .await
             .ok()
             .map(|_| healed.elapsed().as_millis() as u64);
+        let in_doubt_resolved_ms = wait_prepared_resolved(&dbs, healed, PREPARED_LIMIT_MS).await;
         eprintln!(
-            "chaos: [{:>3}/{total}] {:>6.1}s {:<16} {:<12} held {:>4} ms, recovered in {}",
+            "chaos: [{:>3}/{total}] {:>6.1}s {:<16} {:<12} held {:>4} ms, serving in {}, in-doubt resolved in {}",
             i + 1,
             started.elapsed().as_secs_f64(),
             kind.name(),
             target_name,
             hold,
-            recovery_ms.map_or("NEVER".to_owned(), |ms| format!("{ms} ms"))
+            recovery_ms.map_or("NEVER".to_owned(), |ms| format!("{ms} ms")),
+            in_doubt_resolved_ms.map_or("NEVER".to_owned(), |ms| format!("{ms} ms"))
         );
         faults.push(FaultRecord {
             kind,
@@ -434,6 +449,7 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
             at_ms,
             held_ms: hold,
             recovery_ms,
+            in_doubt_resolved_ms,
             error: error.map(|e| format!("{e:#}")),
         });
     }
@@ -492,6 +508,7 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
     let audit = bank::audit(&dbs, expected_total, &initial, "twopc_", Some(&expect))
         .await
         .context("audit the databases")?;
+    let mid_run_consistent = read_audits_mid.consistent;
     let mut read_audits = read_audits_mid;
     read_audits.attempted += 1;
     let final_read = read_audit(&http, &config.coordinator_url, &names, &initial).await;
@@ -585,24 +602,27 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
     ];
     let never: Vec<String> = faults
         .iter()
-        .filter(|f| f.recovery_ms.is_none())
+        .filter(|f| f.recovery_ms.is_none() || f.in_doubt_resolved_ms.is_none())
         .map(|f| format!("{}@{}ms on {}", f.kind.name(), f.at_ms, f.target))
         .collect();
     rules.push(Rule {
         name: "every_fault_recovered",
         pass: never.is_empty(),
         detail: format!(
-            "{} faults; not recovered within {RECOVERY_LIMIT_MS} ms: {}",
+            "{} faults; not serving within {RECOVERY_LIMIT_MS} ms or in doubt past {PREPARED_LIMIT_MS} ms: {}",
             faults.len(),
             shown(&never)
         ),
     });
     rules.push(Rule {
         name: "consistent_reads",
-        pass: read_audits.inconsistent == 0 && matches!(final_read, Ok(Ok(()))),
+        pass: read_audits.inconsistent == 0
+            && mid_run_consistent >= 1
+            && matches!(final_read, Ok(Ok(()))),
         detail: format!(
-            "{} 2PC reads: {} consistent, {} inconsistent, {} incomplete; final read: {}",
+            "{} 2PC reads ({} consistent mid-run, at least 1 needed): {} consistent, {} inconsistent, {} incomplete; final read: {}",
             read_audits.attempted,
+            mid_run_consistent,
             read_audits.consistent,
             read_audits.inconsistent,
             read_audits.incomplete,
@@ -615,26 +635,11 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
     });
 
     let mut faults_by_kind = BTreeMap::new();
-    let mut recovery: BTreeMap<&'static str, Vec<u64>> = BTreeMap::new();
     for f in &faults {
         *faults_by_kind.entry(f.kind.name()).or_insert(0) += 1;
-        if let Some(ms) = f.recovery_ms {
-            recovery.entry(f.kind.name()).or_default().push(ms);
-        }
     }
-    let recovery_by_kind = recovery
-        .into_iter()
-        .map(|(k, mut v)| {
-            v.sort_unstable();
-            let stats = RecoveryStats {
-                count: v.len(),
-                min_ms: v[0],
-                p50_ms: v[v.len() / 2],
-                max_ms: v[v.len() - 1],
-            };
-            (k, stats)
-        })
-        .collect();
+    let recovery_by_kind = stats_by_kind(&faults, |f| f.recovery_ms);
+    let in_doubt_resolved_by_kind = stats_by_kind(&faults, |f| f.in_doubt_resolved_ms);
     let out = ChaosReport {
         pass: rules.iter().all(|r| r.pass),
         seed: config.seed,
@@ -650,6 +655,7 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
         },
         faults_by_kind,
         recovery_by_kind,
+        in_doubt_resolved_by_kind,
         faults,
         read_audits,
         prepared_cleared_ms,
@@ -804,7 +810,7 @@ async fn read_audit(
         let mut sums = Vec::with_capacity(names.len());
         for p in names {
             for sql in [
-                "SET LOCAL lock_timeout = '3s'",
+                "SET LOCAL lock_timeout = '5s'",
                 "LOCK TABLE acct, ledger IN SHARE MODE",
             ] {
                 post(stmt_path.clone(), json!({ "participant": p, "sql": sql })).await?;
@@ -881,6 +887,80 @@ async fn wait_no_prepared(dbs: &[(String, String)], since: Instant, limit_ms: u6
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+fn stats_by_kind(
+    faults: &[FaultRecord],
+    value: impl Fn(&FaultRecord) -> Option<u64>,
+) -> BTreeMap<&'static str, RecoveryStats> {
+    let mut by: BTreeMap<&'static str, Vec<u64>> = BTreeMap::new();
+    for f in faults {
+        if let Some(ms) = value(f) {
+            by.entry(f.kind.name()).or_default().push(ms);
+        }
+    }
+    by.into_iter()
+        .map(|(k, mut v)| {
+            v.sort_unstable();
+            let stats = RecoveryStats {
+                count: v.len(),
+                min_ms: v[0],
+                p50_ms: v[v.len() / 2],
+                max_ms: v[v.len() - 1],
+            };
+            (k, stats)
+        })
+        .collect()
+}
+
+/// Until every transaction of ours prepared at `since` (on any database) is resolved;
+/// the time since `since`, or `None` past the limit. New ones may come and go meanwhile:
+/// the load goes on.
+async fn wait_prepared_resolved(
+    dbs: &[(String, String)],
+    since: Instant,
+    limit_ms: u64,
+) -> Option<u64> {
+    let deadline = since + Duration::from_millis(limit_ms);
+    // Every database must answer for the snapshot to be complete.
+    let at_heal = loop {
+        if let Ok(g) = prepared_gids(dbs).await {
+            break g;
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    loop {
+        if let Ok(now) = prepared_gids(dbs).await {
+            if at_heal.is_disjoint(&now) {
+                return Some(since.elapsed().as_millis() as u64);
+            }
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn prepared_gids(dbs: &[(String, String)]) -> anyhow::Result<HashSet<String>> {
+    let mut out = HashSet::new();
+    for (name, url) in dbs {
+        let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        for row in client
+            .query(
+                "SELECT gid FROM pg_prepared_xacts WHERE gid LIKE 'twopc\\_%'",
+                &[],
+            )
+            .await?
+        {
+            out.insert(format!("{name}:{}", row.get::<_, String>(0)));
+        }
+    }
+    Ok(out)
 }
 
 async fn count_prepared(url: &str) -> anyhow::Result<usize> {
