@@ -185,6 +185,34 @@ impl fmt::Display for AuditReport {
     }
 }
 
+/// The prepared transactions whose GID starts with `gid_prefix`, on every database of
+/// `dbs` (`(name, url)`), as `name:gid`.
+pub async fn prepared_gids(
+    dbs: &[(String, String)],
+    gid_prefix: &str,
+) -> Result<Vec<String>, BankError> {
+    let mut out = Vec::new();
+    for (name, url) in dbs {
+        let client = connect(name, url).await?;
+        let rows = client
+            .query(
+                "SELECT gid FROM pg_prepared_xacts \
+                 WHERE database = current_database() AND starts_with(gid, $1)",
+                &[&gid_prefix],
+            )
+            .await
+            .map_err(|source| BankError::Db {
+                db: name.clone(),
+                source,
+            })?;
+        out.extend(
+            rows.iter()
+                .map(|r| format!("{name}:{}", r.get::<_, String>(0))),
+        );
+    }
+    Ok(out)
+}
+
 /// Checks every rule over `dbs` (`(name, url)`).
 pub async fn audit(
     dbs: &[(String, String)],

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use serde_json::Value;
 
-use crate::{setup_bank, PgCluster, ACCOUNTS, BALANCE};
+use crate::{bank, setup_bank, PgCluster, ACCOUNTS, BALANCE};
 
 /// Paths of the binaries under test (the test passes `env!("CARGO_BIN_EXE_...")`).
 #[derive(Debug, Clone)]
@@ -238,24 +238,12 @@ impl ProcHarness {
             .await?)
     }
 
-    /// Prepared transactions of ours on every database.
+    /// Prepared transactions of ours on every database, as `name:gid`.
     pub async fn prepared_left(&self) -> anyhow::Result<Vec<String>> {
-        let mut out = Vec::new();
-        for i in 0..self.clusters.len() {
-            let (client, conn) =
-                tokio_postgres::connect(&self.url(i), tokio_postgres::NoTls).await?;
-            tokio::spawn(conn);
-            for r in client
-                .query(
-                    "SELECT gid FROM pg_prepared_xacts WHERE gid LIKE 'twopc%'",
-                    &[],
-                )
-                .await?
-            {
-                out.push(format!("{}:{}", self.names[i], r.get::<_, String>(0)));
-            }
-        }
-        Ok(out)
+        let dbs: Vec<(String, String)> = (0..self.clusters.len())
+            .map(|i| (self.names[i].clone(), self.url(i)))
+            .collect();
+        Ok(bank::prepared_gids(&dbs, "twopc_").await?)
     }
 
     /// Waits until nothing of ours is prepared and nothing is in doubt at the coordinator.
