@@ -634,7 +634,7 @@ impl Engine {
         let result = async {
             let mut state = txn.state.lock().await;
             state.branches = plan.iter().map(|(p, _)| p.clone()).collect();
-            self.finish(&txn, &mut state, plan, ack).await
+            self.finish(&txn, &mut state, plan, false, ack).await
         }
         .instrument(span)
         .await;
@@ -687,7 +687,8 @@ impl Engine {
                 self.abort_txn(&txn, &mut state).await;
                 return Err(TxnError::Aborted(info));
             }
-            if !state.branches.iter().any(|b| b == participant) {
+            let continues = state.branches.iter().any(|b| b == participant);
+            if !continues {
                 state.branches.push(participant.to_owned());
             }
             state.statements += 1;
@@ -698,6 +699,7 @@ impl Engine {
                 statements: vec![stmt],
                 finish: Finish::Keep,
                 read_only_vote: false,
+                continues,
             };
             let resp = p.call(Request::Execute(exec), remaining).await;
             state.last_activity = Instant::now();
@@ -737,7 +739,7 @@ impl Engine {
                 .iter()
                 .map(|p| (p.clone(), Vec::new()))
                 .collect();
-            self.finish(&txn, &mut state, plan, ack).await
+            self.finish(&txn, &mut state, plan, true, ack).await
         }
         .instrument(span)
         .await;
@@ -946,12 +948,14 @@ impl Engine {
     }
 
     /// Prepares every branch of `plan` (running its statements first), decides, and
-    /// commits or aborts.
+    /// commits or aborts. `continues`: the branches are already open on their agents (an
+    /// interactive transaction's commit), so an agent that lost one must refuse.
     async fn finish(
         &self,
         txn: &Arc<LiveTxn>,
         state: &mut TxnState,
         plan: Vec<(String, Vec<Statement>)>,
+        continues: bool,
         ack: AckMode,
     ) -> Result<Committed, TxnError> {
         let remaining = txn.deadline.saturating_duration_since(Instant::now());
@@ -994,6 +998,7 @@ impl Engine {
                 statements,
                 finish,
                 read_only_vote: config.read_only,
+                continues,
             };
             async move {
                 let resp = match p {

@@ -432,6 +432,12 @@ impl Agent {
                             "branch was already aborted or finished",
                         );
                     }
+                    if exec.continues {
+                        return failed(
+                            ErrorKind::UnknownBranch,
+                            "branch is not open here (the agent restarted or its session was lost); its earlier statements are gone",
+                        );
+                    }
                     if t.branches.len() >= self.inner.config.max_open_branches {
                         return failed(
                             ErrorKind::Limit,

@@ -71,6 +71,13 @@ pub struct ExecuteBranch {
     /// not stay prepared: the agent commits it at once and votes [`BranchOutcome::ReadOnly`].
     #[serde(default)]
     pub read_only_vote: bool,
+    /// The branch must already be open on the agent (earlier statements of an
+    /// interactive transaction ran on it). If the agent does not have it — it restarted,
+    /// or the session was lost — it answers `UnknownBranch` instead of starting a new,
+    /// empty branch: the earlier statements' work (and locks) are gone, so the
+    /// transaction must abort.
+    #[serde(default)]
+    pub continues: bool,
 }
 
 /// What the agent does after the statements of an `Execute`.
@@ -243,6 +250,7 @@ mod tests {
                 }],
                 finish: Finish::Prepare,
                 read_only_vote: true,
+                continues: false,
             }),
         };
         let bytes = serde_json::to_vec(&req).unwrap();

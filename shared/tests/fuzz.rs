@@ -27,6 +27,7 @@ fn valid_frame() -> BytesMut {
                 }],
                 finish: Finish::Prepare,
                 read_only_vote: true,
+                continues: false,
             }),
         },
         &mut buf,

@@ -274,3 +274,71 @@ async fn participant_down_longer_than_recovery_interval() {
     let st = h.get(&format!("/v1/transactions/{id}")).await.unwrap();
     assert!(st["pending"].is_null(), "{st}");
 }
+
+/// An interactive transaction wrote on both databases; then agent `a` is killed and
+/// restarted, losing the open branch (PostgreSQL rolls its session back). The commit must
+/// abort — not prepare a new, empty branch on `a` and commit `b`'s half alone. (Found by
+/// the chaos audit: its interactive 2PC reads came back inconsistent.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interactive_commit_aborts_after_an_agent_lost_its_branch() {
+    let mut h = ProcHarness::start(bins(), 2).await.unwrap();
+    h.reset_bank().await.unwrap();
+    h.start_all("", &[]).await.unwrap();
+    let base = h.base_url();
+    let client = h.http.clone();
+    let post = |path: String, body: serde_json::Value| {
+        let http = client.clone();
+        let url = format!("{base}{path}");
+        async move {
+            let r = http.post(url).json(&body).send().await.unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<serde_json::Value>().await.unwrap())
+        }
+    };
+    let (status, _) = post(
+        "/v1/transactions".into(),
+        serde_json::json!({ "txn_id": "lost-branch" }),
+    )
+    .await;
+    assert_eq!(status, 201);
+    for (p, delta) in [("a", -5), ("b", 5)] {
+        let (status, body) = post(
+            "/v1/transactions/lost-branch/statements".into(),
+            serde_json::json!({ "participant": p,
+                "sql": "UPDATE acct SET bal = bal + $1 WHERE id = 1", "params": [delta] }),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    h.agents[0].as_mut().unwrap().kill9();
+    h.agents[0] = None;
+    h.start_agent(0, "").await.unwrap();
+
+    let (status, body) = post(
+        "/v1/transactions/lost-branch/commit".into(),
+        serde_json::json!({}),
+    )
+    .await;
+    assert_eq!(status, 409, "the commit must abort: {body}");
+    assert_eq!(body["outcome"], "aborted", "{body}");
+    let st = h.get("/v1/transactions/lost-branch").await.unwrap();
+    assert_eq!(st["outcome"], "aborted", "{st}");
+    // Neither half is there, and nothing is left prepared.
+    h.wait_resolved(Duration::from_secs(30)).await.unwrap();
+    for i in 0..2 {
+        let (client, conn) = tokio_postgres::connect(&h.url(i), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let bal: i64 = client
+            .query_one("SELECT bal FROM acct WHERE id = 1", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(
+            bal, BALANCE,
+            "database {i} kept half of an aborted transaction"
+        );
+    }
+    h.stop_all();
+}

@@ -310,6 +310,7 @@ async fn agent_limits_prepared_branches_and_lock_waits() {
             }],
             finish,
             read_only_vote: true,
+            continues: false,
         })
     };
     for seq in 1..=2 {

@@ -21,6 +21,7 @@ async fn one(agent: &Agent, seq: u64, sql: &str, params: Vec<Value>) -> Response
                 }],
                 finish: Finish::Commit,
                 read_only_vote: false,
+                continues: false,
             }),
             Duration::from_secs(10),
         )

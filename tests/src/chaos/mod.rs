@@ -871,15 +871,7 @@ async fn read_audit(
 async fn wait_no_prepared(dbs: &[(String, String)], since: Instant, limit_ms: u64) -> Option<u64> {
     let deadline = since + Duration::from_millis(limit_ms);
     loop {
-        let mut left = 0usize;
-        let mut ok = true;
-        for (_, url) in dbs {
-            match count_prepared(url).await {
-                Ok(n) => left += n,
-                Err(_) => ok = false,
-            }
-        }
-        if ok && left == 0 {
+        if prepared_gids(dbs).await.is_ok_and(|g| g.is_empty()) {
             return Some(since.elapsed().as_millis() as u64);
         }
         if Instant::now() >= deadline {
@@ -946,33 +938,10 @@ async fn wait_prepared_resolved(
 }
 
 async fn prepared_gids(dbs: &[(String, String)]) -> anyhow::Result<HashSet<String>> {
-    let mut out = HashSet::new();
-    for (name, url) in dbs {
-        let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
-        tokio::spawn(conn);
-        for row in client
-            .query(
-                "SELECT gid FROM pg_prepared_xacts WHERE gid LIKE 'twopc\\_%'",
-                &[],
-            )
-            .await?
-        {
-            out.insert(format!("{name}:{}", row.get::<_, String>(0)));
-        }
-    }
-    Ok(out)
-}
-
-async fn count_prepared(url: &str) -> anyhow::Result<usize> {
-    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
-    tokio::spawn(conn);
-    let row = client
-        .query_one(
-            "SELECT count(*) FROM pg_prepared_xacts WHERE gid LIKE 'twopc\\_%'",
-            &[],
-        )
-        .await?;
-    Ok(row.get::<_, i64>(0) as usize)
+    Ok(bank::prepared_gids(dbs, "twopc_")
+        .await?
+        .into_iter()
+        .collect())
 }
 
 /// The coordinator's answer for each txn id: `Some("committed" | "aborted")`, or `None`
