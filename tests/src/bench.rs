@@ -73,6 +73,34 @@ pub struct PointResult {
     /// (`single-twopc` relative to `single-direct`).
     pub throughput_ratio: Option<f64>,
     pub p50_ratio: Option<f64>,
+    /// CPU time per committed transaction while measuring, in microseconds: of the bench
+    /// process (its clients, and for the twopc paths also the coordinator and the agents,
+    /// which run in it), and of the whole machine (PostgreSQL, kernel, everything).
+    pub cpu_bench_us_per_txn: Option<f64>,
+    pub cpu_machine_us_per_txn: Option<f64>,
+}
+
+/// CPU time used so far, in microseconds: (this process, the whole machine busy).
+/// Linux only (`/proc`); `None` elsewhere.
+fn cpu_now_us() -> Option<(f64, f64)> {
+    // Clock ticks; USER_HZ is 100 on every Linux architecture we build for.
+    const TICK_US: f64 = 10_000.0;
+    let own = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name (field 2) may contain spaces; count fields after its ')'.
+    let after = own.rsplit_once(')')?.1;
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // After ')': state is field 3, so utime (14) and stime (15) are at 11 and 12.
+    let utime: f64 = f.get(11)?.parse().ok()?;
+    let stime: f64 = f.get(12)?.parse().ok()?;
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let cpu = stat.lines().next()?.strip_prefix("cpu ")?;
+    let v: Vec<f64> = cpu
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal ...: busy = all but idle and iowait.
+    let busy: f64 = v.iter().take(8).sum::<f64>() - v.get(3)? - v.get(4)?;
+    Some(((utime + stime) * TICK_US, busy * TICK_US))
 }
 
 enum Op {
@@ -455,6 +483,7 @@ async fn run_point(
     tokio::time::sleep(config.warmup).await;
     measuring.store(true, Ordering::Relaxed);
     let t0 = Instant::now();
+    let cpu0 = cpu_now_us();
     while t0.elapsed() < config.duration {
         tokio::time::sleep(Duration::from_secs(1).min(config.duration)).await;
         eprint!(
@@ -466,6 +495,7 @@ async fn run_point(
     }
     measuring.store(false, Ordering::Relaxed);
     let seconds = t0.elapsed().as_secs_f64();
+    let cpu1 = cpu_now_us();
     stop.store(true, Ordering::Relaxed);
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     let (mut committed, mut aborted, mut errors) = (0, 0, 0);
@@ -477,6 +507,7 @@ async fn run_point(
         errors += e;
     }
     eprintln!();
+    let per_txn = |us: Option<f64>| us.filter(|_| committed > 0).map(|us| us / committed as f64);
     let q = |p: f64| hist.value_at_quantile(p) as f64 / 1000.0;
     Ok(PointResult {
         path: path.to_owned(),
@@ -491,6 +522,8 @@ async fn run_point(
         p999_ms: q(0.999),
         throughput_ratio: None,
         p50_ratio: None,
+        cpu_bench_us_per_txn: per_txn(cpu0.zip(cpu1).map(|(a, b)| b.0 - a.0)),
+        cpu_machine_us_per_txn: per_txn(cpu0.zip(cpu1).map(|(a, b)| b.1 - a.1)),
     })
 }
 
@@ -551,7 +584,7 @@ pub fn table(results: &[PointResult]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{:<22} {:>4} {:>9} {:>8} {:>8} {:>8} {:>7} {:>6} {:>8} {:>8}",
+        "{:<22} {:>4} {:>9} {:>8} {:>8} {:>8} {:>7} {:>6} {:>8} {:>8} {:>9} {:>9}",
         "path",
         "c",
         "tps",
@@ -561,13 +594,16 @@ pub fn table(results: &[PointResult]) -> String {
         "aborts",
         "errors",
         "tps/base",
-        "p50/base"
+        "p50/base",
+        "cpu/txn",
+        "bench/txn"
     );
     for r in results {
         let ratio = |x: Option<f64>| x.map_or("-".to_owned(), |v| format!("{v:.2}"));
+        let us = |x: Option<f64>| x.map_or("-".to_owned(), |v| format!("{v:.0}us"));
         let _ = writeln!(
             s,
-            "{:<22} {:>4} {:>9.0} {:>8.2} {:>8.2} {:>8.2} {:>7} {:>6} {:>8} {:>8}",
+            "{:<22} {:>4} {:>9.0} {:>8.2} {:>8.2} {:>8.2} {:>7} {:>6} {:>8} {:>8} {:>9} {:>9}",
             r.path,
             r.concurrency,
             r.throughput,
@@ -577,7 +613,9 @@ pub fn table(results: &[PointResult]) -> String {
             r.aborted,
             r.errors,
             ratio(r.throughput_ratio),
-            ratio(r.p50_ratio)
+            ratio(r.p50_ratio),
+            us(r.cpu_machine_us_per_txn),
+            us(r.cpu_bench_us_per_txn)
         );
     }
     s
