@@ -1016,7 +1016,9 @@ impl Engine {
         } else {
             let mut v = Vec::new();
             for c in calls {
-                let vote = c.await;
+                // Boxed: a call future is large, and holding it inline would make every
+                // transaction's future (moved on each spawn and poll hand-off) as large.
+                let vote = Box::pin(c).await;
                 let failed = !matches!(vote.1, Ok(Response::Executed { .. }));
                 v.push(vote);
                 if failed {
@@ -1762,12 +1764,19 @@ impl Engine {
 /// Runs `work` as its own task: a client that disconnects (dropping the request future)
 /// must not cut a transaction off between two steps of the protocol, e.g. after its
 /// decision is logged but before phase 2 starts, or before it leaves the live table.
-async fn detached<T: Send + 'static>(
+///
+/// The task is spawned at once, so the returned future holds only the join handle: the
+/// request futures above it (axum's, hyper's) stay small instead of carrying the whole
+/// transaction's state, which they would copy on every move.
+fn detached<T: Send + 'static>(
     work: impl std::future::Future<Output = Result<T, TxnError>> + Send + 'static,
-) -> Result<T, TxnError> {
-    match tokio::spawn(work).await {
-        Ok(r) => r,
-        Err(e) => Err(TxnError::Internal(format!("transaction task failed: {e}"))),
+) -> impl std::future::Future<Output = Result<T, TxnError>> {
+    let handle = tokio::spawn(work);
+    async move {
+        match handle.await {
+            Ok(r) => r,
+            Err(e) => Err(TxnError::Internal(format!("transaction task failed: {e}"))),
+        }
     }
 }
 

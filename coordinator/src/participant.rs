@@ -72,9 +72,11 @@ impl Participant {
             Participant::Local { agent, .. } => {
                 // The agent enforces the deadline itself; the outer bound only guards
                 // against a bug there.
+                // Boxed: the agent's future is large and would otherwise be inlined
+                // into every caller's, remote or not.
                 match tokio::time::timeout(
                     timeout + Duration::from_secs(1),
-                    agent.handle(request, timeout),
+                    Box::pin(agent.handle(request, timeout)),
                 )
                 .await
                 {
@@ -231,7 +233,8 @@ impl RemoteAgent {
             }
         }
         *guard = None;
-        let conn = Arc::new(self.connect().await?);
+        // Boxed: rare, and its future is large.
+        let conn = Arc::new(Box::pin(self.connect()).await?);
         *guard = Some(conn.clone());
         Ok(conn)
     }

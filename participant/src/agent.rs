@@ -469,7 +469,7 @@ impl Agent {
                 // transaction). A PREPARE that raced the deadline is rolled back by
                 // `forget_branch`.
                 warn!(timeout_ms = timeout.as_millis() as u64, "branch timed out");
-                self.forget_branch(&exec.gid, None, true).await;
+                Box::pin(self.forget_branch(&exec.gid, None, true)).await;
                 return failed(
                     ErrorKind::Timeout,
                     format!("branch did not finish within {} ms", timeout.as_millis()),
@@ -488,13 +488,17 @@ impl Agent {
         match result {
             Err(err) => {
                 // The branch is rolled back: a NO vote.
-                self.forget_branch(&exec.gid, session, false).await;
+                Box::pin(self.forget_branch(&exec.gid, session, false)).await;
                 err
             }
             Ok(ran) => {
                 if abort_requested {
-                    self.forget_branch(&exec.gid, session, ran.outcome == BranchOutcome::Prepared)
-                        .await;
+                    Box::pin(self.forget_branch(
+                        &exec.gid,
+                        session,
+                        ran.outcome == BranchOutcome::Prepared,
+                    ))
+                    .await;
                     return failed(ErrorKind::UnknownBranch, "branch was aborted while it ran");
                 }
                 match ran.outcome {
@@ -539,17 +543,9 @@ impl Agent {
         let is_new = existing.is_none();
         let session = match existing {
             Some(s) => s,
-            None => match self.inner.pool.get().await {
+            None => match self.session().await {
                 Ok(s) => s,
-                Err(e) => {
-                    return (
-                        None,
-                        Err(failed(
-                            ErrorKind::Unavailable,
-                            format!("no database session: {e}"),
-                        )),
-                    )
-                }
+                Err(e) => return (None, Err(Response::Failed(e))),
             },
         };
         // If this future is dropped (deadline), the session is mid-transaction: the guard
@@ -561,35 +557,43 @@ impl Agent {
 
         // Parse/describe every statement first (cached per session) so parameters are
         // checked against their types before anything runs.
-        let mut prepared = Vec::with_capacity(exec.statements.len());
-        for (index, stmt) in exec.statements.iter().enumerate() {
-            let st = match session.prepare_cached(&stmt.sql).await {
-                Ok(st) => st,
-                Err(e) => return (session.release(), Err(sql_failure(&e, Some(index)))),
-            };
-            if let Err(e) = check_params(st.params(), &stmt.params) {
-                let mut err = AgentError::new(ErrorKind::BadParam, e.to_string());
-                err.statement_index = Some(index);
-                return (session.release(), Err(Response::Failed(err)));
-            }
-            prepared.push(st);
-        }
-
         // A branch with a data-changing statement almost surely wrote: skip the check
         // statement and vote YES (if it matched no row, it is merely prepared for nothing).
         let read_only_check = exec.finish == Finish::Prepare
             && exec.read_only_vote
             && !exec.statements.iter().any(|s| starts_with_dml(&s.sql));
-        let read_only_stmt = if read_only_check {
-            match session
-                .prepare_cached("SELECT txid_current_if_assigned() IS NULL")
-                .await
-            {
-                Ok(st) => Some(st),
-                Err(e) => return (session.release(), Err(sql_failure(&e, None))),
+        // One boxed future for all the lookups (deadpool's `prepare_cached` future is
+        // large; inline, it would grow this whole future by as much).
+        let lookups = Box::pin(async {
+            let mut prepared = Vec::with_capacity(exec.statements.len());
+            for (index, stmt) in exec.statements.iter().enumerate() {
+                let st = session
+                    .prepare_cached(&stmt.sql)
+                    .await
+                    .map_err(|e| sql_failure(&e, Some(index)))?;
+                if let Err(e) = check_params(st.params(), &stmt.params) {
+                    let mut err = AgentError::new(ErrorKind::BadParam, e.to_string());
+                    err.statement_index = Some(index);
+                    return Err(Response::Failed(err));
+                }
+                prepared.push(st);
             }
-        } else {
-            None
+            let read_only_stmt = if read_only_check {
+                Some(
+                    session
+                        .prepare_cached("SELECT txid_current_if_assigned() IS NULL")
+                        .await
+                        .map_err(|e| sql_failure(&e, None))?,
+                )
+            } else {
+                None
+            };
+            Ok((prepared, read_only_stmt))
+        })
+        .await;
+        let (prepared, read_only_stmt) = match lookups {
+            Ok(x) => x,
+            Err(resp) => return (session.release(), Err(resp)),
         };
         let client: &tokio_postgres::Client = &session;
         let prepare_sql = format!("PREPARE TRANSACTION {}", exec.gid.sql_literal());
@@ -747,7 +751,9 @@ impl Agent {
     }
 
     async fn session(&self) -> Result<Object, AgentError> {
-        self.inner.pool.get().await.map_err(|e| {
+        // Boxed: deadpool's future is large, and every future that awaits it inline grows
+        // by as much (and is copied whole on each spawn).
+        Box::pin(self.inner.pool.get()).await.map_err(|e| {
             AgentError::new(ErrorKind::Unavailable, format!("no database session: {e}"))
         })
     }
