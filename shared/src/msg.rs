@@ -32,7 +32,10 @@ pub struct ResponseFrame {
     pub body: Response,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// Internally tagged (`{"type": "execute", ...}`). Deserialized by hand (see
+/// [`tagged`]): serde's derive for internally tagged enums buffers the whole message
+/// into a generic tree first, which was most of the agents' decoding cost.
+#[derive(Debug, Clone, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Request {
     /// Handshake: must be first on a connection.
@@ -128,7 +131,8 @@ pub struct StmtResult {
     pub rows: Vec<serde_json::Map<String, serde_json::Value>>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// Internally tagged like [`Request`], and deserialized by hand for the same reason.
+#[derive(Debug, Clone, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Response {
     Hello {
@@ -232,6 +236,217 @@ impl AgentError {
     }
 }
 
+/// Deserializing the internally tagged [`Request`] and [`Response`] without buffering.
+///
+/// Our serializer writes `type` first, so the visitor reads the tag and then hands the
+/// rest of the same map straight to the variant's fields. A message from elsewhere with
+/// `type` later in the object is still accepted: it is buffered into a JSON value, `type`
+/// moved to the front, and decoded again (slowly, but correctly).
+mod tagged {
+    use std::fmt;
+    use std::marker::PhantomData;
+
+    use serde::de::value::MapAccessDeserializer;
+    use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
+    use serde::Deserialize;
+
+    use super::*;
+
+    #[derive(Deserialize)]
+    #[serde(rename_all = "snake_case")]
+    enum RequestTag {
+        Hello,
+        Execute,
+        CommitPrepared,
+        Abort,
+        ListPrepared,
+        Ping,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(rename_all = "snake_case")]
+    enum ResponseTag {
+        Hello,
+        Executed,
+        Failed,
+        CommitPrepared,
+        Aborted,
+        Prepared,
+        Pong,
+    }
+
+    #[derive(Deserialize)]
+    struct HelloRequest {
+        protocol_version: u32,
+        coordinator_id: String,
+        epoch: u64,
+    }
+
+    #[derive(Deserialize)]
+    struct ByGid {
+        gid: Gid,
+    }
+
+    #[derive(Deserialize)]
+    struct ByPrefix {
+        gid_prefix: String,
+    }
+
+    #[derive(Deserialize)]
+    struct HelloResponse {
+        protocol_version: u32,
+        agent_name: String,
+        database: String,
+        build_version: String,
+    }
+
+    #[derive(Deserialize)]
+    struct Executed {
+        results: Vec<StmtResult>,
+        outcome: BranchOutcome,
+    }
+
+    #[derive(Deserialize)]
+    struct PreparedList {
+        branches: Vec<PreparedBranch>,
+    }
+
+    /// The variant's fields: the rest of the same map.
+    fn rest<'de, A: MapAccess<'de>, T: Deserialize<'de>>(map: A) -> Result<T, A::Error> {
+        T::deserialize(MapAccessDeserializer::new(map))
+    }
+
+    fn drain<'de, A: MapAccess<'de>>(mut map: A) -> Result<(), A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(())
+    }
+
+    /// The slow path: the first key was not `type`.
+    fn reordered<'de, A: MapAccess<'de>, T: serde::de::DeserializeOwned>(
+        first_key: String,
+        mut map: A,
+    ) -> Result<T, A::Error> {
+        let mut rest = serde_json::Map::new();
+        rest.insert(first_key, map.next_value::<serde_json::Value>()?);
+        while let Some((k, v)) = map.next_entry::<String, serde_json::Value>()? {
+            rest.insert(k, v);
+        }
+        let tag = rest
+            .remove("type")
+            .ok_or_else(|| de::Error::missing_field("type"))?;
+        let mut ordered = serde_json::Map::with_capacity(rest.len() + 1);
+        ordered.insert("type".to_owned(), tag);
+        ordered.extend(rest);
+        T::deserialize(serde_json::Value::Object(ordered)).map_err(de::Error::custom)
+    }
+
+    struct TaggedVisitor<T>(PhantomData<T>);
+
+    impl<'de> Visitor<'de> for TaggedVisitor<Request> {
+        type Value = Request;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a request object with a \"type\"")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Request, A::Error> {
+            let first: String = map
+                .next_key()?
+                .ok_or_else(|| de::Error::missing_field("type"))?;
+            if first != "type" {
+                return reordered(first, map);
+            }
+            Ok(match map.next_value::<RequestTag>()? {
+                RequestTag::Hello => {
+                    let h: HelloRequest = rest(map)?;
+                    Request::Hello {
+                        protocol_version: h.protocol_version,
+                        coordinator_id: h.coordinator_id,
+                        epoch: h.epoch,
+                    }
+                }
+                RequestTag::Execute => Request::Execute(rest(map)?),
+                RequestTag::CommitPrepared => Request::CommitPrepared {
+                    gid: rest::<_, ByGid>(map)?.gid,
+                },
+                RequestTag::Abort => Request::Abort {
+                    gid: rest::<_, ByGid>(map)?.gid,
+                },
+                RequestTag::ListPrepared => Request::ListPrepared {
+                    gid_prefix: rest::<_, ByPrefix>(map)?.gid_prefix,
+                },
+                RequestTag::Ping => {
+                    drain(map)?;
+                    Request::Ping
+                }
+            })
+        }
+    }
+
+    impl<'de> Visitor<'de> for TaggedVisitor<Response> {
+        type Value = Response;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a response object with a \"type\"")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Response, A::Error> {
+            let first: String = map
+                .next_key()?
+                .ok_or_else(|| de::Error::missing_field("type"))?;
+            if first != "type" {
+                return reordered(first, map);
+            }
+            Ok(match map.next_value::<ResponseTag>()? {
+                ResponseTag::Hello => {
+                    let h: HelloResponse = rest(map)?;
+                    Response::Hello {
+                        protocol_version: h.protocol_version,
+                        agent_name: h.agent_name,
+                        database: h.database,
+                        build_version: h.build_version,
+                    }
+                }
+                ResponseTag::Executed => {
+                    let e: Executed = rest(map)?;
+                    Response::Executed {
+                        results: e.results,
+                        outcome: e.outcome,
+                    }
+                }
+                ResponseTag::Failed => Response::Failed(rest(map)?),
+                // serde writes this newtype around a unit enum as
+                // `{"type":"commit_prepared","committed":null}`: the rest of the map is the
+                // inner enum, keyed by its variant.
+                ResponseTag::CommitPrepared => Response::CommitPrepared(rest(map)?),
+                ResponseTag::Aborted => {
+                    drain(map)?;
+                    Response::Aborted
+                }
+                ResponseTag::Prepared => Response::Prepared {
+                    branches: rest::<_, PreparedList>(map)?.branches,
+                },
+                ResponseTag::Pong => {
+                    drain(map)?;
+                    Response::Pong
+                }
+            })
+        }
+    }
+
+    impl<'de> Deserialize<'de> for Request {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Request, D::Error> {
+            d.deserialize_map(TaggedVisitor::<Request>(PhantomData))
+        }
+    }
+
+    impl<'de> Deserialize<'de> for Response {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Response, D::Error> {
+            d.deserialize_map(TaggedVisitor::<Response>(PhantomData))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -269,5 +484,124 @@ mod tests {
     fn bad_gid_is_rejected_at_decode() {
         let raw = r#"{"id":1,"timeout_ms":5,"body":{"type":"commit_prepared","gid":"x'; drop"}}"#;
         assert!(serde_json::from_str::<RequestFrame>(raw).is_err());
+    }
+
+    fn every_request() -> Vec<Request> {
+        let gid = Gid::new("c1", 1, 2).unwrap();
+        vec![
+            Request::Hello {
+                protocol_version: 1,
+                coordinator_id: "c1".into(),
+                epoch: 3,
+            },
+            Request::Execute(ExecuteBranch {
+                gid: gid.clone(),
+                isolation: Isolation::RepeatableRead,
+                statements: vec![Statement {
+                    sql: "UPDATE t SET v = $1".into(),
+                    params: vec![serde_json::json!({"a": [1, "x"]})],
+                }],
+                finish: Finish::Keep,
+                read_only_vote: false,
+                continues: true,
+            }),
+            Request::CommitPrepared { gid: gid.clone() },
+            Request::Abort { gid },
+            Request::ListPrepared {
+                gid_prefix: "twopc_c1_".into(),
+            },
+            Request::Ping,
+        ]
+    }
+
+    fn every_response() -> Vec<Response> {
+        vec![
+            Response::Hello {
+                protocol_version: 1,
+                agent_name: "a".into(),
+                database: "db".into(),
+                build_version: "0.1.0".into(),
+            },
+            Response::Executed {
+                results: vec![StmtResult {
+                    rows_affected: 1,
+                    rows: vec![serde_json::from_str(r#"{"k": 1, "s": "x"}"#).unwrap()],
+                }],
+                outcome: BranchOutcome::ReadOnly,
+            },
+            Response::Failed(AgentError {
+                kind: ErrorKind::Sql,
+                sqlstate: Some("40001".into()),
+                message: "m".into(),
+                statement_index: Some(2),
+            }),
+            Response::CommitPrepared(CommitAck::Committed),
+            Response::CommitPrepared(CommitAck::NotPrepared),
+            Response::Aborted,
+            Response::Prepared {
+                branches: vec![PreparedBranch {
+                    gid: "g".into(),
+                    database: "db".into(),
+                    owner: "o".into(),
+                    prepared_at: "2026-01-01T00:00:00Z".into(),
+                    age_ms: 5,
+                }],
+            },
+            Response::Pong,
+        ]
+    }
+
+    #[test]
+    fn every_message_roundtrips_through_the_hand_written_decoder() {
+        for r in every_request() {
+            let json = serde_json::to_string(&r).unwrap();
+            assert!(json.starts_with(r#"{"type":"#), "{json}");
+            let back: Request = serde_json::from_str(&json).unwrap();
+            assert_eq!(serde_json::to_string(&back).unwrap(), json);
+        }
+        for r in every_response() {
+            let json = serde_json::to_string(&r).unwrap();
+            assert!(json.starts_with(r#"{"type":"#), "{json}");
+            let back: Response = serde_json::from_str(&json).unwrap();
+            assert_eq!(serde_json::to_string(&back).unwrap(), json);
+        }
+    }
+
+    #[test]
+    fn the_tag_may_come_last() {
+        // Another producer may order keys differently: the slow path still decodes it.
+        let moved = |json: &str| {
+            let v: serde_json::Value = serde_json::from_str(json).unwrap();
+            let mut obj = v.as_object().unwrap().clone();
+            let tag = obj.remove("type").unwrap();
+            obj.insert("type".into(), tag);
+            serde_json::to_string(&obj).unwrap()
+        };
+        for r in every_request() {
+            let json = serde_json::to_string(&r).unwrap();
+            let back: Request = serde_json::from_str(&moved(&json)).unwrap();
+            assert_eq!(serde_json::to_string(&back).unwrap(), json);
+        }
+        for r in every_response() {
+            let json = serde_json::to_string(&r).unwrap();
+            let back: Response = serde_json::from_str(&moved(&json)).unwrap();
+            assert_eq!(serde_json::to_string(&back).unwrap(), json);
+        }
+    }
+
+    #[test]
+    fn malformed_tags_are_errors() {
+        for bad in [
+            r#"{}"#,
+            r#"{"type":"nope"}"#,
+            r#"{"gid":"twopc_c1_1_2"}"#,
+            r#"{"type":"commit_prepared"}"#,
+            r#"{"type":"execute","gid":"twopc_c1_1_2","statements":"x"}"#,
+            r#"[1]"#,
+        ] {
+            assert!(serde_json::from_str::<Request>(bad).is_err(), "{bad}");
+        }
+        assert!(serde_json::from_str::<Response>(r#"{"type":"commit_prepared"}"#).is_err());
+        assert!(serde_json::from_str::<Response>(r#"{"type":"failed","kind":"sql"}"#).is_err());
     }
 }
