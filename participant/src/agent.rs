@@ -187,6 +187,9 @@ impl Agent {
         );
         let pool = Pool::builder(manager)
             .max_size(config.pool_size)
+            // Most recently used first: under partial load the same few backends stay
+            // hot instead of every session taking turns.
+            .queue_mode(deadpool::managed::QueueMode::Lifo)
             .wait_timeout(Some(Duration::from_millis(config.pool_wait_timeout_ms)))
             .create_timeout(Some(Duration::from_millis(config.connect_timeout_ms)))
             .runtime(deadpool_postgres::Runtime::Tokio1)
