@@ -17,6 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
+use twopc_participant::server::write_batch;
 use twopc_participant::Agent;
 use twopc_shared::codec::{encode_payload, raw_codec, FrameCodec};
 use twopc_shared::msg::{Request, RequestFrame, Response, ResponseFrame};
@@ -337,17 +338,7 @@ impl RemoteAgent {
                     _ = writer_dead.cancelled() => return,
                     f = rx.recv() => match f { Some(f) => f, None => return },
                 };
-                if sink.feed(frame).await.is_err() {
-                    writer_dead.cancel();
-                    return;
-                }
-                while let Ok(more) = rx.try_recv() {
-                    if sink.feed(more).await.is_err() {
-                        writer_dead.cancel();
-                        return;
-                    }
-                }
-                if SinkExt::<Bytes>::flush(&mut sink).await.is_err() {
+                if write_batch(frame, &mut rx, &mut sink).await.is_err() {
                     writer_dead.cancel();
                     return;
                 }
