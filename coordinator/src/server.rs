@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 
 use anyhow::Context;
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -108,6 +109,8 @@ async fn serve_tls(
                 }
             },
         };
+        // Answers go out at once, not held back by Nagle behind an unacknowledged segment.
+        let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let app = app.clone();
         tokio::spawn(async move {
@@ -183,6 +186,11 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
     let stop = shutdown.clone();
     let server = match api_tls {
         None => tokio::spawn(async move {
+            // Answers go out at once, not held back by Nagle behind an unacknowledged
+            // segment (a large answer spans several).
+            let listener = listener.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
             axum::serve(listener, app)
                 .with_graceful_shutdown(async move { stop.cancelled().await })
                 .await
