@@ -52,6 +52,9 @@ pub struct BenchConfig {
     pub urls: Option<(String, String)>,
     pub pg_fsync: bool,
     pub out_dir: PathBuf,
+    /// Every point runs this many times, the rounds interleaved (all paths, then again);
+    /// the round with the median throughput is reported, with the range of all rounds.
+    pub rounds: usize,
     /// Optimizations of the coordinators the bench starts (to compare them).
     pub one_phase: bool,
     pub read_only: bool,
@@ -78,6 +81,8 @@ pub struct PointResult {
     /// which run in it), and of the whole machine (PostgreSQL, kernel, everything).
     pub cpu_bench_us_per_txn: Option<f64>,
     pub cpu_machine_us_per_txn: Option<f64>,
+    /// Throughput of every round of this point (the reported one is their median).
+    pub throughput_rounds: Vec<f64>,
 }
 
 /// CPU time used so far, in microseconds: (this process, the whole machine busy).
@@ -524,25 +529,81 @@ async fn run_point(
         p50_ratio: None,
         cpu_bench_us_per_txn: per_txn(cpu0.zip(cpu1).map(|(a, b)| b.0 - a.0)),
         cpu_machine_us_per_txn: per_txn(cpu0.zip(cpu1).map(|(a, b)| b.1 - a.1)),
+        throughput_rounds: vec![],
     })
 }
 
 /// Runs every path at every concurrency; prints a table and writes JSON + SVG.
+/// One result per point: the round with the median throughput, carrying every round's
+/// throughput. `by_round` holds the same points in the same order in every round.
+fn median_rounds(by_round: Vec<Vec<PointResult>>) -> Vec<PointResult> {
+    let points = by_round.first().map_or(0, Vec::len);
+    assert!(by_round.iter().all(|r| r.len() == points));
+    let mut columns: Vec<Vec<PointResult>> = (0..points).map(|_| Vec::new()).collect();
+    for round in by_round {
+        for (i, r) in round.into_iter().enumerate() {
+            columns[i].push(r);
+        }
+    }
+    columns
+        .into_iter()
+        .filter_map(|mut rounds| {
+            let all: Vec<f64> = rounds.iter().map(|r| r.throughput).collect();
+            rounds.sort_by(|a, b| a.throughput.total_cmp(&b.throughput));
+            let mut median = rounds.swap_remove(rounds.len().checked_sub(1)? / 2);
+            median.throughput_rounds = all;
+            Some(median)
+        })
+        .collect()
+}
+
+/// Puts a database back in the same state before every point, so that no path pays for
+/// the rows, dead tuples and dirty pages its predecessors left: the ledger emptied, the
+/// accounts vacuumed, a checkpoint taken (skipped, with a warning, where the role may not).
+/// Waits for a previous point's phase 2 still holding locks.
+async fn fresh_start(url: &str) -> anyhow::Result<()> {
+    let c = connect(url).await?;
+    c.batch_execute("TRUNCATE ledger")
+        .await
+        .context("truncate ledger")?;
+    c.batch_execute("VACUUM ANALYZE acct")
+        .await
+        .context("vacuum acct")?;
+    if let Err(e) = c.batch_execute("CHECKPOINT").await {
+        tracing::warn!(error = %e, "CHECKPOINT between points failed; points may pay for each other's dirty pages");
+    }
+    Ok(())
+}
+
 pub async fn run(config: BenchConfig) -> anyhow::Result<Vec<PointResult>> {
     let setup = Setup::new(&config).await?;
     for url in [&setup.urls.0, &setup.urls.1] {
         setup_bank(url, config.accounts, 1_000_000_000).await?;
     }
-    let mut results = Vec::new();
     let run_tag = rand::random::<u32>() as u64;
-    for &c in &config.concurrency {
-        for path in &config.paths {
-            let r = run_point(&setup, path, c, &config, run_tag).await?;
-            results.push(r);
+    let rounds = config.rounds.max(1);
+    // rounds[i]: every point of round i, in the same order.
+    let mut by_round: Vec<Vec<PointResult>> = Vec::with_capacity(rounds);
+    for round in 0..rounds {
+        if rounds > 1 {
+            eprintln!("round {}/{rounds}", round + 1);
         }
+        let mut points = Vec::new();
+        for &c in &config.concurrency {
+            for path in &config.paths {
+                for url in [&setup.urls.0, &setup.urls.1] {
+                    fresh_start(url).await?;
+                }
+                // Round in the tag: txn ids stay unique across rounds.
+                let tag = run_tag * 100 + round as u64;
+                points.push(run_point(&setup, path, c, &config, tag).await?);
+            }
+        }
+        by_round.push(points);
     }
     setup.shutdown().await;
-    // Ratios.
+    let mut results = median_rounds(by_round);
+    // Ratios (of the reported rounds).
     let snapshot = results.clone();
     for r in &mut results {
         let base = if r.path.starts_with("single-") {
@@ -570,6 +631,7 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<Vec<PointResult>> {
             "duration_s": config.duration.as_secs_f64(),
             "accounts": config.accounts,
             "pg_fsync": config.pg_fsync,
+            "rounds": rounds,
             "results": results,
         }))?,
     )?;
@@ -584,10 +646,11 @@ pub fn table(results: &[PointResult]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{:<22} {:>4} {:>9} {:>8} {:>8} {:>8} {:>7} {:>6} {:>8} {:>8} {:>9} {:>9}",
+        "{:<22} {:>4} {:>9} {:>13} {:>8} {:>8} {:>8} {:>7} {:>6} {:>8} {:>8} {:>9} {:>9}",
         "path",
         "c",
         "tps",
+        "tps range",
         "p50 ms",
         "p99 ms",
         "p999 ms",
@@ -601,12 +664,21 @@ pub fn table(results: &[PointResult]) -> String {
     for r in results {
         let ratio = |x: Option<f64>| x.map_or("-".to_owned(), |v| format!("{v:.2}"));
         let us = |x: Option<f64>| x.map_or("-".to_owned(), |v| format!("{v:.0}us"));
+        let range = |v: &[f64]| {
+            let lo = v.iter().copied().reduce(f64::min);
+            let hi = v.iter().copied().reduce(f64::max);
+            match (lo, hi) {
+                (Some(lo), Some(hi)) if v.len() > 1 => format!("{lo:.0}-{hi:.0}"),
+                _ => "-".to_owned(),
+            }
+        };
         let _ = writeln!(
             s,
-            "{:<22} {:>4} {:>9.0} {:>8.2} {:>8.2} {:>8.2} {:>7} {:>6} {:>8} {:>8} {:>9} {:>9}",
+            "{:<22} {:>4} {:>9.0} {:>13} {:>8.2} {:>8.2} {:>8.2} {:>7} {:>6} {:>8} {:>8} {:>9} {:>9}",
             r.path,
             r.concurrency,
             r.throughput,
+            range(&r.throughput_rounds),
             r.p50_ms,
             r.p99_ms,
             r.p999_ms,

@@ -39,6 +39,10 @@ struct Args {
     /// Started clusters run with fsync=off (faster, less realistic).
     #[arg(long)]
     pg_no_fsync: bool,
+    /// Runs of every point, interleaved; the median (by throughput) is reported with the
+    /// range. This machine's noise between runs is ±15 %: use 3 or more to compare.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
     /// Where bench.json and bench.svg go.
     #[arg(long, default_value = "bench-results")]
     out: PathBuf,
@@ -76,6 +80,7 @@ async fn main() -> anyhow::Result<()> {
         accounts: args.accounts,
         urls,
         pg_fsync: !args.pg_no_fsync,
+        rounds: args.rounds,
         out_dir: args.out,
         one_phase: !args.no_one_phase,
         read_only: !args.no_read_only,
