@@ -562,6 +562,13 @@ impl Engine {
     /// resumed by the next start.
     pub fn shutdown(&self) {
         self.inner.shutdown.cancel();
+        // In-process agents' sessions end now rather than when the process does; what
+        // phase 2 did not finish, the next start resumes from the log.
+        for p in self.inner.participants.values() {
+            if let Participant::Local { agent, .. } = p {
+                agent.close();
+            }
+        }
     }
 
     /// Sleeps `d`; false if the engine is shutting down.

@@ -291,6 +291,13 @@ impl Agent {
         });
     }
 
+    /// Closes the session pool: idle sessions end at once (cleanly, with a Terminate
+    /// message), sessions in use end when their request finishes, and later requests
+    /// fail. For an orderly stop, before the database goes away.
+    pub fn close(&self) {
+        self.inner.pool.close();
+    }
+
     pub fn name(&self) -> &str {
         &self.inner.config.name
     }

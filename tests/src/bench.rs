@@ -28,7 +28,10 @@ use twopc_coordinator::config::ServeConfig;
 use twopc_coordinator::server::Running;
 use twopc_coordinator::workload::transfer_body;
 
-use crate::{setup_bank, spawn_agent, ClusterOptions, PgCluster};
+use crate::{setup_bank, ClusterOptions, PgCluster};
+use tokio_util::sync::CancellationToken;
+use twopc_participant::server::{serve, ServerConfig};
+use twopc_participant::{Agent, AgentConfig};
 
 pub const ALL_PATHS: &[&str] = &[
     "direct-2pc",
@@ -264,11 +267,29 @@ impl Driver {
     }
 }
 
+/// An agent served over TCP from this process: its address, the agent and its stop token.
+async fn bench_agent(
+    name: &str,
+    url: &str,
+) -> anyhow::Result<(String, (Agent, CancellationToken))> {
+    let agent = Agent::connect(AgentConfig::new(name, url))
+        .await
+        .context("connect agent")?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?.to_string();
+    let stop = CancellationToken::new();
+    let (served, token) = (agent.clone(), stop.clone());
+    tokio::spawn(async move { serve(served, listener, ServerConfig::default(), token).await });
+    Ok((addr, (agent, stop)))
+}
+
 /// What a path needs running: coordinators for the twopc paths.
 struct Setup {
     urls: (String, String),
     remote: Option<Running>,
     inproc: Option<Running>,
+    /// Remote agents (served from this process) and their stop tokens.
+    agents: Vec<(Agent, CancellationToken)>,
     _clusters: Vec<PgCluster>,
     _data_dirs: Vec<PathBuf>,
 }
@@ -326,13 +347,15 @@ impl Setup {
             urls,
             remote: None,
             inproc: None,
+            agents: vec![],
             _clusters: clusters,
             _data_dirs: vec![],
         };
         let wants = |p: &str| config.paths.iter().any(|x| x.starts_with(p));
         if wants("twopc-remote") || wants("single-twopc") {
-            let (a, _) = spawn_agent("a", &setup.urls.0).await?;
-            let (b, _) = spawn_agent("b", &setup.urls.1).await?;
+            let (a, agent_a) = bench_agent("a", &setup.urls.0).await?;
+            let (b, agent_b) = bench_agent("b", &setup.urls.1).await?;
+            setup.agents.extend([agent_a, agent_b]);
             let (r, d) = coordinator(&[("a", a), ("b", b)], "r", config).await?;
             setup.remote = Some(r);
             setup._data_dirs.push(d);
@@ -426,9 +449,14 @@ impl Setup {
         })
     }
 
+    /// Stops coordinators and agents, and closes their sessions, before the clusters go.
     async fn shutdown(self) {
         for r in [self.remote, self.inproc].into_iter().flatten() {
             let _ = r.shutdown().await;
+        }
+        for (agent, stop) in &self.agents {
+            stop.cancel();
+            agent.close();
         }
         for d in &self._data_dirs {
             let _ = std::fs::remove_dir_all(d);
