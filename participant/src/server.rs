@@ -268,3 +268,104 @@ fn encode_response(id: u64, body: Response, max_frame_bytes: usize) -> Bytes {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    /// An `AsyncWrite` that counts flushes and keeps what was written.
+    #[derive(Default)]
+    struct Recorder {
+        bytes: Vec<u8>,
+        flushes: usize,
+    }
+
+    impl tokio::io::AsyncWrite for Recorder {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            _cx: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            self.bytes.extend_from_slice(buf);
+            std::task::Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(
+            mut self: std::pin::Pin<&mut Self>,
+            _cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            self.flushes += 1;
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    fn frame(i: u32) -> Bytes {
+        Bytes::from(i.to_be_bytes().to_vec())
+    }
+
+    /// The payloads of `[u32 len][payload]` frames, in order.
+    fn payloads(mut bytes: &[u8]) -> Vec<u32> {
+        let mut out = Vec::new();
+        while !bytes.is_empty() {
+            let len = u32::from_be_bytes(bytes[..4].try_into().unwrap()) as usize;
+            out.push(u32::from_be_bytes(bytes[4..4 + len].try_into().unwrap()));
+            bytes = &bytes[4 + len..];
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn write_batch_sends_everything_queued_in_one_flush_in_order() {
+        let (tx, mut rx) = mpsc::channel(16);
+        for i in 1..=5 {
+            tx.send(frame(i)).await.unwrap();
+        }
+        let mut sink = FramedWrite::new(Recorder::default(), raw_codec(1024));
+        write_batch(frame(0), &mut rx, &mut sink).await.unwrap();
+        assert_eq!(sink.get_ref().flushes, 1);
+        assert_eq!(payloads(&sink.get_ref().bytes), vec![0, 1, 2, 3, 4, 5]);
+        assert!(rx.try_recv().is_err(), "the queue is drained");
+    }
+
+    #[tokio::test]
+    async fn write_batch_picks_up_frames_queued_by_tasks_that_run_during_its_yield() {
+        let (tx, mut rx) = mpsc::channel(16);
+        // Spawned before the writer runs, on the same (current-thread) runtime: it runs
+        // only when the writer yields.
+        let sender = tokio::spawn(async move {
+            for i in 1..=3 {
+                tx.send(frame(i)).await.unwrap();
+            }
+        });
+        let mut sink = FramedWrite::new(Recorder::default(), raw_codec(1024));
+        write_batch(frame(0), &mut rx, &mut sink).await.unwrap();
+        sender.await.unwrap();
+        assert_eq!(sink.get_ref().flushes, 1);
+        assert_eq!(payloads(&sink.get_ref().bytes), vec![0, 1, 2, 3]);
+    }
+
+    #[tokio::test]
+    async fn write_batch_is_bounded_and_leaves_the_rest_queued() {
+        let extra = 10;
+        let (tx, mut rx) = mpsc::channel(MAX_FRAMES_PER_FLUSH + extra);
+        for i in 1..(MAX_FRAMES_PER_FLUSH + extra) as u32 {
+            tx.send(frame(i)).await.unwrap();
+        }
+        let (client, mut server) = tokio::io::duplex(1 << 20);
+        let mut sink = FramedWrite::new(client, raw_codec(1024));
+        write_batch(frame(0), &mut rx, &mut sink).await.unwrap();
+        drop(sink);
+        let mut written = Vec::new();
+        server.read_to_end(&mut written).await.unwrap();
+        let sent = payloads(&written);
+        assert_eq!(sent.len(), MAX_FRAMES_PER_FLUSH);
+        assert_eq!(sent, (0..MAX_FRAMES_PER_FLUSH as u32).collect::<Vec<_>>());
+        assert_eq!(rx.len(), extra, "the rest waits for the next batch");
+    }
+}

@@ -866,3 +866,54 @@ pub async fn log_bench(appenders: usize, duration: Duration, dir: PathBuf) -> an
     );
     Ok(rate)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn point(path: &str, throughput: f64) -> PointResult {
+        PointResult {
+            path: path.into(),
+            concurrency: 8,
+            seconds: 1.0,
+            committed: throughput as u64,
+            aborted: 0,
+            errors: 0,
+            throughput,
+            p50_ms: 1000.0 / throughput,
+            p99_ms: 0.0,
+            p999_ms: 0.0,
+            throughput_ratio: None,
+            p50_ratio: None,
+            cpu_bench_us_per_txn: None,
+            cpu_machine_us_per_txn: None,
+            throughput_rounds: vec![],
+        }
+    }
+
+    #[test]
+    fn median_round_is_reported_whole_with_every_rounds_throughput() {
+        let rounds = vec![
+            vec![point("a", 300.0), point("b", 10.0)],
+            vec![point("a", 100.0), point("b", 30.0)],
+            vec![point("a", 200.0), point("b", 20.0)],
+        ];
+        let r = median_rounds(rounds);
+        assert_eq!(r.len(), 2);
+        assert_eq!((r[0].path.as_str(), r[0].throughput), ("a", 200.0));
+        assert_eq!(
+            r[0].p50_ms,
+            1000.0 / 200.0,
+            "the median round's own latency"
+        );
+        assert_eq!(r[0].throughput_rounds, vec![300.0, 100.0, 200.0]);
+        assert_eq!((r[1].path.as_str(), r[1].throughput), ("b", 20.0));
+    }
+
+    #[test]
+    fn an_even_number_of_rounds_reports_the_lower_middle() {
+        let r = median_rounds(vec![vec![point("a", 1.0)], vec![point("a", 4.0)]]);
+        assert_eq!(r[0].throughput, 1.0);
+        assert_eq!(r[0].throughput_rounds, vec![1.0, 4.0]);
+    }
+}
