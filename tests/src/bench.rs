@@ -28,10 +28,9 @@ use twopc_coordinator::config::ServeConfig;
 use twopc_coordinator::server::Running;
 use twopc_coordinator::workload::transfer_body;
 
-use crate::{setup_bank, ClusterOptions, PgCluster};
+use crate::{serve_agent, setup_bank, ClusterOptions, PgCluster};
 use tokio_util::sync::CancellationToken;
-use twopc_participant::server::{serve, ServerConfig};
-use twopc_participant::{Agent, AgentConfig};
+use twopc_participant::Agent;
 
 pub const ALL_PATHS: &[&str] = &[
     "direct-2pc",
@@ -267,22 +266,6 @@ impl Driver {
     }
 }
 
-/// An agent served over TCP from this process: its address, the agent and its stop token.
-async fn bench_agent(
-    name: &str,
-    url: &str,
-) -> anyhow::Result<(String, (Agent, CancellationToken))> {
-    let agent = Agent::connect(AgentConfig::new(name, url))
-        .await
-        .context("connect agent")?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?.to_string();
-    let stop = CancellationToken::new();
-    let (served, token) = (agent.clone(), stop.clone());
-    tokio::spawn(async move { serve(served, listener, ServerConfig::default(), token).await });
-    Ok((addr, (agent, stop)))
-}
-
 /// What a path needs running: coordinators for the twopc paths.
 struct Setup {
     urls: (String, String),
@@ -353,9 +336,9 @@ impl Setup {
         };
         let wants = |p: &str| config.paths.iter().any(|x| x.starts_with(p));
         if wants("twopc-remote") || wants("single-twopc") {
-            let (a, agent_a) = bench_agent("a", &setup.urls.0).await?;
-            let (b, agent_b) = bench_agent("b", &setup.urls.1).await?;
-            setup.agents.extend([agent_a, agent_b]);
+            let (a, agent_a, stop_a) = serve_agent("a", &setup.urls.0, Default::default()).await?;
+            let (b, agent_b, stop_b) = serve_agent("b", &setup.urls.1, Default::default()).await?;
+            setup.agents.extend([(agent_a, stop_a), (agent_b, stop_b)]);
             let (r, d) = coordinator(&[("a", a), ("b", b)], "r", config).await?;
             setup.remote = Some(r);
             setup._data_dirs.push(d);

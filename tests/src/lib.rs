@@ -131,15 +131,25 @@ pub async fn spawn_agent_with(
     url: &str,
     server: ServerConfig,
 ) -> anyhow::Result<(String, CancellationToken)> {
+    let (addr, _agent, stop) = serve_agent(name, url, server).await?;
+    Ok((addr, stop))
+}
+
+/// Like [`spawn_agent_with`], keeping the agent too (to [`Agent::close`] its sessions).
+pub async fn serve_agent(
+    name: &str,
+    url: &str,
+    server: ServerConfig,
+) -> anyhow::Result<(String, Agent, CancellationToken)> {
     let agent = Agent::connect(AgentConfig::new(name, url))
         .await
         .context("connect agent")?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?.to_string();
     let stop = CancellationToken::new();
-    let token = stop.clone();
-    tokio::spawn(async move { serve(agent, listener, server, token).await });
-    Ok((addr, stop))
+    let (served, token) = (agent.clone(), stop.clone());
+    tokio::spawn(async move { serve(served, listener, server, token).await });
+    Ok((addr, agent, stop))
 }
 
 impl Harness {
