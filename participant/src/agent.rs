@@ -189,7 +189,7 @@ impl Agent {
             .max_size(config.pool_size)
             // Most recently used first: under partial load the same few backends stay
             // hot instead of every session taking turns.
-            .queue_mode(deadpool::managed::QueueMode::Lifo)
+            .queue_mode(deadpool_postgres::QueueMode::Lifo)
             .wait_timeout(Some(Duration::from_millis(config.pool_wait_timeout_ms)))
             .create_timeout(Some(Duration::from_millis(config.connect_timeout_ms)))
             .runtime(deadpool_postgres::Runtime::Tokio1)
