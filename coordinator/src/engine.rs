@@ -623,6 +623,9 @@ impl Engine {
         let mut total = 0usize;
         for b in branches {
             self.participant(&b.participant)?;
+            b.statements
+                .iter()
+                .try_for_each(refuse_transaction_control)?;
             total += b.statements.len();
             match plan.iter_mut().find(|(p, _)| *p == b.participant) {
                 Some((_, stmts)) => stmts.extend(b.statements),
@@ -674,6 +677,7 @@ impl Engine {
         participant: &str,
         stmt: Statement,
     ) -> Result<StmtResult, TxnError> {
+        refuse_transaction_control(&stmt)?;
         let txn = self.live(txn_id)?;
         let p = self.participant(participant)?.clone();
         let span = tracing::info_span!("txn", txn_id = %txn.txn_id, gid = %txn.gid);
@@ -1784,6 +1788,18 @@ fn detached<T: Send + 'static>(
             Ok(r) => r,
             Err(e) => Err(TxnError::Internal(format!("transaction task failed: {e}"))),
         }
+    }
+}
+
+/// A client statement may not end, start or prepare the transaction: twopc does that
+/// (see `twopc_shared::sql::transaction_control`; the agent refuses them too).
+fn refuse_transaction_control(stmt: &Statement) -> Result<(), TxnError> {
+    match twopc_shared::sql::transaction_control(&stmt.sql) {
+        None => Ok(()),
+        Some(what) => Err(TxnError::BadRequest(format!(
+            "{what} is not allowed in a statement: twopc begins, prepares and finishes \
+             the transaction itself (savepoints are allowed)"
+        ))),
     }
 }
 

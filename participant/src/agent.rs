@@ -30,6 +30,7 @@ use twopc_shared::msg::{
     AgentError, BranchOutcome, CommitAck, ErrorKind, ExecuteBranch, Finish, PreparedBranch,
     Request, Response, StmtResult,
 };
+use twopc_shared::sql::{starts_with_dml, transaction_control};
 use twopc_shared::{BUILD_VERSION, PROTOCOL_VERSION};
 
 use crate::convert::{check_params, row_to_json, JsonParam};
@@ -413,6 +414,19 @@ impl Agent {
                     self.inner.config.max_statements_per_request
                 ),
             );
+        }
+        if let Some((index, what)) = exec
+            .statements
+            .iter()
+            .enumerate()
+            .find_map(|(i, s)| transaction_control(&s.sql).map(|w| (i, w)))
+        {
+            let mut err = AgentError::new(
+                ErrorKind::BadRequest,
+                format!("{what} in a statement: the agent begins and finishes each branch itself"),
+            );
+            err.statement_index = Some(index);
+            return Response::Failed(err);
         }
         // Claim the branch.
         let existing = {
@@ -881,33 +895,6 @@ impl Agent {
     }
 }
 
-/// Whether `sql` begins (after whitespace and comments) with INSERT, UPDATE, DELETE or
-/// MERGE. Only an optimization hint: a false answer costs one check statement.
-fn starts_with_dml(sql: &str) -> bool {
-    let mut rest = sql.trim_start();
-    loop {
-        if let Some(r) = rest.strip_prefix("--") {
-            rest = r
-                .split_once('\n')
-                .map_or("", |(_, after)| after)
-                .trim_start();
-        } else if let Some(r) = rest.strip_prefix("/*") {
-            rest = r
-                .split_once("*/")
-                .map_or("", |(_, after)| after)
-                .trim_start();
-        } else {
-            break;
-        }
-    }
-    let word: String = rest
-        .chars()
-        .take_while(|c| c.is_ascii_alphabetic())
-        .collect::<String>()
-        .to_ascii_lowercase();
-    matches!(word.as_str(), "insert" | "update" | "delete" | "merge")
-}
-
 /// A pooled session that is closed (not returned to the pool) unless released.
 struct DiscardOnDrop(Option<Object>);
 
@@ -981,30 +968,4 @@ fn agent_error(e: &tokio_postgres::Error, statement_index: Option<usize>) -> Age
 
 fn sql_failure(e: &tokio_postgres::Error, statement_index: Option<usize>) -> Response {
     Response::Failed(agent_error(e, statement_index))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::starts_with_dml;
-
-    #[test]
-    fn dml_detection() {
-        for yes in [
-            "UPDATE t SET x = 1",
-            "  insert into t values (1)",
-            "-- c\nDELETE FROM t",
-            "/* x */ merge into t",
-        ] {
-            assert!(starts_with_dml(yes), "{yes}");
-        }
-        for no in [
-            "SELECT 1",
-            "with x as (update t set a=1 returning *) select * from x",
-            "",
-            "-- only a comment",
-            "updated_at",
-        ] {
-            assert!(!starts_with_dml(no), "{no}");
-        }
-    }
 }

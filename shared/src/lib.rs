@@ -5,12 +5,15 @@
 //!   the validation every id passes before it is spliced into SQL.
 //! - [`msg`]: the coordinator ↔ agent messages (request/response enums).
 //! - [`codec`]: length-delimited JSON frames with a maximum frame size.
+//! - [`sql`]: what a client statement is by its leading keywords (DML, transaction
+//!   control).
 //!
 //! This is the only crate that derives `Serialize` for the wire.
 
 pub mod codec;
 pub mod gid;
 pub mod msg;
+pub mod sql;
 
 /// Version of the coordinator ↔ agent protocol. Bumped on any incompatible change;
 /// the handshake refuses a peer with a different version.

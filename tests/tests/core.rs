@@ -627,3 +627,112 @@ async fn client_that_hangs_up_does_not_cut_a_transaction_off() {
     assert_clean(&h).await;
     h.shutdown().await.unwrap();
 }
+
+/// A client's COMMIT would commit its branch on its own, and the PREPARE TRANSACTION
+/// after it only warns: the branch would vote yes with nothing prepared, and an abort
+/// could no longer undo it. The coordinator refuses such statements up front, and the
+/// agent refuses them too (for embedders and other coordinators).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transaction_control_in_a_statement_is_refused() {
+    let h = Harness::start(2, AgentMode::Remote).await.unwrap();
+
+    // One-shot: nothing runs anywhere.
+    for sql in [
+        "COMMIT",
+        "end",
+        "/* x */ ROLLBACK",
+        "PREPARE TRANSACTION 'p'",
+    ] {
+        let mut body = transfer("tc1", &[("a", 1, -10), ("b", 2, 10)]);
+        body["branches"][0]["statements"]
+            .as_array_mut()
+            .unwrap()
+            .insert(1, json!({ "sql": sql }));
+        let (status, r) = h.post("/v1/transactions", &body).await.unwrap();
+        assert_eq!(status, 400, "{sql}: {r}");
+        assert!(
+            r["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("not allowed"),
+            "{r}"
+        );
+    }
+    assert_eq!(ledger_rows(&h, 0, "tc1").await, 0);
+    assert_eq!(ledger_rows(&h, 1, "tc1").await, 0);
+    assert_eq!(balance(&h, 0, 1).await, BALANCE);
+
+    // Interactive: the statement is refused and the transaction goes on; savepoints work.
+    let (_, begun) = h
+        .post("/v1/transactions", &json!({"txn_id": "tc2"}))
+        .await
+        .unwrap();
+    assert_eq!(begun["state"], "active");
+    let stmt = |sql: &str| json!({"participant": "a", "sql": sql});
+    for (sql, want) in [
+        ("UPDATE acct SET bal = bal - 7 WHERE id = 3", 200),
+        ("COMMIT", 400),
+        ("SAVEPOINT s1", 200),
+        ("UPDATE acct SET bal = bal - 100 WHERE id = 3", 200),
+        ("ROLLBACK TO SAVEPOINT s1", 200),
+    ] {
+        let (status, r) = h
+            .post("/v1/transactions/tc2/statements", &stmt(sql))
+            .await
+            .unwrap();
+        assert_eq!(status, want, "{sql}: {r}");
+    }
+    let (status, r) = h
+        .post("/v1/transactions/tc2/rollback", &json!({}))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(
+        balance(&h, 0, 3).await,
+        BALANCE,
+        "rolled back, COMMIT or not"
+    );
+
+    // The agent itself refuses, before anything runs.
+    let agent = twopc_participant::Agent::connect(twopc_participant::AgentConfig::new(
+        "direct",
+        h.dbs[0].url.clone(),
+    ))
+    .await
+    .unwrap();
+    let exec = twopc_shared::msg::ExecuteBranch {
+        gid: twopc_shared::gid::Gid::new("tc", 1, 1).unwrap(),
+        isolation: Default::default(),
+        statements: vec![
+            twopc_shared::msg::Statement {
+                sql: "UPDATE acct SET bal = bal - 1 WHERE id = 4".into(),
+                params: vec![],
+            },
+            twopc_shared::msg::Statement {
+                sql: "commit".into(),
+                params: vec![],
+            },
+        ],
+        finish: twopc_shared::msg::Finish::Prepare,
+        read_only_vote: false,
+        continues: false,
+    };
+    match agent
+        .handle(
+            twopc_shared::msg::Request::Execute(exec),
+            Duration::from_secs(10),
+        )
+        .await
+    {
+        twopc_shared::msg::Response::Failed(e) => {
+            assert_eq!(e.kind, twopc_shared::msg::ErrorKind::BadRequest, "{e}");
+            assert_eq!(e.statement_index, Some(1));
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert_eq!(balance(&h, 0, 4).await, BALANCE);
+    agent.close();
+
+    assert_clean(&h).await;
+    h.shutdown().await.unwrap();
+}

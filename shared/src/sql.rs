@@ -1,0 +1,127 @@
+//! What a client statement is, judged by its leading keywords (after whitespace and
+//! comments). A statement sent through the extended protocol holds one command, so its
+//! first words name it.
+
+/// The first `n` words of `sql` (ASCII letters only), lowercased, skipping leading
+/// whitespace, `--` line comments and `/* */` block comments.
+pub fn leading_words(sql: &str, n: usize) -> Vec<String> {
+    let mut words = Vec::with_capacity(n);
+    let mut rest = sql;
+    // Bounded: every pass consumes at least one character or stops.
+    while words.len() < n {
+        rest = rest.trim_start();
+        if let Some(r) = rest.strip_prefix("--") {
+            rest = r.split_once('\n').map_or("", |(_, after)| after);
+        } else if let Some(r) = rest.strip_prefix("/*") {
+            rest = r.split_once("*/").map_or("", |(_, after)| after);
+        } else {
+            let end = rest
+                .find(|c: char| !c.is_ascii_alphabetic())
+                .unwrap_or(rest.len());
+            if end == 0 {
+                break;
+            }
+            words.push(rest[..end].to_ascii_lowercase());
+            rest = &rest[end..];
+        }
+    }
+    words
+}
+
+/// Whether `sql` begins with INSERT, UPDATE, DELETE or MERGE.
+pub fn starts_with_dml(sql: &str) -> bool {
+    matches!(
+        leading_words(sql, 1).first().map(String::as_str),
+        Some("insert" | "update" | "delete" | "merge")
+    )
+}
+
+/// If `sql` ends, starts or prepares a transaction, what it is. The agent owns each
+/// branch's transaction: a client `COMMIT` would commit the branch's work on its own,
+/// after which `PREPARE TRANSACTION` only warns ("no transaction in progress") and the
+/// branch would vote yes with nothing prepared: atomicity lost. Savepoints
+/// (`SAVEPOINT`, `RELEASE`, `ROLLBACK TO`) stay inside the transaction and are allowed.
+pub fn transaction_control(sql: &str) -> Option<&'static str> {
+    let words = leading_words(sql, 2);
+    let first = words.first().map(String::as_str)?;
+    let second = words.get(1).map(String::as_str);
+    match (first, second) {
+        ("begin", _) | ("start", _) => Some("BEGIN/START TRANSACTION"),
+        ("commit", _) | ("end", _) => Some("COMMIT"),
+        ("abort", _) => Some("ROLLBACK"),
+        ("rollback", Some("to")) => None,
+        ("rollback", _) => Some("ROLLBACK"),
+        ("prepare", Some("transaction")) => Some("PREPARE TRANSACTION"),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leading_words_skip_whitespace_and_comments() {
+        assert_eq!(
+            leading_words("  -- x\n /* y */ Rollback\tTO s", 3),
+            vec!["rollback", "to", "s"]
+        );
+        assert_eq!(leading_words("/* never closed", 2), Vec::<String>::new());
+        assert_eq!(leading_words("", 2), Vec::<String>::new());
+        assert_eq!(leading_words("(SELECT 1)", 1), Vec::<String>::new());
+    }
+
+    #[test]
+    fn dml_is_recognized() {
+        for yes in [
+            "INSERT INTO t VALUES (1)",
+            "  update t set x = 1",
+            "-- c\nDELETE FROM t",
+            "/* c */ merge into t using s on true when matched then do nothing",
+        ] {
+            assert!(starts_with_dml(yes), "{yes}");
+        }
+        for no in [
+            "SELECT 1",
+            "WITH x AS (DELETE FROM t) SELECT 1",
+            "insertx",
+            "",
+            "-- only a comment",
+            "updated_at",
+        ] {
+            assert!(!starts_with_dml(no), "{no}");
+        }
+    }
+
+    #[test]
+    fn transaction_control_is_refused_and_savepoints_are_not() {
+        for bad in [
+            "COMMIT",
+            "commit;",
+            "  /* sneaky */ Commit Work",
+            "END",
+            "ROLLBACK",
+            "abort",
+            "BEGIN",
+            "start transaction",
+            "PREPARE TRANSACTION 'x'",
+            "COMMIT PREPARED 'x'",
+            "ROLLBACK PREPARED 'x'",
+        ] {
+            assert!(transaction_control(bad).is_some(), "{bad}");
+        }
+        for ok in [
+            "SAVEPOINT a",
+            "RELEASE SAVEPOINT a",
+            "ROLLBACK TO SAVEPOINT a",
+            "rollback to a",
+            "PREPARE q AS SELECT 1",
+            "SELECT 'COMMIT'",
+            "UPDATE t SET endpoint = 1",
+            "committed_at_check()",
+            "",
+        ] {
+            assert!(transaction_control(ok).is_none(), "{ok}");
+        }
+    }
+}
