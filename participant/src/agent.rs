@@ -30,7 +30,7 @@ use twopc_shared::msg::{
     AgentError, BranchOutcome, CommitAck, ErrorKind, ExecuteBranch, Finish, PreparedBranch,
     Request, Response, StmtResult,
 };
-use twopc_shared::sql::{starts_with_dml, transaction_control};
+use twopc_shared::sql::{changes_session, starts_with_dml, transaction_control};
 use twopc_shared::{BUILD_VERSION, PROTOCOL_VERSION};
 
 use crate::convert::{check_params, row_to_json, JsonParam};
@@ -135,6 +135,10 @@ impl Tombstones {
 
 struct Tables {
     branches: HashMap<Gid, Branch>,
+    /// Open branches that ran a statement changing session state (see
+    /// `twopc_shared::sql::changes_session`): their session is closed, not pooled, when
+    /// the branch ends, so the change cannot reach another transaction.
+    tainted: HashSet<Gid>,
     tombstones: Tombstones,
     /// Newest epoch seen per coordinator id (fencing). In memory: after an agent restart
     /// the first coordinator to connect sets it again.
@@ -251,6 +255,7 @@ impl Agent {
                 owner,
                 tables: Mutex::new(Tables {
                     branches: HashMap::new(),
+                    tainted: HashSet::new(),
                     tombstones: Tombstones {
                         set: HashSet::new(),
                         order: VecDeque::new(),
@@ -383,6 +388,17 @@ impl Agent {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// A session whose branch ended (no transaction open on it): back to the pool, or
+    /// closed if the branch changed session state.
+    fn retire(&self, gid: &Gid, session: Object) {
+        if self.tables().tainted.remove(gid) {
+            debug!(%gid, "branch changed session state; closing its session instead of pooling it");
+            drop(Object::take(session));
+        } else {
+            drop(session);
+        }
+    }
+
     fn prepared_done(&self) {
         let _ = self.inner.prepared.fetch_update(
             std::sync::atomic::Ordering::Relaxed,
@@ -483,6 +499,10 @@ impl Agent {
             }
         };
         let is_new = existing.is_none();
+        // Claimed (Busy): only this request ends the branch, and it clears the mark.
+        if exec.statements.iter().any(|s| changes_session(&s.sql)) {
+            self.tables().tainted.insert(exec.gid.clone());
+        }
 
         let result = tokio::time::timeout(timeout, self.run_branch(existing, &exec)).await;
         let (session, result) = match result {
@@ -537,8 +557,13 @@ impl Agent {
                     BranchOutcome::Prepared
                     | BranchOutcome::ReadOnly
                     | BranchOutcome::Committed => {
-                        // The session is clean again; drop returns it to the pool.
-                        drop(session);
+                        // No transaction is open on it any more.
+                        match session {
+                            Some(s) => self.retire(&exec.gid, s),
+                            None => {
+                                self.tables().tainted.remove(&exec.gid);
+                            }
+                        }
                     }
                 }
                 if ran.outcome == BranchOutcome::Prepared {
@@ -749,10 +774,16 @@ impl Agent {
             t.tombstones.insert(gid.clone());
         }
         if let Some(s) = session {
-            if let Err(e) = s.batch_execute("ROLLBACK").await {
-                warn!(error = %e, "rollback failed; discarding session");
-                let _ = Object::take(s);
+            match s.batch_execute("ROLLBACK").await {
+                Ok(()) => self.retire(gid, s),
+                Err(e) => {
+                    warn!(error = %e, "rollback failed; discarding session");
+                    self.tables().tainted.remove(gid);
+                    let _ = Object::take(s);
+                }
             }
+        } else {
+            self.tables().tainted.remove(gid);
         }
         if maybe_prepared {
             if let Err(e) = self.rollback_prepared(gid).await {
@@ -833,9 +864,13 @@ impl Agent {
         };
         let work = async {
             if let Some(s) = idle {
-                if let Err(e) = s.batch_execute("ROLLBACK").await {
-                    warn!(error = %e, "rollback failed; discarding session");
-                    let _ = Object::take(s);
+                match s.batch_execute("ROLLBACK").await {
+                    Ok(()) => self.retire(&gid, s),
+                    Err(e) => {
+                        warn!(error = %e, "rollback failed; discarding session");
+                        self.tables().tainted.remove(&gid);
+                        let _ = Object::take(s);
+                    }
                 }
                 return Ok(());
             }

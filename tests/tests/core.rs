@@ -736,3 +736,84 @@ async fn transaction_control_in_a_statement_is_refused() {
     assert_clean(&h).await;
     h.shutdown().await.unwrap();
 }
+
+/// Agent sessions are pooled: a session setting a client changes (a `SET` survives even
+/// `PREPARE TRANSACTION`) must not reach the next transaction on that session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_setting_does_not_leak_into_the_next_branch() {
+    use twopc_shared::msg::{Finish, Request, Response, Statement};
+    let h = Harness::start(1, AgentMode::InProcess).await.unwrap();
+    let mut config = twopc_participant::AgentConfig::new("leak", h.dbs[0].url.clone());
+    // One session: every branch runs on it unless it is closed.
+    config.pool_size = 1;
+    let agent = twopc_participant::Agent::connect(config).await.unwrap();
+    let mut seq = 0;
+    let mut run = |sql: &str, finish: Finish| {
+        seq += 1;
+        let exec = twopc_shared::msg::ExecuteBranch {
+            gid: twopc_shared::gid::Gid::new("leak", 1, seq).unwrap(),
+            isolation: Default::default(),
+            statements: vec![Statement {
+                sql: sql.into(),
+                params: vec![],
+            }],
+            finish,
+            read_only_vote: false,
+            continues: false,
+        };
+        let agent = agent.clone();
+        async move {
+            let gid = exec.gid.clone();
+            let r = agent
+                .handle(Request::Execute(exec), Duration::from_secs(10))
+                .await;
+            (gid, r)
+        }
+    };
+    let shown = |r: Response| match r {
+        Response::Executed { results, .. } => results[0].rows[0]
+            .values()
+            .next()
+            .and_then(Value::as_str)
+            .unwrap()
+            .to_owned(),
+        other => panic!("unexpected {other:?}"),
+    };
+
+    let (_, r) = run("SHOW search_path", Finish::Commit).await;
+    let default_path = shown(r);
+    assert_ne!(default_path, "pg_catalog");
+
+    // One-phase branch.
+    let (_, r) = run("SET search_path = pg_catalog", Finish::Commit).await;
+    assert!(matches!(r, Response::Executed { .. }), "{r:?}");
+    let (_, r) = run("SHOW search_path", Finish::Commit).await;
+    assert_eq!(shown(r), default_path);
+
+    // Prepared branch, then committed.
+    let (gid, r) = run(
+        "SELECT set_config('search_path', 'pg_catalog', false)",
+        Finish::Prepare,
+    )
+    .await;
+    assert!(matches!(r, Response::Executed { .. }), "{r:?}");
+    let r = agent
+        .handle(Request::CommitPrepared { gid }, Duration::from_secs(10))
+        .await;
+    assert!(matches!(r, Response::CommitPrepared(_)), "{r:?}");
+    let (_, r) = run("SHOW search_path", Finish::Commit).await;
+    assert_eq!(shown(r), default_path);
+
+    // A session-level advisory lock would be held by the pooled session for good.
+    let (_, r) = run("SELECT pg_advisory_lock(42)::text", Finish::Commit).await;
+    assert!(matches!(r, Response::Executed { .. }), "{r:?}");
+    let (_, r) = run(
+        "SELECT count(*)::text FROM pg_locks WHERE locktype = 'advisory' AND granted",
+        Finish::Commit,
+    )
+    .await;
+    assert_eq!(shown(r), "0");
+
+    agent.close();
+    h.shutdown().await.unwrap();
+}
