@@ -817,3 +817,62 @@ async fn a_session_setting_does_not_leak_into_the_next_branch() {
     agent.close();
     h.shutdown().await.unwrap();
 }
+
+/// Branches run at the isolation level asked for. Read committed, the default, is a plain
+/// `BEGIN` on sessions that pin it, so it holds even where the database's own default is
+/// another level.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn branches_run_at_the_requested_isolation_level() {
+    use twopc_shared::msg::{Finish, Isolation, Request, Response, Statement};
+    let h = Harness::start(1, AgentMode::InProcess).await.unwrap();
+    let (admin, conn) = tokio_postgres::connect(&h.dbs[0].url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    admin
+        .batch_execute(
+            "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET default_transaction_isolation \
+             = serializable', current_database()); END $$",
+        )
+        .await
+        .unwrap();
+    // Its sessions open after the ALTER, so they would inherit it but for the pin.
+    let agent = twopc_participant::Agent::connect(twopc_participant::AgentConfig::new(
+        "iso",
+        h.dbs[0].url.clone(),
+    ))
+    .await
+    .unwrap();
+    for (seq, (isolation, want)) in [
+        (Isolation::ReadCommitted, "read committed"),
+        (Isolation::RepeatableRead, "repeatable read"),
+        (Isolation::Serializable, "serializable"),
+        (Isolation::ReadCommitted, "read committed"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let exec = twopc_shared::msg::ExecuteBranch {
+            gid: twopc_shared::gid::Gid::new("iso", 1, seq as u64).unwrap(),
+            isolation,
+            statements: vec![Statement {
+                sql: "SELECT current_setting('transaction_isolation') AS iso".into(),
+                params: vec![],
+            }],
+            finish: Finish::Commit,
+            read_only_vote: false,
+            continues: false,
+        };
+        match agent
+            .handle(Request::Execute(exec), Duration::from_secs(10))
+            .await
+        {
+            Response::Executed { results, .. } => {
+                assert_eq!(results[0].rows[0]["iso"], want, "{isolation:?}")
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    agent.close();
+    h.shutdown().await.unwrap();
+}
