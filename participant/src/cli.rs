@@ -114,9 +114,12 @@ async fn run_async() -> anyhow::Result<()> {
         tls,
         ..ServerConfig::default()
     };
-    serve(agent, listener, server_config, shutdown)
+    serve(agent.clone(), listener, server_config, shutdown)
         .await
         .context("serve agent")?;
+    // Sessions end with a Terminate message rather than a dropped socket (which the
+    // server logs as an unexpected EOF, once per session).
+    agent.close();
     Ok(())
 }
 
