@@ -2,13 +2,46 @@
 //! comments). A statement sent through the extended protocol holds one command, so its
 //! first words name it.
 
-/// The first `n` words of `sql` (ASCII letters only), lowercased, skipping leading
-/// whitespace, `--` line comments and `/* */` block comments.
-pub fn leading_words(sql: &str, n: usize) -> Vec<String> {
-    let mut words = Vec::with_capacity(n);
+/// Longest word kept; a longer one reads as `#`, which matches no keyword.
+const WORD_MAX: usize = 16;
+
+/// A leading word, lowercased, kept on the stack: statements are checked on every
+/// request, so this allocates nothing.
+#[derive(Debug, Clone, Copy)]
+pub struct Word {
+    buf: [u8; WORD_MAX],
+    len: usize,
+}
+
+impl Word {
+    fn new(word: &str) -> Word {
+        let mut buf = [b'#'; WORD_MAX];
+        if word.len() > WORD_MAX {
+            return Word { buf, len: 1 };
+        }
+        for (b, c) in buf.iter_mut().zip(word.bytes()) {
+            *b = c.to_ascii_lowercase();
+        }
+        Word {
+            buf,
+            len: word.len(),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        // ASCII letters or '#' only.
+        std::str::from_utf8(&self.buf[..self.len]).unwrap_or("#")
+    }
+}
+
+/// The first `N` words of `sql` (runs of ASCII letters), lowercased, skipping leading
+/// whitespace, `--` line comments and `/* */` block comments; `None` past the last.
+pub fn leading_words<const N: usize>(sql: &str) -> [Option<Word>; N] {
+    let mut words = [None; N];
+    let mut found = 0;
     let mut rest = sql;
     // Bounded: every pass consumes at least one character or stops.
-    while words.len() < n {
+    while found < N {
         rest = rest.trim_start();
         if let Some(r) = rest.strip_prefix("--") {
             rest = r.split_once('\n').map_or("", |(_, after)| after);
@@ -21,17 +54,23 @@ pub fn leading_words(sql: &str, n: usize) -> Vec<String> {
             if end == 0 {
                 break;
             }
-            words.push(rest[..end].to_ascii_lowercase());
+            words[found] = Some(Word::new(&rest[..end]));
+            found += 1;
             rest = &rest[end..];
         }
     }
     words
 }
 
+fn word_str(w: &Option<Word>) -> Option<&str> {
+    w.as_ref().map(Word::as_str)
+}
+
 /// Whether `sql` begins with INSERT, UPDATE, DELETE or MERGE.
 pub fn starts_with_dml(sql: &str) -> bool {
+    let [first] = leading_words::<1>(sql);
     matches!(
-        leading_words(sql, 1).first().map(String::as_str),
+        word_str(&first),
         Some("insert" | "update" | "delete" | "merge")
     )
 }
@@ -42,10 +81,8 @@ pub fn starts_with_dml(sql: &str) -> bool {
 /// branch would vote yes with nothing prepared: atomicity lost. Savepoints
 /// (`SAVEPOINT`, `RELEASE`, `ROLLBACK TO`) stay inside the transaction and are allowed.
 pub fn transaction_control(sql: &str) -> Option<&'static str> {
-    let words = leading_words(sql, 2);
-    let first = words.first().map(String::as_str)?;
-    let second = words.get(1).map(String::as_str);
-    match (first, second) {
+    let [first, second] = leading_words::<2>(sql);
+    match (word_str(&first)?, word_str(&second)) {
         ("begin", _) | ("start", _) => Some("BEGIN/START TRANSACTION"),
         ("commit", _) | ("end", _) => Some("COMMIT"),
         ("abort", _) => Some("ROLLBACK"),
@@ -64,9 +101,8 @@ pub fn transaction_control(sql: &str) -> Option<&'static str> {
 /// of a branch that ran one instead of pooling it. Errs towards yes: a false yes only
 /// costs a new connection.
 pub fn changes_session(sql: &str) -> bool {
-    let words = leading_words(sql, 3);
-    let word = |i: usize| words.get(i).map(String::as_str);
-    let by_command = match (word(0), word(1)) {
+    let [first, second] = leading_words::<2>(sql);
+    let by_command = match (word_str(&first), word_str(&second)) {
         (Some("set"), Some("local" | "transaction" | "constraints")) => false,
         (Some("set" | "reset" | "discard" | "listen" | "unlisten" | "deallocate"), _) => true,
         (Some("declare" | "load"), _) => true,
@@ -93,15 +129,30 @@ fn contains_ignore_ascii_case(haystack: &str, needle: &str) -> bool {
 mod tests {
     use super::*;
 
+    fn words<const N: usize>(sql: &str) -> Vec<String> {
+        leading_words::<N>(sql)
+            .iter()
+            .flatten()
+            .map(|w| w.as_str().to_owned())
+            .collect()
+    }
+
     #[test]
     fn leading_words_skip_whitespace_and_comments() {
         assert_eq!(
-            leading_words("  -- x\n /* y */ Rollback\tTO s", 3),
+            words::<3>("  -- x\n /* y */ Rollback\tTO s"),
             vec!["rollback", "to", "s"]
         );
-        assert_eq!(leading_words("/* never closed", 2), Vec::<String>::new());
-        assert_eq!(leading_words("", 2), Vec::<String>::new());
-        assert_eq!(leading_words("(SELECT 1)", 1), Vec::<String>::new());
+        assert_eq!(words::<2>("/* never closed"), Vec::<String>::new());
+        assert_eq!(words::<2>(""), Vec::<String>::new());
+        assert_eq!(words::<1>("(SELECT 1)"), Vec::<String>::new());
+        assert_eq!(words::<2>("SELECT x"), vec!["select", "x"]);
+        assert_eq!(
+            words::<1>("transactiontransaction"),
+            vec!["#"],
+            "longer than any keyword: matches none"
+        );
+        assert_eq!(words::<1>("abcdefghijklmnop"), vec!["abcdefghijklmnop"]);
     }
 
     #[test]
