@@ -391,14 +391,30 @@ impl Agent {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// A session whose branch ended (no transaction open on it): back to the pool, or
-    /// closed if the branch changed session state.
-    fn retire(&self, gid: &Gid, session: Object) {
-        if self.tables().tainted.remove(gid) {
-            debug!(%gid, "branch changed session state; closing its session instead of pooling it");
-            drop(Object::take(session));
-        } else {
-            drop(session);
+    /// The branch `gid` ended: its taint mark goes, and its session (if it still has one,
+    /// with no transaction open) goes back to the pool, or is closed if the branch
+    /// changed session state.
+    fn retire(&self, gid: &Gid, session: Option<Object>) {
+        let tainted = self.tables().tainted.remove(gid);
+        match session {
+            Some(s) if tainted => {
+                debug!(%gid, "branch changed session state; closing its session instead of pooling it");
+                drop(Object::take(s));
+            }
+            session => drop(session),
+        }
+    }
+
+    /// Rolls back the open transaction on a branch's session, then retires it; a session
+    /// whose ROLLBACK failed is closed.
+    async fn roll_back_and_retire(&self, gid: &Gid, session: Object) {
+        match session.batch_execute("ROLLBACK").await {
+            Ok(()) => self.retire(gid, Some(session)),
+            Err(e) => {
+                warn!(error = %e, "rollback failed; discarding session");
+                self.retire(gid, None);
+                drop(Object::take(session));
+            }
         }
     }
 
@@ -561,12 +577,7 @@ impl Agent {
                     | BranchOutcome::ReadOnly
                     | BranchOutcome::Committed => {
                         // No transaction is open on it any more.
-                        match session {
-                            Some(s) => self.retire(&exec.gid, s),
-                            None => {
-                                self.tables().tainted.remove(&exec.gid);
-                            }
-                        }
+                        self.retire(&exec.gid, session);
                     }
                 }
                 if ran.outcome == BranchOutcome::Prepared {
@@ -776,17 +787,9 @@ impl Agent {
             t.branches.remove(gid);
             t.tombstones.insert(gid.clone());
         }
-        if let Some(s) = session {
-            match s.batch_execute("ROLLBACK").await {
-                Ok(()) => self.retire(gid, s),
-                Err(e) => {
-                    warn!(error = %e, "rollback failed; discarding session");
-                    self.tables().tainted.remove(gid);
-                    let _ = Object::take(s);
-                }
-            }
-        } else {
-            self.tables().tainted.remove(gid);
+        match session {
+            Some(s) => self.roll_back_and_retire(gid, s).await,
+            None => self.retire(gid, None),
         }
         if maybe_prepared {
             if let Err(e) = self.rollback_prepared(gid).await {
@@ -867,14 +870,7 @@ impl Agent {
         };
         let work = async {
             if let Some(s) = idle {
-                match s.batch_execute("ROLLBACK").await {
-                    Ok(()) => self.retire(&gid, s),
-                    Err(e) => {
-                        warn!(error = %e, "rollback failed; discarding session");
-                        self.tables().tainted.remove(&gid);
-                        let _ = Object::take(s);
-                    }
-                }
+                self.roll_back_and_retire(&gid, s).await;
                 return Ok(());
             }
             self.rollback_prepared(&gid).await

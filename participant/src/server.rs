@@ -242,13 +242,9 @@ where
 {
     sink.feed(first).await?;
     tokio::task::yield_now().await;
-    let mut n = 1;
-    while n < MAX_FRAMES_PER_FLUSH {
-        match rx.try_recv() {
-            Ok(more) => sink.feed(more).await?,
-            Err(_) => break,
-        }
-        n += 1;
+    for _ in 1..MAX_FRAMES_PER_FLUSH {
+        let Ok(more) = rx.try_recv() else { break };
+        sink.feed(more).await?;
     }
     SinkExt::<Bytes>::flush(sink).await
 }

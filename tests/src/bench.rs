@@ -591,7 +591,6 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<Vec<PointResult>> {
     for url in [&setup.urls.0, &setup.urls.1] {
         setup_bank(url, config.accounts, 1_000_000_000).await?;
     }
-    let run_tag = rand::random::<u32>() as u64;
     let rounds = config.rounds.max(1);
     // rounds[i]: every point of round i, in the same order.
     let mut by_round: Vec<Vec<PointResult>> = Vec::with_capacity(rounds);
@@ -599,14 +598,14 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<Vec<PointResult>> {
         if rounds > 1 {
             eprintln!("round {}/{rounds}", round + 1);
         }
+        // In every txn id: ids stay unique across runs and rounds.
+        let tag = rand::random::<u32>() as u64;
         let mut points = Vec::new();
         for &c in &config.concurrency {
             for path in &config.paths {
                 for url in [&setup.urls.0, &setup.urls.1] {
                     fresh_start(url).await?;
                 }
-                // Round in the tag: txn ids stay unique across rounds.
-                let tag = run_tag * 100 + round as u64;
                 points.push(run_point(&setup, path, c, &config, tag).await?);
             }
         }
