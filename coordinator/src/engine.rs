@@ -711,6 +711,7 @@ impl Engine {
                 finish: Finish::Keep,
                 read_only_vote: false,
                 continues,
+                decision: None,
             };
             let resp = p.call(Request::Execute(exec), remaining).await;
             state.last_activity = Instant::now();
@@ -1010,6 +1011,7 @@ impl Engine {
                 finish,
                 read_only_vote: config.read_only,
                 continues,
+                decision: None,
             };
             async move {
                 let resp = match p {

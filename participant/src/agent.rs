@@ -5,6 +5,7 @@
 //!   (none) --Execute--> Busy --finish=Keep--> Idle(session) --Execute--> Busy ...
 //!                        |--finish=Prepare--> (prepared in PostgreSQL; session back to pool)
 //!                        |--finish=Commit---> (committed; session back to pool)
+//!                        |--finish=CommitDecision--> (committed with its decision row)
 //!                        `--error/timeout---> rolled back, tombstone
 //!   Abort: Idle -> ROLLBACK; Busy -> rolled back when the statements finish;
 //!          none -> ROLLBACK PREPARED if prepared; always leaves a tombstone so a late
@@ -13,6 +14,12 @@
 //!
 //! Prepared branches live in PostgreSQL (`pg_prepared_xacts`), not in this table: the
 //! agent keeps no state that a restart would lose.
+//!
+//! Last-agent commit: the agent keeps a decision table (`twopc.decisions`) in its
+//! database. `CommitDecision` inserts the transaction's row (committed) in the branch's
+//! own local transaction, so that commit is the decision; `Fence` inserts an aborted row
+//! unless one exists (the primary key makes it wait for a commit in flight, and makes a
+//! later one fail), and reads the row back.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::str::FromStr;
@@ -28,7 +35,7 @@ use tracing::{debug, info, warn, Instrument};
 use twopc_shared::gid::Gid;
 use twopc_shared::msg::{
     AgentError, BranchOutcome, CommitAck, ErrorKind, ExecuteBranch, Finish, Isolation,
-    PreparedBranch, Request, Response, StmtResult,
+    PreparedBranch, Request, Response, StmtResult, FORGET_MAX_GIDS,
 };
 use twopc_shared::sql::{changes_session, starts_with_dml, transaction_control};
 use twopc_shared::{BUILD_VERSION, PROTOCOL_VERSION};
@@ -70,7 +77,35 @@ pub struct AgentConfig {
     /// `max_prepared_transactions` (which is server-wide: lower it if other software
     /// prepares transactions too).
     pub max_prepared_branches: u64,
+    /// Keep the decision table (`twopc.decisions`, created if missing) so this agent can
+    /// commit last. Without it, or without the privilege to create or write it, the
+    /// agent tells the coordinator in the handshake and is never chosen to commit last.
+    pub decision_table: bool,
+    /// Aborted (fence) rows of the decision table are kept this long, then deleted: a
+    /// commit of the same GID arriving later would succeed. Keep it far above the
+    /// coordinator's longest transaction timeout.
+    pub decision_retention_ms: u64,
 }
+
+/// The decision table, created by the agent if it may (see `ensure_decision_table`).
+pub const DECISION_TABLE: &str = "twopc.decisions";
+const DECISION_DDL: &str = "CREATE SCHEMA IF NOT EXISTS twopc; \
+    CREATE TABLE IF NOT EXISTS twopc.decisions ( \
+        gid text PRIMARY KEY, \
+        committed boolean NOT NULL, \
+        txn_id text NOT NULL DEFAULT '', \
+        participants text[] NOT NULL DEFAULT '{}', \
+        decided_at timestamptz NOT NULL DEFAULT now())";
+const DECISION_INSERT: &str = "INSERT INTO twopc.decisions (gid, committed, txn_id, participants) \
+     VALUES ($1, true, $2, $3)";
+const DECISION_FENCE: &str = "INSERT INTO twopc.decisions (gid, committed) VALUES ($1, false) \
+     ON CONFLICT (gid) DO NOTHING";
+const DECISION_READ: &str =
+    "SELECT committed, txn_id, participants FROM twopc.decisions WHERE gid = $1";
+const DECISION_FORGET: &str =
+    "DELETE FROM twopc.decisions WHERE committed AND gid = ANY($1)";
+const DECISION_EXPIRE: &str = "DELETE FROM twopc.decisions \
+     WHERE NOT committed AND decided_at < now() - make_interval(secs => $1)";
 
 impl AgentConfig {
     pub fn new(name: impl Into<String>, database_url: impl Into<String>) -> AgentConfig {
@@ -89,6 +124,8 @@ impl AgentConfig {
             lock_timeout_ms: 30_000,
             idle_in_transaction_timeout_ms: 360_000,
             max_prepared_branches: 0,
+            decision_table: true,
+            decision_retention_ms: 3_600_000,
         }
     }
 }
@@ -154,6 +191,8 @@ struct Inner {
     pool: Pool,
     database: String,
     owner: String,
+    /// The decision table is usable: this agent can commit last.
+    decisions: bool,
     tables: Mutex<Tables>,
 }
 
@@ -245,8 +284,9 @@ impl Agent {
             0 => max_prepared as u64,
             n => n.min(max_prepared as u64),
         };
+        let decisions = config.decision_table && ensure_decision_table(&client).await;
         drop(client);
-        info!(name = %config.name, %database, %owner, max_prepared, "agent connected");
+        info!(name = %config.name, %database, %owner, max_prepared, decisions, "agent connected");
         let tombstones_max = config.tombstones_max;
         let agent = Agent {
             inner: Arc::new(Inner {
@@ -256,6 +296,7 @@ impl Agent {
                 pool,
                 database,
                 owner,
+                decisions,
                 tables: Mutex::new(Tables {
                     branches: HashMap::new(),
                     tainted: HashSet::new(),
@@ -269,7 +310,36 @@ impl Agent {
             }),
         };
         agent.spawn_idle_reaper();
+        if decisions {
+            agent.spawn_decision_expiry();
+        }
         Ok(agent)
+    }
+
+    /// Deletes aborted (fence) rows older than `decision_retention_ms`, every minute.
+    fn spawn_decision_expiry(&self) {
+        let weak = Arc::downgrade(&self.inner);
+        let retention_s = self.inner.config.decision_retention_ms as f64 / 1000.0;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                let Some(inner) = weak.upgrade() else { return };
+                let agent = Agent { inner };
+                let Ok(session) = agent.session().await else {
+                    continue;
+                };
+                match session.execute(DECISION_EXPIRE, &[&retention_s]).await {
+                    Ok(0) => {}
+                    Ok(rows) => debug!(rows, "expired aborted decision rows"),
+                    Err(e) => warn!(error = %e, "expiring aborted decision rows failed"),
+                }
+            }
+        });
+    }
+
+    /// This agent can commit last (it has a usable decision table).
+    pub fn keeps_decisions(&self) -> bool {
+        self.inner.decisions
     }
 
     /// Rolls back open branches idle for longer than `idle_branch_timeout_ms`. The task
@@ -363,6 +433,7 @@ impl Agent {
                     agent_name: self.inner.config.name.clone(),
                     database: self.inner.database.clone(),
                     build_version: BUILD_VERSION.to_owned(),
+                    decisions: self.inner.decisions,
                 }
             }
             Request::Ping => Response::Pong,
@@ -379,6 +450,11 @@ impl Agent {
                 self.abort(gid, timeout).instrument(span).await
             }
             Request::ListPrepared { gid_prefix } => self.list_prepared(&gid_prefix, timeout).await,
+            Request::Fence { gid } => {
+                let span = tracing::info_span!("fence", gid = %gid);
+                self.fence(gid, timeout).instrument(span).await
+            }
+            Request::Forget { gids } => self.forget(gids, timeout).await,
         }
     }
 
@@ -439,6 +515,17 @@ impl Agent {
                     self.inner.prepared_limit
                 ),
             );
+        }
+        if exec.finish == Finish::CommitDecision {
+            if !self.inner.decisions {
+                return failed(
+                    ErrorKind::BadRequest,
+                    "this agent keeps no decision table, so it cannot commit last",
+                );
+            }
+            if exec.decision.is_none() {
+                return failed(ErrorKind::BadRequest, "commit_decision without a decision");
+            }
         }
         if exec.statements.len() > self.inner.config.max_statements_per_request {
             return failed(
@@ -555,7 +642,13 @@ impl Agent {
                 err
             }
             Ok(ran) => {
-                if abort_requested {
+                let committed = matches!(
+                    ran.outcome,
+                    BranchOutcome::Committed | BranchOutcome::ReadOnly
+                );
+                // An abort that arrives while the branch commits comes too late: the
+                // commit stands and is what we report.
+                if abort_requested && !committed {
                     Box::pin(self.forget_branch(
                         &exec.gid,
                         session,
@@ -585,6 +678,9 @@ impl Agent {
                         .prepared
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     crate::failpoint!("participant.after_prepare");
+                }
+                if exec.finish == Finish::CommitDecision {
+                    crate::failpoint!("participant.after_commit_decision");
                 }
                 debug!(new = is_new, outcome = ?ran.outcome, "branch executed");
                 Response::Executed {
@@ -651,10 +747,20 @@ impl Agent {
             } else {
                 None
             };
-            Ok((prepared, read_only_stmt))
+            let decision_stmt = if exec.finish == Finish::CommitDecision {
+                Some(
+                    session
+                        .prepare_cached(DECISION_INSERT)
+                        .await
+                        .map_err(|e| sql_failure(&e, None))?,
+                )
+            } else {
+                None
+            };
+            Ok((prepared, read_only_stmt, decision_stmt))
         })
         .await;
-        let (prepared, read_only_stmt) = match lookups {
+        let (prepared, read_only_stmt, decision_stmt) = match lookups {
             Ok(x) => x,
             Err(resp) => return (session.release(), Err(resp)),
         };
@@ -728,6 +834,26 @@ impl Agent {
                     async move { Step::Finish(client.batch_execute("COMMIT").await) }.boxed(),
                 );
             }
+            Finish::CommitDecision => {
+                // Checked in `execute`: a decision and its statement are present.
+                if let (Some(st), Some(d)) = (&decision_stmt, &exec.decision) {
+                    let gid = exec.gid.as_str();
+                    steps.push(
+                        async move {
+                            Step::Done(
+                                client
+                                    .execute(st, &[&gid, &d.txn_id, &d.participants])
+                                    .await
+                                    .map(drop),
+                            )
+                        }
+                        .boxed(),
+                    );
+                }
+                steps.push(
+                    async move { Step::Finish(client.batch_execute("COMMIT").await) }.boxed(),
+                );
+            }
         }
 
         // All steps are polled together: tokio-postgres writes their messages in order
@@ -764,7 +890,7 @@ impl Agent {
         }
         let outcome = match exec.finish {
             Finish::Keep => BranchOutcome::Active,
-            Finish::Commit => BranchOutcome::Committed,
+            Finish::Commit | Finish::CommitDecision => BranchOutcome::Committed,
             Finish::Prepare if read_only => {
                 // Wrote nothing: finish it now and drop out of phase 2.
                 let sql = format!("COMMIT PREPARED {}", exec.gid.sql_literal());
@@ -882,6 +1008,73 @@ impl Agent {
         }
     }
 
+    /// Settles a last-agent transaction's outcome: an aborted row goes in unless a row
+    /// exists. If this agent's commit of `gid` is in flight, the insert waits for it (the
+    /// primary key), so the answer is final either way, and a commit arriving later fails
+    /// on the key and rolls back.
+    async fn fence(&self, gid: Gid, timeout: Duration) -> Response {
+        if !self.inner.decisions {
+            return failed(
+                ErrorKind::BadRequest,
+                "this agent keeps no decision table, so it cannot settle a last-agent transaction",
+            );
+        }
+        // A late `Execute` of this GID is refused before it runs anything.
+        self.tables().tombstones.insert(gid.clone());
+        let work = async {
+            let session = self.session().await?;
+            let inserted = session
+                .execute(DECISION_FENCE, &[&gid.as_str()])
+                .await
+                .map_err(|e| agent_error(&e, None))?;
+            let row = session
+                .query_opt(DECISION_READ, &[&gid.as_str()])
+                .await
+                .map_err(|e| agent_error(&e, None))?
+                .ok_or_else(|| {
+                    AgentError::new(ErrorKind::Internal, "decision row vanished after the fence")
+                })?;
+            let committed: bool = row.get(0);
+            debug!(inserted, committed, "fenced");
+            Ok::<_, AgentError>(Response::Decision {
+                committed,
+                txn_id: row.get(1),
+                participants: row.get(2),
+            })
+        };
+        match tokio::time::timeout(timeout, work).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => Response::Failed(e),
+            Err(_) => failed(ErrorKind::Timeout, "fence did not finish in time"),
+        }
+    }
+
+    /// Deletes the committed decision rows of finished transactions.
+    async fn forget(&self, gids: Vec<Gid>, timeout: Duration) -> Response {
+        if !self.inner.decisions {
+            return failed(ErrorKind::BadRequest, "this agent keeps no decision table");
+        }
+        if gids.len() > FORGET_MAX_GIDS {
+            return failed(
+                ErrorKind::Limit,
+                format!("{} GIDs; the limit is {FORGET_MAX_GIDS}", gids.len()),
+            );
+        }
+        let gids: Vec<&str> = gids.iter().map(Gid::as_str).collect();
+        let work = async {
+            let session = self.session().await?;
+            session
+                .execute(DECISION_FORGET, &[&gids])
+                .await
+                .map_err(|e| agent_error(&e, None))
+        };
+        match tokio::time::timeout(timeout, work).await {
+            Ok(Ok(rows)) => Response::Forgotten { rows },
+            Ok(Err(e)) => Response::Failed(e),
+            Err(_) => failed(ErrorKind::Timeout, "forget did not finish in time"),
+        }
+    }
+
     async fn list_prepared(&self, gid_prefix: &str, timeout: Duration) -> Response {
         if gid_prefix.is_empty()
             || !gid_prefix
@@ -926,6 +1119,45 @@ impl Agent {
     /// The database role the agent runs as (owner of its prepared transactions).
     pub fn owner(&self) -> &str {
         &self.inner.owner
+    }
+}
+
+/// Makes sure the decision table exists and this role may use it; false (with a warning)
+/// if not, and the agent then never commits last.
+async fn ensure_decision_table(client: &tokio_postgres::Client) -> bool {
+    async fn usable(client: &tokio_postgres::Client) -> Result<bool, tokio_postgres::Error> {
+        // `has_table_privilege` is evaluated only if the table exists (CASE, not AND).
+        client
+            .query_one(
+                "SELECT CASE WHEN to_regclass('twopc.decisions') IS NULL THEN false \
+                 ELSE has_table_privilege('twopc.decisions', 'SELECT, INSERT, DELETE') END",
+                &[],
+            )
+            .await
+            .and_then(|r| r.try_get::<_, bool>(0))
+    }
+    if let Ok(true) = usable(client).await {
+        return true;
+    }
+    // Two agents starting at once may race on the catalog's unique keys: try twice.
+    let mut last_error = None;
+    for _ in 0..2 {
+        match client.batch_execute(DECISION_DDL).await {
+            Ok(()) => break,
+            Err(e) => last_error = Some(e),
+        }
+    }
+    match usable(client).await {
+        Ok(true) => true,
+        other => {
+            warn!(
+                create_error = ?last_error.map(|e| e.to_string()),
+                check = ?other.map_err(|e| e.to_string()),
+                "no usable decision table ({DECISION_TABLE}): this agent cannot commit last; \
+                 create it (see README) or grant this role CREATE on the database"
+            );
+            false
+        }
     }
 }
 

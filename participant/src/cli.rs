@@ -51,6 +51,14 @@ struct Args {
     /// Branches kept prepared at once (0 = the server's max_prepared_transactions).
     #[arg(long, env = "TWOPC_MAX_PREPARED_BRANCHES", default_value_t = 0)]
     max_prepared_branches: u64,
+    /// Do not keep the decision table (twopc.decisions): this agent is then never the
+    /// one that commits last in a last-agent transaction.
+    #[arg(long, env = "TWOPC_NO_DECISION_TABLE")]
+    no_decision_table: bool,
+    /// Aborted rows of the decision table are deleted after this long. Keep it far
+    /// above the coordinator's longest transaction timeout.
+    #[arg(long, env = "TWOPC_DECISION_RETENTION_MS", default_value_t = 3_600_000)]
+    decision_retention_ms: u64,
     /// Largest frame accepted from the coordinator, in bytes.
     #[arg(long, env = "TWOPC_MAX_FRAME_BYTES", default_value_t = twopc_shared::codec::DEFAULT_MAX_FRAME_BYTES)]
     max_frame_bytes: usize,
@@ -93,6 +101,8 @@ async fn run_async() -> anyhow::Result<()> {
     // The server cuts off a session idle in a transaction a little after our reaper would.
     config.idle_in_transaction_timeout_ms = args.idle_branch_timeout_ms + 60_000;
     config.max_prepared_branches = args.max_prepared_branches;
+    config.decision_table = !args.no_decision_table;
+    config.decision_retention_ms = args.decision_retention_ms;
     let agent = Agent::connect(config).await.context("start agent")?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await

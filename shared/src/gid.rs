@@ -7,6 +7,10 @@
 //! - `epoch`: increases on every coordinator start, so recovery can tell the live
 //!   transactions of this incarnation from those of an earlier one;
 //! - `seq`: increases within an epoch.
+//!
+//! A last-agent transaction (see ARCHITECTURE, "Last-agent commit") appends
+//! `_l<hex>`: the name of the participant whose local commit is the decision, hex-encoded
+//! (lowercase) so the GID keeps its alphabet. Recovery reads it to know whom to ask.
 
 use std::fmt;
 
@@ -50,11 +54,18 @@ impl Gid {
         }
         let rest = s.strip_prefix(GID_PREFIX).ok_or_else(bad)?;
         let mut parts = rest.split('_');
-        let (Some(cid), Some(epoch), Some(seq), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
+        let (Some(cid), Some(epoch), Some(seq), last, None) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) else {
             return Err(bad());
         };
+        if let Some(last) = last {
+            decode_last_agent(last).ok_or_else(bad)?;
+        }
         validate_coordinator_id(cid).map_err(|_| bad())?;
         for n in [epoch, seq] {
             if n.is_empty() || n.len() > 20 || !n.bytes().all(|b| b.is_ascii_digit()) {
@@ -63,6 +74,33 @@ impl Gid {
             n.parse::<u64>().map_err(|_| bad())?;
         }
         Ok(Gid(s.to_owned()))
+    }
+
+    /// A last-agent GID: `last_agent` (a participant name) commits last, and its
+    /// commit is the decision. `None` if the name does not fit in a GID.
+    pub fn with_last_agent(
+        coordinator_id: &str,
+        epoch: u64,
+        seq: u64,
+        last_agent: &str,
+    ) -> Option<Gid> {
+        if last_agent.is_empty() {
+            return None;
+        }
+        let mut s = Gid::new(coordinator_id, epoch, seq).ok()?.0;
+        s.push_str("_l");
+        for b in last_agent.bytes() {
+            s.push(char::from(HEX[usize::from(b >> 4)]));
+            s.push(char::from(HEX[usize::from(b & 0xf)]));
+        }
+        Gid::parse(&s).ok()
+    }
+
+    /// The participant whose commit decides this transaction, if it is a last-agent one.
+    pub fn last_agent(&self) -> Option<String> {
+        let rest = &self.0[GID_PREFIX.len()..];
+        let last = rest.splitn(4, '_').nth(3)?;
+        decode_last_agent(last)
     }
 
     pub fn as_str(&self) -> &str {
@@ -87,7 +125,7 @@ impl Gid {
 
     fn parts(&self) -> (&str, &str, &str) {
         let rest = &self.0[GID_PREFIX.len()..];
-        let mut it = rest.splitn(3, '_');
+        let mut it = rest.split('_');
         (
             it.next().unwrap_or(""),
             it.next().unwrap_or(""),
@@ -103,6 +141,22 @@ impl Gid {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_'));
         format!("'{}'", self.0)
     }
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// `l<hex>` → the participant name, if well formed (lowercase hex of non-empty UTF-8).
+fn decode_last_agent(part: &str) -> Option<String> {
+    let hex = part.strip_prefix('l')?.as_bytes();
+    if hex.is_empty() || hex.len() % 2 != 0 {
+        return None;
+    }
+    let nibble = |c: u8| HEX.iter().position(|&h| h == c).map(|n| n as u8);
+    let bytes = hex
+        .chunks_exact(2)
+        .map(|p| Some(nibble(p[0])? << 4 | nibble(p[1])?))
+        .collect::<Option<Vec<u8>>>()?;
+    String::from_utf8(bytes).ok()
 }
 
 /// The prefix every GID of `coordinator_id` starts with (`twopc_<id>_`).
@@ -174,6 +228,12 @@ mod tests {
             "twopc_",
             "twopc_c1_1",
             "twopc_c1_1_2_3",
+            "twopc_c1_1_2_l",
+            "twopc_c1_1_2_l6",
+            "twopc_c1_1_2_l6G",
+            "twopc_c1_1_2_l6A",
+            "twopc_c1_1_2_lff",
+            "twopc_c1_1_2_l61_l62",
             "twopc_c1_1_x",
             "twopc_c1_-1_2",
             "twopc_c'1_1_2",
@@ -186,6 +246,20 @@ mod tests {
         }
         assert!(Gid::new("c_1", 1, 1).is_err());
         assert!(Gid::new(&"a".repeat(33), 1, 1).is_err());
+    }
+
+    #[test]
+    fn last_agent_roundtrip() {
+        let g = Gid::with_last_agent("c1", 7, 42, "bank-b_2").unwrap();
+        assert_eq!(g.as_str(), "twopc_c1_7_42_l62616e6b2d625f32");
+        assert_eq!(g.last_agent().as_deref(), Some("bank-b_2"));
+        assert_eq!((g.coordinator_id(), g.epoch(), g.seq()), ("c1", 7, 42));
+        assert_eq!(Gid::parse(g.as_str()).unwrap(), g);
+        assert!(g.as_str().starts_with(&gid_prefix("c1")));
+        assert_eq!(Gid::new("c1", 7, 42).unwrap().last_agent(), None);
+        assert!(Gid::with_last_agent("c1", 7, 42, "").is_none());
+        // Too long for PostgreSQL's 200 bytes: no last-agent GID, the caller falls back.
+        assert!(Gid::with_last_agent(&"c".repeat(32), u64::MAX, u64::MAX, &"p".repeat(64)).is_none());
     }
 
     #[test]

@@ -17,7 +17,7 @@ pub mod sql;
 
 /// Version of the coordinator ↔ agent protocol. Bumped on any incompatible change;
 /// the handshake refuses a peer with a different version.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Version of this build, reported by `/healthz` and the handshake.
 pub const BUILD_VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -60,7 +60,30 @@ pub enum Request {
     ListPrepared {
         gid_prefix: String,
     },
+    /// Last-agent commit: settle the outcome of `gid` on the agent that commits last.
+    /// The agent inserts an ABORT row for it unless a decision row exists (waiting for a
+    /// commit of the same GID in flight), so a late commit fails, and answers `Decision`.
+    Fence {
+        gid: Gid,
+    },
+    /// Delete the decision rows of finished last-agent transactions (every other
+    /// participant acknowledged), at most [`FORGET_MAX_GIDS`] per request.
+    Forget {
+        gids: Vec<Gid>,
+    },
     Ping,
+}
+
+/// Most GIDs in one `Forget`.
+pub const FORGET_MAX_GIDS: usize = 4096;
+
+/// What a last-agent commit records beside its own data, in the same local transaction:
+/// the decision row that recovery reads back with `Fence`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Decision {
+    pub txn_id: String,
+    /// The prepared participants this commit decides for (not the last agent itself).
+    pub participants: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -81,6 +104,9 @@ pub struct ExecuteBranch {
     /// transaction must abort.
     #[serde(default)]
     pub continues: bool,
+    /// With [`Finish::CommitDecision`]: the decision row to commit with the branch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decision: Option<Decision>,
 }
 
 /// What the agent does after the statements of an `Execute`.
@@ -93,6 +119,10 @@ pub enum Finish {
     Prepare,
     /// Plain `COMMIT` (one-phase commit: this is the only participant).
     Commit,
+    /// Last-agent commit: insert the `decision` row (committed) and `COMMIT`, in the same
+    /// round trip. That commit is the transaction's decision. Fails (and rolls back) if
+    /// the GID was fenced.
+    CommitDecision,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -140,6 +170,10 @@ pub enum Response {
         agent_name: String,
         database: String,
         build_version: String,
+        /// The agent keeps a decision table, so it can commit last (`CommitDecision`,
+        /// `Fence`, `Forget`).
+        #[serde(default)]
+        decisions: bool,
     },
     Executed {
         results: Vec<StmtResult>,
@@ -151,6 +185,16 @@ pub enum Response {
     Aborted,
     Prepared {
         branches: Vec<PreparedBranch>,
+    },
+    /// The settled outcome of a last-agent transaction (answer to `Fence`). An aborted
+    /// one has no `txn_id` or participants.
+    Decision {
+        committed: bool,
+        txn_id: String,
+        participants: Vec<String>,
+    },
+    Forgotten {
+        rows: u64,
     },
     Pong,
 }
@@ -260,6 +304,8 @@ mod tagged {
         CommitPrepared,
         Abort,
         ListPrepared,
+        Fence,
+        Forget,
         Ping,
     }
 
@@ -272,6 +318,8 @@ mod tagged {
         CommitPrepared,
         Aborted,
         Prepared,
+        Decision,
+        Forgotten,
         Pong,
     }
 
@@ -288,6 +336,23 @@ mod tagged {
     }
 
     #[derive(Deserialize)]
+    struct ByGids {
+        gids: Vec<Gid>,
+    }
+
+    #[derive(Deserialize)]
+    struct DecisionResponse {
+        committed: bool,
+        txn_id: String,
+        participants: Vec<String>,
+    }
+
+    #[derive(Deserialize)]
+    struct ForgottenResponse {
+        rows: u64,
+    }
+
+    #[derive(Deserialize)]
     struct ByPrefix {
         gid_prefix: String,
     }
@@ -298,6 +363,8 @@ mod tagged {
         agent_name: String,
         database: String,
         build_version: String,
+        #[serde(default)]
+        decisions: bool,
     }
 
     #[derive(Deserialize)]
@@ -375,6 +442,12 @@ mod tagged {
                 RequestTag::ListPrepared => Request::ListPrepared {
                     gid_prefix: rest::<_, ByPrefix>(map)?.gid_prefix,
                 },
+                RequestTag::Fence => Request::Fence {
+                    gid: rest::<_, ByGid>(map)?.gid,
+                },
+                RequestTag::Forget => Request::Forget {
+                    gids: rest::<_, ByGids>(map)?.gids,
+                },
                 RequestTag::Ping => {
                     drain(map)?;
                     Request::Ping
@@ -405,6 +478,7 @@ mod tagged {
                         agent_name: h.agent_name,
                         database: h.database,
                         build_version: h.build_version,
+                        decisions: h.decisions,
                     }
                 }
                 ResponseTag::Executed => {
@@ -425,6 +499,17 @@ mod tagged {
                 }
                 ResponseTag::Prepared => Response::Prepared {
                     branches: rest::<_, PreparedList>(map)?.branches,
+                },
+                ResponseTag::Decision => {
+                    let d: DecisionResponse = rest(map)?;
+                    Response::Decision {
+                        committed: d.committed,
+                        txn_id: d.txn_id,
+                        participants: d.participants,
+                    }
+                }
+                ResponseTag::Forgotten => Response::Forgotten {
+                    rows: rest::<_, ForgottenResponse>(map)?.rows,
                 },
                 ResponseTag::Pong => {
                     drain(map)?;
@@ -466,6 +551,7 @@ mod tests {
                 finish: Finish::Prepare,
                 read_only_vote: true,
                 continues: false,
+                decision: None,
             }),
         };
         let bytes = serde_json::to_vec(&req).unwrap();
@@ -504,9 +590,26 @@ mod tests {
                 finish: Finish::Keep,
                 read_only_vote: false,
                 continues: true,
+                decision: None,
             }),
             Request::CommitPrepared { gid: gid.clone() },
-            Request::Abort { gid },
+            Request::Execute(ExecuteBranch {
+                gid: gid.clone(),
+                isolation: Isolation::ReadCommitted,
+                statements: vec![],
+                finish: Finish::CommitDecision,
+                read_only_vote: false,
+                continues: false,
+                decision: Some(Decision {
+                    txn_id: "t-1".into(),
+                    participants: vec!["a".into()],
+                }),
+            }),
+            Request::Abort { gid: gid.clone() },
+            Request::Fence { gid: gid.clone() },
+            Request::Forget {
+                gids: vec![gid.clone(), Gid::with_last_agent("c", 1, 3, "b").unwrap()],
+            },
             Request::ListPrepared {
                 gid_prefix: "twopc_c1_".into(),
             },
@@ -521,6 +624,7 @@ mod tests {
                 agent_name: "a".into(),
                 database: "db".into(),
                 build_version: "0.1.0".into(),
+                decisions: true,
             },
             Response::Executed {
                 results: vec![StmtResult {
@@ -547,6 +651,12 @@ mod tests {
                     age_ms: 5,
                 }],
             },
+            Response::Decision {
+                committed: true,
+                txn_id: "t-1".into(),
+                participants: vec!["a".into(), "c".into()],
+            },
+            Response::Forgotten { rows: 2 },
             Response::Pong,
         ]
     }

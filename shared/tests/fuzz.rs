@@ -28,6 +28,7 @@ fn valid_frame() -> BytesMut {
                 finish: Finish::Prepare,
                 read_only_vote: true,
                 continues: false,
+                decision: None,
             }),
         },
         &mut buf,

@@ -716,6 +716,7 @@ async fn transaction_control_in_a_statement_is_refused() {
         finish: twopc_shared::msg::Finish::Prepare,
         read_only_vote: false,
         continues: false,
+        decision: None,
     };
     match agent
         .handle(
@@ -760,6 +761,7 @@ async fn a_session_setting_does_not_leak_into_the_next_branch() {
             finish,
             read_only_vote: false,
             continues: false,
+            decision: None,
         };
         let agent = agent.clone();
         async move {
@@ -862,6 +864,7 @@ async fn branches_run_at_the_requested_isolation_level() {
             finish: Finish::Commit,
             read_only_vote: false,
             continues: false,
+            decision: None,
         };
         match agent
             .handle(Request::Execute(exec), Duration::from_secs(10))

@@ -311,6 +311,7 @@ async fn agent_limits_prepared_branches_and_lock_waits() {
             finish,
             read_only_vote: true,
             continues: false,
+            decision: None,
         })
     };
     for seq in 1..=2 {

@@ -22,6 +22,7 @@ async fn one(agent: &Agent, seq: u64, sql: &str, params: Vec<Value>) -> Response
                 finish: Finish::Commit,
                 read_only_vote: false,
                 continues: false,
+                decision: None,
             }),
             Duration::from_secs(10),
         )
