@@ -63,6 +63,8 @@ pub struct ServeConfig {
     pub participants: std::collections::BTreeMap<String, String>,
     pub recovery_interval_ms: u64,
     pub one_phase: bool,
+    /// Last-agent commit for one-shot transactions (off by default; see README).
+    pub last_agent: bool,
     pub read_only: bool,
     pub parallel: bool,
     pub group_commit: bool,
@@ -98,6 +100,7 @@ impl Default for ServeConfig {
             participants: Default::default(),
             recovery_interval_ms: 5_000,
             one_phase: e.one_phase,
+            last_agent: e.last_agent,
             read_only: e.read_only,
             parallel: e.parallel,
             group_commit: true,
@@ -188,6 +191,11 @@ pub struct ServeArgs {
     /// Turn off one-phase commit for single-participant transactions.
     #[arg(long, env = "TWOPC_NO_ONE_PHASE")]
     pub no_one_phase: bool,
+    /// Last-agent commit for one-shot transactions over two or more participants: the
+    /// last participant commits with the decision in its own database instead of a forced
+    /// record here (its agent must keep a decision table).
+    #[arg(long, env = "TWOPC_LAST_AGENT")]
+    pub last_agent: bool,
     /// Turn off the read-only vote.
     #[arg(long, env = "TWOPC_NO_READ_ONLY")]
     pub no_read_only: bool,
@@ -260,6 +268,7 @@ impl ServeArgs {
             c.ack = a;
         }
         c.one_phase &= !self.no_one_phase;
+        c.last_agent |= self.last_agent;
         c.read_only &= !self.no_read_only;
         c.parallel &= !self.no_parallel;
         c.group_commit &= !self.no_group_commit;
@@ -283,6 +292,7 @@ impl ServeConfig {
     pub fn engine_config(&self) -> EngineConfig {
         let mut e = EngineConfig::new(self.coordinator_id.clone());
         e.one_phase = self.one_phase;
+        e.last_agent = self.last_agent;
         e.read_only = self.read_only;
         e.parallel = self.parallel;
         e.default_ack = self.ack;

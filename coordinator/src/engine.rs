@@ -19,7 +19,7 @@ use futures::future::join_all;
 use serde::{Deserialize, Serialize};
 use tracing::{debug, error, info, warn, Instrument};
 use twopc_shared::gid::{gid_prefix, validate_txn_id, Gid};
-use twopc_shared::msg::{
+use twopc_shared::msg::{Decision, FORGET_MAX_GIDS, 
     AgentError, BranchOutcome, CommitAck, ErrorKind, ExecuteBranch, Finish, Isolation, Request,
     Response, Statement, StmtResult,
 };
@@ -70,6 +70,11 @@ pub struct EngineConfig {
     pub recovery_interval_ms: u64,
     /// Most outcomes kept in memory for `GET` (oldest forgotten first; ~100 bytes each).
     pub outcome_index_max: usize,
+    /// Last-agent commit for one-shot transactions with two or more participants: all
+    /// but one prepare, then the last commits with the decision in its own transaction
+    /// (no forced record of ours, one round trip less). Needs the last participant's
+    /// agent to keep a decision table.
+    pub last_agent: bool,
 }
 
 impl EngineConfig {
@@ -92,6 +97,7 @@ impl EngineConfig {
             outcome_retention_ms: 3_600_000,
             recovery_interval_ms: 5_000,
             outcome_index_max: 1_000_000,
+            last_agent: false,
         }
     }
 }
@@ -116,6 +122,11 @@ pub enum TxnError {
     Internal(String),
     #[error("{0}")]
     Unavailable(String),
+    /// The commit's outcome could not be learnt in time (last-agent commit whose last
+    /// participant did not answer, and could not be fenced yet). Recovery settles it;
+    /// `GET` says `in_doubt` until then.
+    #[error("transaction {txn_id}: outcome unknown: {message}")]
+    OutcomeUnknown { txn_id: String, message: String },
 }
 
 /// Why a transaction aborted.
@@ -250,6 +261,17 @@ struct OutcomeEntry {
     outcome: Outcome,
 }
 
+/// What a last agent said about a last-agent transaction (answer to `Fence`).
+#[derive(Debug, Clone)]
+struct Settled {
+    committed: bool,
+    txn_id: String,
+    participants: Vec<String>,
+}
+
+/// Decision rows queued for deletion per agent, at most.
+const FORGET_QUEUE_MAX: usize = 1_000_000;
+
 struct InDoubt {
     txn_id: String,
     pending: HashSet<String>,
@@ -275,6 +297,8 @@ struct Outcomes {
 pub struct Counters {
     pub committed: AtomicU64,
     pub committed_one_phase: AtomicU64,
+    /// Committed by a last agent's commit (no forced record of ours).
+    pub committed_last_agent: AtomicU64,
     pub aborted: AtomicU64,
     pub read_only_branches: AtomicU64,
     pub phase2_retries: AtomicU64,
@@ -291,6 +315,11 @@ struct Inner {
     live: Mutex<HashMap<String, Arc<LiveTxn>>>,
     outcomes: Mutex<Outcomes>,
     in_doubt: Mutex<HashMap<Gid, InDoubt>>,
+    /// Last-agent transactions whose outcome this incarnation could not learn (the last
+    /// agent neither answered nor could be fenced): GID → txn id. Recovery fences them.
+    unresolved: Mutex<HashMap<Gid, String>>,
+    /// Decision rows to delete, per last agent: their transactions are finished.
+    forget: Mutex<HashMap<String, Vec<Gid>>>,
     counters: Counters,
     started: Instant,
     /// Cancelled by [`Engine::shutdown`]: background loops (phase 2, aborts, reaper,
@@ -368,6 +397,8 @@ impl Engine {
                 live: Mutex::new(HashMap::new()),
                 outcomes: Mutex::new(Outcomes::default()),
                 in_doubt: Mutex::new(HashMap::new()),
+                unresolved: Mutex::new(HashMap::new()),
+                forget: Mutex::new(HashMap::new()),
                 counters: Counters::default(),
                 started: Instant::now(),
                 shutdown: tokio_util::sync::CancellationToken::new(),
@@ -460,6 +491,18 @@ impl Engine {
             }
         });
         let weak = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let Some(inner) = weak.upgrade() else { return };
+                let engine = Engine { inner };
+                if engine.inner.shutdown.is_cancelled() {
+                    return;
+                }
+                engine.flush_forget().await;
+            }
+        });
+        let weak = Arc::downgrade(&self.inner);
         let interval = Duration::from_millis(self.inner.config.recovery_interval_ms.max(10));
         tokio::spawn(async move {
             // First pass at once: orphans of the previous incarnation hold locks.
@@ -497,6 +540,19 @@ impl Engine {
         let prefix = self.gid_prefix();
         let timeout = Duration::from_millis(self.inner.config.call_timeout_ms);
         let mut report = RecoveryReport::default();
+        // Last-agent transactions of this incarnation whose outcome is still unknown.
+        let unresolved: Vec<Gid> = lock(&self.inner.unresolved).keys().cloned().collect();
+        for gid in unresolved {
+            let last = gid.last_agent().unwrap_or_default();
+            match self.inner.participants.get(&last) {
+                Some(p) => match self.settle(p, &gid, Duration::ZERO).await {
+                    Some(settled) => self.adopt(&gid, &settled),
+                    None => report.unreachable.push(format!("{last}: cannot settle {gid}")),
+                },
+                None => error!(%gid, %last, "the last agent of an unsettled transaction is not configured"),
+            }
+        }
+        let mut settled: HashMap<Gid, Option<bool>> = HashMap::new();
         let listings = join_all(self.inner.participants.values().map(|p| {
             let prefix = prefix.clone();
             async move {
@@ -533,6 +589,35 @@ impl Engine {
                 }
                 if lock(&self.inner.in_doubt).contains_key(&gid) {
                     continue;
+                }
+                if let Some(last) = gid.last_agent() {
+                    // No presumption here: the last agent's row is the decision.
+                    let committed = match settled.get(&gid) {
+                        Some(c) => *c,
+                        None => {
+                            let c = match self.inner.participants.get(&last) {
+                                Some(l) => self.settle(l, &gid, Duration::ZERO).await.map(|s| {
+                                    self.adopt(&gid, &s);
+                                    s.committed
+                                }),
+                                None => {
+                                    error!(%gid, %last, "the last agent of a prepared branch is not configured; resolve it by hand");
+                                    None
+                                }
+                            };
+                            settled.insert(gid.clone(), c);
+                            c
+                        }
+                    };
+                    match committed {
+                        Some(false) => {}
+                        // Committed: phase 2 is driving it now.
+                        Some(true) => continue,
+                        None => {
+                            report.unreachable.push(format!("{last}: cannot settle {gid}"));
+                            continue;
+                        }
+                    }
                 }
                 info!(%gid, participant = p.name(), age_ms = b.age_ms, "rolling back a prepared branch with no commit decision (presumed abort)");
                 match p.call(Request::Abort { gid: gid.clone() }, timeout).await {
@@ -639,7 +724,17 @@ impl Engine {
             )));
         }
         let ack = req.ack.unwrap_or(self.inner.config.default_ack);
-        let txn = self.register(&req, false)?;
+        // Last-agent commit: the last branch (in the client's order) whose agent keeps a
+        // decision table commits last.
+        let last_agent = if self.inner.config.last_agent && plan.len() >= 2 {
+            plan.iter()
+                .rev()
+                .map(|(name, _)| name.as_str())
+                .find(|name| self.participant(name).is_ok_and(Participant::can_commit_last))
+        } else {
+            None
+        };
+        let txn = self.register(&req, false, last_agent)?;
         let span = tracing::info_span!("txn", txn_id = %txn.txn_id, gid = %txn.gid);
         let result = async {
             let mut state = txn.state.lock().await;
@@ -654,7 +749,7 @@ impl Engine {
 
     /// Begins an interactive transaction; returns its id.
     pub fn begin(&self, req: TxnRequest) -> Result<String, TxnError> {
-        let txn = self.register(&req, true)?;
+        let txn = self.register(&req, true, None)?;
         debug!(txn_id = %txn.txn_id, gid = %txn.gid, "interactive transaction begun");
         Ok(txn.txn_id.clone())
     }
@@ -816,6 +911,13 @@ impl Engine {
                 gid: Some(gid),
                 pending: vec![],
             },
+            None if lock(&self.inner.unresolved).values().any(|t| t == txn_id) => TxnStatus {
+                txn_id: txn_id.to_owned(),
+                state: Some("in_doubt"),
+                outcome: None,
+                gid: None,
+                pending: vec![],
+            },
             // Presumed abort: no commit record, not live.
             None => TxnStatus {
                 txn_id: txn_id.to_owned(),
@@ -867,10 +969,19 @@ impl Engine {
             .ok_or_else(|| TxnError::UnknownTxn(txn_id.to_owned()))
     }
 
-    fn register(&self, req: &TxnRequest, interactive: bool) -> Result<Arc<LiveTxn>, TxnError> {
+    /// `last_agent`: the participant that will commit last (named in the GID), if any.
+    fn register(
+        &self,
+        req: &TxnRequest,
+        interactive: bool,
+        last_agent: Option<&str>,
+    ) -> Result<Arc<LiveTxn>, TxnError> {
         let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed);
-        let gid = Gid::new(&self.inner.config.coordinator_id, self.inner.epoch, seq)
-            .map_err(|e| TxnError::Internal(e.to_string()))?;
+        let (cid, epoch) = (&self.inner.config.coordinator_id, self.inner.epoch);
+        let gid = match last_agent.and_then(|l| Gid::with_last_agent(cid, epoch, seq, l)) {
+            Some(g) => g,
+            None => Gid::new(cid, epoch, seq).map_err(|e| TxnError::Internal(e.to_string()))?,
+        };
         let txn_id = match &req.txn_id {
             Some(id) => {
                 validate_txn_id(id).map_err(|e| TxnError::BadRequest(e.to_string()))?;
@@ -966,7 +1077,7 @@ impl Engine {
         &self,
         txn: &Arc<LiveTxn>,
         state: &mut TxnState,
-        plan: Vec<(String, Vec<Statement>)>,
+        mut plan: Vec<(String, Vec<Statement>)>,
         continues: bool,
         ack: AckMode,
     ) -> Result<Committed, TxnError> {
@@ -996,81 +1107,23 @@ impl Engine {
         }
 
         twopc_participant::failpoint!("coordinator.before_prepare");
+        if let Some(last) = txn.gid.last_agent() {
+            // `run_inner` names a last agent only for one-shot plans it is part of.
+            if let Some(pos) = plan.iter().position(|(n, _)| *n == last) {
+                if plan.len() >= 2 && !continues {
+                    let last = plan.remove(pos);
+                    return self.finish_last_agent(txn, state, plan, last, ack).await;
+                }
+            }
+        }
         let one_phase = config.one_phase && plan.len() == 1;
         let finish = if one_phase {
             Finish::Commit
         } else {
             Finish::Prepare
         };
-        let calls = plan.into_iter().map(|(name, statements)| {
-            let p = self.inner.participants.get(&name).cloned();
-            let exec = ExecuteBranch {
-                gid: txn.gid.clone(),
-                isolation: txn.isolation,
-                statements,
-                finish,
-                read_only_vote: config.read_only,
-                continues,
-                decision: None,
-            };
-            async move {
-                let resp = match p {
-                    Some(p) => p.call(Request::Execute(exec), remaining).await,
-                    None => Err(CallError::Unreachable {
-                        participant: name.clone(),
-                        message: "not configured".into(),
-                    }),
-                };
-                (name, resp)
-            }
-        });
-        let votes: Vec<(String, Result<Response, CallError>)> = if config.parallel {
-            join_all(calls).await
-        } else {
-            let mut v = Vec::new();
-            for c in calls {
-                // Boxed: a call future is large, and holding it inline would make every
-                // transaction's future (moved on each spawn and poll hand-off) as large.
-                let vote = Box::pin(c).await;
-                let failed = !matches!(vote.1, Ok(Response::Executed { .. }));
-                v.push(vote);
-                if failed {
-                    break;
-                }
-            }
-            v
-        };
-
-        let mut branches = Vec::with_capacity(votes.len());
-        let mut yes = Vec::new();
-        let mut failure: Option<AbortInfo> = None;
-        for (name, resp) in votes {
-            match classify(&name, &txn.txn_id, resp) {
-                Ok((results, outcome)) => {
-                    match outcome {
-                        BranchOutcome::Prepared => yes.push(name.clone()),
-                        BranchOutcome::ReadOnly => {
-                            self.inner
-                                .counters
-                                .read_only_branches
-                                .fetch_add(1, Ordering::Relaxed);
-                        }
-                        BranchOutcome::Committed | BranchOutcome::Active => {}
-                    }
-                    branches.push(BranchResults {
-                        participant: name,
-                        results,
-                    });
-                }
-                Err(info) => {
-                    // Branches run independently, so every failure is a participant's
-                    // own; report the first (in plan order).
-                    if failure.is_none() {
-                        failure = Some(info);
-                    }
-                }
-            }
-        }
+        let votes = self.fan_out(txn, plan, continues, finish, remaining).await;
+        let (branches, yes, failure) = self.tally(txn, votes);
         if let Some(info) = failure {
             self.abort_txn(txn, state).await;
             return Err(TxnError::Aborted(info));
@@ -1122,6 +1175,395 @@ impl Engine {
             branches,
             pending,
         })
+    }
+
+    /// Sends every branch of `plan` its statements with `finish`, in parallel (or one
+    /// after another, stopping at the first failure), and returns the answers in plan
+    /// order.
+    async fn fan_out(
+        &self,
+        txn: &LiveTxn,
+        plan: Vec<(String, Vec<Statement>)>,
+        continues: bool,
+        finish: Finish,
+        remaining: Duration,
+    ) -> Vec<(String, Result<Response, CallError>)> {
+        let config = &self.inner.config;
+        let calls = plan.into_iter().map(|(name, statements)| {
+            let p = self.inner.participants.get(&name).cloned();
+            let exec = ExecuteBranch {
+                gid: txn.gid.clone(),
+                isolation: txn.isolation,
+                statements,
+                finish,
+                read_only_vote: config.read_only,
+                continues,
+                decision: None,
+            };
+            async move {
+                let resp = match p {
+                    Some(p) => p.call(Request::Execute(exec), remaining).await,
+                    None => Err(CallError::Unreachable {
+                        participant: name.clone(),
+                        message: "not configured".into(),
+                    }),
+                };
+                (name, resp)
+            }
+        });
+        if config.parallel {
+            return join_all(calls).await;
+        }
+        let mut v = Vec::new();
+        for c in calls {
+            // Boxed: a call future is large, and holding it inline would make every
+            // transaction's future (moved on each spawn and poll hand-off) as large.
+            let vote = Box::pin(c).await;
+            let failed = !matches!(vote.1, Ok(Response::Executed { .. }));
+            v.push(vote);
+            if failed {
+                break;
+            }
+        }
+        v
+    }
+
+    /// Counts the votes: each branch's results, the participants that voted YES
+    /// (prepared), and the first failure (in plan order), if any.
+    fn tally(
+        &self,
+        txn: &LiveTxn,
+        votes: Vec<(String, Result<Response, CallError>)>,
+    ) -> (Vec<BranchResults>, Vec<String>, Option<AbortInfo>) {
+        let mut branches = Vec::with_capacity(votes.len());
+        let mut yes = Vec::new();
+        let mut failure: Option<AbortInfo> = None;
+        for (name, resp) in votes {
+            match classify(&name, &txn.txn_id, resp) {
+                Ok((results, outcome)) => {
+                    match outcome {
+                        BranchOutcome::Prepared => yes.push(name.clone()),
+                        BranchOutcome::ReadOnly => {
+                            self.inner
+                                .counters
+                                .read_only_branches
+                                .fetch_add(1, Ordering::Relaxed);
+                        }
+                        BranchOutcome::Committed | BranchOutcome::Active => {}
+                    }
+                    branches.push(BranchResults {
+                        participant: name,
+                        results,
+                    });
+                }
+                Err(info) => {
+                    // Branches run independently, so every failure is a participant's
+                    // own; report the first (in plan order).
+                    if failure.is_none() {
+                        failure = Some(info);
+                    }
+                }
+            }
+        }
+        (branches, yes, failure)
+    }
+
+    /// Last-agent commit (ARCHITECTURE, "Last-agent commit"): every branch but `last`
+    /// prepares; then `last` runs its statements and commits them together with the
+    /// decision row, in one round trip. That commit is the decision, so no forced record
+    /// of ours is needed. If its answer is lost, the outcome is learnt by fencing.
+    async fn finish_last_agent(
+        &self,
+        txn: &Arc<LiveTxn>,
+        state: &mut TxnState,
+        others: Vec<(String, Vec<Statement>)>,
+        last: (String, Vec<Statement>),
+        ack: AckMode,
+    ) -> Result<Committed, TxnError> {
+        let remaining = txn.deadline.saturating_duration_since(Instant::now());
+        let votes = self
+            .fan_out(txn, others, false, Finish::Prepare, remaining)
+            .await;
+        let (mut branches, yes, failure) = self.tally(txn, votes);
+        if let Some(info) = failure {
+            self.abort_txn(txn, state).await;
+            return Err(TxnError::Aborted(info));
+        }
+        twopc_participant::failpoint!("coordinator.after_prepare");
+        let (name, statements) = last;
+        let remaining = txn.deadline.saturating_duration_since(Instant::now());
+        let p = match self.inner.participants.get(&name) {
+            Some(p) if !remaining.is_zero() => p.clone(),
+            _ => {
+                let info = abort_info(&txn.txn_id, None, "57014", "transaction timed out", false);
+                self.abort_txn(txn, state).await;
+                return Err(TxnError::Aborted(info));
+            }
+        };
+        self.set_phase(txn, Phase::Committing);
+        let exec = ExecuteBranch {
+            gid: txn.gid.clone(),
+            isolation: txn.isolation,
+            statements,
+            finish: Finish::CommitDecision,
+            read_only_vote: false,
+            continues: false,
+            decision: Some(Decision {
+                txn_id: txn.txn_id.clone(),
+                participants: yes.clone(),
+            }),
+        };
+        let resp = Box::pin(p.call(Request::Execute(exec), remaining)).await;
+        let results = match resp {
+            Ok(Response::Executed {
+                results,
+                outcome: BranchOutcome::Committed,
+            }) => results,
+            Ok(Response::Failed(e)) if refused_before_commit(&e) => {
+                self.abort_txn(txn, state).await;
+                return Err(TxnError::Aborted(agent_abort(&name, &txn.txn_id, e)));
+            }
+            other => {
+                // The commit may or may not have happened: ask the last agent, which
+                // also makes sure a commit still in flight can no longer succeed.
+                let info = match classify(&name, &txn.txn_id, other) {
+                    Err(info) => info,
+                    Ok((_, outcome)) => abort_info(
+                        &txn.txn_id,
+                        Some(&name),
+                        "XX000",
+                        format!("unexpected outcome {outcome:?} of the last agent's commit"),
+                        false,
+                    ),
+                };
+                warn!(participant = %name, error = %info.message, "no clear answer from the last agent; fencing");
+                let budget = Duration::from_millis(self.inner.config.commit_wait_ms);
+                match Box::pin(self.settle(&p, &txn.gid, budget)).await {
+                    // Committed; its results went with the lost answer.
+                    Some(d) if d.committed => Vec::new(),
+                    Some(_) => {
+                        self.abort_txn(txn, state).await;
+                        return Err(TxnError::Aborted(info));
+                    }
+                    None => {
+                        state.finished = true;
+                        lock(&self.inner.unresolved).insert(txn.gid.clone(), txn.txn_id.clone());
+                        return Err(TxnError::OutcomeUnknown {
+                            txn_id: txn.txn_id.clone(),
+                            message: format!(
+                                "the last participant {name} did not answer its commit ({}) and \
+                                 could not be asked since; recovery settles it, ask GET later",
+                                info.message
+                            ),
+                        });
+                    }
+                }
+            }
+        };
+        twopc_participant::failpoint!("coordinator.after_last_commit");
+        // Committed everywhere that matters: the decision is durable in `name`'s database.
+        state.finished = true;
+        let counters = &self.inner.counters;
+        counters.committed.fetch_add(1, Ordering::Relaxed);
+        counters.committed_last_agent.fetch_add(1, Ordering::Relaxed);
+        self.remember(&txn.txn_id, txn.gid.as_str(), Outcome::Committed);
+        branches.push(BranchResults {
+            participant: name.clone(),
+            results,
+        });
+        // Answer in the client's order.
+        branches.sort_by_key(|b| state.branches.iter().position(|n| *n == b.participant));
+        // Not forced: the last agent's row is the decision; this only saves recovery a
+        // fence and lets `GET` answer after a restart.
+        if let Err(e) = self
+            .inner
+            .log
+            .append_lazy(Record::Commit {
+                gid: txn.gid.to_string(),
+                txn_id: txn.txn_id.clone(),
+                participants: yes.clone(),
+                decided_at_ms: now_ms(),
+            })
+            .await
+        {
+            lazy_log_error(&e);
+        }
+        let pending = self.commit_others(&txn.gid, &txn.txn_id, yes);
+        let pending = match pending {
+            Some(handles) => self.await_acks(txn, handles, ack).await,
+            None => vec![],
+        };
+        Ok(Committed {
+            txn_id: txn.txn_id.clone(),
+            outcome: "committed",
+            branches,
+            pending,
+        })
+    }
+
+    /// Phase 2 of a last-agent transaction that committed: the prepared participants
+    /// get COMMIT PREPARED; the decision row is forgotten once they all acknowledged
+    /// (at once, if none was prepared). `None` if there is nothing to wait for.
+    fn commit_others(
+        &self,
+        gid: &Gid,
+        txn_id: &str,
+        prepared: Vec<String>,
+    ) -> Option<Vec<tokio::task::JoinHandle<()>>> {
+        if prepared.is_empty() {
+            if let Some(last) = gid.last_agent() {
+                self.queue_forget(last, gid.clone());
+            }
+            return None;
+        }
+        {
+            let mut in_doubt = lock(&self.inner.in_doubt);
+            if in_doubt.contains_key(gid) {
+                return None; // already being driven
+            }
+            in_doubt.insert(
+                gid.clone(),
+                InDoubt {
+                    txn_id: txn_id.to_owned(),
+                    pending: prepared.iter().cloned().collect(),
+                    decided_at: SystemTime::now(),
+                },
+            );
+        }
+        let handles = if self.inner.config.parallel {
+            prepared
+                .into_iter()
+                .map(|p| {
+                    let engine = self.clone();
+                    let gid = gid.clone();
+                    tokio::spawn(async move { engine.drive_commit(gid, p).await })
+                })
+                .collect()
+        } else {
+            let engine = self.clone();
+            let gid = gid.clone();
+            vec![tokio::spawn(async move {
+                for p in prepared {
+                    engine.drive_commit(gid.clone(), p).await;
+                }
+            })]
+        };
+        Some(handles)
+    }
+
+    /// Asks `last` for the settled outcome of `gid` (`Fence`), retrying within `budget`
+    /// (at least one attempt). `None`: no answer.
+    async fn settle(&self, last: &Participant, gid: &Gid, budget: Duration) -> Option<Settled> {
+        let deadline = Instant::now() + budget;
+        let call_timeout = Duration::from_millis(self.inner.config.call_timeout_ms);
+        let mut backoff = Duration::from_millis(self.inner.config.retry_min_ms);
+        let max = Duration::from_millis(self.inner.config.retry_max_ms);
+        for attempt in 1u32.. {
+            let timeout = call_timeout
+                .min(deadline.saturating_duration_since(Instant::now()))
+                .max(Duration::from_millis(500));
+            match last.call(Request::Fence { gid: gid.clone() }, timeout).await {
+                Ok(Response::Decision {
+                    committed,
+                    txn_id,
+                    participants,
+                }) => {
+                    info!(%gid, participant = last.name(), committed, "fenced");
+                    return Some(Settled {
+                        committed,
+                        txn_id,
+                        participants,
+                    });
+                }
+                other => {
+                    if attempt == 1 || attempt.is_power_of_two() {
+                        warn!(%gid, participant = last.name(), attempt, result = ?other, "fence not answered");
+                    }
+                }
+            }
+            if Instant::now() + backoff >= deadline || !self.pause(jitter(backoff)).await {
+                return None;
+            }
+            backoff = (backoff * 2).min(max);
+        }
+        None
+    }
+
+    /// Acts on a last-agent transaction's settled outcome found after the fact
+    /// (recovery, or a commit whose answer was lost): a commit is logged (lazily) and
+    /// phase 2 starts for its prepared participants; an abort is remembered, and the
+    /// prepared branches are left to the recovery pass that rolls them back.
+    fn adopt(&self, gid: &Gid, settled: &Settled) {
+        let known_txn_id = lock(&self.inner.unresolved).remove(gid);
+        let txn_id = match (&known_txn_id, settled.txn_id.is_empty()) {
+            (_, false) => settled.txn_id.clone(),
+            (Some(t), true) => t.clone(),
+            (None, true) => gid.to_string(),
+        };
+        if !settled.committed {
+            if known_txn_id.is_some() {
+                self.remember(&txn_id, gid.as_str(), Outcome::Aborted);
+            }
+            return;
+        }
+        if lock(&self.inner.in_doubt).contains_key(gid) {
+            return;
+        }
+        info!(%gid, %txn_id, participants = ?settled.participants, "the last agent committed: completing phase 2");
+        self.remember(&txn_id, gid.as_str(), Outcome::Committed);
+        let record = Record::Commit {
+            gid: gid.to_string(),
+            txn_id: txn_id.clone(),
+            participants: settled.participants.clone(),
+            decided_at_ms: now_ms(),
+        };
+        let engine = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = engine.inner.log.append_lazy(record).await {
+                lazy_log_error(&e);
+            }
+        });
+        let _ = self.commit_others(gid, &txn_id, settled.participants.clone());
+    }
+
+    /// Queues the deletion of a finished last-agent transaction's decision row.
+    fn queue_forget(&self, last: String, gid: Gid) {
+        let mut forget = lock(&self.inner.forget);
+        let q = forget.entry(last).or_default();
+        if q.len() >= FORGET_QUEUE_MAX {
+            // The agent has been unreachable for long: drop the oldest. A decision row
+            // left behind costs a row, nothing else.
+            q.remove(0);
+            if q.len() % 10_000 == 0 {
+                warn!(queued = q.len(), "decision rows to forget keep piling up; dropping the oldest");
+            }
+        }
+        q.push(gid);
+    }
+
+    /// Sends the queued `Forget`s, one batch per agent; what fails is queued again.
+    async fn flush_forget(&self) {
+        let queued: Vec<(String, Vec<Gid>)> = lock(&self.inner.forget).drain().collect();
+        let timeout = Duration::from_millis(self.inner.config.call_timeout_ms);
+        for (name, gids) in queued {
+            let Some(p) = self.inner.participants.get(&name).cloned() else {
+                continue;
+            };
+            for chunk in gids.chunks(FORGET_MAX_GIDS) {
+                let req = Request::Forget {
+                    gids: chunk.to_vec(),
+                };
+                match p.call(req, timeout).await {
+                    Ok(Response::Forgotten { rows }) => debug!(participant = %name, rows, "decision rows forgotten"),
+                    other => {
+                        debug!(participant = %name, result = ?other, "forget failed; retrying later");
+                        for g in chunk {
+                            self.queue_forget(name.clone(), g.clone());
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// Every vote was YES or READ-ONLY: log the decision (forced) and run phase 2.
@@ -1317,6 +1759,9 @@ impl Engine {
         }
         if done {
             debug!(%gid, "every participant acknowledged");
+            if let Some(last) = gid.last_agent() {
+                self.queue_forget(last, gid.clone());
+            }
             if let Err(e) = self
                 .inner
                 .log
@@ -1629,10 +2074,41 @@ impl Engine {
         let listings = self.prepared_everywhere().await;
         let view = self.view(&gid, &listings);
         let mut steps = Vec::new();
-        match (view.decision, action) {
+        let mut decision = view.decision;
+        if let (Some(last), "none") = (gid.last_agent(), decision) {
+            // No record here: the last participant's decision row is the decision. The
+            // fence settles it for good (a commit still in flight can no longer succeed).
+            let settled = match self.inner.participants.get(&last) {
+                Some(p) => self.settle(p, &gid, Duration::ZERO).await,
+                None => None,
+            };
+            match settled {
+                Some(s) => {
+                    let what = if s.committed { "committed" } else { "aborted" };
+                    steps.push(format!("fenced on {last} (the last participant): {what}"));
+                    decision = if s.committed { "committed_last_agent" } else { "aborted" };
+                }
+                None if !force => {
+                    return Err(TxnError::Conflict(format!(
+                        "{gid} is decided by its last participant {last}, which could not be \
+                         asked; bring it back, or use --force to decide without it"
+                    )))
+                }
+                None => steps.push(format!(
+                    "warning: could not ask {last}, whose commit decides {gid}"
+                )),
+            }
+        }
+        match (decision, action) {
             ("running", _) => {
                 return Err(TxnError::Conflict(format!(
                     "{gid} is running in this coordinator; it resolves itself"
+                )))
+            }
+            ("committed_last_agent", ResolveAction::Abort) if !force => {
+                return Err(TxnError::Conflict(format!(
+                    "{gid} committed on its last participant; aborting it now would leave it \
+                     committed there and rolled back elsewhere. Use --force to do it anyway"
                 )))
             }
             ("committed" | "committed_done", ResolveAction::Abort) if !force => {
@@ -1863,6 +2339,23 @@ fn classify(
             e.to_string(),
             false,
         )),
+    }
+}
+
+/// The last agent's answer proves its commit did not happen: the request was refused
+/// before running, or PostgreSQL rejected a statement or the decision row (fenced: a
+/// unique violation), which rolls the whole local transaction back. Anything else (a
+/// timeout, a lost connection, an error of the COMMIT itself) may hide a commit.
+fn refused_before_commit(e: &AgentError) -> bool {
+    match e.kind {
+        ErrorKind::BadParam
+        | ErrorKind::BadRequest
+        | ErrorKind::UnknownBranch
+        | ErrorKind::Limit
+        | ErrorKind::VersionMismatch
+        | ErrorKind::Fenced => true,
+        ErrorKind::Sql => e.statement_index.is_some() || e.sqlstate.as_deref() == Some("23505"),
+        ErrorKind::Timeout | ErrorKind::Unavailable | ErrorKind::Internal => false,
     }
 }
 

@@ -125,6 +125,15 @@ impl IntoResponse for TxnError {
             TxnError::Limit(m) => error(StatusCode::TOO_MANY_REQUESTS, m),
             TxnError::Internal(m) => error(StatusCode::INTERNAL_SERVER_ERROR, m),
             TxnError::Unavailable(m) => error(StatusCode::SERVICE_UNAVAILABLE, m),
+            TxnError::OutcomeUnknown { txn_id, message } => (
+                StatusCode::GATEWAY_TIMEOUT,
+                Json(json!({
+                    "txn_id": txn_id,
+                    "outcome": "unknown",
+                    "error": { "message": message },
+                })),
+            )
+                .into_response(),
             TxnError::Aborted(info) => {
                 let status = if info.client_fault {
                     StatusCode::BAD_REQUEST
@@ -379,6 +388,11 @@ async fn metrics(State(engine): State<Engine>) -> Response {
         "twopc_txns_committed_one_phase_total",
         "Transactions committed without a forced decision record.",
         c.committed_one_phase.load(Ordering::Relaxed),
+    );
+    counter(
+        "twopc_txns_committed_last_agent_total",
+        "Transactions whose decision was the last participant's own commit.",
+        c.committed_last_agent.load(Ordering::Relaxed),
     );
     counter(
         "twopc_txns_aborted_total",

@@ -6,7 +6,7 @@
 //! re-established (with the handshake) by the next call.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -64,6 +64,15 @@ impl Participant {
         match self {
             Participant::Local { name, .. } => name,
             Participant::Remote(r) => &r.name,
+        }
+    }
+
+    /// The agent keeps a decision table, so it can commit last (as far as we know: a
+    /// remote agent says so in each handshake; before the first, we assume not).
+    pub fn can_commit_last(&self) -> bool {
+        match self {
+            Participant::Local { agent, .. } => agent.keeps_decisions(),
+            Participant::Remote(r) => r.decisions.load(Ordering::Relaxed),
         }
     }
 
@@ -142,6 +151,8 @@ pub struct RemoteAgent {
     config: RemoteConfig,
     next_id: AtomicU64,
     conn: tokio::sync::Mutex<Option<Arc<Conn>>>,
+    /// What the last handshake said: the agent can commit last.
+    decisions: AtomicBool,
 }
 
 impl RemoteAgent {
@@ -160,6 +171,7 @@ impl RemoteAgent {
             config,
             next_id: AtomicU64::new(1),
             conn: tokio::sync::Mutex::new(None),
+            decisions: AtomicBool::new(false),
         }
     }
 
@@ -307,9 +319,11 @@ impl RemoteAgent {
                 agent_name,
                 database,
                 build_version,
+                decisions,
                 ..
             } => {
-                info!(participant = %self.name, addr = %self.addr, %agent_name, %database, %build_version, "connected to agent");
+                self.decisions.store(decisions, Ordering::Relaxed);
+                info!(participant = %self.name, addr = %self.addr, %agent_name, %database, %build_version, decisions, "connected to agent");
             }
             Response::Failed(e) => {
                 return Err(CallError::Handshake {
