@@ -195,7 +195,8 @@ pub struct TxnStatus {
 pub struct InDoubtEntry {
     pub txn_id: String,
     pub gid: String,
-    /// `committed`: decided, waiting for acknowledgements.
+    /// `committed`: decided, waiting for acknowledgements; `unknown`: a last-agent
+    /// commit whose outcome is not known yet (`pending` names the last agent).
     pub state: &'static str,
     pub pending: Vec<String>,
     pub age_ms: u64,
@@ -948,6 +949,18 @@ impl Engine {
                 }
             })
             .collect();
+        // Last-agent transactions whose outcome recovery has yet to learn.
+        v.extend(
+            lock(&self.inner.unresolved)
+                .iter()
+                .map(|(gid, txn_id)| InDoubtEntry {
+                    txn_id: txn_id.clone(),
+                    gid: gid.to_string(),
+                    state: "unknown",
+                    pending: gid.last_agent().into_iter().collect(),
+                    age_ms: 0,
+                }),
+        );
         v.sort_by_key(|e| std::cmp::Reverse(e.age_ms));
         v
     }

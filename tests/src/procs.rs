@@ -92,6 +92,8 @@ pub struct ProcHarness {
     pub coordinator: Option<Proc>,
     pub dir: PathBuf,
     pub recovery_interval_ms: u64,
+    /// Extra `serve` flags for the coordinator (e.g. `--last-agent`).
+    pub coordinator_args: Vec<String>,
     pub http: reqwest::Client,
 }
 
@@ -115,6 +117,7 @@ impl ProcHarness {
             coordinator: None,
             dir,
             recovery_interval_ms: 300,
+            coordinator_args: Vec::new(),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(30))
                 .build()?,
@@ -177,6 +180,7 @@ impl ProcHarness {
             "--commit-wait-ms",
             "2000",
         ])
+        .args(&self.coordinator_args)
         .env("TWOPC_FAILPOINTS", failpoints)
         .env("RUST_LOG", "info");
         for (i, n) in self.names.iter().enumerate() {
