@@ -19,9 +19,9 @@ use futures::future::join_all;
 use serde::{Deserialize, Serialize};
 use tracing::{debug, error, info, warn, Instrument};
 use twopc_shared::gid::{gid_prefix, validate_txn_id, Gid};
-use twopc_shared::msg::{Decision, FORGET_MAX_GIDS, 
-    AgentError, BranchOutcome, CommitAck, ErrorKind, ExecuteBranch, Finish, Isolation, Request,
-    Response, Statement, StmtResult,
+use twopc_shared::msg::{
+    AgentError, BranchOutcome, CommitAck, Decision, ErrorKind, ExecuteBranch, Finish, Isolation,
+    Request, Response, Statement, StmtResult, FORGET_MAX_GIDS,
 };
 
 use crate::decision_log::{DecisionLog, LogError, Record, Replay};
@@ -548,9 +548,13 @@ impl Engine {
             match self.inner.participants.get(&last) {
                 Some(p) => match self.settle(p, &gid, Duration::ZERO).await {
                     Some(settled) => self.adopt(&gid, &settled),
-                    None => report.unreachable.push(format!("{last}: cannot settle {gid}")),
+                    None => report
+                        .unreachable
+                        .push(format!("{last}: cannot settle {gid}")),
                 },
-                None => error!(%gid, %last, "the last agent of an unsettled transaction is not configured"),
+                None => {
+                    error!(%gid, %last, "the last agent of an unsettled transaction is not configured")
+                }
             }
         }
         let mut settled: HashMap<Gid, Option<bool>> = HashMap::new();
@@ -615,7 +619,9 @@ impl Engine {
                         // Committed: phase 2 is driving it now.
                         Some(true) => continue,
                         None => {
-                            report.unreachable.push(format!("{last}: cannot settle {gid}"));
+                            report
+                                .unreachable
+                                .push(format!("{last}: cannot settle {gid}"));
                             continue;
                         }
                     }
@@ -731,7 +737,10 @@ impl Engine {
             plan.iter()
                 .rev()
                 .map(|(name, _)| name.as_str())
-                .find(|name| self.participant(name).is_ok_and(Participant::can_commit_last))
+                .find(|name| {
+                    self.participant(name)
+                        .is_ok_and(Participant::can_commit_last)
+                })
         } else {
             None
         };
@@ -1378,7 +1387,9 @@ impl Engine {
         state.finished = true;
         let counters = &self.inner.counters;
         counters.committed.fetch_add(1, Ordering::Relaxed);
-        counters.committed_last_agent.fetch_add(1, Ordering::Relaxed);
+        counters
+            .committed_last_agent
+            .fetch_add(1, Ordering::Relaxed);
         self.remember(&txn.txn_id, txn.gid.as_str(), Outcome::Committed);
         branches.push(BranchResults {
             participant: name.clone(),
@@ -1475,7 +1486,10 @@ impl Engine {
             let timeout = call_timeout
                 .min(deadline.saturating_duration_since(Instant::now()))
                 .max(Duration::from_millis(500));
-            match last.call(Request::Fence { gid: gid.clone() }, timeout).await {
+            match last
+                .call(Request::Fence { gid: gid.clone() }, timeout)
+                .await
+            {
                 Ok(Response::Decision {
                     committed,
                     txn_id,
@@ -1548,7 +1562,10 @@ impl Engine {
             // left behind costs a row, nothing else.
             q.remove(0);
             if q.len() % 10_000 == 0 {
-                warn!(queued = q.len(), "decision rows to forget keep piling up; dropping the oldest");
+                warn!(
+                    queued = q.len(),
+                    "decision rows to forget keep piling up; dropping the oldest"
+                );
             }
         }
         q.push(gid);
@@ -1567,7 +1584,9 @@ impl Engine {
                     gids: chunk.to_vec(),
                 };
                 match p.call(req, timeout).await {
-                    Ok(Response::Forgotten { rows }) => debug!(participant = %name, rows, "decision rows forgotten"),
+                    Ok(Response::Forgotten { rows }) => {
+                        debug!(participant = %name, rows, "decision rows forgotten")
+                    }
                     other => {
                         debug!(participant = %name, result = ?other, "forget failed; retrying later");
                         for g in chunk {
@@ -2099,7 +2118,11 @@ impl Engine {
                 Some(s) => {
                     let what = if s.committed { "committed" } else { "aborted" };
                     steps.push(format!("fenced on {last} (the last participant): {what}"));
-                    decision = if s.committed { "committed_last_agent" } else { "aborted" };
+                    decision = if s.committed {
+                        "committed_last_agent"
+                    } else {
+                        "aborted"
+                    };
                 }
                 None if !force => {
                     return Err(TxnError::Conflict(format!(

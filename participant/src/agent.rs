@@ -102,8 +102,7 @@ const DECISION_FENCE: &str = "INSERT INTO twopc.decisions (gid, committed) VALUE
      ON CONFLICT (gid) DO NOTHING";
 const DECISION_READ: &str =
     "SELECT committed, txn_id, participants FROM twopc.decisions WHERE gid = $1";
-const DECISION_FORGET: &str =
-    "DELETE FROM twopc.decisions WHERE committed AND gid = ANY($1)";
+const DECISION_FORGET: &str = "DELETE FROM twopc.decisions WHERE committed AND gid = ANY($1)";
 const DECISION_EXPIRE: &str = "DELETE FROM twopc.decisions \
      WHERE NOT committed AND decided_at < now() - make_interval(secs => $1)";
 

@@ -259,7 +259,9 @@ mod tests {
         assert_eq!(Gid::new("c1", 7, 42).unwrap().last_agent(), None);
         assert!(Gid::with_last_agent("c1", 7, 42, "").is_none());
         // Too long for PostgreSQL's 200 bytes: no last-agent GID, the caller falls back.
-        assert!(Gid::with_last_agent(&"c".repeat(32), u64::MAX, u64::MAX, &"p".repeat(64)).is_none());
+        assert!(
+            Gid::with_last_agent(&"c".repeat(32), u64::MAX, u64::MAX, &"p".repeat(64)).is_none()
+        );
     }
 
     #[test]

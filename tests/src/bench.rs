@@ -6,6 +6,8 @@
 //! - `non-atomic`: two independent local commits.
 //! - `twopc-remote-applied|durable`, `twopc-inproc-applied|durable`: through the
 //!   coordinator's HTTP API, with agents over TCP or in the coordinator's process.
+//! - `twopc-last-applied|durable`: the same with remote agents and the last-agent commit
+//!   (`--last-agent`): the last participant's commit is the decision.
 //! - `single-direct` / `single-twopc`: one database, plain commit vs twopc's one-phase path.
 //!
 //! Reports throughput, p50/p99/p999 latency (HdrHistogram), aborts and errors per path and
@@ -37,6 +39,8 @@ pub const ALL_PATHS: &[&str] = &[
     "non-atomic",
     "twopc-remote-applied",
     "twopc-remote-durable",
+    "twopc-last-applied",
+    "twopc-last-durable",
     "twopc-inproc-applied",
     "twopc-inproc-durable",
     "single-direct",
@@ -270,6 +274,8 @@ impl Driver {
 struct Setup {
     urls: (String, String),
     remote: Option<Running>,
+    /// Remote agents too, with the last-agent commit.
+    last: Option<Running>,
     inproc: Option<Running>,
     /// Remote agents (served from this process) and their stop tokens.
     agents: Vec<(Agent, CancellationToken)>,
@@ -281,6 +287,7 @@ async fn coordinator(
     participants: &[(&str, String)],
     tag: &str,
     config: &BenchConfig,
+    last_agent: bool,
 ) -> anyhow::Result<(Running, PathBuf)> {
     let dir = std::env::temp_dir().join(format!(
         "twopc-bench-{tag}-{}-{:08x}",
@@ -298,6 +305,7 @@ async fn coordinator(
     }
     c.one_phase = config.one_phase;
     c.read_only = config.read_only;
+    c.last_agent = last_agent;
     Ok((twopc_coordinator::server::start(c).await?, dir))
 }
 
@@ -329,25 +337,35 @@ impl Setup {
         let mut setup = Setup {
             urls,
             remote: None,
+            last: None,
             inproc: None,
             agents: vec![],
             _clusters: clusters,
             _data_dirs: vec![],
         };
         let wants = |p: &str| config.paths.iter().any(|x| x.starts_with(p));
-        if wants("twopc-remote") || wants("single-twopc") {
+        if wants("twopc-remote") || wants("twopc-last") || wants("single-twopc") {
             let (a, agent_a, stop_a) = serve_agent("a", &setup.urls.0, Default::default()).await?;
             let (b, agent_b, stop_b) = serve_agent("b", &setup.urls.1, Default::default()).await?;
             setup.agents.extend([(agent_a, stop_a), (agent_b, stop_b)]);
-            let (r, d) = coordinator(&[("a", a), ("b", b)], "r", config).await?;
-            setup.remote = Some(r);
-            setup._data_dirs.push(d);
+            let agents = [("a", a), ("b", b)];
+            if wants("twopc-remote") || wants("single-twopc") {
+                let (r, d) = coordinator(&agents, "r", config, false).await?;
+                setup.remote = Some(r);
+                setup._data_dirs.push(d);
+            }
+            if wants("twopc-last") {
+                let (r, d) = coordinator(&agents, "l", config, true).await?;
+                setup.last = Some(r);
+                setup._data_dirs.push(d);
+            }
         }
         if wants("twopc-inproc") {
             let (r, d) = coordinator(
                 &[("a", setup.urls.0.clone()), ("b", setup.urls.1.clone())],
                 "i",
                 config,
+                false,
             )
             .await?;
             setup.inproc = Some(r);
@@ -416,6 +434,18 @@ impl Setup {
                 ack: "durable",
                 single: false,
             },
+            "twopc-last-applied" => Driver::Http {
+                http: http.clone(),
+                url: url_of(&self.last)?,
+                ack: "applied",
+                single: false,
+            },
+            "twopc-last-durable" => Driver::Http {
+                http: http.clone(),
+                url: url_of(&self.last)?,
+                ack: "durable",
+                single: false,
+            },
             "twopc-inproc-applied" => Driver::Http {
                 http: http.clone(),
                 url: url_of(&self.inproc)?,
@@ -434,7 +464,7 @@ impl Setup {
 
     /// Stops coordinators and agents, and closes their sessions, before the clusters go.
     async fn shutdown(self) {
-        for r in [self.remote, self.inproc].into_iter().flatten() {
+        for r in [self.remote, self.last, self.inproc].into_iter().flatten() {
             let _ = r.shutdown().await;
         }
         for (agent, stop) in &self.agents {

@@ -166,6 +166,29 @@ async fn agent_crashes_at_every_step() {
     }
 }
 
+/// Last-agent commit (`--last-agent`) under crashes: the coordinator after the others
+/// prepared (recovery must fence, then roll back) and after the last agent committed
+/// (recovery must find the row and commit the rest); the last agent after its commit,
+/// before its answer (the coordinator fences, cannot reach it, answers "unknown";
+/// recovery settles it once the agent is back); an agent after it prepared.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn last_agent_commit_survives_crashes() {
+    let mut h = ProcHarness::start(bins(), 2).await.unwrap();
+    h.coordinator_args = vec!["--last-agent".into()];
+    for (fp, hit) in [
+        ("coordinator.after_prepare", 30),
+        ("coordinator.after_last_commit", 30),
+    ] {
+        coordinator_crash_case(&mut h, fp, hit, 0).await;
+    }
+    for (fp, hit) in [
+        ("participant.after_commit_decision", 25),
+        ("participant.after_prepare", 25),
+    ] {
+        agent_crash_case(&mut h, fp, hit, 0).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_of_coordinator_and_agent_under_load() {
     let mut h = ProcHarness::start(bins(), 3).await.unwrap();

@@ -92,7 +92,10 @@ async fn transfers_commit_through_the_last_agent_and_its_row_is_forgotten() {
     // commit last); it may still take the ordinary path.
     for (i, id) in ["la0", "la1", "la2"].iter().enumerate() {
         let (status, body) = h
-            .post("/v1/transactions", &transfer_body(id, ("a", 1), ("b", 2), 10))
+            .post(
+                "/v1/transactions",
+                &transfer_body(id, ("a", 1), ("b", 2), 10),
+            )
             .await
             .unwrap();
         assert_eq!(status, 200, "{id}: {body}");
@@ -170,7 +173,10 @@ async fn a_fence_waits_for_a_commit_in_flight_and_makes_a_late_one_fail() {
         async move { agent.handle(Request::Fence { gid: g1 }, CALL).await }
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!fence.is_finished(), "the fence did not wait for the commit in flight");
+    assert!(
+        !fence.is_finished(),
+        "the fence did not wait for the commit in flight"
+    );
     raw.batch_execute("COMMIT").await.unwrap();
     match fence.await.unwrap() {
         Response::Decision {
@@ -292,7 +298,10 @@ async fn a_fence_waits_for_a_commit_in_flight_and_makes_a_late_one_fail() {
         other => panic!("forget: {other:?}"),
     }
     let left: Vec<(String, bool)> = raw
-        .query("SELECT gid, committed FROM twopc.decisions ORDER BY gid", &[])
+        .query(
+            "SELECT gid, committed FROM twopc.decisions ORDER BY gid",
+            &[],
+        )
         .await
         .unwrap()
         .iter()
@@ -312,15 +321,16 @@ async fn a_fence_waits_for_a_commit_in_flight_and_makes_a_late_one_fail() {
     config.decision_table = false;
     let without = Agent::connect(config).await.unwrap();
     assert!(!without.keeps_decisions());
-    match without.handle(
-        Request::Hello {
-            protocol_version: twopc_shared::PROTOCOL_VERSION,
-            coordinator_id: "c9".into(),
-            epoch: 1,
-        },
-        CALL,
-    )
-    .await
+    match without
+        .handle(
+            Request::Hello {
+                protocol_version: twopc_shared::PROTOCOL_VERSION,
+                coordinator_id: "c9".into(),
+                epoch: 1,
+            },
+            CALL,
+        )
+        .await
     {
         Response::Hello { decisions, .. } => assert!(!decisions),
         other => panic!("hello: {other:?}"),
@@ -385,7 +395,11 @@ async fn recovery_settles_orphans_by_the_last_agents_row() {
     .await;
     assert_eq!(balance(&h, 0, 7).await, BALANCE - 5, "committed orphan");
     assert_eq!(balance(&h, 1, 7).await, BALANCE + 5);
-    assert_eq!(balance(&h, 0, 8).await, BALANCE, "fenced orphan rolled back");
+    assert_eq!(
+        balance(&h, 0, 8).await,
+        BALANCE,
+        "fenced orphan rolled back"
+    );
     let (_, st) = h.get("/v1/transactions/orphan-1").await.unwrap();
     assert_eq!(st["outcome"], "committed", "{st}");
     // The fence row stays (a late commit must keep failing); the committed row goes
@@ -393,10 +407,13 @@ async fn recovery_settles_orphans_by_the_last_agents_row() {
     let row = |g: &Gid| {
         let (b, g) = (&b, g.to_string());
         async move {
-            b.query_opt("SELECT committed FROM twopc.decisions WHERE gid = $1", &[&g])
-                .await
-                .unwrap()
-                .map(|r| r.get::<_, bool>(0))
+            b.query_opt(
+                "SELECT committed FROM twopc.decisions WHERE gid = $1",
+                &[&g],
+            )
+            .await
+            .unwrap()
+            .map(|r| r.get::<_, bool>(0))
         }
     };
     assert_eq!(row(&fenced).await, Some(false));
