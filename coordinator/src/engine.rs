@@ -441,7 +441,7 @@ impl Engine {
         }
         let mut in_doubt = lock(&self.inner.in_doubt);
         for (gid, (txn_id, participants, decided_at_ms)) in committed {
-            if ended.contains(&gid) {
+            if ended.contains(&gid) || participants.is_empty() {
                 continue;
             }
             let Ok(gid) = Gid::parse(&gid) else {
@@ -1402,12 +1402,7 @@ impl Engine {
         if let Err(e) = self
             .inner
             .log
-            .append_lazy(Record::Commit {
-                gid: txn.gid.to_string(),
-                txn_id: txn.txn_id.clone(),
-                participants: yes.clone(),
-                decided_at_ms: now_ms(),
-            })
+            .append_lazy(last_agent_record(&txn.gid, &txn.txn_id, &name, &yes))
             .await
         {
             lazy_log_error(&e);
@@ -1538,12 +1533,8 @@ impl Engine {
         }
         info!(%gid, %txn_id, participants = ?settled.participants, "the last agent committed: completing phase 2");
         self.remember(&txn_id, gid.as_str(), Outcome::Committed);
-        let record = Record::Commit {
-            gid: gid.to_string(),
-            txn_id: txn_id.clone(),
-            participants: settled.participants.clone(),
-            decided_at_ms: now_ms(),
-        };
+        let last = gid.last_agent().unwrap_or_default();
+        let record = last_agent_record(gid, &txn_id, &last, &settled.participants);
         let engine = self.clone();
         tokio::spawn(async move {
             if let Err(e) = engine.inner.log.append_lazy(record).await {
@@ -1561,7 +1552,7 @@ impl Engine {
             // The agent has been unreachable for long: drop the oldest. A decision row
             // left behind costs a row, nothing else.
             q.remove(0);
-            if q.len() % 10_000 == 0 {
+            if q.len().is_multiple_of(10_000) {
                 warn!(
                     queued = q.len(),
                     "decision rows to forget keep piling up; dropping the oldest"
@@ -2375,6 +2366,28 @@ fn classify(
             e.to_string(),
             false,
         )),
+    }
+}
+
+/// The log record of a committed last-agent transaction: a COMMIT naming the prepared
+/// participants (phase 2 resumes from it after a restart, and its END follows), or, if
+/// none was prepared, a one-phase outcome (a COMMIT with nobody to acknowledge it would
+/// stay in doubt forever).
+fn last_agent_record(gid: &Gid, txn_id: &str, last: &str, prepared: &[String]) -> Record {
+    if prepared.is_empty() {
+        Record::OnePhaseCommitted {
+            gid: gid.to_string(),
+            txn_id: txn_id.to_owned(),
+            participant: last.to_owned(),
+            decided_at_ms: now_ms(),
+        }
+    } else {
+        Record::Commit {
+            gid: gid.to_string(),
+            txn_id: txn_id.to_owned(),
+            participants: prepared.to_vec(),
+            decided_at_ms: now_ms(),
+        }
     }
 }
 

@@ -85,7 +85,7 @@ fn execute(gid: &Gid, sql: &str, finish: Finish, decision: Option<Decision>) -> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transfers_commit_through_the_last_agent_and_its_row_is_forgotten() {
-    let h = Harness::start_with(2, AgentMode::Remote, |c| c.last_agent = true)
+    let mut h = Harness::start_with(2, AgentMode::Remote, |c| c.last_agent = true)
         .await
         .unwrap();
     // The first transaction connects to the agents (their handshake says they can
@@ -114,11 +114,37 @@ async fn transfers_commit_through_the_last_agent_and_its_row_is_forgotten() {
     assert_eq!(st["outcome"], "committed");
     let gid = Gid::parse(st["gid"].as_str().unwrap()).unwrap();
     assert_eq!(gid.last_agent().as_deref(), Some("b"), "{st}");
+    // Only the last agent writes (the other branch is read-only and drops out).
+    let (status, body) = h
+        .post(
+            "/v1/transactions",
+            &json!({"txn_id": "la-ro", "branches": [
+                {"participant": "a", "statements": [{"sql": "SELECT bal FROM acct WHERE id = 1"}]},
+                {"participant": "b", "statements": [{"sql": "UPDATE acct SET bal = bal + 1 WHERE id = 4"},
+                                                     {"sql": "UPDATE acct SET bal = bal - 1 WHERE id = 5"}]}]}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["branches"][0]["results"][0]["rows"][0]["bal"],
+        BALANCE - 30
+    );
+    assert_eq!(balance(&h, 1, 4).await, BALANCE + 1);
     // Every participant acknowledged: the decision rows go.
     wait_until("the decision rows are forgotten", || async {
         decision_rows(&h, 1, true).await == 0
     })
     .await;
+    // A restart finds nothing in doubt, and still knows the outcomes.
+    h.stop_coordinator().await.unwrap();
+    h.start_coordinator(|c| c.last_agent = true).await.unwrap();
+    let (_, l) = h.get("/v1/transactions?state=in_doubt").await.unwrap();
+    assert_eq!(l["transactions"], json!([]), "{l}");
+    for id in ["la2", "la-ro"] {
+        let (_, st) = h.get(&format!("/v1/transactions/{id}")).await.unwrap();
+        assert_eq!(st["outcome"], "committed", "{id}: {st}");
+    }
     let report = h.audit(None).await.unwrap();
     assert!(report.ok(), "{:?}", report.violations());
     h.shutdown().await.unwrap();
