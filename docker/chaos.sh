@@ -5,6 +5,7 @@
 #
 #   docker/chaos.sh                  # short run: 10 faults of every kind (a few minutes)
 #   docker/chaos.sh --long           # 60 faults of every kind
+#   docker/chaos.sh --last-agent     # the short run with the coordinator's --last-agent
 #   docker/chaos.sh --broken         # a coordinator that skips logging its decisions,
 #                                    # killed 3 times: passes only if the audit FAILS
 #   docker/chaos.sh -- --seed 42     # anything after -- goes to twopc-chaos
@@ -16,12 +17,14 @@ cd "$(dirname "$0")/.."
 
 per_kind=10
 broken=0
+last_agent=0
 extra=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --long) per_kind=60 ;;
     --short) per_kind=10 ;;
     --broken) broken=1 ;;
+    --last-agent) last_agent=1 ;;
     --) shift; extra=("$@"); break ;;
     *) echo "unknown option $1 (see the top of $0)" >&2; exit 2 ;;
   esac
@@ -43,6 +46,10 @@ if [ "$broken" = 1 ]; then
   export TWOPC_FAILPOINTS="coordinator.skip_decision_log=skip"
   name=broken
   args=(--kinds kill_coordinator --faults-per-kind 3 --expect-violation)
+elif [ "$last_agent" = 1 ]; then
+  export TWOPC_LAST_AGENT=true
+  name=chaos-last-agent
+  args=(--faults-per-kind "$per_kind")
 else
   name=chaos
   args=(--faults-per-kind "$per_kind")
