@@ -126,7 +126,11 @@ pub enum TxnError {
     /// participant did not answer, and could not be fenced yet). Recovery settles it;
     /// `GET` says `in_doubt` until then.
     #[error("transaction {txn_id}: outcome unknown: {message}")]
-    OutcomeUnknown { txn_id: String, message: String },
+    OutcomeUnknown {
+        txn_id: String,
+        gid: String,
+        message: String,
+    },
 }
 
 /// Why a transaction aborted.
@@ -320,7 +324,7 @@ struct Inner {
     /// agent neither answered nor could be fenced): GID → txn id. Recovery fences them.
     unresolved: Mutex<HashMap<Gid, String>>,
     /// Decision rows to delete, per last agent: their transactions are finished.
-    forget: Mutex<HashMap<String, Vec<Gid>>>,
+    forget: Mutex<HashMap<String, VecDeque<Gid>>>,
     counters: Counters,
     started: Instant,
     /// Cancelled by [`Engine::shutdown`]: background loops (phase 2, aborts, reaper,
@@ -542,15 +546,23 @@ impl Engine {
         let timeout = Duration::from_millis(self.inner.config.call_timeout_ms);
         let mut report = RecoveryReport::default();
         // Last-agent transactions of this incarnation whose outcome is still unknown.
+        // One failed fence per last agent per pass: the rest would wait as long.
+        let mut silent: HashSet<String> = HashSet::new();
         let unresolved: Vec<Gid> = lock(&self.inner.unresolved).keys().cloned().collect();
         for gid in unresolved {
             let last = gid.last_agent().unwrap_or_default();
+            if silent.contains(&last) {
+                continue;
+            }
             match self.inner.participants.get(&last) {
                 Some(p) => match self.settle(p, &gid, Duration::ZERO).await {
                     Some(settled) => self.adopt(&gid, &settled),
-                    None => report
-                        .unreachable
-                        .push(format!("{last}: cannot settle {gid}")),
+                    None => {
+                        report
+                            .unreachable
+                            .push(format!("{last}: cannot settle {gid}"));
+                        silent.insert(last);
+                    }
                 },
                 None => {
                     error!(%gid, %last, "the last agent of an unsettled transaction is not configured")
@@ -601,6 +613,7 @@ impl Engine {
                         Some(c) => *c,
                         None => {
                             let c = match self.inner.participants.get(&last) {
+                                _ if silent.contains(&last) => None,
                                 Some(l) => self.settle(l, &gid, Duration::ZERO).await.map(|s| {
                                     self.adopt(&gid, &s);
                                     s.committed
@@ -610,6 +623,9 @@ impl Engine {
                                     None
                                 }
                             };
+                            if c.is_none() {
+                                silent.insert(last.clone());
+                            }
                             settled.insert(gid.clone(), c);
                             c
                         }
@@ -737,10 +753,7 @@ impl Engine {
             plan.iter()
                 .rev()
                 .map(|(name, _)| name.as_str())
-                .find(|name| {
-                    self.participant(name)
-                        .is_ok_and(Participant::can_commit_last)
-                })
+                .find(|name| self.may_commit_last(name))
         } else {
             None
         };
@@ -1345,6 +1358,19 @@ impl Engine {
                 self.abort_txn(txn, state).await;
                 return Err(TxnError::Aborted(agent_abort(&name, &txn.txn_id, e)));
             }
+            // Nothing was sent: no connection, a refused handshake, a request too large.
+            Err(
+                e @ (CallError::Unreachable { .. }
+                | CallError::Handshake { .. }
+                | CallError::TooLarge { .. }),
+            ) => {
+                let info = match classify(&name, &txn.txn_id, Err(e)) {
+                    Err(info) => info,
+                    Ok(_) => abort_info(&txn.txn_id, Some(&name), "08006", "unreachable", false),
+                };
+                self.abort_txn(txn, state).await;
+                return Err(TxnError::Aborted(info));
+            }
             other => {
                 // The commit may or may not have happened: ask the last agent, which
                 // also makes sure a commit still in flight can no longer succeed.
@@ -1372,6 +1398,7 @@ impl Engine {
                         lock(&self.inner.unresolved).insert(txn.gid.clone(), txn.txn_id.clone());
                         return Err(TxnError::OutcomeUnknown {
                             txn_id: txn.txn_id.clone(),
+                            gid: txn.gid.to_string(),
                             message: format!(
                                 "the last participant {name} did not answer its commit ({}) and \
                                  could not be asked since; recovery settles it, ask GET later",
@@ -1511,6 +1538,18 @@ impl Engine {
         None
     }
 
+    /// `name` may be the last agent of a new transaction: its agent keeps a decision
+    /// table, and none of its last-agent transactions is waiting to be settled (an agent
+    /// that just failed to answer one is not trusted with more until recovery reaches it;
+    /// this also bounds `unresolved` by the transactions in flight when it failed).
+    fn may_commit_last(&self, name: &str) -> bool {
+        self.participant(name)
+            .is_ok_and(Participant::can_commit_last)
+            && !lock(&self.inner.unresolved)
+                .keys()
+                .any(|g| g.last_agent().as_deref() == Some(name))
+    }
+
     /// Acts on a last-agent transaction's settled outcome found after the fact
     /// (recovery, or a commit whose answer was lost): a commit is logged (lazily) and
     /// phase 2 starts for its prepared participants; an abort is remembered, and the
@@ -1551,38 +1590,46 @@ impl Engine {
         if q.len() >= FORGET_QUEUE_MAX {
             // The agent has been unreachable for long: drop the oldest. A decision row
             // left behind costs a row, nothing else.
-            q.remove(0);
-            if q.len().is_multiple_of(10_000) {
-                warn!(
-                    queued = q.len(),
-                    "decision rows to forget keep piling up; dropping the oldest"
-                );
+            if let Some(dropped) = q.pop_front() {
+                debug!(gid = %dropped, "forget queue full; leaving a decision row behind");
             }
         }
-        q.push(gid);
+        q.push_back(gid);
     }
 
-    /// Sends the queued `Forget`s, one batch per agent; what fails is queued again.
+    /// Sends the queued `Forget`s, in batches, per agent; an agent's first failure puts
+    /// what is left back in its queue for the next flush.
     async fn flush_forget(&self) {
-        let queued: Vec<(String, Vec<Gid>)> = lock(&self.inner.forget).drain().collect();
+        let queued: Vec<(String, VecDeque<Gid>)> = lock(&self.inner.forget).drain().collect();
         let timeout = Duration::from_millis(self.inner.config.call_timeout_ms);
-        for (name, gids) in queued {
+        for (name, mut gids) in queued {
             let Some(p) = self.inner.participants.get(&name).cloned() else {
                 continue;
             };
-            for chunk in gids.chunks(FORGET_MAX_GIDS) {
-                let req = Request::Forget {
-                    gids: chunk.to_vec(),
-                };
-                match p.call(req, timeout).await {
+            while !gids.is_empty() {
+                let n = gids.len().min(FORGET_MAX_GIDS);
+                let batch: Vec<Gid> = gids.iter().take(n).cloned().collect();
+                match p.call(Request::Forget { gids: batch }, timeout).await {
                     Ok(Response::Forgotten { rows }) => {
-                        debug!(participant = %name, rows, "decision rows forgotten")
+                        debug!(participant = %name, rows, "decision rows forgotten");
+                        gids.drain(..n);
                     }
                     other => {
-                        debug!(participant = %name, result = ?other, "forget failed; retrying later");
-                        for g in chunk {
-                            self.queue_forget(name.clone(), g.clone());
+                        let left = gids.len();
+                        if left >= FORGET_QUEUE_MAX / 2 {
+                            warn!(participant = %name, left, result = ?other, "decision rows to forget are piling up");
+                        } else {
+                            debug!(participant = %name, left, result = ?other, "forget failed; retrying later");
                         }
+                        let mut forget = lock(&self.inner.forget);
+                        let q = forget.entry(name.clone()).or_default();
+                        // Older first; those queued meanwhile after them.
+                        gids.extend(q.drain(..));
+                        while gids.len() > FORGET_QUEUE_MAX {
+                            gids.pop_front();
+                        }
+                        *q = gids;
+                        break;
                     }
                 }
             }
@@ -1976,6 +2023,9 @@ impl Engine {
         if let Some(e) = lock(&self.inner.outcomes).by_txn.get(id) {
             return Gid::parse(&e.gid).ok();
         }
+        if let Some((g, _)) = lock(&self.inner.unresolved).iter().find(|(_, t)| *t == id) {
+            return Some(g.clone());
+        }
         lock(&self.inner.in_doubt)
             .iter()
             .find(|(_, d)| d.txn_id == id)
@@ -2107,6 +2157,9 @@ impl Engine {
             };
             match settled {
                 Some(s) => {
+                    // Settled here: recovery must not settle it again (the row may be
+                    // gone by then, and a second fence would read it as aborted).
+                    lock(&self.inner.unresolved).remove(&gid);
                     let what = if s.committed { "committed" } else { "aborted" };
                     steps.push(format!("fenced on {last} (the last participant): {what}"));
                     decision = if s.committed {
@@ -2391,10 +2444,11 @@ fn last_agent_record(gid: &Gid, txn_id: &str, last: &str, prepared: &[String]) -
     }
 }
 
-/// The last agent's answer proves its commit did not happen: the request was refused
-/// before running, or PostgreSQL rejected a statement or the decision row (fenced: a
-/// unique violation), which rolls the whole local transaction back. Anything else (a
-/// timeout, a lost connection, an error of the COMMIT itself) may hide a commit.
+/// The last agent's answer proves its commit did not happen. The agent answers a
+/// `commit_decision` with a definite failure only when its decision row did not go in
+/// (`agent::decision_outcome`: a statement error a savepoint repaired does not count), or
+/// when it refused the request before running it. A timeout, a lost connection or an
+/// unknown commit outcome may hide a commit.
 fn refused_before_commit(e: &AgentError) -> bool {
     match e.kind {
         ErrorKind::BadParam
@@ -2402,8 +2456,8 @@ fn refused_before_commit(e: &AgentError) -> bool {
         | ErrorKind::UnknownBranch
         | ErrorKind::Limit
         | ErrorKind::VersionMismatch
-        | ErrorKind::Fenced => true,
-        ErrorKind::Sql => e.statement_index.is_some() || e.sqlstate.as_deref() == Some("23505"),
+        | ErrorKind::Fenced
+        | ErrorKind::Sql => true,
         ErrorKind::Timeout | ErrorKind::Unavailable | ErrorKind::Internal => false,
     }
 }

@@ -125,10 +125,15 @@ impl IntoResponse for TxnError {
             TxnError::Limit(m) => error(StatusCode::TOO_MANY_REQUESTS, m),
             TxnError::Internal(m) => error(StatusCode::INTERNAL_SERVER_ERROR, m),
             TxnError::Unavailable(m) => error(StatusCode::SERVICE_UNAVAILABLE, m),
-            TxnError::OutcomeUnknown { txn_id, message } => (
+            TxnError::OutcomeUnknown {
+                txn_id,
+                gid,
+                message,
+            } => (
                 StatusCode::GATEWAY_TIMEOUT,
                 Json(json!({
                     "txn_id": txn_id,
+                    "gid": gid,
                     "outcome": "unknown",
                     "error": { "message": message },
                 })),

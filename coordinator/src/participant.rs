@@ -6,7 +6,7 @@
 //! re-established (with the handshake) by the next call.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -72,7 +72,7 @@ impl Participant {
     pub fn can_commit_last(&self) -> bool {
         match self {
             Participant::Local { agent, .. } => agent.keeps_decisions(),
-            Participant::Remote(r) => r.decisions.load(Ordering::Relaxed),
+            Participant::Remote(r) => r.decisions.load(Ordering::Relaxed) != 0,
         }
     }
 
@@ -151,8 +151,11 @@ pub struct RemoteAgent {
     config: RemoteConfig,
     next_id: AtomicU64,
     conn: tokio::sync::Mutex<Option<Arc<Conn>>>,
-    /// What the last handshake said: the agent can commit last.
-    decisions: AtomicBool,
+    /// The agent can commit last: the id of the live connection whose handshake said so,
+    /// or 0 (an agent we cannot reach is not chosen to commit last). An id, not a flag,
+    /// so a dying old connection cannot clear what a newer one set.
+    decisions: Arc<AtomicU64>,
+    conn_seq: AtomicU64,
 }
 
 impl RemoteAgent {
@@ -171,7 +174,8 @@ impl RemoteAgent {
             config,
             next_id: AtomicU64::new(1),
             conn: tokio::sync::Mutex::new(None),
-            decisions: AtomicBool::new(false),
+            decisions: Arc::new(AtomicU64::new(0)),
+            conn_seq: AtomicU64::new(1),
         }
     }
 
@@ -291,6 +295,7 @@ impl RemoteAgent {
             FrameCodec::<ResponseFrame, RequestFrame>::new(self.config.max_frame_bytes),
         );
         let mut sink = FramedWrite::new(write_half, raw_codec(self.config.max_frame_bytes));
+        let conn_id = self.conn_seq.fetch_add(1, Ordering::Relaxed);
         let hello = RequestFrame {
             id: 0,
             timeout_ms: self.config.connect_timeout_ms,
@@ -322,7 +327,8 @@ impl RemoteAgent {
                 decisions,
                 ..
             } => {
-                self.decisions.store(decisions, Ordering::Relaxed);
+                let id = if decisions { conn_id } else { 0 };
+                self.decisions.store(id, Ordering::Relaxed);
                 info!(participant = %self.name, addr = %self.addr, %agent_name, %database, %build_version, decisions, "connected to agent");
             }
             Response::Failed(e) => {
@@ -360,6 +366,7 @@ impl RemoteAgent {
         });
         let reader_pending = pending.clone();
         let reader_dead = dead.clone();
+        let decisions = self.decisions.clone();
         tokio::spawn(async move {
             loop {
                 let frame = tokio::select! {
@@ -382,6 +389,7 @@ impl RemoteAgent {
             }
             // Mark the connection dead first, then fail every waiter (dropping the
             // senders wakes them with an error).
+            let _ = decisions.compare_exchange(conn_id, 0, Ordering::Relaxed, Ordering::Relaxed);
             reader_dead.cancel();
             lock(&reader_pending).clear();
             debug!(participant = %name, "agent connection closed");

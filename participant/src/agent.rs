@@ -834,12 +834,24 @@ impl Agent {
                 );
             }
             Finish::CommitDecision => {
+                // The decision must be durable whatever the database, the role or the
+                // branch's own statements set: the other participants commit on it.
+                steps.push(
+                    async move {
+                        Step::Done(
+                            client
+                                .batch_execute("SET LOCAL synchronous_commit = on")
+                                .await,
+                        )
+                    }
+                    .boxed(),
+                );
                 // Checked in `execute`: a decision and its statement are present.
                 if let (Some(st), Some(d)) = (&decision_stmt, &exec.decision) {
                     let gid = exec.gid.as_str();
                     steps.push(
                         async move {
-                            Step::Done(
+                            Step::Decision(
                                 client
                                     .execute(st, &[&gid, &d.txn_id, &d.participants])
                                     .await
@@ -858,14 +870,20 @@ impl Agent {
         // All steps are polled together: tokio-postgres writes their messages in order
         // without waiting, so the whole branch costs one network round trip.
         let outcomes = join_all(steps).await;
+        if exec.finish == Finish::CommitDecision {
+            let ran = decision_outcome(outcomes, exec.statements.len());
+            return (session.release(), ran);
+        }
 
         let mut results = Vec::with_capacity(exec.statements.len());
         let mut read_only = false;
         let mut stmt_index = 0usize;
         for step in outcomes {
             match step {
-                Step::Done(Err(e)) => return (session.release(), Err(sql_failure(&e, None))),
-                Step::Done(Ok(())) => {}
+                Step::Done(Err(e)) | Step::Decision(Err(e)) => {
+                    return (session.release(), Err(sql_failure(&e, None)))
+                }
+                Step::Done(Ok(())) | Step::Decision(Ok(())) => {}
                 Step::Rows(Ok(r)) => {
                     results.push(r);
                     stmt_index += 1;
@@ -1033,12 +1051,18 @@ impl Agent {
                 .ok_or_else(|| {
                     AgentError::new(ErrorKind::Internal, "decision row vanished after the fence")
                 })?;
-            let committed: bool = row.get(0);
+            let bad_row = |e: tokio_postgres::Error| {
+                AgentError::new(
+                    ErrorKind::Internal,
+                    format!("{DECISION_TABLE} does not have the expected columns: {e}"),
+                )
+            };
+            let committed: bool = row.try_get(0).map_err(bad_row)?;
             debug!(inserted, committed, "fenced");
             Ok::<_, AgentError>(Response::Decision {
                 committed,
-                txn_id: row.get(1),
-                participants: row.get(2),
+                txn_id: row.try_get(1).map_err(bad_row)?,
+                participants: row.try_get(2).map_err(bad_row)?,
             })
         };
         match tokio::time::timeout(timeout, work).await {
@@ -1209,9 +1233,105 @@ enum StepError {
 
 enum Step {
     Done(Result<(), tokio_postgres::Error>),
+    /// The decision row's insert (last-agent commit).
+    Decision(Result<(), tokio_postgres::Error>),
     Rows(Result<StmtResult, StepError>),
     ReadOnly(Result<bool, tokio_postgres::Error>),
     Finish(Result<(), tokio_postgres::Error>),
+}
+
+/// What a last-agent commit did, from every step's result: `Committed` exactly when it
+/// committed, a definite failure (the branch is rolled back) only when it did not, and
+/// `Unavailable` when that cannot be known. The coordinator aborts the other participants
+/// on a definite failure and fences on anything else, so the difference matters.
+///
+/// The first error alone does not tell: a failed statement may be repaired by a later
+/// `ROLLBACK TO SAVEPOINT`, and a row the agent cannot convert to JSON fails here after
+/// PostgreSQL ran everything. The decision insert does tell: it succeeds only in a
+/// transaction that is not aborted, and a COMMIT right after it commits.
+fn decision_outcome(outcomes: Vec<Step>, statements: usize) -> Result<Ran, Response> {
+    let unknown = |e: &tokio_postgres::Error| {
+        Response::Failed(AgentError::new(
+            ErrorKind::Unavailable,
+            format!("the commit's outcome is unknown: {e}"),
+        ))
+    };
+    let mut results = Vec::with_capacity(statements);
+    let mut first_error: Option<Response> = None;
+    let mut decision: Option<Result<(), tokio_postgres::Error>> = None;
+    let mut commit: Option<Result<(), tokio_postgres::Error>> = None;
+    let mut stmt_index = 0usize;
+    for step in outcomes {
+        let error = match step {
+            Step::Done(Ok(())) | Step::ReadOnly(Ok(_)) => None,
+            Step::Done(Err(e)) | Step::ReadOnly(Err(e)) => {
+                // No database error: the connection broke, and what the server did with
+                // the rest of the pipeline is unknown.
+                if e.as_db_error().is_none() {
+                    return Err(unknown(&e));
+                }
+                Some(sql_failure(&e, None))
+            }
+            Step::Rows(Ok(r)) => {
+                results.push(r);
+                stmt_index += 1;
+                None
+            }
+            Step::Rows(Err(StepError::Sql(e))) => {
+                if e.as_db_error().is_none() {
+                    return Err(unknown(&e));
+                }
+                results.push(StmtResult::default());
+                stmt_index += 1;
+                Some(sql_failure(&e, Some(stmt_index - 1)))
+            }
+            Step::Rows(Err(StepError::Convert(m))) => {
+                results.push(StmtResult::default());
+                stmt_index += 1;
+                let mut err = AgentError::new(ErrorKind::BadRequest, m);
+                err.statement_index = Some(stmt_index - 1);
+                Some(Response::Failed(err))
+            }
+            Step::Decision(r) => {
+                decision = Some(r);
+                None
+            }
+            Step::Finish(r) => {
+                commit = Some(r);
+                None
+            }
+        };
+        if first_error.is_none() {
+            first_error = error;
+        }
+    }
+    match (decision, commit) {
+        (Some(Ok(())), Some(Ok(()))) => {
+            if let Some(Response::Failed(e)) = &first_error {
+                warn!(error = %e, "a statement failed but the branch committed (a savepoint repaired it, or its rows could not be converted)");
+            }
+            Ok(Ran {
+                results,
+                outcome: BranchOutcome::Committed,
+            })
+        }
+        // The decision row went in but COMMIT failed: a database error here (a deferred
+        // constraint, a serialization failure) means rolled back, but one raised as the
+        // connection is terminated may come after the commit. Not worth guessing.
+        (Some(Ok(())), Some(Err(e))) => Err(unknown(&e)),
+        (Some(Ok(())), None) => Err(failed(
+            ErrorKind::Unavailable,
+            "the commit's outcome is unknown: no answer to COMMIT",
+        )),
+        // The insert failed, so the transaction was aborted and COMMIT rolled it back.
+        (Some(Err(e)), _) if e.as_db_error().is_some() => {
+            Err(first_error.unwrap_or_else(|| sql_failure(&e, None)))
+        }
+        (Some(Err(e)), _) => Err(unknown(&e)),
+        (None, _) => Err(first_error.unwrap_or_else(|| {
+            failed(ErrorKind::BadRequest, "commit_decision without a decision")
+        })),
+    }
 }
 
 fn failed(kind: ErrorKind, message: impl Into<String>) -> Response {

@@ -174,6 +174,33 @@ async fn a_failing_last_branch_rolls_back_the_prepared_ones() {
     h.shutdown().await.unwrap();
 }
 
+/// A statement error that a savepoint repairs does not stop the last agent's commit, so
+/// it must not make the coordinator roll the others back (the agent reports the first
+/// error it saw; the decision row is what says whether it committed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_savepoint_repaired_error_on_the_last_agent_commits_everywhere() {
+    let h = Harness::start_with(2, AgentMode::InProcess, |c| c.last_agent = true)
+        .await
+        .unwrap();
+    let body = json!({"txn_id": "lasp", "branches": [
+        {"participant": "a", "statements": [{"sql": "UPDATE acct SET bal = bal - 5 WHERE id = 6"},
+                                             {"sql": "UPDATE acct SET bal = bal + 5 WHERE id = 16"}]},
+        {"participant": "b", "statements": [{"sql": "SAVEPOINT s"},
+                                             {"sql": "SELECT 1 / 0"},
+                                             {"sql": "ROLLBACK TO SAVEPOINT s"},
+                                             {"sql": "UPDATE acct SET bal = bal + 5 WHERE id = 6"},
+                                             {"sql": "UPDATE acct SET bal = bal - 5 WHERE id = 16"}]}]});
+    let (status, r) = h.post("/v1/transactions", &body).await.unwrap();
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["outcome"], "committed");
+    assert_eq!(r["branches"][1]["results"][3]["rows_affected"], 1, "{r}");
+    assert_eq!(balance(&h, 0, 6).await, BALANCE - 5);
+    assert_eq!(balance(&h, 1, 6).await, BALANCE + 5);
+    let report = h.audit(None).await.unwrap();
+    assert!(report.ok(), "{:?}", report.violations());
+    h.shutdown().await.unwrap();
+}
+
 /// The agent-level guarantees the protocol rests on, against a real database.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fence_waits_for_a_commit_in_flight_and_makes_a_late_one_fail() {
