@@ -325,6 +325,10 @@ struct Inner {
     unresolved: Mutex<HashMap<Gid, String>>,
     /// Decision rows to delete, per last agent: their transactions are finished.
     forget: Mutex<HashMap<String, VecDeque<Gid>>>,
+    /// A recovery pass reached every participant (and read every decision table): from
+    /// then on, a transaction this coordinator does not know was not committed by a
+    /// last agent either, and `GET` may presume abort.
+    recovered: std::sync::atomic::AtomicBool,
     counters: Counters,
     started: Instant,
     /// Cancelled by [`Engine::shutdown`]: background loops (phase 2, aborts, reaper,
@@ -404,6 +408,7 @@ impl Engine {
                 in_doubt: Mutex::new(HashMap::new()),
                 unresolved: Mutex::new(HashMap::new()),
                 forget: Mutex::new(HashMap::new()),
+                recovered: std::sync::atomic::AtomicBool::new(false),
                 counters: Counters::default(),
                 started: Instant::now(),
                 shutdown: tokio_util::sync::CancellationToken::new(),
@@ -651,11 +656,72 @@ impl Engine {
                 }
             }
         }
+        let rows_complete = self.complete_decision_rows(&prefix, &mut report).await;
+        if rows_complete && report.unreachable.is_empty() {
+            self.inner.recovered.store(true, Ordering::Relaxed);
+        }
         self.inner
             .counters
             .recovery_passes
             .fetch_add(1, Ordering::Relaxed);
         report
+    }
+
+    /// Completes last-agent transactions known only by their committed decision row:
+    /// the coordinator crashed after the last agent committed and before the log had
+    /// the outcome (or before the row's `Forget`). Phase 2 runs for the participants the
+    /// row names (already committed ones answer "not prepared", fine since the row says
+    /// commit), then the row is forgotten. Rows of this incarnation are left to the live
+    /// path for a minute. Returns whether every agent that keeps decisions answered.
+    async fn complete_decision_rows(&self, prefix: &str, report: &mut RecoveryReport) -> bool {
+        let timeout = Duration::from_millis(self.inner.config.call_timeout_ms);
+        let mut complete = true;
+        for p in self.inner.participants.values() {
+            if !p.can_commit_last() {
+                continue;
+            }
+            let req = Request::ListDecisions {
+                gid_prefix: prefix.to_owned(),
+            };
+            let rows = match p.call(req, timeout).await {
+                Ok(Response::Decisions { rows }) => rows,
+                other => {
+                    let why = match other {
+                        Ok(Response::Failed(e)) => e.to_string(),
+                        Ok(r) => format!("unexpected answer {r:?}"),
+                        Err(e) => e.to_string(),
+                    };
+                    report
+                        .unreachable
+                        .push(format!("{}: cannot list decisions: {why}", p.name()));
+                    complete = false;
+                    continue;
+                }
+            };
+            for row in rows {
+                let Ok(gid) = Gid::parse(&row.gid) else {
+                    continue;
+                };
+                let ours = gid.coordinator_id() == self.inner.config.coordinator_id
+                    && gid.last_agent().as_deref() == Some(p.name());
+                let stale = gid.epoch() < self.inner.epoch || row.age_ms > 60_000;
+                if !ours || !stale || self.is_live_gid(&gid) {
+                    continue;
+                }
+                if lock(&self.inner.in_doubt).contains_key(&gid) {
+                    continue;
+                }
+                self.adopt(
+                    &gid,
+                    &Settled {
+                        committed: true,
+                        txn_id: row.txn_id,
+                        participants: row.participants,
+                    },
+                );
+            }
+        }
+        complete
     }
 
     fn is_live_gid(&self, gid: &Gid) -> bool {
@@ -941,6 +1007,19 @@ impl Engine {
                 gid: None,
                 pending: vec![],
             },
+            // With last-agent commits, a transaction the log does not know may have been
+            // committed by a last agent whose row recovery has not read yet.
+            None if self.inner.config.last_agent
+                && !self.inner.recovered.load(Ordering::Relaxed) =>
+            {
+                TxnStatus {
+                    txn_id: txn_id.to_owned(),
+                    state: Some("recovering"),
+                    outcome: None,
+                    gid: None,
+                    pending: vec![],
+                }
+            }
             // Presumed abort: no commit record, not live.
             None => TxnStatus {
                 txn_id: txn_id.to_owned(),
@@ -1424,17 +1503,9 @@ impl Engine {
         });
         // Answer in the client's order.
         branches.sort_by_key(|b| state.branches.iter().position(|n| *n == b.participant));
-        // Not forced: the last agent's row is the decision; this only saves recovery a
-        // fence and lets `GET` answer after a restart.
-        if let Err(e) = self
-            .inner
-            .log
-            .append_lazy(last_agent_record(&txn.gid, &txn.txn_id, &name, &yes))
-            .await
-        {
-            lazy_log_error(&e);
-        }
-        let pending = self.commit_others(&txn.gid, &txn.txn_id, yes);
+        let pending = self
+            .record_last_agent_commit(&txn.gid, &txn.txn_id, &name, yes)
+            .await;
         let pending = match pending {
             Some(handles) => self.await_acks(txn, handles, ack).await,
             None => vec![],
@@ -1447,9 +1518,38 @@ impl Engine {
         })
     }
 
+    /// After a last-agent commit: logs it and starts phase 2 for the prepared
+    /// participants (see `commit_others`). The record is not forced: the last agent's row
+    /// is the decision. But the row is only forgotten once the log has the outcome
+    /// (forced END, or a forced one-phase record if nothing was prepared), so at every
+    /// moment one of the two knows it, for `GET` and recovery after a crash.
+    async fn record_last_agent_commit(
+        &self,
+        gid: &Gid,
+        txn_id: &str,
+        last: &str,
+        prepared: Vec<String>,
+    ) -> Option<Vec<tokio::task::JoinHandle<()>>> {
+        let record = last_agent_record(gid, txn_id, last, &prepared);
+        if prepared.is_empty() {
+            let (engine, gid, last) = (self.clone(), gid.clone(), last.to_owned());
+            tokio::spawn(async move {
+                match engine.inner.log.append_forced(record).await {
+                    Ok(()) => engine.queue_forget(last, gid),
+                    Err(e) => lazy_log_error(&e),
+                }
+            });
+            return None;
+        }
+        if let Err(e) = self.inner.log.append_lazy(record).await {
+            lazy_log_error(&e);
+        }
+        self.commit_others(gid, txn_id, prepared)
+    }
+
     /// Phase 2 of a last-agent transaction that committed: the prepared participants
-    /// get COMMIT PREPARED; the decision row is forgotten once they all acknowledged
-    /// (at once, if none was prepared). `None` if there is nothing to wait for.
+    /// get COMMIT PREPARED (the decision row is forgotten once they all acknowledged,
+    /// in `acknowledged`). `None` if there is nothing to wait for.
     fn commit_others(
         &self,
         gid: &Gid,
@@ -1457,9 +1557,6 @@ impl Engine {
         prepared: Vec<String>,
     ) -> Option<Vec<tokio::task::JoinHandle<()>>> {
         if prepared.is_empty() {
-            if let Some(last) = gid.last_agent() {
-                self.queue_forget(last, gid.clone());
-            }
             return None;
         }
         {
@@ -1573,14 +1670,12 @@ impl Engine {
         info!(%gid, %txn_id, participants = ?settled.participants, "the last agent committed: completing phase 2");
         self.remember(&txn_id, gid.as_str(), Outcome::Committed);
         let last = gid.last_agent().unwrap_or_default();
-        let record = last_agent_record(gid, &txn_id, &last, &settled.participants);
-        let engine = self.clone();
+        let (engine, gid, participants) = (self.clone(), gid.clone(), settled.participants.clone());
         tokio::spawn(async move {
-            if let Err(e) = engine.inner.log.append_lazy(record).await {
-                lazy_log_error(&e);
-            }
+            let _ = engine
+                .record_last_agent_commit(&gid, &txn_id, &last, participants)
+                .await;
         });
-        let _ = self.commit_others(gid, &txn_id, settled.participants.clone());
     }
 
     /// Queues the deletion of a finished last-agent transaction's decision row.
@@ -1830,7 +1925,19 @@ impl Engine {
         if done {
             debug!(%gid, "every participant acknowledged");
             if let Some(last) = gid.last_agent() {
-                self.queue_forget(last, gid.clone());
+                // The decision row may go once the log has the outcome for good (END
+                // durable, hence the COMMIT before it too). Off the caller's path.
+                let (engine, gid) = (self.clone(), gid.clone());
+                tokio::spawn(async move {
+                    let end = Record::End {
+                        gid: gid.to_string(),
+                    };
+                    match engine.inner.log.append_forced(end).await {
+                        Ok(()) => engine.queue_forget(last, gid),
+                        Err(e) => lazy_log_error(&e),
+                    }
+                });
+                return;
             }
             if let Err(e) = self
                 .inner

@@ -34,8 +34,8 @@ use tokio_postgres::NoTls;
 use tracing::{debug, info, warn, Instrument};
 use twopc_shared::gid::Gid;
 use twopc_shared::msg::{
-    AgentError, BranchOutcome, CommitAck, ErrorKind, ExecuteBranch, Finish, Isolation,
-    PreparedBranch, Request, Response, StmtResult, FORGET_MAX_GIDS,
+    AgentError, BranchOutcome, CommitAck, DecisionRow, ErrorKind, ExecuteBranch, Finish, Isolation,
+    PreparedBranch, Request, Response, StmtResult, FORGET_MAX_GIDS, LIST_DECISIONS_MAX,
 };
 use twopc_shared::sql::{changes_session, starts_with_dml, transaction_control};
 use twopc_shared::{BUILD_VERSION, PROTOCOL_VERSION};
@@ -454,6 +454,9 @@ impl Agent {
                 self.fence(gid, timeout).instrument(span).await
             }
             Request::Forget { gids } => self.forget(gids, timeout).await,
+            Request::ListDecisions { gid_prefix } => {
+                self.list_decisions(&gid_prefix, timeout).await
+            }
         }
     }
 
@@ -1098,12 +1101,47 @@ impl Agent {
         }
     }
 
+    /// Committed decision rows with `gid_prefix`, oldest first.
+    async fn list_decisions(&self, gid_prefix: &str, timeout: Duration) -> Response {
+        if !self.inner.decisions {
+            return Response::Decisions { rows: vec![] };
+        }
+        if !valid_gid_prefix(gid_prefix) {
+            return failed(ErrorKind::BadRequest, "invalid GID prefix");
+        }
+        let work = async {
+            let session = self.session().await?;
+            let rows = session
+                .query(
+                    "SELECT gid, txn_id, participants, \
+                     (extract(epoch FROM now() - decided_at) * 1000)::bigint \
+                     FROM twopc.decisions WHERE committed AND starts_with(gid, $1) \
+                     ORDER BY decided_at LIMIT $2",
+                    &[&gid_prefix, &(LIST_DECISIONS_MAX as i64)],
+                )
+                .await
+                .map_err(|e| agent_error(&e, None))?;
+            rows.iter()
+                .map(|r| {
+                    Ok(DecisionRow {
+                        gid: r.try_get(0)?,
+                        txn_id: r.try_get(1)?,
+                        participants: r.try_get(2)?,
+                        age_ms: r.try_get::<_, i64>(3)?.max(0) as u64,
+                    })
+                })
+                .collect::<Result<Vec<_>, tokio_postgres::Error>>()
+                .map_err(|e| agent_error(&e, None))
+        };
+        match tokio::time::timeout(timeout, work).await {
+            Ok(Ok(rows)) => Response::Decisions { rows },
+            Ok(Err(e)) => Response::Failed(e),
+            Err(_) => failed(ErrorKind::Timeout, "listing decisions timed out"),
+        }
+    }
+
     async fn list_prepared(&self, gid_prefix: &str, timeout: Duration) -> Response {
-        if gid_prefix.is_empty()
-            || !gid_prefix
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_')
-        {
+        if !valid_gid_prefix(gid_prefix) {
             return failed(ErrorKind::BadRequest, "invalid GID prefix");
         }
         let work = async {
@@ -1143,6 +1181,10 @@ impl Agent {
     pub fn owner(&self) -> &str {
         &self.inner.owner
     }
+}
+
+fn valid_gid_prefix(p: &str) -> bool {
+    !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
 /// Makes sure the decision table exists and this role may use it; false (with a warning)

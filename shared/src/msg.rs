@@ -71,7 +71,25 @@ pub enum Request {
     Forget {
         gids: Vec<Gid>,
     },
+    /// Committed decision rows of this coordinator id (oldest first, at most
+    /// [`LIST_DECISIONS_MAX`]): recovery completes and forgets those whose `Forget` was
+    /// lost in a crash.
+    ListDecisions {
+        gid_prefix: String,
+    },
     Ping,
+}
+
+/// Most rows in one `Decisions` answer.
+pub const LIST_DECISIONS_MAX: usize = 10_000;
+
+/// A committed decision row (answer to `ListDecisions`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DecisionRow {
+    pub gid: String,
+    pub txn_id: String,
+    pub participants: Vec<String>,
+    pub age_ms: u64,
 }
 
 /// Most GIDs in one `Forget`.
@@ -196,6 +214,9 @@ pub enum Response {
     Forgotten {
         rows: u64,
     },
+    Decisions {
+        rows: Vec<DecisionRow>,
+    },
     Pong,
 }
 
@@ -306,6 +327,7 @@ mod tagged {
         ListPrepared,
         Fence,
         Forget,
+        ListDecisions,
         Ping,
     }
 
@@ -320,6 +342,7 @@ mod tagged {
         Prepared,
         Decision,
         Forgotten,
+        Decisions,
         Pong,
     }
 
@@ -350,6 +373,11 @@ mod tagged {
     #[derive(Deserialize)]
     struct ForgottenResponse {
         rows: u64,
+    }
+
+    #[derive(Deserialize)]
+    struct DecisionsResponse {
+        rows: Vec<DecisionRow>,
     }
 
     #[derive(Deserialize)]
@@ -448,6 +476,9 @@ mod tagged {
                 RequestTag::Forget => Request::Forget {
                     gids: rest::<_, ByGids>(map)?.gids,
                 },
+                RequestTag::ListDecisions => Request::ListDecisions {
+                    gid_prefix: rest::<_, ByPrefix>(map)?.gid_prefix,
+                },
                 RequestTag::Ping => {
                     drain(map)?;
                     Request::Ping
@@ -510,6 +541,9 @@ mod tagged {
                 }
                 ResponseTag::Forgotten => Response::Forgotten {
                     rows: rest::<_, ForgottenResponse>(map)?.rows,
+                },
+                ResponseTag::Decisions => Response::Decisions {
+                    rows: rest::<_, DecisionsResponse>(map)?.rows,
                 },
                 ResponseTag::Pong => {
                     drain(map)?;
@@ -613,6 +647,9 @@ mod tests {
             Request::ListPrepared {
                 gid_prefix: "twopc_c1_".into(),
             },
+            Request::ListDecisions {
+                gid_prefix: "twopc_c1_".into(),
+            },
             Request::Ping,
         ]
     }
@@ -657,6 +694,14 @@ mod tests {
                 participants: vec!["a".into(), "c".into()],
             },
             Response::Forgotten { rows: 2 },
+            Response::Decisions {
+                rows: vec![DecisionRow {
+                    gid: "twopc_c_1_3_l62".into(),
+                    txn_id: "t".into(),
+                    participants: vec!["a".into()],
+                    age_ms: 7,
+                }],
+            },
             Response::Pong,
         ]
     }

@@ -49,7 +49,16 @@ async fn settle_and_audit(h: &ProcHarness, report: &WorkloadReport, case: &str) 
     let mut expect: Expectation = report.expectation.clone();
     let mut outcomes: HashMap<&str, usize> = HashMap::new();
     for id in &report.unknown_ids {
-        let st = h.get(&format!("/v1/transactions/{id}")).await.unwrap();
+        // A coordinator with last-agent commits says `recovering` for a transaction it
+        // does not know until a recovery pass has read every decision table.
+        let mut st = h.get(&format!("/v1/transactions/{id}")).await.unwrap();
+        for _ in 0..50 {
+            if st["state"] != "recovering" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            st = h.get(&format!("/v1/transactions/{id}")).await.unwrap();
+        }
         match st["outcome"].as_str() {
             Some("committed") => {
                 expect.committed.insert(id.clone());

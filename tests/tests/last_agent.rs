@@ -431,6 +431,15 @@ async fn recovery_settles_orphans_by_the_last_agents_row() {
     ))
     .await
     .unwrap();
+    // Phase 2 finished before the crash, the log's record of it did not survive: only
+    // the row knows.
+    let only_row = Gid::with_last_agent("c1", 0, 4, "b").unwrap();
+    b.batch_execute(&format!(
+        "INSERT INTO twopc.decisions (gid, committed, txn_id, participants) \
+         VALUES ('{only_row}', true, 'orphan-4', '{{a}}')"
+    ))
+    .await
+    .unwrap();
 
     let (status, r) = h.post("/v1/admin/recover", &json!({})).await.unwrap();
     assert_eq!(status, 200, "{r}");
@@ -470,10 +479,12 @@ async fn recovery_settles_orphans_by_the_last_agents_row() {
         }
     };
     assert_eq!(row(&fenced).await, Some(false));
-    wait_until("the committed row is forgotten", || async {
-        row(&committed).await.is_none()
+    wait_until("the committed rows are forgotten", || async {
+        row(&committed).await.is_none() && row(&only_row).await.is_none()
     })
     .await;
+    let (_, st) = h.get("/v1/transactions/orphan-4").await.unwrap();
+    assert_eq!(st["outcome"], "committed", "{st}");
 
     // Nobody to ask about the third: an operator may not guess without --force.
     let path = format!("/v1/admin/txns/{unknown_last}/resolve");
