@@ -1573,25 +1573,31 @@ impl Engine {
                 },
             );
         }
-        let handles = if self.inner.config.parallel {
-            prepared
+        Some(self.spawn_phase2(gid, prepared))
+    }
+
+    /// Starts phase 2 (`drive_commit`) for `participants`: in parallel, or one after
+    /// another with `parallel` off.
+    fn spawn_phase2(
+        &self,
+        gid: &Gid,
+        participants: Vec<String>,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        if self.inner.config.parallel {
+            return participants
                 .into_iter()
                 .map(|p| {
-                    let engine = self.clone();
-                    let gid = gid.clone();
+                    let (engine, gid) = (self.clone(), gid.clone());
                     tokio::spawn(async move { engine.drive_commit(gid, p).await })
                 })
-                .collect()
-        } else {
-            let engine = self.clone();
-            let gid = gid.clone();
-            vec![tokio::spawn(async move {
-                for p in prepared {
-                    engine.drive_commit(gid.clone(), p).await;
-                }
-            })]
-        };
-        Some(handles)
+                .collect();
+        }
+        let (engine, gid) = (self.clone(), gid.clone());
+        vec![tokio::spawn(async move {
+            for p in participants {
+                engine.drive_commit(gid.clone(), p).await;
+            }
+        })]
     }
 
     /// Asks `last` for the settled outcome of `gid` (`Fence`), retrying within `budget`
@@ -1814,23 +1820,7 @@ impl Engine {
             });
             return Ok(self.await_acks(txn, vec![handle], ack).await);
         }
-        let handles: Vec<_> = if self.inner.config.parallel {
-            yes.into_iter()
-                .map(|p| {
-                    let engine = self.clone();
-                    let gid = txn.gid.clone();
-                    tokio::spawn(async move { engine.drive_commit(gid, p).await })
-                })
-                .collect()
-        } else {
-            let engine = self.clone();
-            let gid = txn.gid.clone();
-            vec![tokio::spawn(async move {
-                for p in yes {
-                    engine.drive_commit(gid.clone(), p).await;
-                }
-            })]
-        };
+        let handles = self.spawn_phase2(&txn.gid, yes);
         Ok(self.await_acks(txn, handles, ack).await)
     }
 

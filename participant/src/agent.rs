@@ -988,11 +988,13 @@ impl Agent {
                 Err(e) => Err(agent_error(&e, None)),
             }
         };
-        match tokio::time::timeout(timeout, work).await {
-            Ok(Ok(ack)) => Response::CommitPrepared(ack),
-            Ok(Err(e)) => Response::Failed(e),
-            Err(_) => failed(ErrorKind::Timeout, "COMMIT PREPARED did not finish in time"),
-        }
+        within(
+            timeout,
+            work,
+            Response::CommitPrepared,
+            "COMMIT PREPARED did not finish in time",
+        )
+        .await
     }
 
     async fn abort(&self, gid: Gid, timeout: Duration) -> Response {
@@ -1021,11 +1023,13 @@ impl Agent {
             }
             self.rollback_prepared(&gid).await
         };
-        match tokio::time::timeout(timeout, work).await {
-            Ok(Ok(())) => Response::Aborted,
-            Ok(Err(e)) => Response::Failed(e),
-            Err(_) => failed(ErrorKind::Timeout, "ROLLBACK did not finish in time"),
-        }
+        within(
+            timeout,
+            work,
+            |()| Response::Aborted,
+            "ROLLBACK did not finish in time",
+        )
+        .await
     }
 
     /// Settles a last-agent transaction's outcome: an aborted row goes in unless a row
@@ -1068,11 +1072,7 @@ impl Agent {
                 participants: row.try_get(2).map_err(bad_row)?,
             })
         };
-        match tokio::time::timeout(timeout, work).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => Response::Failed(e),
-            Err(_) => failed(ErrorKind::Timeout, "fence did not finish in time"),
-        }
+        within(timeout, work, |r| r, "fence did not finish in time").await
     }
 
     /// Deletes the committed decision rows of finished transactions.
@@ -1094,11 +1094,13 @@ impl Agent {
                 .await
                 .map_err(|e| agent_error(&e, None))
         };
-        match tokio::time::timeout(timeout, work).await {
-            Ok(Ok(rows)) => Response::Forgotten { rows },
-            Ok(Err(e)) => Response::Failed(e),
-            Err(_) => failed(ErrorKind::Timeout, "forget did not finish in time"),
-        }
+        within(
+            timeout,
+            work,
+            |rows| Response::Forgotten { rows },
+            "forget did not finish in time",
+        )
+        .await
     }
 
     /// Committed decision rows with `gid_prefix`, oldest first.
@@ -1133,11 +1135,13 @@ impl Agent {
                 .collect::<Result<Vec<_>, tokio_postgres::Error>>()
                 .map_err(|e| agent_error(&e, None))
         };
-        match tokio::time::timeout(timeout, work).await {
-            Ok(Ok(rows)) => Response::Decisions { rows },
-            Ok(Err(e)) => Response::Failed(e),
-            Err(_) => failed(ErrorKind::Timeout, "listing decisions timed out"),
-        }
+        within(
+            timeout,
+            work,
+            |rows| Response::Decisions { rows },
+            "listing decisions timed out",
+        )
+        .await
     }
 
     async fn list_prepared(&self, gid_prefix: &str, timeout: Duration) -> Response {
@@ -1170,11 +1174,13 @@ impl Agent {
                     .collect(),
             )
         };
-        match tokio::time::timeout(timeout, work).await {
-            Ok(Ok(branches)) => Response::Prepared { branches },
-            Ok(Err(e)) => Response::Failed(e),
-            Err(_) => failed(ErrorKind::Timeout, "listing prepared branches timed out"),
-        }
+        within(
+            timeout,
+            work,
+            |branches| Response::Prepared { branches },
+            "listing prepared branches timed out",
+        )
+        .await
     }
 
     /// The database role the agent runs as (owner of its prepared transactions).
@@ -1373,6 +1379,21 @@ fn decision_outcome(outcomes: Vec<Step>, statements: usize) -> Result<Ran, Respo
         (None, _) => Err(first_error.unwrap_or_else(|| {
             failed(ErrorKind::BadRequest, "commit_decision without a decision")
         })),
+    }
+}
+
+/// Runs `work` within `timeout` and answers `ok(value)`, its error, or `Timeout` with
+/// `timed_out` as the message.
+async fn within<T>(
+    timeout: Duration,
+    work: impl std::future::Future<Output = Result<T, AgentError>>,
+    ok: impl FnOnce(T) -> Response,
+    timed_out: &str,
+) -> Response {
+    match tokio::time::timeout(timeout, work).await {
+        Ok(Ok(v)) => ok(v),
+        Ok(Err(e)) => Response::Failed(e),
+        Err(_) => failed(ErrorKind::Timeout, timed_out),
     }
 }
 

@@ -264,6 +264,21 @@ impl Harness {
         Ok((status, v))
     }
 
+    /// The value of a counter on `/metrics`.
+    pub async fn metric(&self, name: &str) -> anyhow::Result<u64> {
+        let text = self
+            .http
+            .get(format!("{}/metrics", self.base_url))
+            .send()
+            .await?
+            .text()
+            .await?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse().ok())
+            .with_context(|| format!("{name} missing in {text}"))
+    }
+
     /// Runs the bank checker over every database.
     pub async fn audit(&self, expect: Option<&Expectation>) -> anyhow::Result<AuditReport> {
         let dbs: Vec<(String, String)> = self

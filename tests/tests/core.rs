@@ -512,31 +512,19 @@ async fn optimizations_and_their_switches() {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let metrics = h
-            .http
-            .get(format!("{}/metrics", h.base_url))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        let value = |name: &str| -> u64 {
-            metrics
-                .lines()
-                .find_map(|l| l.strip_prefix(&format!("{name} ")))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or_else(|| panic!("{name} missing in {metrics}"))
+        let value = |name: &'static str| {
+            let h = &h;
+            async move { h.metric(name).await.unwrap() }
         };
-        assert_eq!(value("twopc_txns_committed_total"), 3);
+        assert_eq!(value("twopc_txns_committed_total").await, 3);
         if one_phase {
             // The single-participant txn and the single-writer txn.
-            assert_eq!(value("twopc_txns_committed_one_phase_total"), 2);
+            assert_eq!(value("twopc_txns_committed_one_phase_total").await, 2);
         } else {
-            assert_eq!(value("twopc_txns_committed_one_phase_total"), 0);
+            assert_eq!(value("twopc_txns_committed_one_phase_total").await, 0);
         }
         assert_eq!(
-            value("twopc_read_only_branches_total"),
+            value("twopc_read_only_branches_total").await,
             u64::from(read_only)
         );
         assert_clean(&h).await;

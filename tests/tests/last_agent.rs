@@ -38,22 +38,6 @@ async fn decision_rows(h: &Harness, db: usize, committed: bool) -> i64 {
     .unwrap()
 }
 
-async fn metric(h: &Harness, name: &str) -> u64 {
-    let text = h
-        .http
-        .get(format!("{}/metrics", h.base_url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{name} missing in {text}"))
-}
-
 async fn wait_until<F, Fut>(what: &str, mut check: F)
 where
     F: FnMut() -> Fut,
@@ -109,7 +93,12 @@ async fn transfers_commit_through_the_last_agent_and_its_row_is_forgotten() {
         assert_eq!(balance(&h, 0, 1).await, BALANCE - 10 * (i as i64 + 1));
         assert_eq!(balance(&h, 1, 2).await, BALANCE + 10 * (i as i64 + 1));
     }
-    assert!(metric(&h, "twopc_txns_committed_last_agent_total").await >= 2);
+    assert!(
+        h.metric("twopc_txns_committed_last_agent_total")
+            .await
+            .unwrap()
+            >= 2
+    );
     let (_, st) = h.get("/v1/transactions/la2").await.unwrap();
     assert_eq!(st["outcome"], "committed");
     let gid = Gid::parse(st["gid"].as_str().unwrap()).unwrap();
