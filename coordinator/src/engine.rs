@@ -259,6 +259,8 @@ struct TxnState {
 enum Outcome {
     Committed,
     Aborted,
+    /// A one-phase commit whose answer was lost: nobody can tell any more.
+    Unknown,
 }
 
 struct OutcomeEntry {
@@ -993,6 +995,13 @@ impl Engine {
                     pending,
                 }
             }
+            Some((gid, Outcome::Unknown)) => TxnStatus {
+                txn_id: txn_id.to_owned(),
+                state: None,
+                outcome: Some("unknown"),
+                gid: Some(gid),
+                pending: vec![],
+            },
             Some((gid, Outcome::Aborted)) => TxnStatus {
                 txn_id: txn_id.to_owned(),
                 state: None,
@@ -1113,9 +1122,10 @@ impl Engine {
             )));
         }
         if let Some(e) = lock(&self.inner.outcomes).by_txn.get(&txn_id) {
-            if e.outcome == Outcome::Committed {
+            if e.outcome != Outcome::Aborted {
                 return Err(TxnError::Conflict(format!(
-                    "txn_id {txn_id:?} already committed; choose a new txn_id"
+                    "txn_id {txn_id:?} already committed (or may have: its outcome is \
+                     unknown); choose a new txn_id"
                 )));
             }
         }
@@ -1237,6 +1247,24 @@ impl Engine {
             Finish::Prepare
         };
         let votes = self.fan_out(txn, plan, continues, finish, remaining).await;
+        if one_phase {
+            if let Some((name, resp)) = votes.first().filter(|(_, r)| commit_may_have_happened(r)) {
+                // The only branch's plain COMMIT may have happened: saying "aborted"
+                // could be a lie, and there is nothing to ask (no prepared branch, no
+                // decision row).
+                state.finished = true;
+                warn!(participant = %name, answer = ?resp, "one-phase commit without a clear answer; its outcome is unknown");
+                self.remember(&txn.txn_id, txn.gid.as_str(), Outcome::Unknown);
+                return Err(TxnError::OutcomeUnknown {
+                    txn_id: txn.txn_id.clone(),
+                    gid: txn.gid.to_string(),
+                    message: format!(
+                        "participant {name} did not answer its commit clearly; it may or may \
+                         not have committed (see the database; --no-one-phase avoids this)"
+                    ),
+                });
+            }
+        }
         let (branches, yes, failure) = self.tally(txn, votes);
         if let Some(info) = failure {
             self.abort_txn(txn, state).await;
@@ -2146,6 +2174,9 @@ impl Engine {
             Some((txn, e)) if e.outcome == Outcome::Committed => {
                 ("committed_done", Some(txn.clone()), vec![], None)
             }
+            Some((txn, e)) if e.outcome == Outcome::Unknown => {
+                ("unknown", Some(txn.clone()), vec![], None)
+            }
             Some((txn, _)) => ("aborted", Some(txn.clone()), vec![], None),
             None => ("none", None, vec![], None),
         }
@@ -2538,6 +2569,21 @@ fn last_agent_record(gid: &Gid, txn_id: &str, last: &str, prepared: &[String]) -
             participants: prepared.to_vec(),
             decided_at_ms: now_ms(),
         }
+    }
+}
+
+/// The answer to a committing `Execute` (one-phase or last agent) leaves open whether the
+/// commit happened.
+fn commit_may_have_happened(resp: &Result<Response, CallError>) -> bool {
+    match resp {
+        Ok(Response::Failed(e)) => !refused_before_commit(e),
+        Ok(_) => false,
+        Err(CallError::Timeout { .. } | CallError::ConnectionLost { .. }) => true,
+        Err(
+            CallError::Unreachable { .. }
+            | CallError::Handshake { .. }
+            | CallError::TooLarge { .. },
+        ) => false,
     }
 }
 

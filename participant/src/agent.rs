@@ -40,7 +40,7 @@ use twopc_shared::msg::{
 use twopc_shared::sql::{changes_session, starts_with_dml, transaction_control};
 use twopc_shared::{BUILD_VERSION, PROTOCOL_VERSION};
 
-use crate::convert::{check_params, row_to_json, JsonParam};
+use crate::convert::{check_columns, check_params, row_to_json, JsonParam};
 
 /// SQLSTATE `undefined_object`: `COMMIT/ROLLBACK PREPARED` of a GID that is not prepared.
 const SQLSTATE_UNDEFINED_OBJECT: &str = "42704";
@@ -96,6 +96,9 @@ const DECISION_DDL: &str = "CREATE SCHEMA IF NOT EXISTS twopc; \
         txn_id text NOT NULL DEFAULT '', \
         participants text[] NOT NULL DEFAULT '{}', \
         decided_at timestamptz NOT NULL DEFAULT now())";
+/// Runs right before a one-phase COMMIT: it fails in an aborted transaction, so its
+/// success and COMMIT's together prove the commit (`decision_outcome`).
+const COMMIT_PROBE: &str = "SELECT 1";
 const DECISION_INSERT: &str = "INSERT INTO twopc.decisions (gid, committed, txn_id, participants) \
      VALUES ($1, true, $2, $3)";
 const DECISION_FENCE: &str = "INSERT INTO twopc.decisions (gid, committed) VALUES ($1, false) \
@@ -737,6 +740,11 @@ impl Agent {
                     err.statement_index = Some(index);
                     return Err(Response::Failed(err));
                 }
+                if let Err(e) = check_columns(st.columns()) {
+                    let mut err = AgentError::new(ErrorKind::BadRequest, e.to_string());
+                    err.statement_index = Some(index);
+                    return Err(Response::Failed(err));
+                }
                 prepared.push(st);
             }
             let read_only_stmt = if read_only_check {
@@ -749,15 +757,21 @@ impl Agent {
             } else {
                 None
             };
-            let decision_stmt = if exec.finish == Finish::CommitDecision {
-                Some(
+            // The statement whose success before COMMIT proves the commit (see
+            // `decision_outcome`): the decision row, or for a plain commit a probe.
+            let decision_sql = match exec.finish {
+                Finish::CommitDecision => Some(DECISION_INSERT),
+                Finish::Commit => Some(COMMIT_PROBE),
+                Finish::Keep | Finish::Prepare => None,
+            };
+            let decision_stmt = match decision_sql {
+                Some(sql) => Some(
                     session
-                        .prepare_cached(DECISION_INSERT)
+                        .prepare_cached(sql)
                         .await
                         .map_err(|e| sql_failure(&e, None))?,
-                )
-            } else {
-                None
+                ),
+                None => None,
             };
             Ok((prepared, read_only_stmt, decision_stmt))
         })
@@ -832,6 +846,12 @@ impl Agent {
                 steps.push(async move { Step::Finish(client.batch_execute(sql).await) }.boxed());
             }
             Finish::Commit => {
+                if let Some(st) = &decision_stmt {
+                    steps.push(
+                        async move { Step::Decision(client.execute(st, &[]).await.map(drop)) }
+                            .boxed(),
+                    );
+                }
                 steps.push(
                     async move { Step::Finish(client.batch_execute("COMMIT").await) }.boxed(),
                 );
@@ -873,7 +893,7 @@ impl Agent {
         // All steps are polled together: tokio-postgres writes their messages in order
         // without waiting, so the whole branch costs one network round trip.
         let outcomes = join_all(steps).await;
-        if exec.finish == Finish::CommitDecision {
+        if matches!(exec.finish, Finish::Commit | Finish::CommitDecision) {
             let ran = decision_outcome(outcomes, exec.statements.len());
             return (session.release(), ran);
         }
@@ -1288,15 +1308,17 @@ enum Step {
     Finish(Result<(), tokio_postgres::Error>),
 }
 
-/// What a last-agent commit did, from every step's result: `Committed` exactly when it
-/// committed, a definite failure (the branch is rolled back) only when it did not, and
-/// `Unavailable` when that cannot be known. The coordinator aborts the other participants
-/// on a definite failure and fences on anything else, so the difference matters.
+/// What a committing branch (last-agent or one-phase) did, from every step's result:
+/// `Committed` exactly when it committed, a definite failure (the branch is rolled back)
+/// only when it did not, and `Unavailable` when that cannot be known. The coordinator
+/// aborts the other participants on a definite failure and fences (or, one-phase,
+/// answers "unknown") on anything else, so the difference matters.
 ///
 /// The first error alone does not tell: a failed statement may be repaired by a later
 /// `ROLLBACK TO SAVEPOINT`, and a row the agent cannot convert to JSON fails here after
-/// PostgreSQL ran everything. The decision insert does tell: it succeeds only in a
-/// transaction that is not aborted, and a COMMIT right after it commits.
+/// PostgreSQL ran everything. The step right before COMMIT does tell (the decision insert,
+/// or for a plain commit [`COMMIT_PROBE`]): it succeeds only in a transaction that is not
+/// aborted, and a COMMIT right after it commits.
 fn decision_outcome(outcomes: Vec<Step>, statements: usize) -> Result<Ran, Response> {
     let unknown = |e: &tokio_postgres::Error| {
         Response::Failed(AgentError::new(

@@ -396,6 +396,64 @@ fn array_value(row: &tokio_postgres::Row, i: usize, elem: &Type) -> Result<Value
     })
 }
 
+/// The result types `row_to_json` converts (keep in step with `column_value` and
+/// `array_value`).
+fn supported(ty: &Type) -> bool {
+    match *ty {
+        Type::BOOL
+        | Type::INT2
+        | Type::INT4
+        | Type::OID
+        | Type::INT8
+        | Type::FLOAT4
+        | Type::FLOAT8
+        | Type::NUMERIC
+        | Type::TEXT
+        | Type::VARCHAR
+        | Type::BPCHAR
+        | Type::NAME
+        | Type::UNKNOWN
+        | Type::CHAR
+        | Type::JSON
+        | Type::JSONB
+        | Type::UUID
+        | Type::BYTEA
+        | Type::TIMESTAMPTZ
+        | Type::TIMESTAMP
+        | Type::DATE
+        | Type::TIME
+        | Type::VOID => true,
+        _ => match ty.kind() {
+            Kind::Enum(_) => true,
+            Kind::Array(elem) => matches!(
+                *elem,
+                Type::BOOL
+                    | Type::INT2
+                    | Type::INT4
+                    | Type::INT8
+                    | Type::FLOAT8
+                    | Type::TEXT
+                    | Type::VARCHAR
+                    | Type::NUMERIC
+            ),
+            _ => false,
+        },
+    }
+}
+
+/// Refuses, before anything runs, a statement whose result has a column `row_to_json`
+/// cannot convert: found after the statement ran, the error would come too late (its
+/// writes, even its commit, may already have happened).
+pub fn check_columns(columns: &[tokio_postgres::Column]) -> Result<(), ConvertError> {
+    match columns.iter().find(|c| !supported(c.type_())) {
+        None => Ok(()),
+        Some(c) => Err(ConvertError::Column {
+            column: c.name().to_owned(),
+            type_name: c.type_().name().to_owned(),
+        }),
+    }
+}
+
 #[derive(Debug)]
 struct Unsupported;
 

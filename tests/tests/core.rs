@@ -867,3 +867,33 @@ async fn branches_run_at_the_requested_isolation_level() {
     agent.close();
     h.shutdown().await.unwrap();
 }
+
+/// A statement error that a savepoint repairs does not stop a one-phase COMMIT, so the
+/// answer must say committed (the agent used to report the first error: 409 "aborted"
+/// for a transaction PostgreSQL had committed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_savepoint_repaired_error_in_a_one_phase_commit_is_reported_committed() {
+    let h = Harness::start(1, AgentMode::InProcess).await.unwrap();
+    let body = json!({"txn_id": "onesp", "branches": [
+        {"participant": "a", "statements": [{"sql": "SAVEPOINT s"},
+                                             {"sql": "SELECT 1 / 0"},
+                                             {"sql": "ROLLBACK TO SAVEPOINT s"},
+                                             {"sql": "UPDATE acct SET bal = bal - 3 WHERE id = 12"},
+                                             {"sql": "UPDATE acct SET bal = bal + 3 WHERE id = 13"}]}]});
+    let (status, r) = h.post("/v1/transactions", &body).await.unwrap();
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["outcome"], "committed");
+    assert_eq!(balance(&h, 0, 12).await, BALANCE - 3);
+    let (_, st) = h.get("/v1/transactions/onesp").await.unwrap();
+    assert_eq!(st["outcome"], "committed", "{st}");
+    // Without the savepoint the same error aborts it.
+    let body = json!({"txn_id": "onefail", "branches": [
+        {"participant": "a", "statements": [{"sql": "UPDATE acct SET bal = bal - 3 WHERE id = 12"},
+                                             {"sql": "SELECT 1 / 0"}]}]});
+    let (status, r) = h.post("/v1/transactions", &body).await.unwrap();
+    assert_eq!(status, 409, "{r}");
+    assert_eq!(r["error"]["code"], "22012", "{r}");
+    assert_eq!(balance(&h, 0, 12).await, BALANCE - 3);
+    assert_clean(&h).await;
+    h.shutdown().await.unwrap();
+}
