@@ -1461,19 +1461,11 @@ impl Engine {
                 results,
                 outcome: BranchOutcome::Committed,
             }) => results,
-            Ok(Response::Failed(e)) if refused_before_commit(&e) => {
-                self.abort_txn(txn, state).await;
-                return Err(TxnError::Aborted(agent_abort(&name, &txn.txn_id, e)));
-            }
-            // Nothing was sent: no connection, a refused handshake, a request too large.
-            Err(
-                e @ (CallError::Unreachable { .. }
-                | CallError::Handshake { .. }
-                | CallError::TooLarge { .. }),
-            ) => {
-                let info = match classify(&name, &txn.txn_id, Err(e)) {
+            // Refused before it ran, or never sent: it did not commit.
+            resp @ (Ok(Response::Failed(_)) | Err(_)) if !commit_may_have_happened(&resp) => {
+                let info = match classify(&name, &txn.txn_id, resp) {
                     Err(info) => info,
-                    Ok(_) => abort_info(&txn.txn_id, Some(&name), "08006", "unreachable", false),
+                    Ok(_) => abort_info(&txn.txn_id, Some(&name), "XX000", "no commit", false),
                 };
                 self.abort_txn(txn, state).await;
                 return Err(TxnError::Aborted(info));
