@@ -1550,8 +1550,14 @@ impl Engine {
         last: &str,
         prepared: Vec<String>,
     ) -> Option<Vec<tokio::task::JoinHandle<()>>> {
-        let record = last_agent_record(gid, txn_id, last, &prepared);
         if prepared.is_empty() {
+            // A COMMIT naming nobody would stay in doubt forever after a restart.
+            let record = Record::OnePhaseCommitted {
+                gid: gid.to_string(),
+                txn_id: txn_id.to_owned(),
+                participant: last.to_owned(),
+                decided_at_ms: now_ms(),
+            };
             let (engine, gid, last) = (self.clone(), gid.clone(), last.to_owned());
             tokio::spawn(async move {
                 match engine.inner.log.append_forced(record).await {
@@ -1561,6 +1567,12 @@ impl Engine {
             });
             return None;
         }
+        let record = Record::Commit {
+            gid: gid.to_string(),
+            txn_id: txn_id.to_owned(),
+            participants: prepared.clone(),
+            decided_at_ms: now_ms(),
+        };
         if let Err(e) = self.inner.log.append_lazy(record).await {
             lazy_log_error(&e);
         }
@@ -1569,16 +1581,13 @@ impl Engine {
 
     /// Phase 2 of a last-agent transaction that committed: the prepared participants
     /// get COMMIT PREPARED (the decision row is forgotten once they all acknowledged,
-    /// in `acknowledged`). `None` if there is nothing to wait for.
+    /// in `acknowledged`). `prepared` is not empty. `None` if another driver has it.
     fn commit_others(
         &self,
         gid: &Gid,
         txn_id: &str,
         prepared: Vec<String>,
     ) -> Option<Vec<tokio::task::JoinHandle<()>>> {
-        if prepared.is_empty() {
-            return None;
-        }
         {
             let mut in_doubt = lock(&self.inner.in_doubt);
             if in_doubt.contains_key(gid) {
@@ -2539,28 +2548,6 @@ fn classify(
             e.to_string(),
             false,
         )),
-    }
-}
-
-/// The log record of a committed last-agent transaction: a COMMIT naming the prepared
-/// participants (phase 2 resumes from it after a restart, and its END follows), or, if
-/// none was prepared, a one-phase outcome (a COMMIT with nobody to acknowledge it would
-/// stay in doubt forever).
-fn last_agent_record(gid: &Gid, txn_id: &str, last: &str, prepared: &[String]) -> Record {
-    if prepared.is_empty() {
-        Record::OnePhaseCommitted {
-            gid: gid.to_string(),
-            txn_id: txn_id.to_owned(),
-            participant: last.to_owned(),
-            decided_at_ms: now_ms(),
-        }
-    } else {
-        Record::Commit {
-            gid: gid.to_string(),
-            txn_id: txn_id.to_owned(),
-            participants: prepared.to_vec(),
-            decided_at_ms: now_ms(),
-        }
     }
 }
 
