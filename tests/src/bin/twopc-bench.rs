@@ -55,12 +55,18 @@ struct Args {
     /// Only the decision log: forced appends per second with this many appenders.
     #[arg(long)]
     log_only: Option<usize>,
+    /// Only redraw bench.svg beside this bench.json (written by an earlier run).
+    #[arg(long, value_name = "BENCH_JSON")]
+    replot: Option<PathBuf>,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     twopc_testkit::init_tracing();
     let args = Args::parse();
+    if let Some(json) = args.replot {
+        return bench::replot(&json);
+    }
     if let Some(appenders) = args.log_only {
         let dir = std::env::current_dir()?.join(".twopc-log-bench");
         bench::log_bench(appenders, Duration::from_secs(args.seconds), dir).await?;
