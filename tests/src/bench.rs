@@ -85,6 +85,11 @@ pub struct PointResult {
     /// Throughput and p50 relative to `direct-2pc` at the same concurrency
     /// (`single-twopc` relative to `single-direct`).
     pub throughput_ratio: Option<f64>,
+    /// The median over rounds of this path's throughput over the base's in the same
+    /// round: steadier than `throughput_ratio` when the machine drifts between rounds.
+    /// None with one round.
+    #[serde(default)]
+    pub throughput_ratio_paired: Option<f64>,
     pub p50_ratio: Option<f64>,
     /// CPU time per committed transaction while measuring, in microseconds: of the bench
     /// process (its clients, and for the twopc paths also the coordinator and the agents,
@@ -387,7 +392,20 @@ struct Setup {
     /// Remote agents (served from this process) and their stop tokens.
     agents: Vec<(Agent, CancellationToken)>,
     _clusters: Vec<PgCluster>,
-    _data_dirs: Vec<PathBuf>,
+    _data_dirs: DataDirs,
+}
+
+/// The coordinators' data directories, removed when the setup goes, also when a signal
+/// drops the run halfway.
+#[derive(Default)]
+struct DataDirs(Vec<PathBuf>);
+
+impl Drop for DataDirs {
+    fn drop(&mut self) {
+        for d in &self.0 {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
 }
 
 async fn coordinator(
@@ -484,7 +502,7 @@ impl Setup {
             agents: vec![],
             floor: None,
             _clusters: clusters,
-            _data_dirs: vec![],
+            _data_dirs: DataDirs::default(),
         };
         let wants = |p: &str| config.paths.iter().any(|x| x.starts_with(p));
         if wants("single-http-floor") {
@@ -498,12 +516,12 @@ impl Setup {
             if wants("twopc-remote") || wants("single-twopc") {
                 let (r, d) = coordinator(&agents, "r", config, false).await?;
                 setup.remote = Some(r);
-                setup._data_dirs.push(d);
+                setup._data_dirs.0.push(d);
             }
             if wants("twopc-last") {
                 let (r, d) = coordinator(&agents, "l", config, true).await?;
                 setup.last = Some(r);
-                setup._data_dirs.push(d);
+                setup._data_dirs.0.push(d);
             }
         }
         if wants("twopc-inproc") {
@@ -515,7 +533,7 @@ impl Setup {
             )
             .await?;
             setup.inproc = Some(r);
-            setup._data_dirs.push(d);
+            setup._data_dirs.0.push(d);
         }
         Ok(setup)
     }
@@ -623,9 +641,6 @@ impl Setup {
             stop.cancel();
             agent.close();
         }
-        for d in &self._data_dirs {
-            let _ = std::fs::remove_dir_all(d);
-        }
     }
 }
 
@@ -715,6 +730,7 @@ async fn run_point(
         p99_ms: q(0.99),
         p999_ms: q(0.999),
         throughput_ratio: None,
+        throughput_ratio_paired: None,
         p50_ratio: None,
         cpu_bench_us_per_txn: per_txn(cpu0.zip(cpu1).map(|(a, b)| b.0 - a.0)),
         cpu_machine_us_per_txn: per_txn(cpu0.zip(cpu1).map(|(a, b)| b.1 - a.1)),
@@ -744,6 +760,42 @@ fn median_rounds(by_round: Vec<Vec<PointResult>>) -> Vec<PointResult> {
             Some(median)
         })
         .collect()
+}
+
+/// Each point's ratios to its base (`direct-2pc`, or `single-direct` for the `single-*`
+/// paths) at the same concurrency: of the reported rounds, and paired by round.
+fn add_ratios(results: &mut [PointResult]) {
+    let snapshot = results.to_vec();
+    for r in results {
+        let base = if r.path.starts_with("single-") {
+            "single-direct"
+        } else {
+            "direct-2pc"
+        };
+        if let Some(b) = snapshot
+            .iter()
+            .find(|b| b.path == base && b.concurrency == r.concurrency)
+        {
+            r.throughput_ratio_paired = paired_ratio(&r.throughput_rounds, &b.throughput_rounds);
+            if b.throughput > 0.0 {
+                r.throughput_ratio = Some(r.throughput / b.throughput);
+            }
+            if b.p50_ms > 0.0 {
+                r.p50_ratio = Some(r.p50_ms / b.p50_ms);
+            }
+        }
+    }
+}
+
+/// The median (the lower middle, as `median_rounds` picks) of `path[i] / base[i]` over
+/// rounds; None unless both have the same two or more rounds, all of the base's non-zero.
+fn paired_ratio(path: &[f64], base: &[f64]) -> Option<f64> {
+    if path.len() < 2 || path.len() != base.len() || base.iter().any(|b| *b <= 0.0) {
+        return None;
+    }
+    let mut ratios: Vec<f64> = path.iter().zip(base).map(|(p, b)| p / b).collect();
+    ratios.sort_by(f64::total_cmp);
+    Some(ratios[(ratios.len() - 1) / 2])
 }
 
 /// Puts a database back in the same state before every point, so that no path pays for
@@ -791,26 +843,7 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<Vec<PointResult>> {
     }
     setup.shutdown().await;
     let mut results = median_rounds(by_round);
-    // Ratios (of the reported rounds).
-    let snapshot = results.clone();
-    for r in &mut results {
-        let base = if r.path.starts_with("single-") {
-            "single-direct"
-        } else {
-            "direct-2pc"
-        };
-        if let Some(b) = snapshot
-            .iter()
-            .find(|b| b.path == base && b.concurrency == r.concurrency)
-        {
-            if b.throughput > 0.0 {
-                r.throughput_ratio = Some(r.throughput / b.throughput);
-            }
-            if b.p50_ms > 0.0 {
-                r.p50_ratio = Some(r.p50_ms / b.p50_ms);
-            }
-        }
-    }
+    add_ratios(&mut results);
     std::fs::create_dir_all(&config.out_dir)?;
     let json_path = config.out_dir.join("bench.json");
     std::fs::write(
@@ -831,7 +864,8 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<Vec<PointResult>> {
 }
 
 /// Redraws `bench.svg` beside a `bench.json` that an earlier run wrote, and prints its
-/// table (after a change to the plot, without measuring again).
+/// table with the ratios computed afresh (after a change to the plot or the report,
+/// without measuring again).
 pub fn replot(json_path: &std::path::Path) -> anyhow::Result<()> {
     #[derive(serde::Deserialize)]
     struct Run {
@@ -839,7 +873,8 @@ pub fn replot(json_path: &std::path::Path) -> anyhow::Result<()> {
     }
     let text = std::fs::read_to_string(json_path)
         .with_context(|| format!("read {}", json_path.display()))?;
-    let run: Run = serde_json::from_str(&text).context("parse the bench results")?;
+    let mut run: Run = serde_json::from_str(&text).context("parse the bench results")?;
+    add_ratios(&mut run.results);
     let svg_path = json_path.with_file_name("bench.svg");
     std::fs::write(&svg_path, svg(&run.results))?;
     println!("{}", table(&run.results));
@@ -851,7 +886,7 @@ pub fn table(results: &[PointResult]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{:<22} {:>4} {:>9} {:>13} {:>8} {:>8} {:>8} {:>7} {:>6} {:>8} {:>8} {:>9} {:>9}",
+        "{:<22} {:>4} {:>9} {:>13} {:>8} {:>8} {:>8} {:>7} {:>6} {:>8} {:>6} {:>8} {:>9} {:>9}",
         "path",
         "c",
         "tps",
@@ -862,6 +897,7 @@ pub fn table(results: &[PointResult]) -> String {
         "aborts",
         "errors",
         "tps/base",
+        "paired",
         "p50/base",
         "cpu/txn",
         "bench/txn"
@@ -879,7 +915,7 @@ pub fn table(results: &[PointResult]) -> String {
         };
         let _ = writeln!(
             s,
-            "{:<22} {:>4} {:>9.0} {:>13} {:>8.2} {:>8.2} {:>8.2} {:>7} {:>6} {:>8} {:>8} {:>9} {:>9}",
+            "{:<22} {:>4} {:>9.0} {:>13} {:>8.2} {:>8.2} {:>8.2} {:>7} {:>6} {:>8} {:>6} {:>8} {:>9} {:>9}",
             r.path,
             r.concurrency,
             r.throughput,
@@ -890,6 +926,7 @@ pub fn table(results: &[PointResult]) -> String {
             r.aborted,
             r.errors,
             ratio(r.throughput_ratio),
+            ratio(r.throughput_ratio_paired),
             ratio(r.p50_ratio),
             us(r.cpu_machine_us_per_txn),
             us(r.cpu_bench_us_per_txn)
@@ -1071,6 +1108,7 @@ mod tests {
             p99_ms: 0.0,
             p999_ms: 0.0,
             throughput_ratio: None,
+            throughput_ratio_paired: None,
             p50_ratio: None,
             cpu_bench_us_per_txn: None,
             cpu_machine_us_per_txn: None,
@@ -1102,6 +1140,19 @@ mod tests {
             .collect::<Vec<_>>();
         let single = json!({"txn_id": "t1", "branches": [{"participant": "a", "statements": stmts}], "ack": "durable"});
         assert_eq!(typed(&[BranchBody::new("a", "t1", 3, 0)]), single);
+    }
+
+    #[test]
+    fn the_paired_ratio_is_the_median_of_same_round_ratios() {
+        // Rounds 2 and 3 ran on a slower machine: the ratio of medians (1,500 / 2,000 =
+        // 0.75) mixes rounds, the paired one compares each round with itself.
+        let path = [1_800.0, 1_000.0, 1_500.0];
+        let base = [2_000.0, 1_250.0, 2_000.0];
+        assert_eq!(paired_ratio(&path, &base), Some(0.8));
+        assert_eq!(paired_ratio(&[1.0, 2.0], &[2.0, 2.0]), Some(0.5));
+        assert_eq!(paired_ratio(&[1.0], &[2.0]), None);
+        assert_eq!(paired_ratio(&[1.0, 2.0], &[2.0]), None);
+        assert_eq!(paired_ratio(&[1.0, 2.0], &[2.0, 0.0]), None);
     }
 
     #[test]

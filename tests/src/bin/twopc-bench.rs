@@ -78,7 +78,7 @@ async fn main() -> anyhow::Result<()> {
         args.paths
     };
     let urls = args.databases.map(|v| (v[0].clone(), v[1].clone()));
-    bench::run(BenchConfig {
+    let run = bench::run(BenchConfig {
         paths,
         concurrency: args.concurrency,
         duration: Duration::from_secs(args.seconds),
@@ -90,7 +90,26 @@ async fn main() -> anyhow::Result<()> {
         out_dir: args.out,
         one_phase: !args.no_one_phase,
         read_only: !args.no_read_only,
-    })
-    .await?;
+    });
+    // Ctrl-C or SIGTERM drops the run, and with it the clusters it started (PgCluster's
+    // Drop stops them); dying on the signal would leave them running.
+    tokio::select! {
+        done = run => { done?; }
+        signal = interrupted() => {
+            eprintln!("\n{}: stopped; the clusters this run started are stopped", signal?);
+            std::process::exit(130);
+        }
+    }
     Ok(())
+}
+
+/// Waits for SIGINT or SIGTERM; names the one that came.
+async fn interrupted() -> anyhow::Result<&'static str> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    Ok(tokio::select! {
+        _ = int.recv() => "interrupted",
+        _ = term.recv() => "terminated",
+    })
 }
