@@ -413,12 +413,15 @@ async fn coordinator(
     tag: &str,
     config: &BenchConfig,
     last_agent: bool,
-) -> anyhow::Result<(Running, PathBuf)> {
+    dirs: &mut DataDirs,
+) -> anyhow::Result<Running> {
     let dir = std::env::temp_dir().join(format!(
         "twopc-bench-{tag}-{}-{:08x}",
         std::process::id(),
         rand::random::<u32>()
     ));
+    // Removed with the setup even if the start fails halfway or a signal cuts it off.
+    dirs.0.push(dir.clone());
     let mut c = ServeConfig {
         listen: "127.0.0.1:0".into(),
         data_dir: dir.clone(),
@@ -431,7 +434,7 @@ async fn coordinator(
     c.one_phase = config.one_phase;
     c.read_only = config.read_only;
     c.last_agent = last_agent;
-    Ok((twopc_coordinator::server::start(c).await?, dir))
+    twopc_coordinator::server::start(c).await
 }
 
 /// An HTTP server with the coordinator's stack (axum, TCP_NODELAY, the body read as bytes
@@ -514,26 +517,18 @@ impl Setup {
             setup.agents.extend([(agent_a, stop_a), (agent_b, stop_b)]);
             let agents = [("a", a), ("b", b)];
             if wants("twopc-remote") || wants("single-twopc") {
-                let (r, d) = coordinator(&agents, "r", config, false).await?;
-                setup.remote = Some(r);
-                setup._data_dirs.0.push(d);
+                let dirs = &mut setup._data_dirs;
+                setup.remote = Some(coordinator(&agents, "r", config, false, dirs).await?);
             }
             if wants("twopc-last") {
-                let (r, d) = coordinator(&agents, "l", config, true).await?;
-                setup.last = Some(r);
-                setup._data_dirs.0.push(d);
+                let dirs = &mut setup._data_dirs;
+                setup.last = Some(coordinator(&agents, "l", config, true, dirs).await?);
             }
         }
         if wants("twopc-inproc") {
-            let (r, d) = coordinator(
-                &[("a", setup.urls.0.clone()), ("b", setup.urls.1.clone())],
-                "i",
-                config,
-                false,
-            )
-            .await?;
-            setup.inproc = Some(r);
-            setup._data_dirs.0.push(d);
+            let local = [("a", setup.urls.0.clone()), ("b", setup.urls.1.clone())];
+            let dirs = &mut setup._data_dirs;
+            setup.inproc = Some(coordinator(&local, "i", config, false, dirs).await?);
         }
         Ok(setup)
     }
@@ -653,6 +648,9 @@ async fn run_point(
 ) -> anyhow::Result<PointResult> {
     let measuring = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
+    // The clients are spawned tasks: if this point is dropped halfway (a signal), they
+    // must still stop, or they spin on a stopped cluster and the runtime never shuts down.
+    let _stop_clients = StopOnDrop(stop.clone());
     let done = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for client in 0..concurrency {
@@ -736,6 +734,15 @@ async fn run_point(
         cpu_machine_us_per_txn: per_txn(cpu0.zip(cpu1).map(|(a, b)| b.1 - a.1)),
         throughput_rounds: vec![],
     })
+}
+
+/// Sets its flag when dropped.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 /// Runs every path at every concurrency; prints a table and writes JSON + SVG.
@@ -937,8 +944,8 @@ pub fn table(results: &[PointResult]) -> String {
 
 /// Two line charts (throughput and p50/p99 latency against concurrency), one line per path.
 pub fn svg(results: &[PointResult]) -> String {
-    // The HTTP floor is ~10x every transaction path's throughput: plotted, it would flatten
-    // them all. It is in the table and the JSON.
+    // The HTTP floor runs at 6-10x single-direct's throughput and 25-45x the 2PC paths':
+    // plotted, it would flatten them all. It is in the table and the JSON.
     let plotted: Vec<PointResult> = results
         .iter()
         .filter(|r| r.path != "single-http-floor")

@@ -1,7 +1,10 @@
 //! `twopc-bench`: see `twopc_testkit::bench`.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Duration;
+
+use anyhow::Context;
 
 use clap::Parser;
 use twopc_testkit::bench::{self, BenchConfig, ALL_PATHS};
@@ -61,16 +64,17 @@ struct Args {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> anyhow::Result<ExitCode> {
     twopc_testkit::init_tracing();
     let args = Args::parse();
     if let Some(json) = args.replot {
-        return bench::replot(&json);
+        bench::replot(&json)?;
+        return Ok(ExitCode::SUCCESS);
     }
     if let Some(appenders) = args.log_only {
         let dir = std::env::current_dir()?.join(".twopc-log-bench");
         bench::log_bench(appenders, Duration::from_secs(args.seconds), dir).await?;
-        return Ok(());
+        return Ok(ExitCode::SUCCESS);
     }
     let paths = if args.paths.is_empty() {
         ALL_PATHS.iter().map(|s| s.to_string()).collect()
@@ -78,6 +82,9 @@ async fn main() -> anyhow::Result<()> {
         args.paths
     };
     let urls = args.databases.map(|v| (v[0].clone(), v[1].clone()));
+    // Listening before the run starts, so that no signal in its first moments kills the
+    // process outright.
+    let signals = Signals::new()?;
     let run = bench::run(BenchConfig {
         paths,
         concurrency: args.concurrency,
@@ -92,24 +99,41 @@ async fn main() -> anyhow::Result<()> {
         read_only: !args.no_read_only,
     });
     // Ctrl-C or SIGTERM drops the run, and with it the clusters it started (PgCluster's
-    // Drop stops them); dying on the signal would leave them running.
+    // Drop stops them). Returning, rather than exiting, lets the runtime wait for a
+    // cluster still starting in a blocking task and drop (stop) it too.
     tokio::select! {
-        done = run => { done?; }
-        signal = interrupted() => {
-            eprintln!("\n{}: stopped; the clusters this run started are stopped", signal?);
-            std::process::exit(130);
+        biased;
+        (name, code) = signals.recv() => {
+            eprintln!("\n{name}: stopping what this run started");
+            Ok(ExitCode::from(code))
+        }
+        done = run => {
+            done?;
+            Ok(ExitCode::SUCCESS)
         }
     }
-    Ok(())
 }
 
-/// Waits for SIGINT or SIGTERM; names the one that came.
-async fn interrupted() -> anyhow::Result<&'static str> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut term = signal(SignalKind::terminate())?;
-    Ok(tokio::select! {
-        _ = int.recv() => "interrupted",
-        _ = term.recv() => "terminated",
-    })
+/// SIGINT and SIGTERM, listened to from creation on.
+struct Signals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            int: signal(SignalKind::interrupt()).context("listen for SIGINT")?,
+            term: signal(SignalKind::terminate()).context("listen for SIGTERM")?,
+        })
+    }
+
+    /// The first signal to come: its name and the exit status a shell gives it.
+    async fn recv(mut self) -> (&'static str, u8) {
+        tokio::select! {
+            _ = self.int.recv() => ("interrupted", 130),
+            _ = self.term.recv() => ("terminated", 143),
+        }
+    }
 }
