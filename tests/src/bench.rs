@@ -192,7 +192,15 @@ impl HttpConn {
         let work = async {
             let sender = match self.sender.as_mut() {
                 Some(s) if !s.is_closed() => s,
-                _ => self.sender.insert(Self::connect(self.addr).await.ok()?),
+                _ => match Self::connect(self.addr).await {
+                    Ok(s) => self.sender.insert(s),
+                    Err(e) => {
+                        // Counted as an error; a pause, or the client spins on a refusal.
+                        tracing::warn!(error = %format!("{e:#}"), "bench client cannot connect");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        return None;
+                    }
+                },
             };
             sender.ready().await.ok()?;
             let req = hyper::Request::post("/v1/transactions")
