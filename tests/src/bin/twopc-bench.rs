@@ -4,8 +4,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Context;
-
 use clap::Parser;
 use twopc_testkit::bench::{self, BenchConfig, ALL_PATHS};
 
@@ -82,9 +80,6 @@ async fn main() -> anyhow::Result<ExitCode> {
         args.paths
     };
     let urls = args.databases.map(|v| (v[0].clone(), v[1].clone()));
-    // Listening before the run starts, so that no signal in its first moments kills the
-    // process outright.
-    let signals = Signals::new()?;
     let run = bench::run(BenchConfig {
         paths,
         concurrency: args.concurrency,
@@ -100,40 +95,18 @@ async fn main() -> anyhow::Result<ExitCode> {
     });
     // Ctrl-C or SIGTERM drops the run, and with it the clusters it started (PgCluster's
     // Drop stops them). Returning, rather than exiting, lets the runtime wait for a
-    // cluster still starting in a blocking task and drop (stop) it too.
+    // cluster still starting in a blocking task and drop (stop) it too. `biased`: the
+    // signals are listened to (first poll) before the run is first polled.
     tokio::select! {
         biased;
-        (name, code) = signals.recv() => {
+        name = twopc_participant::cli::shutdown_signal() => {
             eprintln!("\n{name}: stopping what this run started");
-            Ok(ExitCode::from(code))
+            // The exit status a shell gives the signal.
+            Ok(ExitCode::from(if name == "terminated" { 143 } else { 130 }))
         }
         done = run => {
             done?;
             Ok(ExitCode::SUCCESS)
-        }
-    }
-}
-
-/// SIGINT and SIGTERM, listened to from creation on.
-struct Signals {
-    int: tokio::signal::unix::Signal,
-    term: tokio::signal::unix::Signal,
-}
-
-impl Signals {
-    fn new() -> anyhow::Result<Signals> {
-        use tokio::signal::unix::{signal, SignalKind};
-        Ok(Signals {
-            int: signal(SignalKind::interrupt()).context("listen for SIGINT")?,
-            term: signal(SignalKind::terminate()).context("listen for SIGTERM")?,
-        })
-    }
-
-    /// The first signal to come: its name and the exit status a shell gives it.
-    async fn recv(mut self) -> (&'static str, u8) {
-        tokio::select! {
-            _ = self.int.recv() => ("interrupted", 130),
-            _ = self.term.recv() => ("terminated", 143),
         }
     }
 }
