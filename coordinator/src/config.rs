@@ -79,6 +79,10 @@ pub struct ServeConfig {
     pub max_body_bytes: usize,
     pub log_retention_ms: u64,
     pub log_segment_max_bytes: u64,
+    /// Open a decision log whose last segment has a corrupt record followed by intact
+    /// ones by truncating at the damage (drops those records; see README, failure
+    /// handling). For one start, after the operator kept a copy.
+    pub log_discard_corrupt_tail: bool,
     /// File holding the bearer token clients must send (`Authorization: Bearer ...`).
     pub api_token_file: Option<PathBuf>,
     /// TLS on the client API: certificate and key (PEM). Both or neither.
@@ -115,6 +119,7 @@ impl Default for ServeConfig {
             max_body_bytes: 1024 * 1024,
             log_retention_ms: 3_600_000,
             log_segment_max_bytes: 64 * 1024 * 1024,
+            log_discard_corrupt_tail: false,
             api_token_file: None,
             api_tls_cert: None,
             api_tls_key: None,
@@ -205,6 +210,12 @@ pub struct ServeArgs {
     /// One fdatasync per decision instead of group commit.
     #[arg(long, env = "TWOPC_NO_GROUP_COMMIT")]
     pub no_group_commit: bool,
+    /// Open a decision log whose last segment has a corrupt record followed by intact
+    /// ones by truncating at the damage, dropping those records (the segment is kept as
+    /// a .seg.corrupt copy). Without it such a log refuses to open. Use once, after
+    /// keeping a copy of the data directory.
+    #[arg(long, env = "TWOPC_LOG_DISCARD_CORRUPT_TAIL")]
+    pub log_discard_corrupt_tail: bool,
 }
 
 fn parse_ack(s: &str) -> Result<AckMode, String> {
@@ -272,6 +283,7 @@ impl ServeArgs {
         c.read_only &= !self.no_read_only;
         c.parallel &= !self.no_parallel;
         c.group_commit &= !self.no_group_commit;
+        c.log_discard_corrupt_tail |= self.log_discard_corrupt_tail;
         c.validate()?;
         Ok(c)
     }

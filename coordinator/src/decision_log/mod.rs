@@ -79,6 +79,10 @@ pub struct LogConfig {
     pub max_batch_bytes: usize,
     /// How long a batch of lazy records only may wait for more records.
     pub lazy_flush_ms: u64,
+    /// Open a log whose last segment has a corrupt record followed by intact ones by
+    /// truncating at the damage (dropping those records). Off: such a log refuses to
+    /// open ([`LogError::CorruptBeforeIntact`]). An operator's one-off choice.
+    pub discard_corrupt_tail: bool,
 }
 
 impl LogConfig {
@@ -92,6 +96,7 @@ impl LogConfig {
             max_batch_records: 1024,
             max_batch_bytes: 4 * 1024 * 1024,
             lazy_flush_ms: 5,
+            discard_corrupt_tail: false,
         }
     }
 
@@ -142,6 +147,21 @@ pub enum LogError {
     },
     #[error("record cannot be logged: {0}")]
     Encode(#[from] EncodeError),
+    #[error(
+        "decision log is corrupt: segment {segment} is damaged at offset {offset} ({reason}), \
+         and {intact_records} intact record(s) follow it (the first at offset \
+         {first_intact_offset}). This is not a torn write, and truncating would drop those \
+         decisions. Keep a copy of the log directory; then restore it from a copy, or start \
+         once with --log-discard-corrupt-tail to truncate at the damage (the segment is kept \
+         as a .seg.corrupt file beside it)"
+    )]
+    CorruptBeforeIntact {
+        segment: u64,
+        offset: u64,
+        reason: Damage,
+        intact_records: u64,
+        first_intact_offset: u64,
+    },
     #[error("decision log is poisoned by a failed write or fsync; the process must restart")]
     Poisoned,
     #[error("decision log is closed")]
@@ -249,7 +269,7 @@ impl DecisionLog {
             replay,
             mut tracker,
             next_seq,
-        } = recovery::recover(&dir, Mode::Repair)?;
+        } = recovery::recover(&dir, Mode::Repair, config.discard_corrupt_tail)?;
 
         let path = segment::segment_path(&dir, next_seq);
         let active_file =
@@ -427,7 +447,7 @@ pub fn read_only(dir: impl AsRef<Path>) -> Result<Replay, LogError> {
             source: io::Error::from(io::ErrorKind::NotFound),
         });
     }
-    Ok(recovery::recover(dir, Mode::ReadOnly)?.replay)
+    Ok(recovery::recover(dir, Mode::ReadOnly, false)?.replay)
 }
 
 fn lock_dir(dir: &Path) -> Result<File, LogError> {

@@ -28,7 +28,10 @@ pub struct Recovered {
     pub next_seq: u64,
 }
 
-pub fn recover(dir: &Path, mode: Mode) -> Result<Recovered, LogError> {
+/// `discard_corrupt`: with `Mode::Repair`, truncate the last segment at damage even when
+/// intact records follow it (the operator's explicit choice; the segment is copied to
+/// `<segment>.corrupt` first). Without it such a log refuses to open.
+pub fn recover(dir: &Path, mode: Mode, discard_corrupt: bool) -> Result<Recovered, LogError> {
     let seqs = segment::list_segments(dir).map_err(io_error("listing segments", dir))?;
     let mut records: Vec<Record> = Vec::new();
     let mut tracker = SegmentTracker::new();
@@ -116,6 +119,30 @@ pub fn recover(dir: &Path, mode: Mode) -> Result<Recovered, LogError> {
             assert_eq!(offset, scan.valid_len_bytes);
             let dropped_bytes = scan.file_len_bytes - scan.valid_len_bytes;
             assert!(dropped_bytes > 0);
+            let intact = segment::intact_frames_after(&path, offset + 1)
+                .map_err(io_error("reading segment", &path))?;
+            if let Some(intact) = intact {
+                if mode == Mode::ReadOnly || !discard_corrupt {
+                    return Err(LogError::CorruptBeforeIntact {
+                        segment: seq,
+                        offset,
+                        reason: damage,
+                        intact_records: intact.count,
+                        first_intact_offset: intact.first_offset,
+                    });
+                }
+                let copy = path.with_extension("seg.corrupt");
+                std::fs::copy(&path, &copy)
+                    .map_err(io_error("keeping a copy of a corrupt segment", &copy))?;
+                tracing::error!(
+                    segment = seq,
+                    offset,
+                    %damage,
+                    intact_records_dropped = intact.count,
+                    copy = %copy.display(),
+                    "decision log: corrupt record followed by intact ones; discarding them as the operator asked"
+                );
+            }
             tracing::warn!(
                 segment = seq,
                 offset,

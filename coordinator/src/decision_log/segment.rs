@@ -253,6 +253,44 @@ pub fn scan_segment(path: &Path, seq: u64) -> io::Result<SegmentScan> {
     Ok(scan)
 }
 
+/// Intact frames found after a damaged one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IntactAfter {
+    /// How many intact frames follow the damage.
+    pub count: u64,
+    /// Offset of the first of them.
+    pub first_offset: u64,
+}
+
+/// Searches `path` from byte `from` to its end for intact frames (a plausible length,
+/// a matching CRC32C and a decodable payload), resynchronising byte by byte after
+/// damage. A torn write leaves none: whatever the crash left after the last good frame
+/// is garbage or zeros. Intact frames after damage mean the damage is in the middle of
+/// what was written: corruption, not a torn tail. Bounded by the file's length.
+pub fn intact_frames_after(path: &Path, from: u64) -> io::Result<Option<IntactAfter>> {
+    let bytes = fs::read(path)?;
+    let mut at = usize::try_from(from).unwrap_or(usize::MAX);
+    let mut found: Option<IntactAfter> = None;
+    let mut payload = Vec::new();
+    while at < bytes.len() {
+        let rest = &bytes[at..];
+        let mut reader = rest;
+        match read_frame(&mut reader, rest.len() as u64, &mut payload) {
+            Ok(Ok((frame_bytes, _))) => {
+                let f = found.get_or_insert(IntactAfter {
+                    count: 0,
+                    first_offset: at as u64,
+                });
+                f.count += 1;
+                at += frame_bytes as usize;
+            }
+            // Damage (or a read past the end, which the length checks rule out).
+            Ok(Err(_)) | Err(_) => at += 1,
+        }
+    }
+    Ok(found)
+}
+
 /// Reads one frame. The outer `Result` is I/O, the inner one is damage.
 fn read_frame(
     reader: &mut impl Read,

@@ -275,6 +275,73 @@ async fn flipped_bit_in_earlier_segment_is_corrupt() {
     ));
 }
 
+/// A corrupt record in the middle of the last segment with intact records after it is
+/// not a torn tail: truncating there would drop those (forced) decisions without a word.
+/// The log refuses to open, says where, and opens only when the operator asks for the
+/// loss (keeping a copy of the segment).
+#[tokio::test]
+async fn corrupt_record_before_intact_ones_in_last_segment_refuses_to_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogConfig::new(dir.path());
+    let records: Vec<Record> = (0..5).map(commit).collect();
+    let offsets = one_session(&config, &records).await;
+    let seg1 = segment_path(dir.path(), 1);
+    flip_bit(&seg1, offsets[1] + 10, 3);
+    let before = snapshot(dir.path());
+    match DecisionLog::open(config.clone()) {
+        Err(LogError::CorruptBeforeIntact {
+            segment: 1,
+            offset,
+            intact_records,
+            first_intact_offset,
+            ..
+        }) => {
+            assert_eq!(offset, offsets[1]);
+            assert_eq!(intact_records, 3);
+            assert_eq!(first_intact_offset, offsets[2]);
+        }
+        other => panic!("expected CorruptBeforeIntact, got {other:?}"),
+    }
+    assert!(matches!(
+        read_only(dir.path()),
+        Err(LogError::CorruptBeforeIntact { segment: 1, .. })
+    ));
+    assert_eq!(
+        snapshot(dir.path()),
+        before,
+        "a refused open changes nothing"
+    );
+
+    // The operator's way on: truncate at the damage, keeping a copy.
+    let mut discard = config.clone();
+    discard.discard_corrupt_tail = true;
+    let (log, replay) = open(&discard);
+    assert_eq!(replay.records, records[..1]);
+    log.close().await.unwrap();
+    let copy = seg1.with_extension("seg.corrupt");
+    assert_eq!(
+        fs::read(&copy).unwrap(),
+        before["00000000000000000001.seg"].0
+    );
+}
+
+/// Damage in the last record only (a torn write) is still repaired silently.
+#[tokio::test]
+async fn garbage_after_the_last_record_is_a_torn_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogConfig::new(dir.path());
+    let records: Vec<Record> = (0..3).map(commit).collect();
+    let offsets = one_session(&config, &records).await;
+    let seg1 = segment_path(dir.path(), 1);
+    let mut bytes = fs::read(&seg1).unwrap();
+    bytes.truncate(offsets[2] as usize + 5);
+    bytes.extend((0..300u32).map(|i| (i * 7 + 3) as u8));
+    fs::write(&seg1, bytes).unwrap();
+    let (log, replay) = open(&config);
+    assert_eq!(replay.records, records[..2]);
+    log.close().await.unwrap();
+}
+
 #[tokio::test]
 async fn zero_filled_tail_is_truncated() {
     let dir = tempfile::tempdir().unwrap();

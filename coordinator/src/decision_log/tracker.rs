@@ -1,6 +1,9 @@
 //! Bookkeeping that decides when a segment may be deleted.
 //!
-//! A segment is finished when every `Commit` in it has a durable `End`.
+//! A segment is finished when every `Commit` in it has a durable `End`, or an `Abort`
+//! (an operator's forced resolution, which overrides the commit on replay and so ends
+//! it just as an `End` does, pins included: if the `Abort`'s segment went first, the
+//! `Commit` would replay as undecided-but-committed and phase 2 would commit it again).
 //! An `End` that finishes a commit living in an *earlier* segment pins the
 //! segment holding the `End` until the commit's segment is gone: deleting the
 //! `End` first would make the commit look unfinished after a restart, and its
@@ -30,8 +33,8 @@ impl RecordKind {
     pub fn of(record: &Record) -> RecordKind {
         match record {
             Record::Commit { gid, .. } => RecordKind::Commit { gid: gid.clone() },
-            Record::End { gid } => RecordKind::End { gid: gid.clone() },
-            Record::OnePhaseCommitted { .. } | Record::Abort { .. } => RecordKind::Finished,
+            Record::End { gid } | Record::Abort { gid, .. } => RecordKind::End { gid: gid.clone() },
+            Record::OnePhaseCommitted { .. } => RecordKind::Finished,
         }
     }
 
@@ -39,8 +42,8 @@ impl RecordKind {
     pub fn from_record(record: Record) -> RecordKind {
         match record {
             Record::Commit { gid, .. } => RecordKind::Commit { gid },
-            Record::End { gid } => RecordKind::End { gid },
-            Record::OnePhaseCommitted { .. } | Record::Abort { .. } => RecordKind::Finished,
+            Record::End { gid } | Record::Abort { gid, .. } => RecordKind::End { gid },
+            Record::OnePhaseCommitted { .. } => RecordKind::Finished,
         }
     }
 }
@@ -246,6 +249,32 @@ mod tests {
         );
         tracker.on_deleted(1);
         assert_eq!(tracker.next_deletable(0, 0), Some(2));
+    }
+
+    #[test]
+    fn an_abort_ends_a_commit_and_is_kept_while_the_commit_is() {
+        let mut tracker = tracker_with(&[1, 2, 3], 3);
+        let commit_record = Record::Commit {
+            gid: "x".into(),
+            txn_id: "t".into(),
+            participants: vec!["a".into()],
+            decided_at_ms: 0,
+        };
+        let abort_record = Record::Abort {
+            gid: "x".into(),
+            txn_id: "t".into(),
+            decided_at_ms: 0,
+            reason: "operator (forced)".into(),
+        };
+        tracker.on_record(1, RecordKind::of(&commit_record), 0);
+        tracker.on_record(2, RecordKind::of(&abort_record), 0);
+        // The Abort's segment may not go while the Commit's is there...
+        assert_eq!(tracker.next_deletable(0, 0), Some(1));
+        assert_eq!(tracker.segments[&2].pinned_by_count, 1);
+        tracker.on_deleted(1);
+        // ...and goes once it is gone.
+        assert_eq!(tracker.next_deletable(0, 0), Some(2));
+        assert_eq!(tracker.open_commit_count(), 0);
     }
 
     #[test]
