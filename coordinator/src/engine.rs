@@ -297,7 +297,21 @@ impl InDoubt {
 #[derive(Default)]
 struct Outcomes {
     by_txn: HashMap<String, OutcomeEntry>,
-    order: VecDeque<(Instant, String)>,
+    /// Insertion order for expiry: (when, txn id, GID). An entry expires only if the txn
+    /// id still holds that GID's outcome: a reused txn id's newer outcome must not go
+    /// with its older one.
+    order: VecDeque<(Instant, String, String)>,
+}
+
+impl Outcomes {
+    /// Forgets the oldest remembered outcome (if the txn id still holds it).
+    fn expire_oldest(&mut self) {
+        if let Some((_, txn_id, gid)) = self.order.pop_front() {
+            if self.by_txn.get(&txn_id).is_some_and(|e| e.gid == gid) {
+                self.by_txn.remove(&txn_id);
+            }
+        }
+    }
 }
 
 #[derive(Default)]
@@ -327,6 +341,14 @@ struct Inner {
     unresolved: Mutex<HashMap<Gid, String>>,
     /// Decision rows to delete, per last agent: their transactions are finished.
     forget: Mutex<HashMap<String, VecDeque<Gid>>>,
+    /// GIDs an operator aborted by hand (`Abort` records, from the log and this
+    /// incarnation). They override any commit: a committed decision row of one is not
+    /// adopted again (it is forgotten), and its prepared branches are rolled back.
+    operator_aborted: Mutex<HashSet<Gid>>,
+    /// Held by a whole recovery pass and by an operator's resolve: each checks what is
+    /// decided and then acts on it, and neither may act between the other's check and
+    /// act (a resolve's COMMIT of a GID a pass has just found undecided would split it).
+    resolving: tokio::sync::Mutex<()>,
     /// A recovery pass reached every participant (and read every decision table): from
     /// then on, a transaction this coordinator does not know was not committed by a
     /// last agent either, and `GET` may presume abort.
@@ -410,6 +432,8 @@ impl Engine {
                 in_doubt: Mutex::new(HashMap::new()),
                 unresolved: Mutex::new(HashMap::new()),
                 forget: Mutex::new(HashMap::new()),
+                operator_aborted: Mutex::new(HashSet::new()),
+                resolving: tokio::sync::Mutex::new(()),
                 recovered: std::sync::atomic::AtomicBool::new(false),
                 counters: Counters::default(),
                 started: Instant::now(),
@@ -446,6 +470,9 @@ impl Engine {
                 Record::Abort { gid, txn_id, .. } => {
                     // An operator's forced resolution overrides an earlier decision.
                     committed.remove(gid);
+                    if let Ok(g) = Gid::parse(gid) {
+                        lock(&self.inner.operator_aborted).insert(g);
+                    }
                     self.remember(txn_id, gid, Outcome::Aborted)
                 }
             }
@@ -549,6 +576,7 @@ impl Engine {
     /// and leaves `in_doubt` only once no branch of it is prepared; so checking `live`
     /// first, then `in_doubt`, can never see a committed, prepared branch as neither.
     pub async fn recover_once(&self) -> RecoveryReport {
+        let _resolving = self.inner.resolving.lock().await;
         let prefix = self.gid_prefix();
         let timeout = Duration::from_millis(self.inner.config.call_timeout_ms);
         let mut report = RecoveryReport::default();
@@ -614,7 +642,8 @@ impl Engine {
                 if lock(&self.inner.in_doubt).contains_key(&gid) {
                     continue;
                 }
-                if let Some(last) = gid.last_agent() {
+                let operator_aborted = lock(&self.inner.operator_aborted).contains(&gid);
+                if let Some(last) = gid.last_agent().filter(|_| !operator_aborted) {
                     // No presumption here: the last agent's row is the decision.
                     let committed = match settled.get(&gid) {
                         Some(c) => *c,
@@ -1181,12 +1210,11 @@ impl Engine {
                 outcome,
             },
         );
-        o.order.push_back((Instant::now(), txn_id.to_owned()));
+        o.order
+            .push_back((Instant::now(), txn_id.to_owned(), gid.to_owned()));
         // Bounded: a busy coordinator must not grow without limit between reaper passes.
         while o.order.len() > self.inner.config.outcome_index_max {
-            if let Some((_, old)) = o.order.pop_front() {
-                o.by_txn.remove(&old);
-            }
+            o.expire_oldest();
         }
     }
 
@@ -1699,6 +1727,15 @@ impl Engine {
             }
             return;
         }
+        if lock(&self.inner.operator_aborted).contains(gid) {
+            // An operator aborted it by hand (with --force): the row must not bring the
+            // commit back. It goes; what is still prepared is rolled back by recovery.
+            info!(%gid, "committed decision row of a transaction an operator aborted; forgetting it");
+            if let Some(last) = gid.last_agent() {
+                self.queue_forget(last, gid.clone());
+            }
+            return;
+        }
         if lock(&self.inner.in_doubt).contains_key(gid) {
             return;
         }
@@ -1783,35 +1820,28 @@ impl Engine {
             self.remember(&txn.txn_id, txn.gid.as_str(), Outcome::Committed);
             return Ok(vec![]);
         }
-        let single_writer = yes.len() == 1 && self.inner.config.one_phase;
-        if single_writer {
-            // Only one branch wrote: its COMMIT PREPARED alone decides, so no forced
-            // record is needed (if we crash first, recovery rolls the branch back and the
-            // client was never told otherwise).
-            self.inner
-                .counters
-                .committed_one_phase
-                .fetch_add(1, Ordering::Relaxed);
-        } else {
-            let record = Record::Commit {
-                gid: txn.gid.to_string(),
-                txn_id: txn.txn_id.clone(),
-                participants: yes.clone(),
-                decided_at_ms: now_ms(),
-            };
-            // `skip` here builds a deliberately broken coordinator (it commits with no
-            // durable decision) for the chaos driver's can-it-tell run.
-            let skip = twopc_participant::failpoint::check("coordinator.skip_decision_log")
-                == Some(twopc_participant::failpoint::Action::Skip);
-            if !skip {
-                if let Err(e) = self.inner.log.append_forced(record).await {
-                    return Err(forced_log_error(&e));
-                }
+        // Forced even when only one branch wrote (the others voted READ-ONLY): the client
+        // is told `committed`, and recovery and `GET` after a crash must know it. The
+        // writer's COMMIT PREPARED alone would decide, but nothing durable of ours would
+        // say so (recovery would presume abort for a branch still prepared, and `GET`
+        // would answer `aborted` for one that committed).
+        let record = Record::Commit {
+            gid: txn.gid.to_string(),
+            txn_id: txn.txn_id.clone(),
+            participants: yes.clone(),
+            decided_at_ms: now_ms(),
+        };
+        // `skip` here builds a deliberately broken coordinator (it commits with no
+        // durable decision) for the chaos driver's can-it-tell run.
+        let skip = twopc_participant::failpoint::check("coordinator.skip_decision_log")
+            == Some(twopc_participant::failpoint::Action::Skip);
+        if !skip {
+            if let Err(e) = self.inner.log.append_forced(record).await {
+                return Err(forced_log_error(&e));
             }
-            twopc_participant::failpoint!("coordinator.after_decision");
         }
-        // The decision is durable (or, single writer, needs no record): from here on the
-        // transaction is committed.
+        twopc_participant::failpoint!("coordinator.after_decision");
+        // The decision is durable: from here on the transaction is committed.
         self.inner
             .counters
             .committed
@@ -1825,30 +1855,6 @@ impl Engine {
                 decided_at: SystemTime::now(),
             },
         );
-        if single_writer {
-            let engine = self.clone();
-            let gid = txn.gid.clone();
-            let txn_id = txn.txn_id.clone();
-            let p = yes[0].clone();
-            // The outcome record is lazy, written once the branch acknowledged.
-            let handle = tokio::spawn(async move {
-                engine.drive_commit(gid.clone(), p.clone()).await;
-                if let Err(e) = engine
-                    .inner
-                    .log
-                    .append_lazy(Record::OnePhaseCommitted {
-                        gid: gid.to_string(),
-                        txn_id,
-                        participant: p,
-                        decided_at_ms: now_ms(),
-                    })
-                    .await
-                {
-                    lazy_log_error(&e);
-                }
-            });
-            return Ok(self.await_acks(txn, vec![handle], ack).await);
-        }
         let handles = self.spawn_phase2(&txn.gid, yes);
         Ok(self.await_acks(txn, handles, ack).await)
     }
@@ -1994,6 +2000,9 @@ impl Engine {
             }
         }
         info!(branches = state.branches.len(), "transaction aborted");
+        // Ended: it leaves the live table (its outcome is remembered above), whichever
+        // path aborted it (a failing statement, `/rollback`, a timeout, the reaper).
+        self.unregister(txn);
     }
 
     async fn drive_abort(&self, p: Participant, gid: Gid) {
@@ -2049,11 +2058,7 @@ impl Engine {
         // Bounded work per pass.
         for _ in 0..10_000 {
             match o.order.front() {
-                Some((at, _)) if now.duration_since(*at) > retention => {
-                    if let Some((_, id)) = o.order.pop_front() {
-                        o.by_txn.remove(&id);
-                    }
-                }
+                Some((at, _, _)) if now.duration_since(*at) > retention => o.expire_oldest(),
                 _ => break,
             }
         }
@@ -2273,6 +2278,8 @@ impl Engine {
         let gid = self
             .find_gid(id)
             .ok_or_else(|| TxnError::UnknownTxn(id.to_owned()))?;
+        // No recovery pass between what we read here and what we do (see `resolving`).
+        let _resolving = self.inner.resolving.lock().await;
         let listings = self.prepared_everywhere().await;
         let view = self.view(&gid, &listings);
         let mut steps = Vec::new();
@@ -2322,7 +2329,8 @@ impl Engine {
             }
             ("committed" | "committed_done", ResolveAction::Abort) if !force => {
                 return Err(TxnError::Conflict(format!(
-                    "the decision log says {gid} committed; aborting it now would leave it committed                      on some participants and rolled back on others. Use --force to do it anyway"
+                    "the decision log says {gid} committed; aborting it now would leave it committed \
+                     on some participants and rolled back on others. Use --force to do it anyway"
                 )))
             }
             ("aborted", ResolveAction::Commit) if !force => {
@@ -2360,6 +2368,25 @@ impl Engine {
                     if !pending.contains(p) {
                         pending.push(p.clone());
                     }
+                }
+                if pending.is_empty() {
+                    // A COMMIT naming nobody would be listed in doubt forever and pin its
+                    // segment; and nothing is left to commit anyway.
+                    if matches!(decision, "committed_done" | "committed_last_agent") {
+                        steps.push(format!(
+                            "{gid} is already committed and no branch of it is prepared: nothing to do"
+                        ));
+                        return Ok(ResolveReport {
+                            gid: gid.to_string(),
+                            action,
+                            dry_run,
+                            steps,
+                        });
+                    }
+                    return Err(TxnError::Conflict(format!(
+                        "no branch of {gid} is prepared on any participant: there is nothing to \
+                         commit (its branches were rolled back, or never prepared)"
+                    )));
                 }
                 if view.decision != "committed" {
                     steps.push(format!(
@@ -2436,6 +2463,12 @@ impl Engine {
                 }
                 warn!(%gid, %txn_id, forced = force, "operator resolved: ABORT");
                 lock(&self.inner.in_doubt).remove(&gid);
+                lock(&self.inner.operator_aborted).insert(gid.clone());
+                if let Some(last) = gid.last_agent() {
+                    // A committed decision row would bring the commit back on the next
+                    // recovery pass; the ABORT record is durable, so the row may go.
+                    self.queue_forget(last, gid.clone());
+                }
                 self.remember(&txn_id, gid.as_str(), Outcome::Aborted);
                 let timeout = Duration::from_millis(self.inner.config.call_timeout_ms);
                 for name in &prepared_on {

@@ -31,6 +31,42 @@ pub enum MetaError {
     IdMismatch { found: String, configured: String },
     #[error(transparent)]
     Id(#[from] twopc_shared::gid::IdError),
+    #[error(
+        "data directory {dir} is in use by another coordinator process; stop it first, \
+         or use another --data-dir"
+    )]
+    Locked { dir: PathBuf },
+}
+
+/// Name of the lock file that keeps two coordinators off one data directory.
+const LOCK_FILE_NAME: &str = "LOCK";
+
+/// Held while a coordinator uses its data directory (an exclusive `flock`, released
+/// when dropped or when the process dies). Taken before anything in the directory
+/// changes: a second `serve` on a directory in use must leave it exactly as it was.
+#[derive(Debug)]
+pub struct DataDirLock {
+    _file: File,
+}
+
+/// Locks `dir` (creating it if needed) for this process, or says who has it.
+pub fn lock_data_dir(dir: &Path) -> Result<DataDirLock, MetaError> {
+    fs::create_dir_all(dir).map_err(io(dir))?;
+    let path = dir.join(LOCK_FILE_NAME);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io(&path))?;
+    match file.try_lock() {
+        Ok(()) => Ok(DataDirLock { _file: file }),
+        Err(fs::TryLockError::WouldBlock) => Err(MetaError::Locked {
+            dir: dir.to_path_buf(),
+        }),
+        Err(fs::TryLockError::Error(source)) => Err(MetaError::Io { path, source }),
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

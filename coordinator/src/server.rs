@@ -22,6 +22,8 @@ pub struct Running {
     pub engine: Engine,
     shutdown: CancellationToken,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
+    /// Released when the coordinator is shut down (or its process dies).
+    _data_dir_lock: meta::DataDirLock,
 }
 
 impl Running {
@@ -142,6 +144,22 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
         Some(path) => Some(crate::http::read_token_file(path)?),
         None => None,
     };
+    let api_tls = match (&config.api_tls_cert, &config.api_tls_key) {
+        (Some(c), Some(k)) => Some(
+            twopc_participant::tls::plain_server_config(c, k)
+                .context("load API TLS certificate")?,
+        ),
+        (None, None) => None,
+        _ => anyhow::bail!("API TLS needs both api_tls_cert and api_tls_key"),
+    };
+    // Everything that can fail without changing anything comes first: the port, then
+    // the data directory's lock. Only with both held is the epoch bumped and the log
+    // opened (and repaired), so a second `serve` on a directory or port in use changes
+    // nothing.
+    let listener = TcpListener::bind(&config.listen)
+        .await
+        .with_context(|| format!("listen on {}", config.listen))?;
+    let data_dir_lock = meta::lock_data_dir(&config.data_dir).context("lock the data directory")?;
     let meta =
         meta::bump_epoch(&config.data_dir, &config.coordinator_id).context("start a new epoch")?;
     info!(coordinator_id = %meta.coordinator_id, epoch = meta.epoch, "coordinator starting");
@@ -149,6 +167,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
     log_config.group_commit = config.group_commit;
     log_config.retention_ms = config.log_retention_ms;
     log_config.segment_max_bytes = config.log_segment_max_bytes;
+    log_config.discard_corrupt_tail = config.log_discard_corrupt_tail;
     let (log, replay) = tokio::task::spawn_blocking(move || DecisionLog::open(log_config))
         .await
         .context("join log open")?
@@ -163,9 +182,6 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
     let engine = Engine::new(config.engine_config(), meta.epoch, parts, log, &replay);
     engine.spawn_background();
 
-    let listener = TcpListener::bind(&config.listen)
-        .await
-        .with_context(|| format!("listen on {}", config.listen))?;
     let addr = listener.local_addr().context("read listen address")?;
     let app = router(
         engine.clone(),
@@ -174,14 +190,6 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
             api_token,
         },
     );
-    let api_tls = match (&config.api_tls_cert, &config.api_tls_key) {
-        (Some(c), Some(k)) => Some(
-            twopc_participant::tls::plain_server_config(c, k)
-                .context("load API TLS certificate")?,
-        ),
-        (None, None) => None,
-        _ => anyhow::bail!("API TLS needs both api_tls_cert and api_tls_key"),
-    };
     let shutdown = CancellationToken::new();
     let stop = shutdown.clone();
     let server = match api_tls {
@@ -203,5 +211,6 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
         engine,
         shutdown,
         server,
+        _data_dir_lock: data_dir_lock,
     })
 }
