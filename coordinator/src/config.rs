@@ -83,6 +83,10 @@ pub struct ServeConfig {
     /// ones by truncating at the damage (drops those records; see README, failure
     /// handling). For one start, after the operator kept a copy.
     pub log_discard_corrupt_tail: bool,
+    /// Most outcomes of finished transactions kept in memory for `GET` and retries
+    /// (oldest forgotten first, ~100 bytes each); with `log_retention_ms`, whichever
+    /// comes first, the window in which a txn id is applied at most once.
+    pub outcome_index_max: usize,
     /// File holding the bearer token clients must send (`Authorization: Bearer ...`).
     pub api_token_file: Option<PathBuf>,
     /// TLS on the client API: certificate and key (PEM). Both or neither.
@@ -120,6 +124,7 @@ impl Default for ServeConfig {
             log_retention_ms: 3_600_000,
             log_segment_max_bytes: 64 * 1024 * 1024,
             log_discard_corrupt_tail: false,
+            outcome_index_max: e.outcome_index_max,
             api_token_file: None,
             api_tls_cert: None,
             api_tls_key: None,
@@ -317,6 +322,7 @@ impl ServeConfig {
         e.max_statements_per_txn = self.max_statements_per_txn;
         e.outcome_retention_ms = self.log_retention_ms;
         e.recovery_interval_ms = self.recovery_interval_ms;
+        e.outcome_index_max = self.outcome_index_max;
         e
     }
 }
