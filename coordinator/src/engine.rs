@@ -21,7 +21,7 @@ use tracing::{debug, error, info, warn, Instrument};
 use twopc_shared::gid::{gid_prefix, validate_txn_id, Gid};
 use twopc_shared::msg::{
     AgentError, BranchOutcome, CommitAck, Decision, ErrorKind, ExecuteBranch, Finish, Isolation,
-    Request, Response, Statement, StmtResult, FORGET_MAX_GIDS,
+    Request, Response, Statement, StmtResult, FORGET_MAX_GIDS, LIST_DECISIONS_MAX,
 };
 
 use crate::decision_log::{DecisionLog, LogError, Record, Replay};
@@ -259,8 +259,6 @@ struct TxnState {
 enum Outcome {
     Committed,
     Aborted,
-    /// A one-phase commit whose answer was lost: nobody can tell any more.
-    Unknown,
 }
 
 struct OutcomeEntry {
@@ -274,6 +272,14 @@ struct Settled {
     committed: bool,
     txn_id: String,
     participants: Vec<String>,
+}
+
+/// A locally committed transaction (last-agent or one-phase) waiting to be settled.
+#[derive(Debug, Clone)]
+struct Unsettled {
+    txn_id: String,
+    /// The participant whose local commit decides it (its decision row).
+    last: String,
 }
 
 /// Decision rows queued for deletion per agent, at most.
@@ -336,9 +342,10 @@ struct Inner {
     live: Mutex<HashMap<String, Arc<LiveTxn>>>,
     outcomes: Mutex<Outcomes>,
     in_doubt: Mutex<HashMap<Gid, InDoubt>>,
-    /// Last-agent transactions whose outcome this incarnation could not learn (the last
-    /// agent neither answered nor could be fenced): GID → txn id. Recovery fences them.
-    unresolved: Mutex<HashMap<Gid, String>>,
+    /// Transactions committed by one participant's local commit (last-agent or
+    /// one-phase) whose outcome this incarnation could not learn (the participant
+    /// neither answered nor could be fenced). Recovery fences them.
+    unresolved: Mutex<HashMap<Gid, Unsettled>>,
     /// Decision rows to delete, per last agent: their transactions are finished.
     forget: Mutex<HashMap<String, VecDeque<Gid>>>,
     /// GIDs an operator aborted by hand (`Abort` records, from the log and this
@@ -349,10 +356,15 @@ struct Inner {
     /// decided and then acts on it, and neither may act between the other's check and
     /// act (a resolve's COMMIT of a GID a pass has just found undecided would split it).
     resolving: tokio::sync::Mutex<()>,
-    /// A recovery pass reached every participant (and read every decision table): from
-    /// then on, a transaction this coordinator does not know was not committed by a
-    /// last agent either, and `GET` may presume abort.
-    recovered: std::sync::atomic::AtomicBool,
+    /// Participants whose decision rows were read since this incarnation started (or
+    /// that keep none): a transaction this coordinator does not know was not committed
+    /// by one of them either. A client's txn id that is not known may not run again
+    /// on a participant not read yet: its earlier attempt may have committed there.
+    decisions_read: Mutex<HashSet<String>>,
+    /// Every participant is in `decisions_read`: `GET` may presume abort.
+    all_decisions_read: std::sync::atomic::AtomicBool,
+    /// Woken whenever `decisions_read` grows.
+    decisions_notify: tokio::sync::Notify,
     counters: Counters,
     started: Instant,
     /// Cancelled by [`Engine::shutdown`]: background loops (phase 2, aborts, reaper,
@@ -434,7 +446,9 @@ impl Engine {
                 forget: Mutex::new(HashMap::new()),
                 operator_aborted: Mutex::new(HashSet::new()),
                 resolving: tokio::sync::Mutex::new(()),
-                recovered: std::sync::atomic::AtomicBool::new(false),
+                decisions_read: Mutex::new(HashSet::new()),
+                all_decisions_read: std::sync::atomic::AtomicBool::new(false),
+                decisions_notify: tokio::sync::Notify::new(),
                 counters: Counters::default(),
                 started: Instant::now(),
                 shutdown: tokio_util::sync::CancellationToken::new(),
@@ -583,15 +597,17 @@ impl Engine {
         // Last-agent transactions of this incarnation whose outcome is still unknown.
         // One failed fence per last agent per pass: the rest would wait as long.
         let mut silent: HashSet<String> = HashSet::new();
-        let unresolved: Vec<Gid> = lock(&self.inner.unresolved).keys().cloned().collect();
-        for gid in unresolved {
-            let last = gid.last_agent().unwrap_or_default();
+        let unresolved: Vec<(Gid, String)> = lock(&self.inner.unresolved)
+            .iter()
+            .map(|(g, u)| (g.clone(), u.last.clone()))
+            .collect();
+        for (gid, last) in unresolved {
             if silent.contains(&last) {
                 continue;
             }
             match self.inner.participants.get(&last) {
                 Some(p) => match self.settle(p, &gid, Duration::ZERO).await {
-                    Some(settled) => self.adopt(&gid, &settled),
+                    Some(settled) => self.adopt(&gid, &settled, &last),
                     None => {
                         report
                             .unreachable
@@ -615,9 +631,15 @@ impl Engine {
             }
         }))
         .await;
+        // Participants that answered this pass (their handshake says whether they keep
+        // decisions).
+        let mut reached: HashSet<String> = HashSet::new();
         for (p, listing) in listings {
             let branches = match listing {
-                Ok(Response::Prepared { branches }) => branches,
+                Ok(Response::Prepared { branches }) => {
+                    reached.insert(p.name().to_owned());
+                    branches
+                }
                 Ok(other) => {
                     report.unreachable.push(format!("{}: {other:?}", p.name()));
                     continue;
@@ -651,7 +673,7 @@ impl Engine {
                             let c = match self.inner.participants.get(&last) {
                                 _ if silent.contains(&last) => None,
                                 Some(l) => self.settle(l, &gid, Duration::ZERO).await.map(|s| {
-                                    self.adopt(&gid, &s);
+                                    self.adopt(&gid, &s, &last);
                                     s.committed
                                 }),
                                 None => {
@@ -687,10 +709,8 @@ impl Engine {
                 }
             }
         }
-        let rows_complete = self.complete_decision_rows(&prefix, &mut report).await;
-        if rows_complete && report.unreachable.is_empty() {
-            self.inner.recovered.store(true, Ordering::Relaxed);
-        }
+        self.complete_decision_rows(&prefix, &reached, &mut report)
+            .await;
         self.inner
             .counters
             .recovery_passes
@@ -703,12 +723,22 @@ impl Engine {
     /// the outcome (or before the row's `Forget`). Phase 2 runs for the participants the
     /// row names (already committed ones answer "not prepared", fine since the row says
     /// commit), then the row is forgotten. Rows of this incarnation are left to the live
-    /// path for a minute. Returns whether every agent that keeps decisions answered.
-    async fn complete_decision_rows(&self, prefix: &str, report: &mut RecoveryReport) -> bool {
+    /// path for a minute. Marks the participants whose rows were all read (or that keep
+    /// none: `reached` answered this pass, so their handshake said so) in
+    /// `decisions_read`.
+    async fn complete_decision_rows(
+        &self,
+        prefix: &str,
+        reached: &HashSet<String>,
+        report: &mut RecoveryReport,
+    ) {
         let timeout = Duration::from_millis(self.inner.config.call_timeout_ms);
-        let mut complete = true;
         for p in self.inner.participants.values() {
+            if !reached.contains(p.name()) {
+                continue;
+            }
             if !p.can_commit_last() {
+                self.decisions_read(p.name());
                 continue;
             }
             let req = Request::ListDecisions {
@@ -725,16 +755,20 @@ impl Engine {
                     report
                         .unreachable
                         .push(format!("{}: cannot list decisions: {why}", p.name()));
-                    complete = false;
                     continue;
                 }
             };
+            // The oldest rows come first, at most LIST_DECISIONS_MAX: a full answer may
+            // have left some unread (the next pass reads them once these are forgotten).
+            let all_read = rows.len() < LIST_DECISIONS_MAX;
             for row in rows {
                 let Ok(gid) = Gid::parse(&row.gid) else {
                     continue;
                 };
+                // A one-phase commit of an interactive transaction has a GID that names
+                // no participant: the row's place says who committed it.
                 let ours = gid.coordinator_id() == self.inner.config.coordinator_id
-                    && gid.last_agent().as_deref() == Some(p.name());
+                    && !matches!(gid.last_agent(), Some(l) if l != p.name());
                 let stale = gid.epoch() < self.inner.epoch || row.age_ms > 60_000;
                 if !ours || !stale || self.is_live_gid(&gid) {
                     continue;
@@ -749,10 +783,58 @@ impl Engine {
                         txn_id: row.txn_id,
                         participants: row.participants,
                     },
+                    p.name(),
                 );
             }
+            if all_read {
+                self.decisions_read(p.name());
+            }
         }
-        complete
+    }
+
+    /// `name`'s decision rows were all read (or it keeps none).
+    fn decisions_read(&self, name: &str) {
+        let mut read = lock(&self.inner.decisions_read);
+        if !read.insert(name.to_owned()) {
+            return;
+        }
+        if read.len() == self.inner.participants.len() {
+            self.inner.all_decisions_read.store(true, Ordering::Relaxed);
+        }
+        drop(read);
+        self.inner.decisions_notify.notify_waiters();
+    }
+
+    /// Waits (at most `commit_wait_ms`) until `decisions_known(names)`, for a request
+    /// with a client txn id arriving before the start-up recovery pass read the decision
+    /// rows (it takes milliseconds when every participant answers). `register` refuses
+    /// the request if they are still unknown.
+    async fn await_decisions(&self, txn_id: Option<&String>, names: &[&str]) {
+        let Some(txn_id) = txn_id else { return };
+        if lock(&self.inner.outcomes).by_txn.contains_key(txn_id) {
+            return;
+        }
+        let deadline = Instant::now() + Duration::from_millis(self.inner.config.commit_wait_ms);
+        loop {
+            let notified = self.inner.decisions_notify.notified();
+            if self.decisions_known(names) {
+                return;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || tokio::time::timeout(left, notified).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Every participant of `names` had its decision rows read: a txn id this
+    /// coordinator does not know did not commit on any of them.
+    fn decisions_known(&self, names: &[&str]) -> bool {
+        if self.inner.all_decisions_read.load(Ordering::Relaxed) {
+            return true;
+        }
+        let read = lock(&self.inner.decisions_read);
+        names.iter().all(|n| read.contains(*n))
     }
 
     fn is_live_gid(&self, gid: &Gid) -> bool {
@@ -846,15 +928,21 @@ impl Engine {
         let ack = req.ack.unwrap_or(self.inner.config.default_ack);
         // Last-agent commit: the last branch (in the client's order) whose agent keeps a
         // decision table commits last.
-        let last_agent = if self.inner.config.last_agent && plan.len() >= 2 {
-            plan.iter()
-                .rev()
-                .map(|(name, _)| name.as_str())
-                .find(|name| self.may_commit_last(name))
-        } else {
-            None
-        };
-        let txn = self.register(&req, false, last_agent)?;
+        // One-phase: the only participant commits with its decision row, if its agent
+        // keeps a decision table.
+        let config = &self.inner.config;
+        let last_agent =
+            if (config.last_agent && plan.len() >= 2) || (config.one_phase && plan.len() == 1) {
+                plan.iter()
+                    .rev()
+                    .map(|(name, _)| name.as_str())
+                    .find(|name| self.may_commit_last(name))
+            } else {
+                None
+            };
+        let names: Vec<&str> = plan.iter().map(|(n, _)| n.as_str()).collect();
+        self.await_decisions(req.txn_id.as_ref(), &names).await;
+        let txn = self.register(&req, false, last_agent, &names)?;
         let span = tracing::info_span!("txn", txn_id = %txn.txn_id, gid = %txn.gid);
         let result = async {
             let mut state = txn.state.lock().await;
@@ -868,8 +956,11 @@ impl Engine {
     }
 
     /// Begins an interactive transaction; returns its id.
-    pub fn begin(&self, req: TxnRequest) -> Result<String, TxnError> {
-        let txn = self.register(&req, true, None)?;
+    pub async fn begin(&self, req: TxnRequest) -> Result<String, TxnError> {
+        let all: Vec<String> = self.participant_names();
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        self.await_decisions(req.txn_id.as_ref(), &all).await;
+        let txn = self.register(&req, true, None, &all)?;
         debug!(txn_id = %txn.txn_id, gid = %txn.gid, "interactive transaction begun");
         Ok(txn.txn_id.clone())
     }
@@ -990,6 +1081,20 @@ impl Engine {
         Ok(())
     }
 
+    /// Like [`Engine::status`], but a transaction it does not know right after a start
+    /// waits (at most `commit_wait_ms`) for the recovery pass that reads the decision
+    /// rows, instead of answering `recovering` at once.
+    pub async fn status_settled(&self, txn_id: &str) -> TxnStatus {
+        let status = self.status(txn_id);
+        if status.state != Some("recovering") {
+            return status;
+        }
+        let all: Vec<String> = self.participant_names();
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        self.await_decisions(Some(&txn_id.to_owned()), &all).await;
+        self.status(txn_id)
+    }
+
     /// What happened to `txn_id`: live state, a remembered or logged outcome, or
     /// presumed abort.
     pub fn status(&self, txn_id: &str) -> TxnStatus {
@@ -1024,13 +1129,6 @@ impl Engine {
                     pending,
                 }
             }
-            Some((gid, Outcome::Unknown)) => TxnStatus {
-                txn_id: txn_id.to_owned(),
-                state: None,
-                outcome: Some("unknown"),
-                gid: Some(gid),
-                pending: vec![],
-            },
             Some((gid, Outcome::Aborted)) => TxnStatus {
                 txn_id: txn_id.to_owned(),
                 state: None,
@@ -1038,26 +1136,28 @@ impl Engine {
                 gid: Some(gid),
                 pending: vec![],
             },
-            None if lock(&self.inner.unresolved).values().any(|t| t == txn_id) => TxnStatus {
-                txn_id: txn_id.to_owned(),
-                state: Some("in_doubt"),
-                outcome: None,
-                gid: None,
-                pending: vec![],
-            },
-            // With last-agent commits, a transaction the log does not know may have been
-            // committed by a last agent whose row recovery has not read yet.
-            None if self.inner.config.last_agent
-                && !self.inner.recovered.load(Ordering::Relaxed) =>
+            None if lock(&self.inner.unresolved)
+                .values()
+                .any(|u| u.txn_id == txn_id) =>
             {
                 TxnStatus {
                     txn_id: txn_id.to_owned(),
-                    state: Some("recovering"),
+                    state: Some("in_doubt"),
                     outcome: None,
                     gid: None,
                     pending: vec![],
                 }
             }
+            // A transaction the log does not know may have been committed by a
+            // participant's local commit (one-phase or last agent) whose row recovery has
+            // not read yet.
+            None if !self.inner.all_decisions_read.load(Ordering::Relaxed) => TxnStatus {
+                txn_id: txn_id.to_owned(),
+                state: Some("recovering"),
+                outcome: None,
+                gid: None,
+                pending: vec![],
+            },
             // Presumed abort: no commit record, not live.
             None => TxnStatus {
                 txn_id: txn_id.to_owned(),
@@ -1092,11 +1192,11 @@ impl Engine {
         v.extend(
             lock(&self.inner.unresolved)
                 .iter()
-                .map(|(gid, txn_id)| InDoubtEntry {
-                    txn_id: txn_id.clone(),
+                .map(|(gid, u)| InDoubtEntry {
+                    txn_id: u.txn_id.clone(),
                     gid: gid.to_string(),
                     state: "unknown",
-                    pending: gid.last_agent().into_iter().collect(),
+                    pending: vec![u.last.clone()],
                     age_ms: 0,
                 }),
         );
@@ -1122,11 +1222,13 @@ impl Engine {
     }
 
     /// `last_agent`: the participant that will commit last (named in the GID), if any.
+    /// `touches`: the participants it may run on.
     fn register(
         &self,
         req: &TxnRequest,
         interactive: bool,
         last_agent: Option<&str>,
+        touches: &[&str],
     ) -> Result<Arc<LiveTxn>, TxnError> {
         let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed);
         let (cid, epoch) = (&self.inner.config.coordinator_id, self.inner.epoch);
@@ -1150,13 +1252,24 @@ impl Engine {
                 self.inner.config.max_timeout_ms
             )));
         }
-        if let Some(e) = lock(&self.inner.outcomes).by_txn.get(&txn_id) {
-            if e.outcome != Outcome::Aborted {
+        let known = match lock(&self.inner.outcomes).by_txn.get(&txn_id) {
+            Some(e) if e.outcome != Outcome::Aborted => {
                 return Err(TxnError::Conflict(format!(
-                    "txn_id {txn_id:?} already committed (or may have: its outcome is \
-                     unknown); choose a new txn_id"
+                    "txn_id {txn_id:?} already committed; choose a new txn_id"
                 )));
             }
+            Some(_) => true,
+            None => false,
+        };
+        // A client's txn id this incarnation does not know may be a retry of one that an
+        // earlier incarnation committed by a participant's local commit (one-phase, last
+        // agent) whose row recovery has not read yet: running it again would apply it
+        // twice. Wait for the rows (recovery reads them at start).
+        if req.txn_id.is_some() && !known && !self.decisions_known(touches) {
+            return Err(TxnError::Unavailable(format!(
+                "txn_id {txn_id:?}: the coordinator restarted and has not yet read the \
+                 decision rows of every participant; retry shortly"
+            )));
         }
         let now = Instant::now();
         let txn = Arc::new(LiveTxn {
@@ -1240,7 +1353,6 @@ impl Engine {
             return Err(TxnError::Aborted(info));
         }
         self.set_phase(txn, Phase::Preparing);
-        let config = &self.inner.config;
 
         if plan.is_empty() {
             // Nothing ran anywhere.
@@ -1259,40 +1371,18 @@ impl Engine {
         }
 
         twopc_participant::failpoint!("coordinator.before_prepare");
-        if let Some(last) = txn.gid.last_agent() {
-            // `run_inner` names a last agent only for one-shot plans it is part of.
-            if let Some(pos) = plan.iter().position(|(n, _)| *n == last) {
-                if plan.len() >= 2 && !continues {
-                    let last = plan.remove(pos);
-                    return self.finish_last_agent(txn, state, plan, last, ack).await;
-                }
-            }
+        if let Some(pos) = self.commits_locally(txn, &plan, continues) {
+            let last = plan.remove(pos);
+            return self
+                .finish_last_agent(txn, state, plan, last, continues, ack)
+                .await;
         }
-        let one_phase = config.one_phase && plan.len() == 1;
-        let finish = if one_phase {
-            Finish::Commit
-        } else {
-            Finish::Prepare
-        };
-        let votes = self.fan_out(txn, plan, continues, finish, remaining).await;
-        if one_phase {
-            if let Some((name, resp)) = votes.first().filter(|(_, r)| commit_may_have_happened(r)) {
-                // The only branch's plain COMMIT may have happened: saying "aborted"
-                // could be a lie, and there is nothing to ask (no prepared branch, no
-                // decision row).
-                state.finished = true;
-                warn!(participant = %name, answer = ?resp, "one-phase commit without a clear answer; its outcome is unknown");
-                self.remember(&txn.txn_id, txn.gid.as_str(), Outcome::Unknown);
-                return Err(TxnError::OutcomeUnknown {
-                    txn_id: txn.txn_id.clone(),
-                    gid: txn.gid.to_string(),
-                    message: format!(
-                        "participant {name} did not answer its commit clearly; it may or may \
-                         not have committed (see the database; --no-one-phase avoids this)"
-                    ),
-                });
-            }
-        }
+        // Two-phase commit. With one participant this is also the path for an agent
+        // that keeps no decision table: its plain COMMIT would leave nothing to ask if
+        // the answer were lost.
+        let votes = self
+            .fan_out(txn, plan, continues, Finish::Prepare, remaining)
+            .await;
         let (branches, yes, failure) = self.tally(txn, votes);
         if let Some(info) = failure {
             self.abort_txn(txn, state).await;
@@ -1301,42 +1391,6 @@ impl Engine {
         twopc_participant::failpoint!("coordinator.after_prepare");
 
         state.finished = true;
-        if one_phase {
-            self.inner
-                .counters
-                .committed_one_phase
-                .fetch_add(1, Ordering::Relaxed);
-            self.inner
-                .counters
-                .committed
-                .fetch_add(1, Ordering::Relaxed);
-            self.remember(&txn.txn_id, txn.gid.as_str(), Outcome::Committed);
-            // Remember it across restarts too (not forced: nothing depends on it but
-            // the answer to a later GET).
-            let participant = branches
-                .first()
-                .map(|b| b.participant.clone())
-                .unwrap_or_default();
-            if let Err(e) = self
-                .inner
-                .log
-                .append_lazy(Record::OnePhaseCommitted {
-                    gid: txn.gid.to_string(),
-                    txn_id: txn.txn_id.clone(),
-                    participant,
-                    decided_at_ms: now_ms(),
-                })
-                .await
-            {
-                lazy_log_error(&e);
-            }
-            return Ok(Committed {
-                txn_id: txn.txn_id.clone(),
-                outcome: "committed",
-                branches,
-                pending: vec![],
-            });
-        }
         self.set_phase(txn, Phase::Committing);
         let pending = self.decide_and_commit(txn, yes, ack).await?;
         Ok(Committed {
@@ -1345,6 +1399,27 @@ impl Engine {
             branches,
             pending,
         })
+    }
+
+    /// Which branch of `plan` (if any) commits locally, with the decision row in its own
+    /// transaction: the GID's last agent of a one-shot last-agent plan, or the only
+    /// branch of a one-phase plan whose agent keeps decisions (one-shot: named in the
+    /// GID by `run_inner`; interactive: chosen now, its GID names nobody).
+    fn commits_locally(
+        &self,
+        txn: &LiveTxn,
+        plan: &[(String, Vec<Statement>)],
+        continues: bool,
+    ) -> Option<usize> {
+        let config = &self.inner.config;
+        if let Some(last) = txn.gid.last_agent() {
+            let pos = plan.iter().position(|(n, _)| *n == last)?;
+            let last_agent = config.last_agent && plan.len() >= 2 && !continues;
+            let one_phase = config.one_phase && plan.len() == 1;
+            return (last_agent || one_phase).then_some(pos);
+        }
+        let only = plan.first().filter(|_| plan.len() == 1)?;
+        (config.one_phase && continues && self.may_commit_last(&only.0)).then_some(0)
     }
 
     /// Sends every branch of `plan` its statements with `finish`, in parallel (or one
@@ -1442,14 +1517,19 @@ impl Engine {
     /// prepares; then `last` runs its statements and commits them together with the
     /// decision row, in one round trip. That commit is the decision, so no forced record
     /// of ours is needed. If its answer is lost, the outcome is learnt by fencing.
+    /// A one-phase commit is the case with no `others`: the row makes its outcome
+    /// knowable after a lost answer or a crash. `continues`: `last`'s branch is already
+    /// open (an interactive transaction's commit).
     async fn finish_last_agent(
         &self,
         txn: &Arc<LiveTxn>,
         state: &mut TxnState,
         others: Vec<(String, Vec<Statement>)>,
         last: (String, Vec<Statement>),
+        continues: bool,
         ack: AckMode,
     ) -> Result<Committed, TxnError> {
+        let one_phase = others.is_empty();
         let remaining = txn.deadline.saturating_duration_since(Instant::now());
         let votes = self
             .fan_out(txn, others, false, Finish::Prepare, remaining)
@@ -1477,7 +1557,7 @@ impl Engine {
             statements,
             finish: Finish::CommitDecision,
             read_only_vote: false,
-            continues: false,
+            continues,
             decision: Some(Decision {
                 txn_id: txn.txn_id.clone(),
                 participants: yes.clone(),
@@ -1489,6 +1569,30 @@ impl Engine {
                 results,
                 outcome: BranchOutcome::Committed,
             }) => results,
+            // Nothing prepared elsewhere and nothing written here (the agent inserts the
+            // row only for a transaction that wrote): finished, nothing to record.
+            Ok(Response::Executed {
+                results,
+                outcome: BranchOutcome::ReadOnly,
+            }) if yes.is_empty() => {
+                state.finished = true;
+                self.inner
+                    .counters
+                    .committed
+                    .fetch_add(1, Ordering::Relaxed);
+                self.remember(&txn.txn_id, txn.gid.as_str(), Outcome::Committed);
+                branches.push(BranchResults {
+                    participant: name,
+                    results,
+                });
+                branches.sort_by_key(|b| state.branches.iter().position(|n| *n == b.participant));
+                return Ok(Committed {
+                    txn_id: txn.txn_id.clone(),
+                    outcome: "committed",
+                    branches,
+                    pending: vec![],
+                });
+            }
             // Refused before it ran, or never sent: it did not commit.
             resp @ (Ok(Response::Failed(_)) | Err(_)) if !commit_may_have_happened(&resp) => {
                 let info = match classify(&name, &txn.txn_id, resp) {
@@ -1522,7 +1626,13 @@ impl Engine {
                     }
                     None => {
                         state.finished = true;
-                        lock(&self.inner.unresolved).insert(txn.gid.clone(), txn.txn_id.clone());
+                        lock(&self.inner.unresolved).insert(
+                            txn.gid.clone(),
+                            Unsettled {
+                                txn_id: txn.txn_id.clone(),
+                                last: name.clone(),
+                            },
+                        );
                         return Err(TxnError::OutcomeUnknown {
                             txn_id: txn.txn_id.clone(),
                             gid: txn.gid.to_string(),
@@ -1541,9 +1651,12 @@ impl Engine {
         state.finished = true;
         let counters = &self.inner.counters;
         counters.committed.fetch_add(1, Ordering::Relaxed);
-        counters
-            .committed_last_agent
-            .fetch_add(1, Ordering::Relaxed);
+        let path = if one_phase {
+            &counters.committed_one_phase
+        } else {
+            &counters.committed_last_agent
+        };
+        path.fetch_add(1, Ordering::Relaxed);
         self.remember(&txn.txn_id, txn.gid.as_str(), Outcome::Committed);
         branches.push(BranchResults {
             participant: name.clone(),
@@ -1706,16 +1819,16 @@ impl Engine {
         self.participant(name)
             .is_ok_and(Participant::can_commit_last)
             && !lock(&self.inner.unresolved)
-                .keys()
-                .any(|g| g.last_agent().as_deref() == Some(name))
+                .values()
+                .any(|u| u.last == name)
     }
 
     /// Acts on a last-agent transaction's settled outcome found after the fact
     /// (recovery, or a commit whose answer was lost): a commit is logged (lazily) and
     /// phase 2 starts for its prepared participants; an abort is remembered, and the
     /// prepared branches are left to the recovery pass that rolls them back.
-    fn adopt(&self, gid: &Gid, settled: &Settled) {
-        let known_txn_id = lock(&self.inner.unresolved).remove(gid);
+    fn adopt(&self, gid: &Gid, settled: &Settled, last: &str) {
+        let known_txn_id = lock(&self.inner.unresolved).remove(gid).map(|u| u.txn_id);
         let txn_id = match (&known_txn_id, settled.txn_id.is_empty()) {
             (_, false) => settled.txn_id.clone(),
             (Some(t), true) => t.clone(),
@@ -1731,9 +1844,7 @@ impl Engine {
             // An operator aborted it by hand (with --force): the row must not bring the
             // commit back. It goes; what is still prepared is rolled back by recovery.
             info!(%gid, "committed decision row of a transaction an operator aborted; forgetting it");
-            if let Some(last) = gid.last_agent() {
-                self.queue_forget(last, gid.clone());
-            }
+            self.queue_forget(last.to_owned(), gid.clone());
             return;
         }
         if lock(&self.inner.in_doubt).contains_key(gid) {
@@ -1741,7 +1852,7 @@ impl Engine {
         }
         info!(%gid, %txn_id, participants = ?settled.participants, "the last agent committed: completing phase 2");
         self.remember(&txn_id, gid.as_str(), Outcome::Committed);
-        let last = gid.last_agent().unwrap_or_default();
+        let last = last.to_owned();
         let (engine, gid, participants) = (self.clone(), gid.clone(), settled.participants.clone());
         tokio::spawn(async move {
             let _ = engine
@@ -2154,7 +2265,10 @@ impl Engine {
         if let Some(e) = lock(&self.inner.outcomes).by_txn.get(id) {
             return Gid::parse(&e.gid).ok();
         }
-        if let Some((g, _)) = lock(&self.inner.unresolved).iter().find(|(_, t)| *t == id) {
+        if let Some((g, _)) = lock(&self.inner.unresolved)
+            .iter()
+            .find(|(_, u)| u.txn_id == id)
+        {
             return Some(g.clone());
         }
         lock(&self.inner.in_doubt)
@@ -2179,9 +2293,6 @@ impl Engine {
         match o.by_txn.iter().find(|(_, e)| e.gid == gid.as_str()) {
             Some((txn, e)) if e.outcome == Outcome::Committed => {
                 ("committed_done", Some(txn.clone()), vec![], None)
-            }
-            Some((txn, e)) if e.outcome == Outcome::Unknown => {
-                ("unknown", Some(txn.clone()), vec![], None)
             }
             Some((txn, _)) => ("aborted", Some(txn.clone()), vec![], None),
             None => ("none", None, vec![], None),
@@ -2284,7 +2395,14 @@ impl Engine {
         let view = self.view(&gid, &listings);
         let mut steps = Vec::new();
         let mut decision = view.decision;
-        if let (Some(last), "none") = (gid.last_agent(), decision) {
+        // Who decides by a local commit: the GID's last agent, or the participant of an
+        // unsettled one-phase commit of an interactive transaction.
+        let local_decider = gid.last_agent().or_else(|| {
+            lock(&self.inner.unresolved)
+                .get(&gid)
+                .map(|u| u.last.clone())
+        });
+        if let (Some(last), "none") = (local_decider.clone(), decision) {
             // No record here: the last participant's decision row is the decision. The
             // fence settles it for good (a commit still in flight can no longer succeed).
             let settled = match self.inner.participants.get(&last) {
@@ -2464,7 +2582,7 @@ impl Engine {
                 warn!(%gid, %txn_id, forced = force, "operator resolved: ABORT");
                 lock(&self.inner.in_doubt).remove(&gid);
                 lock(&self.inner.operator_aborted).insert(gid.clone());
-                if let Some(last) = gid.last_agent() {
+                if let Some(last) = local_decider {
                     // A committed decision row would bring the commit back on the next
                     // recovery pass; the ABORT record is durable, so the row may go.
                     self.queue_forget(last, gid.clone());

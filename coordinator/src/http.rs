@@ -197,7 +197,7 @@ async fn create_txn(State(engine): State<Engine>, body: Bytes) -> Response {
                 "ack is given at commit for an interactive transaction".into(),
             );
         }
-        match engine.begin(req) {
+        match engine.begin(req).await {
             Ok(txn_id) => (
                 StatusCode::CREATED,
                 Json(json!({ "txn_id": txn_id, "state": "active" })),
@@ -269,7 +269,7 @@ async fn get_txn(State(engine): State<Engine>, Path(id): Path<String>) -> Respon
     if let Err(r) = check_path_id(&id) {
         return r;
     }
-    Json(engine.status(&id)).into_response()
+    Json(engine.status_settled(&id).await).into_response()
 }
 
 #[derive(Debug, Deserialize)]

@@ -49,23 +49,31 @@ pub struct DataDirLock {
     _file: File,
 }
 
-/// Locks `dir` (creating it if needed) for this process, or says who has it.
-pub fn lock_data_dir(dir: &Path) -> Result<DataDirLock, MetaError> {
-    fs::create_dir_all(dir).map_err(io(dir))?;
-    let path = dir.join(LOCK_FILE_NAME);
+/// Takes an exclusive `flock` on `path` (created if missing) without waiting:
+/// `Ok(None)` if another process holds it. Shared by the data directory and the log.
+pub(crate) fn try_lock_file(path: &Path) -> std::io::Result<Option<File>> {
     let file = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
-        .open(&path)
-        .map_err(io(&path))?;
+        .open(path)?;
     match file.try_lock() {
-        Ok(()) => Ok(DataDirLock { _file: file }),
-        Err(fs::TryLockError::WouldBlock) => Err(MetaError::Locked {
+        Ok(()) => Ok(Some(file)),
+        Err(fs::TryLockError::WouldBlock) => Ok(None),
+        Err(fs::TryLockError::Error(e)) => Err(e),
+    }
+}
+
+/// Locks `dir` (creating it if needed) for this process, or says who has it.
+pub fn lock_data_dir(dir: &Path) -> Result<DataDirLock, MetaError> {
+    fs::create_dir_all(dir).map_err(io(dir))?;
+    let path = dir.join(LOCK_FILE_NAME);
+    match try_lock_file(&path).map_err(io(&path))? {
+        Some(file) => Ok(DataDirLock { _file: file }),
+        None => Err(MetaError::Locked {
             dir: dir.to_path_buf(),
         }),
-        Err(fs::TryLockError::Error(source)) => Err(MetaError::Io { path, source }),
     }
 }
 

@@ -101,6 +101,13 @@ const DECISION_DDL: &str = "CREATE SCHEMA IF NOT EXISTS twopc; \
 const COMMIT_PROBE: &str = "SELECT 1";
 const DECISION_INSERT: &str = "INSERT INTO twopc.decisions (gid, committed, txn_id, participants) \
      VALUES ($1, true, $2, $3)";
+/// The decision row of a transaction with nothing prepared elsewhere (a one-phase
+/// commit): only a transaction that wrote needs it. One that wrote nothing inserts no row
+/// (no WAL flush at commit) and answers `ReadOnly`; it still fails in an aborted
+/// transaction, so its success with COMMIT proves the commit as the insert does.
+const DECISION_INSERT_IF_WROTE: &str =
+    "INSERT INTO twopc.decisions (gid, committed, txn_id, participants) \
+     SELECT $1::text, true, $2::text, $3::text[] WHERE txid_current_if_assigned() IS NOT NULL";
 const DECISION_FENCE: &str = "INSERT INTO twopc.decisions (gid, committed) VALUES ($1, false) \
      ON CONFLICT (gid) DO NOTHING";
 const DECISION_READ: &str =
@@ -759,10 +766,13 @@ impl Agent {
             };
             // The statement whose success before COMMIT proves the commit (see
             // `decision_outcome`): the decision row, or for a plain commit a probe.
-            let decision_sql = match exec.finish {
-                Finish::CommitDecision => Some(DECISION_INSERT),
-                Finish::Commit => Some(COMMIT_PROBE),
-                Finish::Keep | Finish::Prepare => None,
+            let decision_sql = match (exec.finish, &exec.decision) {
+                (Finish::CommitDecision, Some(d)) if d.participants.is_empty() => {
+                    Some(DECISION_INSERT_IF_WROTE)
+                }
+                (Finish::CommitDecision, _) => Some(DECISION_INSERT),
+                (Finish::Commit, _) => Some(COMMIT_PROBE),
+                (Finish::Keep | Finish::Prepare, _) => None,
             };
             let decision_stmt = match decision_sql {
                 Some(sql) => Some(
@@ -847,10 +857,8 @@ impl Agent {
             }
             Finish::Commit => {
                 if let Some(st) = &decision_stmt {
-                    steps.push(
-                        async move { Step::Decision(client.execute(st, &[]).await.map(drop)) }
-                            .boxed(),
-                    );
+                    steps
+                        .push(async move { Step::Decision(client.execute(st, &[]).await) }.boxed());
                 }
                 steps.push(
                     async move { Step::Finish(client.batch_execute("COMMIT").await) }.boxed(),
@@ -858,17 +866,25 @@ impl Agent {
             }
             Finish::CommitDecision => {
                 // The decision must be durable whatever the database, the role or the
-                // branch's own statements set: the other participants commit on it.
-                steps.push(
-                    async move {
-                        Step::Done(
-                            client
-                                .batch_execute("SET LOCAL synchronous_commit = on")
-                                .await,
-                        )
-                    }
-                    .boxed(),
-                );
+                // branch's own statements set: the other participants commit on it. (A
+                // one-phase commit has no others: it is as durable as the database makes
+                // any commit, and pays no setting change.)
+                let others_commit_on_it = exec
+                    .decision
+                    .as_ref()
+                    .is_some_and(|d| !d.participants.is_empty());
+                if others_commit_on_it {
+                    steps.push(
+                        async move {
+                            Step::Done(
+                                client
+                                    .batch_execute("SET LOCAL synchronous_commit = on")
+                                    .await,
+                            )
+                        }
+                        .boxed(),
+                    );
+                }
                 // Checked in `execute`: a decision and its statement are present.
                 if let (Some(st), Some(d)) = (&decision_stmt, &exec.decision) {
                     let gid = exec.gid.as_str();
@@ -877,8 +893,7 @@ impl Agent {
                             Step::Decision(
                                 client
                                     .execute(st, &[&gid, &d.txn_id, &d.participants])
-                                    .await
-                                    .map(drop),
+                                    .await,
                             )
                         }
                         .boxed(),
@@ -906,7 +921,7 @@ impl Agent {
                 Step::Done(Err(e)) | Step::Decision(Err(e)) => {
                     return (session.release(), Err(sql_failure(&e, None)))
                 }
-                Step::Done(Ok(())) | Step::Decision(Ok(())) => {}
+                Step::Done(Ok(())) | Step::Decision(Ok(_)) => {}
                 Step::Rows(Ok(r)) => {
                     results.push(r);
                     stmt_index += 1;
@@ -1302,7 +1317,9 @@ enum StepError {
 enum Step {
     Done(Result<(), tokio_postgres::Error>),
     /// The decision row's insert (last-agent commit).
-    Decision(Result<(), tokio_postgres::Error>),
+    /// The decision insert (or probe) and how many rows it touched (0: the transaction
+    /// wrote nothing, see `DECISION_INSERT_IF_WROTE`).
+    Decision(Result<u64, tokio_postgres::Error>),
     Rows(Result<StmtResult, StepError>),
     ReadOnly(Result<bool, tokio_postgres::Error>),
     Finish(Result<(), tokio_postgres::Error>),
@@ -1328,7 +1345,7 @@ fn decision_outcome(outcomes: Vec<Step>, statements: usize) -> Result<Ran, Respo
     };
     let mut results = Vec::with_capacity(statements);
     let mut first_error: Option<Response> = None;
-    let mut decision: Option<Result<(), tokio_postgres::Error>> = None;
+    let mut decision: Option<Result<u64, tokio_postgres::Error>> = None;
     let mut commit: Option<Result<(), tokio_postgres::Error>> = None;
     let mut stmt_index = 0usize;
     for step in outcomes {
@@ -1376,20 +1393,23 @@ fn decision_outcome(outcomes: Vec<Step>, statements: usize) -> Result<Ran, Respo
         }
     }
     match (decision, commit) {
-        (Some(Ok(())), Some(Ok(()))) => {
+        (Some(Ok(rows)), Some(Ok(()))) => {
             if let Some(Response::Failed(e)) = &first_error {
                 warn!(error = %e, "a statement failed but the branch committed (a savepoint repaired it, or its rows could not be converted)");
             }
-            Ok(Ran {
-                results,
-                outcome: BranchOutcome::Committed,
-            })
+            // No row: a one-phase transaction that wrote nothing (it needs none).
+            let outcome = if rows == 0 {
+                BranchOutcome::ReadOnly
+            } else {
+                BranchOutcome::Committed
+            };
+            Ok(Ran { results, outcome })
         }
         // The decision row went in but COMMIT failed: a database error here (a deferred
         // constraint, a serialization failure) means rolled back, but one raised as the
         // connection is terminated may come after the commit. Not worth guessing.
-        (Some(Ok(())), Some(Err(e))) => Err(unknown(&e)),
-        (Some(Ok(())), None) => Err(failed(
+        (Some(Ok(_)), Some(Err(e))) => Err(unknown(&e)),
+        (Some(Ok(_)), None) => Err(failed(
             ErrorKind::Unavailable,
             "the commit's outcome is unknown: no answer to COMMIT",
         )),

@@ -318,6 +318,23 @@ impl Harness {
     }
 }
 
+/// A one-shot transaction body of bank legs `(participant, account, delta)`: a debit
+/// leg for a negative delta, a credit leg otherwise.
+pub fn transfer(txn_id: &str, legs: &[(&str, i32, i64)]) -> Value {
+    let branches: Vec<Value> = legs
+        .iter()
+        .map(|(p, acct, delta)| {
+            let s = if *delta < 0 {
+                bank::debit_statements(txn_id, *acct, -delta)
+            } else {
+                bank::credit_statements(txn_id, *acct, *delta)
+            };
+            serde_json::json!({ "participant": p, "statements": stmts(s) })
+        })
+        .collect();
+    serde_json::json!({ "txn_id": txn_id, "branches": branches })
+}
+
 /// Statements for the HTTP API, as JSON.
 pub fn stmts(v: Vec<(String, Vec<Value>)>) -> Value {
     Value::Array(

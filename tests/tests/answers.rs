@@ -6,9 +6,9 @@
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use twopc_testkit::bank::{credit_statements, debit_statements};
+use twopc_testkit::bank::credit_statements;
 use twopc_testkit::procs::{wait_for, Bins, ProcHarness};
-use twopc_testkit::{stmts, AgentMode, Harness, BALANCE};
+use twopc_testkit::{stmts, transfer, AgentMode, Harness, BALANCE};
 
 fn bins() -> Bins {
     Bins {
@@ -35,21 +35,6 @@ async fn ledger_rows(url: &str, txn_id: &str) -> i64 {
         &format!("SELECT count(*) FROM ledger WHERE txn_id = '{txn_id}'"),
     )
     .await
-}
-
-fn transfer(txn_id: &str, legs: &[(&str, i32, i64)]) -> Value {
-    let branches: Vec<Value> = legs
-        .iter()
-        .map(|(p, acct, delta)| {
-            let s = if *delta < 0 {
-                debit_statements(txn_id, *acct, -delta)
-            } else {
-                credit_statements(txn_id, *acct, *delta)
-            };
-            json!({ "participant": p, "statements": stmts(s) })
-        })
-        .collect();
-    json!({ "txn_id": txn_id, "branches": branches })
 }
 
 /// Defect 1: a transaction in which one branch writes and the others only read used to
@@ -418,4 +403,211 @@ async fn a_forced_abort_is_not_undone_by_a_restart() {
     let (_, st) = h.get(&format!("/v1/transactions/{gid}")).await.unwrap();
     assert_ne!(st["outcome"], "committed", "{st}");
     h.shutdown().await.unwrap();
+}
+
+/// Defect 4: a one-phase transaction whose COMMIT outlived the agent's deadline got 504
+/// `unknown`; the COMMIT completed in PostgreSQL; after a coordinator restart `GET` said
+/// `aborted` and the same txn id was accepted and committed again. Now the one-phase
+/// commit carries its decision row: a lost answer is settled by fencing, and after a
+/// restart recovery reads the row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_phase_commit_that_outlives_its_deadline_is_never_reported_aborted() {
+    let mut h = Harness::start(1, AgentMode::Remote).await.unwrap();
+    {
+        // COMMIT of a transaction writing a 'slow-' ledger row takes 2 s (a deferred
+        // constraint trigger runs at commit).
+        let (client, conn) = tokio_postgres::connect(&h.dbs[0].url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        client
+            .batch_execute(
+                "CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS \
+                 $$ BEGIN PERFORM pg_sleep(2); RETURN NULL; END $$; \
+                 CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON ledger \
+                 DEFERRABLE INITIALLY DEFERRED FOR EACH ROW \
+                 WHEN (NEW.txn_id LIKE 'slow-%') EXECUTE FUNCTION slow_commit()",
+            )
+            .await
+            .unwrap();
+    }
+    let mut body = json!({
+        "txn_id": "slow-1",
+        "timeout_ms": 1000,
+        "branches": [{"participant": "a", "statements": stmts(credit_statements("slow-1", 9, 4))}],
+    });
+    let (status, v) = h.post("/v1/transactions", &body).await.unwrap();
+    // The commit happened; the answer must not say otherwise (504 unknown would be a
+    // hedge, 409 aborted a lie).
+    assert_ne!(status, 409, "{v}");
+    wait_for(Duration::from_secs(10), || async {
+        ledger_rows(&h.dbs[0].url, "slow-1").await == 1
+    })
+    .await
+    .unwrap();
+    let committed = |st: &Value| st["outcome"] == "committed";
+    let (_, st) = h.get("/v1/transactions/slow-1").await.unwrap();
+    assert!(status != 200 || committed(&st), "{st}");
+
+    // After a restart the row tells recovery.
+    h.stop_coordinator().await.unwrap();
+    h.start_coordinator(|_| {}).await.unwrap();
+    let mut st = Value::Null;
+    for _ in 0..100 {
+        st = h.get("/v1/transactions/slow-1").await.unwrap().1;
+        if st["state"] != "recovering" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(committed(&st), "after a restart: {st}");
+    // A retry does not run again.
+    body["timeout_ms"] = json!(10_000);
+    let (status, v) = h.post("/v1/transactions", &body).await.unwrap();
+    assert_ne!(status, 200, "the retry ran again: {v}");
+    assert_eq!(ledger_rows(&h.dbs[0].url, "slow-1").await, 1);
+    h.shutdown().await.unwrap();
+}
+
+/// A one-phase commit whose agent dies after committing, before answering: 504
+/// `unknown` (the fence cannot reach it), then, once the agent is back and the
+/// coordinator restarted, `committed` from the decision row, and a retry is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_phase_commit_whose_answer_died_with_its_agent_is_found_by_recovery() {
+    let mut h = ProcHarness::start(bins(), 1).await.unwrap();
+    h.start_all("", &["participant.after_commit_decision=crash"])
+        .await
+        .unwrap();
+    let body = json!({
+        "txn_id": "lost-answer-1",
+        "branches": [{"participant": "a", "statements": stmts(credit_statements("lost-answer-1", 10, 3))}],
+    });
+    let (http, url) = (h.http.clone(), format!("{}/v1/transactions", h.base_url()));
+    let post = |body: Value| {
+        let (http, url) = (http.clone(), url.clone());
+        async move {
+            let r = http.post(url).json(&body).send().await.unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let (status, v) = post(body.clone()).await;
+    assert_eq!(status, 504, "{v}");
+    assert_eq!(v["outcome"], "unknown", "{v}");
+    let died = h.agents[0]
+        .as_mut()
+        .unwrap()
+        .wait_exit(Duration::from_secs(10));
+    assert!(died.is_some(), "the failpoint never fired");
+    h.agents[0] = None;
+    assert_eq!(ledger_rows(&h.url(0), "lost-answer-1").await, 1);
+    let st = h.get("/v1/transactions/lost-answer-1").await.unwrap();
+    assert_eq!(st["state"], "in_doubt", "{st}");
+    // Refused while in doubt.
+    let (status, v) = post(body.clone()).await;
+    assert_ne!(status, 200, "{v}");
+
+    h.coordinator.as_mut().unwrap().kill9();
+    h.coordinator = None;
+    h.start_agent(0, "").await.unwrap();
+    h.start_coordinator("").await.unwrap();
+    let mut st = Value::Null;
+    for _ in 0..100 {
+        st = h.get("/v1/transactions/lost-answer-1").await.unwrap();
+        if st["state"] != "recovering" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(st["outcome"], "committed", "{st}");
+    let (status, v) = post(body).await;
+    assert_ne!(status, 200, "the retry ran again: {v}");
+    assert_eq!(ledger_rows(&h.url(0), "lost-answer-1").await, 1);
+}
+
+/// Defect 3, last-agent commit: a forced abort of a transaction its last agent had
+/// committed was undone by the next recovery pass (the committed decision row stayed,
+/// and recovery adopted it: the branches still prepared were committed, `GET` said
+/// `committed`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_abort_of_a_last_agent_commit_is_not_undone_by_recovery() {
+    let mut h = ProcHarness::start(bins(), 2).await.unwrap();
+    h.coordinator_args = vec!["--last-agent".into()];
+    // The coordinator dies right after the last agent (b) committed: a stays prepared.
+    h.start_all("coordinator.after_last_commit=crash", &[])
+        .await
+        .unwrap();
+    let body = transfer("forced-last-1", &[("a", 11, -2), ("b", 11, 2)]);
+    let _ = h
+        .http
+        .post(format!("{}/v1/transactions", h.base_url()))
+        .json(&body)
+        .send()
+        .await;
+    let died = h
+        .coordinator
+        .as_mut()
+        .unwrap()
+        .wait_exit(Duration::from_secs(10));
+    assert!(died.is_some(), "the failpoint never fired");
+    h.coordinator = None;
+    assert_eq!(
+        ledger_rows(&h.url(1), "forced-last-1").await,
+        1,
+        "b committed"
+    );
+    // a's agent is away while the new incarnation starts: it cannot commit a's branch.
+    h.agents[0].as_mut().unwrap().kill9();
+    h.agents[0] = None;
+    h.start_coordinator("").await.unwrap();
+    let st = h.get("/v1/transactions/forced-last-1").await.unwrap();
+    assert_eq!(st["outcome"], "committed", "from b's decision row: {st}");
+    // The operator gives up on a and forces an abort (a split they accept knowingly).
+    let r = h
+        .http
+        .post(format!(
+            "{}/v1/admin/txns/forced-last-1/resolve",
+            h.base_url()
+        ))
+        .json(&json!({"action": "abort", "force": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200, "{:?}", r.text().await);
+    // a comes back: its prepared branch must be rolled back, not committed.
+    h.start_agent(0, "").await.unwrap();
+    let prefix = "twopc_c1_".to_owned();
+    let dbs = [(h.names[0].clone(), h.url(0))];
+    wait_for(Duration::from_secs(20), || {
+        let (dbs, prefix) = (dbs.clone(), prefix.clone());
+        async move {
+            twopc_testkit::bank::prepared_gids(&dbs, &prefix)
+                .await
+                .is_ok_and(|v| v.is_empty())
+        }
+    })
+    .await
+    .unwrap();
+    // Three more recovery passes later, it stays aborted.
+    let passes = |v: Value| v["recovery_passes"].as_u64().unwrap_or(0);
+    let before = passes(h.get("/healthz").await.unwrap());
+    let (http, url) = (h.http.clone(), format!("{}/healthz", h.base_url()));
+    wait_for(Duration::from_secs(20), || {
+        let (http, url) = (http.clone(), url.clone());
+        async move {
+            match http.get(url).send().await {
+                Ok(r) => passes(r.json().await.unwrap_or(Value::Null)) >= before + 3,
+                Err(_) => false,
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        ledger_rows(&h.url(0), "forced-last-1").await,
+        0,
+        "the forced abort was undone on a"
+    );
+    let st = h.get("/v1/transactions/forced-last-1").await.unwrap();
+    assert_eq!(st["outcome"], "aborted", "{st}");
 }

@@ -24,7 +24,7 @@ mod writer;
 #[cfg(test)]
 mod tests;
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -452,19 +452,12 @@ pub fn read_only(dir: impl AsRef<Path>) -> Result<Replay, LogError> {
 
 fn lock_dir(dir: &Path) -> Result<File, LogError> {
     let path = dir.join(LOCK_FILE_NAME);
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(io_error("opening lock file", &path))?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(fs::TryLockError::WouldBlock) => Err(LogError::Locked {
+    match crate::meta::try_lock_file(&path) {
+        Ok(Some(file)) => Ok(file),
+        Ok(None) => Err(LogError::Locked {
             dir: dir.to_path_buf(),
         }),
-        Err(fs::TryLockError::Error(source)) => Err(LogError::Io {
+        Err(source) => Err(LogError::Io {
             op: "locking log dir",
             path,
             source,
