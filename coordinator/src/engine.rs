@@ -2566,17 +2566,20 @@ fn commit_may_have_happened(resp: &Result<Response, CallError>) -> bool {
     }
 }
 
-/// The last agent's answer proves its commit did not happen. The agent answers a
-/// `commit_decision` with a definite failure only when its decision row did not go in
-/// (`agent::decision_outcome`: a statement error a savepoint repaired does not count), or
-/// when it refused the request before running it. A timeout, a lost connection or an
-/// unknown commit outcome may hide a commit.
+/// The committing agent's answer proves its commit did not happen. The agent answers a
+/// `commit`/`commit_decision` with a definite failure only when its probe or decision row
+/// did not go in (`agent::decision_outcome`: a statement error a savepoint repaired does
+/// not count), or when it refused the request before running it: `Limit` (including no
+/// free database session in time) and `DatabaseUnreachable` (no session could be opened)
+/// are such refusals. A timeout, a lost connection (`Unavailable`) or an unknown commit
+/// outcome may hide a commit.
 fn refused_before_commit(e: &AgentError) -> bool {
     match e.kind {
         ErrorKind::BadParam
         | ErrorKind::BadRequest
         | ErrorKind::UnknownBranch
         | ErrorKind::Limit
+        | ErrorKind::DatabaseUnreachable
         | ErrorKind::VersionMismatch
         | ErrorKind::Fenced
         | ErrorKind::Sql => true,
@@ -2590,6 +2593,7 @@ fn agent_abort(participant: &str, txn_id: &str, e: AgentError) -> AbortInfo {
         ErrorKind::BadParam => ("22023".to_owned(), true),
         ErrorKind::Timeout => ("57014".to_owned(), false),
         ErrorKind::Unavailable => ("08006".to_owned(), false),
+        ErrorKind::DatabaseUnreachable => ("08001".to_owned(), false),
         ErrorKind::Limit => ("53000".to_owned(), false),
         ErrorKind::BadRequest | ErrorKind::UnknownBranch => ("25000".to_owned(), false),
         ErrorKind::VersionMismatch | ErrorKind::Fenced | ErrorKind::Internal => {

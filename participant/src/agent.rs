@@ -26,7 +26,9 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod};
+use deadpool_postgres::{
+    Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, TimeoutType,
+};
 use futures::future::{join_all, BoxFuture, FutureExt};
 use futures::TryStreamExt;
 use tokio_postgres::types::ToSql;
@@ -977,11 +979,25 @@ impl Agent {
         }
     }
 
+    /// A pooled session. Every request takes its session before it runs anything, so a
+    /// failure here says that nothing ran: `Limit` when the pool stayed exhausted (retry),
+    /// `DatabaseUnreachable` when no session could be opened. Neither is "outcome
+    /// unknown", which the coordinator must treat very differently for a commit.
     async fn session(&self) -> Result<Object, AgentError> {
         // Boxed: deadpool's future is large, and every future that awaits it inline grows
         // by as much (and is copied whole on each spawn).
-        Box::pin(self.inner.pool.get()).await.map_err(|e| {
-            AgentError::new(ErrorKind::Unavailable, format!("no database session: {e}"))
+        Box::pin(self.inner.pool.get()).await.map_err(|e| match e {
+            PoolError::Timeout(TimeoutType::Wait) => AgentError::new(
+                ErrorKind::Limit,
+                format!(
+                    "no free database session within {} ms (all {} in use); nothing ran; retry",
+                    self.inner.config.pool_wait_timeout_ms, self.inner.config.pool_size
+                ),
+            ),
+            e => AgentError::new(
+                ErrorKind::DatabaseUnreachable,
+                format!("could not open a database session: {e}; nothing ran"),
+            ),
         })
     }
 

@@ -266,12 +266,17 @@ pub enum ErrorKind {
     BadRequest,
     /// The branch does not exist (never opened, or already finished or timed out).
     UnknownBranch,
-    /// A limit was hit (open branches, pool exhausted).
+    /// A limit was hit (open branches, prepared branches, no free database session in
+    /// time); nothing of the request ran, and a retry may succeed.
     Limit,
     /// The request's deadline passed.
     Timeout,
-    /// The database is unreachable.
+    /// The connection to the database failed while the request ran: what it did is
+    /// unknown (a commit may or may not have happened).
     Unavailable,
+    /// No database session could be opened (the database is down, unreachable, or
+    /// refuses connections): the request was refused before anything of it ran.
+    DatabaseUnreachable,
     /// The peer speaks another protocol version, or skipped the handshake.
     VersionMismatch,
     /// The request comes from an older epoch of a coordinator than one the agent has
@@ -676,6 +681,10 @@ mod tests {
                 message: "m".into(),
                 statement_index: Some(2),
             }),
+            Response::Failed(AgentError::new(
+                ErrorKind::DatabaseUnreachable,
+                "no database session: connection refused",
+            )),
             Response::CommitPrepared(CommitAck::Committed),
             Response::CommitPrepared(CommitAck::NotPrepared),
             Response::Aborted,
