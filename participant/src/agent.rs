@@ -10,6 +10,9 @@
 //!   Abort: Idle -> ROLLBACK; Busy -> rolled back when the statements finish;
 //!          none -> ROLLBACK PREPARED if prepared; always leaves a tombstone so a late
 //!          Execute for the same GID cannot prepare it again.
+//!   Handshake with a newer epoch of a coordinator id: that id's older-epoch branches
+//!          are aborted (Idle at once, Busy when they finish); prepared ones are left
+//!          to the new incarnation's recovery.
 //! ```
 //!
 //! Prepared branches live in PostgreSQL (`pg_prepared_xacts`), not in this table: the
@@ -159,6 +162,44 @@ struct Tombstones {
     set: HashSet<Gid>,
     order: VecDeque<Gid>,
     max: usize,
+}
+
+impl Tables {
+    /// Takes the idle branches of `coordinator_id` from epochs before `epoch` out of the
+    /// table, and marks its busy ones so their running request rolls them back when it
+    /// ends. Both leave a tombstone.
+    fn take_older_branches(&mut self, coordinator_id: &str, epoch: u64) -> Vec<(Gid, Box<Object>)> {
+        let older: Vec<Gid> = self
+            .branches
+            .keys()
+            .filter(|g| g.coordinator_id() == coordinator_id && g.epoch() < epoch)
+            .cloned()
+            .collect();
+        let mut idle = Vec::new();
+        for gid in older {
+            self.tombstones.insert(gid.clone());
+            match self.branches.remove(&gid) {
+                Some(Branch::Idle(session, _)) => idle.push((gid, session)),
+                Some(Branch::Busy { .. }) => {
+                    self.branches.insert(
+                        gid,
+                        Branch::Busy {
+                            abort_requested: true,
+                        },
+                    );
+                }
+                None => {}
+            }
+        }
+        idle
+    }
+
+    /// `gid` comes from an epoch of its coordinator older than the newest seen.
+    fn is_of_an_older_epoch(&self, gid: &Gid) -> bool {
+        self.epochs
+            .get(gid.coordinator_id())
+            .is_some_and(|&newest| gid.epoch() < newest)
+    }
 }
 
 impl Tombstones {
@@ -387,20 +428,70 @@ impl Agent {
 
     /// Fencing: records `epoch` for `coordinator_id` if it is the newest seen, and
     /// refuses an epoch older than the newest (a stale incarnation of that coordinator).
+    ///
+    /// A newer epoch means the older incarnations of that coordinator id are dead or
+    /// fenced, so none of their open branches can ever commit: they are rolled back now
+    /// (in the background), not after the idle timeout, which would hold their locks for
+    /// minutes. Prepared ones are left to the new incarnation's recovery, which resolves
+    /// them by its log.
     pub fn check_epoch(&self, coordinator_id: &str, epoch: u64) -> Result<(), AgentError> {
-        let mut t = self.tables();
-        let newest = t.epochs.entry(coordinator_id.to_owned()).or_insert(epoch);
-        if epoch < *newest {
-            return Err(AgentError::new(
-                ErrorKind::Fenced,
-                format!(
-                    "coordinator {coordinator_id} epoch {epoch} is older than epoch {} already seen;                      a newer incarnation is running",
-                    *newest
-                ),
-            ));
+        let stale = {
+            let mut t = self.tables();
+            match t.epochs.get(coordinator_id) {
+                Some(&newest) if epoch < newest => {
+                    return Err(AgentError::new(
+                        ErrorKind::Fenced,
+                        format!(
+                            "coordinator {coordinator_id} epoch {epoch} is older than epoch \
+                             {newest} already seen; a newer incarnation is running"
+                        ),
+                    ));
+                }
+                Some(&newest) if epoch == newest => return Ok(()),
+                _ => {}
+            }
+            t.epochs.insert(coordinator_id.to_owned(), epoch);
+            t.take_older_branches(coordinator_id, epoch)
+        };
+        if !stale.is_empty() {
+            self.roll_back_older_incarnation(coordinator_id, epoch, stale);
         }
-        *newest = epoch;
         Ok(())
+    }
+
+    /// Rolls back the idle branches an older incarnation of `coordinator_id` left open
+    /// (taken from the table by [`Tables::take_older_branches`]).
+    fn roll_back_older_incarnation(
+        &self,
+        coordinator_id: &str,
+        epoch: u64,
+        stale: Vec<(Gid, Box<Object>)>,
+    ) {
+        warn!(
+            coordinator_id,
+            epoch,
+            branches = stale.len(),
+            "a newer incarnation of this coordinator connected; rolling back the open branches of its older epochs"
+        );
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // No runtime to roll back on: closing the sessions makes PostgreSQL roll the
+            // transactions back.
+            for (gid, session) in stale {
+                self.retire(&gid, None);
+                drop(Object::take(*session));
+            }
+            return;
+        };
+        let agent = self.clone();
+        runtime.spawn(async move {
+            for (gid, session) in stale {
+                let span = tracing::info_span!("stale_branch", gid = %gid);
+                agent
+                    .roll_back_and_retire(&gid, *session)
+                    .instrument(span)
+                    .await;
+            }
+        });
     }
 
     pub fn database(&self) -> &str {
@@ -589,6 +680,14 @@ impl Agent {
                         return failed(
                             ErrorKind::UnknownBranch,
                             "branch is not open here (the agent restarted or its session was lost); its earlier statements are gone",
+                        );
+                    }
+                    // Checked under the same lock `check_epoch` takes the older
+                    // incarnation's branches under, so none can slip in after it.
+                    if t.is_of_an_older_epoch(&exec.gid) {
+                        return failed(
+                            ErrorKind::Fenced,
+                            "the branch belongs to an older epoch of its coordinator; a newer incarnation is running",
                         );
                     }
                     if t.branches.len() >= self.inner.config.max_open_branches {
