@@ -26,6 +26,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -101,6 +102,12 @@ const DECISION_DDL: &str = "CREATE SCHEMA IF NOT EXISTS twopc; \
         txn_id text NOT NULL DEFAULT '', \
         participants text[] NOT NULL DEFAULT '{}', \
         decided_at timestamptz NOT NULL DEFAULT now())";
+/// Prepared transactions of this agent's database and role: the facts behind
+/// `Inner::prepared`.
+const COUNT_PREPARED: &str = "SELECT count(*) FROM pg_prepared_xacts \
+     WHERE database = current_database() AND owner = current_user";
+/// How often `Inner::prepared` is reset from [`COUNT_PREPARED`].
+const PREPARED_RECOUNT_INTERVAL: Duration = Duration::from_secs(5);
 /// Runs right before a one-phase COMMIT: it fails in an aborted transaction, so its
 /// success and COMMIT's together prove the commit (`decision_outcome`).
 const COMMIT_PROBE: &str = "SELECT 1";
@@ -156,6 +163,16 @@ enum Branch {
     Idle(Box<Object>, Instant),
     /// A request is running statements on it.
     Busy { abort_requested: bool },
+}
+
+/// Whether a branch being forgotten may be prepared in PostgreSQL, and if so whether
+/// `Inner::prepared` counted it (it did exactly when the agent saw its PREPARE succeed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MaybePrepared {
+    No,
+    Counted,
+    /// The request was cut off around its PREPARE: it may have happened, uncounted.
+    Uncounted,
 }
 
 struct Tombstones {
@@ -229,9 +246,13 @@ struct Tables {
 
 struct Inner {
     config: AgentConfig,
-    /// Branches this agent prepared and has not yet seen finished (an upper bound on
-    /// its share of `max_prepared_transactions`).
-    prepared: std::sync::atomic::AtomicU64,
+    /// Prepared transactions of this database and role, as far as the agent saw them
+    /// begin and end: a cheap hint for the limit check, not the truth. Some ends are
+    /// unseen (a COMMIT PREPARED that ran but timed out, someone else's ROLLBACK
+    /// PREPARED) and some beginnings too (a PREPARE cut off by a deadline), so it is
+    /// reset from `pg_prepared_xacts` periodically (`spawn_prepared_recount`) and before
+    /// any refusal (`check_prepared_limit`).
+    prepared: AtomicU64,
     prepared_limit: u64,
     pool: Pool,
     database: String,
@@ -317,11 +338,7 @@ impl Agent {
             return Err(AgentStartError::NoPreparedTransactions);
         }
         let already: i64 = client
-            .query_one(
-                "SELECT count(*) FROM pg_prepared_xacts \
-                 WHERE database = current_database() AND owner = current_user",
-                &[],
-            )
+            .query_one(COUNT_PREPARED, &[])
             .await
             .map_err(|e| AgentStartError::Connect(e.to_string()))?
             .get(0);
@@ -336,7 +353,7 @@ impl Agent {
         let agent = Agent {
             inner: Arc::new(Inner {
                 config,
-                prepared: std::sync::atomic::AtomicU64::new(already.max(0) as u64),
+                prepared: AtomicU64::new(already.max(0) as u64),
                 prepared_limit,
                 pool,
                 database,
@@ -355,6 +372,7 @@ impl Agent {
             }),
         };
         agent.spawn_idle_reaper();
+        agent.spawn_prepared_recount();
         if decisions {
             agent.spawn_decision_expiry();
         }
@@ -413,6 +431,74 @@ impl Agent {
                 }
             }
         });
+    }
+
+    /// Resets the prepared-branch count from `pg_prepared_xacts` every
+    /// [`PREPARED_RECOUNT_INTERVAL`], so an end or a beginning the agent did not see
+    /// cannot skew the limit check for long.
+    fn spawn_prepared_recount(&self) {
+        let weak = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(PREPARED_RECOUNT_INTERVAL).await;
+                let Some(inner) = weak.upgrade() else { return };
+                let agent = Agent { inner };
+                if let Err(e) = agent.recount_prepared().await {
+                    debug!(error = %e, "could not recount prepared branches; next period retries");
+                }
+            }
+        });
+    }
+
+    /// Reads the number of prepared transactions of this database and role and makes it
+    /// the count. A PREPARE or COMMIT PREPARED finishing during the query may leave it one
+    /// off until the next recount; refusals re-read it first (`check_prepared_limit`).
+    async fn recount_prepared(&self) -> Result<u64, AgentError> {
+        let session = self.session().await?;
+        let row = session
+            .query_one(COUNT_PREPARED, &[])
+            .await
+            .map_err(|e| agent_error(&e, None))?;
+        let counted: i64 = row.try_get(0).map_err(|e| agent_error(&e, None))?;
+        let counted = counted.max(0) as u64;
+        let before = self.inner.prepared.swap(counted, Ordering::Relaxed);
+        if before != counted {
+            debug!(
+                before,
+                counted, "prepared-branch count corrected from pg_prepared_xacts"
+            );
+        }
+        Ok(counted)
+    }
+
+    /// Refuses a PREPARE only when the database really holds `prepared_limit` prepared
+    /// transactions of ours: the count is a hint, so reaching the limit by it costs one
+    /// query to check (a normal PREPARE costs nothing extra).
+    async fn check_prepared_limit(&self, timeout: Duration) -> Result<(), Response> {
+        let limit = self.inner.prepared_limit;
+        if self.inner.prepared.load(Ordering::Relaxed) < limit {
+            return Ok(());
+        }
+        let counted = match tokio::time::timeout(timeout, self.recount_prepared()).await {
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) => return Err(Response::Failed(e)),
+            Err(_) => {
+                return Err(failed(
+                    ErrorKind::Timeout,
+                    "counting prepared branches did not finish in time",
+                ))
+            }
+        };
+        if counted >= limit {
+            return Err(failed(
+                ErrorKind::Limit,
+                format!(
+                    "{counted} branches prepared; the limit is {limit} (max_prepared_branches, \
+                     or the server's max_prepared_transactions)"
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Closes the session pool: idle sessions end at once (cleanly, with a Terminate
@@ -592,27 +678,22 @@ impl Agent {
         }
     }
 
+    /// A prepared branch of ours was seen to end (COMMIT or ROLLBACK PREPARED succeeded).
     fn prepared_done(&self) {
-        let _ = self.inner.prepared.fetch_update(
-            std::sync::atomic::Ordering::Relaxed,
-            std::sync::atomic::Ordering::Relaxed,
-            |n| Some(n.saturating_sub(1)),
-        );
+        let _ = self
+            .inner
+            .prepared
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some(n.saturating_sub(1))
+            });
     }
 
     async fn execute(&self, exec: ExecuteBranch, timeout: Duration) -> Response {
-        let prepared = self
-            .inner
-            .prepared
-            .load(std::sync::atomic::Ordering::Relaxed);
-        if exec.finish == Finish::Prepare && prepared >= self.inner.prepared_limit {
-            return failed(
-                ErrorKind::Limit,
-                format!(
-                    "{prepared} branches prepared; the limit is {} (max_prepared_transactions)",
-                    self.inner.prepared_limit
-                ),
-            );
+        let deadline = tokio::time::Instant::now() + timeout;
+        if exec.finish == Finish::Prepare {
+            if let Err(refused) = self.check_prepared_limit(timeout).await {
+                return refused;
+            }
         }
         if exec.finish == Finish::CommitDecision {
             if !self.inner.decisions {
@@ -716,7 +797,7 @@ impl Agent {
             self.tables().tainted.insert(exec.gid.clone());
         }
 
-        let result = tokio::time::timeout(timeout, self.run_branch(existing, &exec)).await;
+        let result = tokio::time::timeout_at(deadline, self.run_branch(existing, &exec)).await;
         let (session, result) = match result {
             Ok(r) => r,
             Err(_elapsed) => {
@@ -725,7 +806,7 @@ impl Agent {
                 // transaction). A PREPARE that raced the deadline is rolled back by
                 // `forget_branch`.
                 warn!(timeout_ms = timeout.as_millis() as u64, "branch timed out");
-                Box::pin(self.forget_branch(&exec.gid, None, true)).await;
+                Box::pin(self.forget_branch(&exec.gid, None, MaybePrepared::Uncounted)).await;
                 return failed(
                     ErrorKind::Timeout,
                     format!("branch did not finish within {} ms", timeout.as_millis()),
@@ -744,10 +825,16 @@ impl Agent {
         match result {
             Err(err) => {
                 // The branch is rolled back: a NO vote.
-                Box::pin(self.forget_branch(&exec.gid, session, false)).await;
+                Box::pin(self.forget_branch(&exec.gid, session, MaybePrepared::No)).await;
                 err
             }
             Ok(ran) => {
+                let prepared = ran.outcome == BranchOutcome::Prepared;
+                if prepared {
+                    // Counted as soon as its PREPARE is seen to succeed, whatever comes
+                    // next: the ROLLBACK or COMMIT PREPARED that ends it uncounts it.
+                    self.inner.prepared.fetch_add(1, Ordering::Relaxed);
+                }
                 let committed = matches!(
                     ran.outcome,
                     BranchOutcome::Committed | BranchOutcome::ReadOnly
@@ -755,12 +842,12 @@ impl Agent {
                 // An abort that arrives while the branch commits comes too late: the
                 // commit stands and is what we report.
                 if abort_requested && !committed {
-                    Box::pin(self.forget_branch(
-                        &exec.gid,
-                        session,
-                        ran.outcome == BranchOutcome::Prepared,
-                    ))
-                    .await;
+                    let maybe_prepared = if prepared {
+                        MaybePrepared::Counted
+                    } else {
+                        MaybePrepared::No
+                    };
+                    Box::pin(self.forget_branch(&exec.gid, session, maybe_prepared)).await;
                     return failed(ErrorKind::UnknownBranch, "branch was aborted while it ran");
                 }
                 match ran.outcome {
@@ -779,10 +866,7 @@ impl Agent {
                         self.retire(&exec.gid, session);
                     }
                 }
-                if ran.outcome == BranchOutcome::Prepared {
-                    self.inner
-                        .prepared
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if prepared {
                     crate::failpoint!("participant.after_prepare");
                 }
                 if exec.finish == Finish::CommitDecision {
@@ -1036,6 +1120,11 @@ impl Agent {
                 // Wrote nothing: finish it now and drop out of phase 2.
                 let sql = format!("COMMIT PREPARED {}", exec.gid.sql_literal());
                 if let Err(e) = client.batch_execute(&sql).await {
+                    // Still prepared, and never counted: roll it back here (the vote is
+                    // NO), on another session in case this one broke.
+                    if let Err(rb) = self.rollback_prepared(&exec.gid, false).await {
+                        warn!(error = %rb, "rollback of a read-only branch whose commit failed did not succeed; recovery will retry");
+                    }
                     return (session.release(), Err(sql_failure(&e, None)));
                 }
                 BranchOutcome::ReadOnly
@@ -1046,9 +1135,14 @@ impl Agent {
     }
 
     /// Rolls back whatever is left of a branch and leaves a tombstone. `session` (if any)
-    /// is rolled back and returned to the pool, or discarded if that fails.
-    /// `maybe_prepared`: also `ROLLBACK PREPARED` the GID.
-    async fn forget_branch(&self, gid: &Gid, session: Option<Object>, maybe_prepared: bool) {
+    /// is rolled back and returned to the pool, or discarded if that fails. A branch that
+    /// may be prepared is also `ROLLBACK PREPARED`.
+    async fn forget_branch(
+        &self,
+        gid: &Gid,
+        session: Option<Object>,
+        maybe_prepared: MaybePrepared,
+    ) {
         {
             let mut t = self.tables();
             t.branches.remove(gid);
@@ -1058,19 +1152,25 @@ impl Agent {
             Some(s) => self.roll_back_and_retire(gid, s).await,
             None => self.retire(gid, None),
         }
-        if maybe_prepared {
-            if let Err(e) = self.rollback_prepared(gid).await {
-                warn!(error = %e, "rollback of a prepared branch failed; recovery will retry");
-            }
+        let counted = match maybe_prepared {
+            MaybePrepared::No => return,
+            MaybePrepared::Counted => true,
+            MaybePrepared::Uncounted => false,
+        };
+        if let Err(e) = self.rollback_prepared(gid, counted).await {
+            warn!(error = %e, "rollback of a prepared branch failed; recovery will retry");
         }
     }
 
-    async fn rollback_prepared(&self, gid: &Gid) -> Result<(), AgentError> {
+    /// `ROLLBACK PREPARED`; `counted`: the count holds this branch (its PREPARE was seen).
+    async fn rollback_prepared(&self, gid: &Gid, counted: bool) -> Result<(), AgentError> {
         let session = self.session().await?;
         let sql = format!("ROLLBACK PREPARED {}", gid.sql_literal());
         match session.batch_execute(&sql).await {
             Ok(()) => {
-                self.prepared_done();
+                if counted {
+                    self.prepared_done();
+                }
                 Ok(())
             }
             Err(e) if sqlstate(&e) == Some(SQLSTATE_UNDEFINED_OBJECT) => Ok(()),
@@ -1156,7 +1256,7 @@ impl Agent {
                 self.roll_back_and_retire(&gid, s).await;
                 return Ok(());
             }
-            self.rollback_prepared(&gid).await
+            self.rollback_prepared(&gid, true).await
         };
         within(
             timeout,

@@ -2,6 +2,9 @@
 //!
 //! 1. a dead coordinator's open branches held their row locks until the agent's idle
 //!    timeout (300 s) instead of being rolled back when its successor connected;
+//! 2. the agent's prepared-branch count drifted (aborts overtaking a PREPARE, COMMIT
+//!    PREPARED that timed out after running) until it refused every PREPARE, or let more
+//!    through than its limit;
 //! 3. a one-phase commit refused before anything ran (no database session) was answered
 //!    504 "outcome unknown" instead of 409 aborted;
 
@@ -9,9 +12,13 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use twopc_participant::server::ServerConfig;
-use twopc_participant::AgentConfig;
+use twopc_participant::{Agent, AgentConfig};
+use twopc_shared::gid::Gid;
+use twopc_shared::msg::{
+    BranchOutcome, CommitAck, ErrorKind, ExecuteBranch, Finish, Request, Response, Statement,
+};
 use twopc_testkit::procs::{wait_for, Bins, ProcHarness};
-use twopc_testkit::{serve_agent_on, AgentMode, Harness, StopMode, BALANCE};
+use twopc_testkit::{serve_agent_on, start_dbs, AgentMode, Harness, StopMode, BALANCE};
 
 fn bins() -> Bins {
     Bins {
@@ -48,6 +55,55 @@ async fn row_lock_free(url: &str, id: i32) -> bool {
 
 async fn scalar(url: &str, sql: &str) -> i64 {
     connect(url).await.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+async fn prepared_count(url: &str) -> i64 {
+    scalar(url, "SELECT count(*) FROM pg_prepared_xacts").await
+}
+
+fn execute(gid: &Gid, sql: &str, finish: Finish) -> Request {
+    Request::Execute(ExecuteBranch {
+        gid: gid.clone(),
+        isolation: Default::default(),
+        statements: vec![Statement {
+            sql: sql.into(),
+            params: vec![],
+        }],
+        finish,
+        read_only_vote: false,
+        continues: false,
+        decision: None,
+    })
+}
+
+const CALL: Duration = Duration::from_secs(10);
+
+/// PREPAREs a branch that writes row `id` through `agent`; returns the agent's answer.
+async fn prepare(agent: &Agent, gid: &Gid, id: i32) -> Response {
+    let sql = format!("UPDATE acct SET bal = bal + 0 WHERE id = {id}");
+    agent
+        .handle(execute(gid, &sql, Finish::Prepare), CALL)
+        .await
+}
+
+fn assert_prepared(resp: &Response, what: &str) {
+    assert!(
+        matches!(
+            resp,
+            Response::Executed {
+                outcome: BranchOutcome::Prepared,
+                ..
+            }
+        ),
+        "{what}: {resp:?}"
+    );
+}
+
+fn assert_limit(resp: &Response, what: &str) {
+    match resp {
+        Response::Failed(e) => assert_eq!(e.kind, ErrorKind::Limit, "{what}: {e}"),
+        other => panic!("{what}: expected a Limit refusal, got {other:?}"),
+    }
 }
 
 /// Defect 1. An interactive transaction's branch holds a row lock; the coordinator
@@ -128,6 +184,182 @@ async fn dead_coordinators_open_branch_is_rolled_back_when_its_successor_connect
         0
     );
     stop.cancel();
+}
+
+/// Defect 2, overcount. A COMMIT PREPARED that times out after it ran (here: held in
+/// PostgreSQL's wait for a synchronous standby that does not exist, then released) is
+/// retried, finds nothing prepared (42704), and never uncounted the branch. The agent must
+/// still accept a PREPARE while the database holds fewer than the limit, and refuse once
+/// it really holds the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_limit_is_not_reached_by_a_commit_prepared_that_timed_out_after_running() {
+    twopc_testkit::init_tracing();
+    let dbs = start_dbs(1, AgentMode::InProcess).await.unwrap();
+    let url = dbs[0].url.clone();
+    let mut config = AgentConfig::new("a", url.clone());
+    config.max_prepared_branches = 2;
+    let agent = Agent::connect(config).await.unwrap();
+    let gid = |seq| Gid::new("rt", 1, seq).unwrap();
+
+    assert_prepared(&prepare(&agent, &gid(1), 11).await, "first prepare");
+    assert_prepared(&prepare(&agent, &gid(2), 12).await, "second prepare");
+
+    // COMMIT PREPARED writes its commit record, then waits for a standby forever (the
+    // test clusters run with synchronous_commit off, which would skip the wait).
+    let admin = connect(&url).await;
+    // (Each its own statement: ALTER SYSTEM refuses to run in a transaction block.)
+    for sql in [
+        "ALTER SYSTEM SET synchronous_commit = on",
+        "ALTER SYSTEM SET synchronous_standby_names = 'twopc_no_such_standby'",
+        "SELECT pg_reload_conf()",
+    ] {
+        admin.batch_execute(sql).await.unwrap();
+    }
+    wait_for(Duration::from_secs(10), || async {
+        let c = connect(&url).await;
+        let row = c.query_one("SHOW synchronous_standby_names", &[]).await;
+        matches!(row, Ok(r) if r.get::<_, String>(0) == "twopc_no_such_standby")
+    })
+    .await
+    .unwrap();
+    let timed_out = agent
+        .handle(
+            Request::CommitPrepared { gid: gid(1) },
+            Duration::from_millis(500),
+        )
+        .await;
+    match &timed_out {
+        Response::Failed(e) => assert_eq!(e.kind, ErrorKind::Timeout, "{e}"),
+        other => panic!("COMMIT PREPARED should have timed out: {other:?}"),
+    }
+    // It ran: its backend waits for the standby with the commit record written.
+    wait_for(Duration::from_secs(5), || async {
+        scalar(
+            &url,
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'",
+        )
+        .await
+            == 1
+    })
+    .await
+    .unwrap();
+    for sql in [
+        "ALTER SYSTEM RESET synchronous_standby_names",
+        "ALTER SYSTEM RESET synchronous_commit",
+        "SELECT pg_reload_conf()",
+    ] {
+        admin.batch_execute(sql).await.unwrap();
+    }
+    let g1 = gid(1).as_str().to_owned();
+    wait_for(Duration::from_secs(10), || async {
+        let c = connect(&url).await;
+        let n: i64 = c
+            .query_one(
+                "SELECT count(*) FROM pg_prepared_xacts WHERE gid = $1",
+                &[&g1],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        n == 0
+    })
+    .await
+    .unwrap();
+    // The coordinator's retry: already committed.
+    let retried = agent
+        .handle(Request::CommitPrepared { gid: gid(1) }, CALL)
+        .await;
+    assert!(
+        matches!(retried, Response::CommitPrepared(CommitAck::NotPrepared)),
+        "{retried:?}"
+    );
+    assert_eq!(prepared_count(&url).await, 1);
+
+    // One prepared, the limit is two: accepted.
+    assert_prepared(
+        &prepare(&agent, &gid(3), 13).await,
+        "a PREPARE with 1 of 2 prepared (the count had drifted to 2)",
+    );
+    assert_eq!(prepared_count(&url).await, 2);
+    // Two prepared: really at the limit, refused.
+    assert_limit(&prepare(&agent, &gid(4), 14).await, "a PREPARE with 2 of 2");
+    assert_eq!(prepared_count(&url).await, 2);
+
+    // After one ends, accepted again.
+    let done = agent
+        .handle(Request::CommitPrepared { gid: gid(2) }, CALL)
+        .await;
+    assert!(
+        matches!(done, Response::CommitPrepared(CommitAck::Committed)),
+        "{done:?}"
+    );
+    assert_prepared(&prepare(&agent, &gid(5), 15).await, "a PREPARE with 1 of 2");
+    for seq in [3, 5] {
+        let r = agent.handle(Request::Abort { gid: gid(seq) }, CALL).await;
+        assert!(matches!(r, Response::Aborted), "{r:?}");
+    }
+    assert_eq!(prepared_count(&url).await, 0);
+}
+
+/// Defect 2, undercount. An `Abort` arrives while a branch runs; the branch's PREPARE
+/// succeeds and is rolled back at once. That ROLLBACK PREPARED used to uncount a branch
+/// that had never been counted, so the agent let more branches prepare than its limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_limit_holds_after_an_abort_overtook_a_running_prepare() {
+    twopc_testkit::init_tracing();
+    let dbs = start_dbs(1, AgentMode::InProcess).await.unwrap();
+    let url = dbs[0].url.clone();
+    let mut config = AgentConfig::new("a", url.clone());
+    config.max_prepared_branches = 2;
+    let agent = Agent::connect(config).await.unwrap();
+    let gid = |seq| Gid::new("ru", 1, seq).unwrap();
+
+    assert_prepared(&prepare(&agent, &gid(1), 21).await, "first prepare");
+
+    // A branch that waits for a row lock held here, so it is running when the abort
+    // arrives.
+    let holder = connect(&url).await;
+    holder
+        .batch_execute("BEGIN; UPDATE acct SET bal = bal WHERE id = 50")
+        .await
+        .unwrap();
+    let running = {
+        let agent = agent.clone();
+        let g = gid(2);
+        tokio::spawn(async move { prepare(&agent, &g, 50).await })
+    };
+    wait_for(Duration::from_secs(5), || async {
+        scalar(
+            &url,
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'",
+        )
+        .await
+            == 1
+    })
+    .await
+    .unwrap();
+    let aborted = agent.handle(Request::Abort { gid: gid(2) }, CALL).await;
+    assert!(matches!(aborted, Response::Aborted), "{aborted:?}");
+    holder.batch_execute("ROLLBACK").await.unwrap();
+    match running.await.unwrap() {
+        Response::Failed(e) => assert_eq!(e.kind, ErrorKind::UnknownBranch, "{e}"),
+        other => panic!("the overtaken branch should answer that it was aborted: {other:?}"),
+    }
+    assert_eq!(prepared_count(&url).await, 1, "its PREPARE was rolled back");
+
+    assert_prepared(&prepare(&agent, &gid(3), 23).await, "a PREPARE with 1 of 2");
+    assert_eq!(prepared_count(&url).await, 2);
+    assert_limit(&prepare(&agent, &gid(4), 24).await, "a PREPARE with 2 of 2");
+    assert_eq!(
+        prepared_count(&url).await,
+        2,
+        "no more than the limit are prepared"
+    );
+    for seq in [1, 3] {
+        let r = agent.handle(Request::Abort { gid: gid(seq) }, CALL).await;
+        assert!(matches!(r, Response::Aborted), "{r:?}");
+    }
+    assert_eq!(prepared_count(&url).await, 0);
 }
 
 async fn ledger_rows(url: &str, txn_id: &str) -> i64 {
