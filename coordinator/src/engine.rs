@@ -898,6 +898,7 @@ impl Engine {
                 read_only_vote: false,
                 continues,
                 decision: None,
+                expires_in_ms: u64::try_from(remaining.as_millis()).ok(),
             };
             let resp = p.call(Request::Execute(exec), remaining).await;
             state.last_activity = Instant::now();
@@ -1341,6 +1342,7 @@ impl Engine {
                 read_only_vote: config.read_only,
                 continues,
                 decision: None,
+                expires_in_ms: u64::try_from(remaining.as_millis()).ok(),
             };
             async move {
                 let resp = match p {
@@ -1454,6 +1456,7 @@ impl Engine {
                 txn_id: txn.txn_id.clone(),
                 participants: yes.clone(),
             }),
+            expires_in_ms: u64::try_from(remaining.as_millis()).ok(),
         };
         let resp = Box::pin(p.call(Request::Execute(exec), remaining)).await;
         let results = match resp {

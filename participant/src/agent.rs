@@ -10,6 +10,7 @@
 //!   Abort: Idle -> ROLLBACK; Busy -> rolled back when the statements finish;
 //!          none -> ROLLBACK PREPARED if prepared; always leaves a tombstone so a late
 //!          Execute for the same GID cannot prepare it again.
+//!   Reaper: Idle past both the idle rule and its transaction's lifetime -> Abort.
 //!   Handshake with a newer epoch of a coordinator id: that id's older-epoch branches
 //!          are aborted (Idle at once, Busy when they finish); prepared ones are left
 //!          to the new incarnation's recovery.
@@ -73,7 +74,12 @@ pub struct AgentConfig {
     pub tombstones_max: usize,
     /// An open (unprepared) branch with no request for this long is rolled back: its
     /// coordinator is gone or forgot it. Keep it above the coordinator's idle timeout.
+    /// A branch whose transaction's lifetime (`ExecuteBranch::expires_in_ms`) ends later
+    /// is kept until then.
     pub idle_branch_timeout_ms: u64,
+    /// Longest transaction lifetime the agent honours for an open branch (a longer
+    /// `expires_in_ms` is cut to this). Keep it at the coordinator's `max_timeout_ms`.
+    pub max_branch_lifetime_ms: u64,
     /// Session settings (0 = PostgreSQL's default, no limit): a runaway statement, a
     /// lock wait, or a session left idle in a transaction is cut off by the server.
     pub statement_timeout_ms: u64,
@@ -108,6 +114,10 @@ const COUNT_PREPARED: &str = "SELECT count(*) FROM pg_prepared_xacts \
      WHERE database = current_database() AND owner = current_user";
 /// How often `Inner::prepared` is reset from [`COUNT_PREPARED`].
 const PREPARED_RECOUNT_INTERVAL: Duration = Duration::from_secs(5);
+/// `idle_in_transaction_session_timeout` of a branch whose transaction outlives the
+/// session's setting: its lifetime plus this, so the agent's own reaper (which runs at
+/// most 5 s late) ends it first and the server's cut-off stays a backstop.
+const IDLE_IN_TRANSACTION_MARGIN_MS: u64 = 10_000;
 /// Runs right before a one-phase COMMIT: it fails in an aborted transaction, so its
 /// success and COMMIT's together prove the commit (`decision_outcome`).
 const COMMIT_PROBE: &str = "SELECT 1";
@@ -134,6 +144,7 @@ impl AgentConfig {
             pool_wait_timeout_ms: 5_000,
             tombstones_max: 100_000,
             idle_branch_timeout_ms: 300_000,
+            max_branch_lifetime_ms: 600_000,
             statement_timeout_ms: 60_000,
             lock_timeout_ms: 30_000,
             idle_in_transaction_timeout_ms: 360_000,
@@ -159,10 +170,31 @@ pub enum AgentStartError {
 
 /// One branch with an open local transaction.
 enum Branch {
-    /// Waiting for more statements; holds its session since the instant.
-    Idle(Box<Object>, Instant),
+    /// Waiting for more statements: its session, idle since `since`, and the end of its
+    /// transaction's lifetime if the coordinator said (it is kept at least that long).
+    Idle {
+        session: Box<Object>,
+        since: Instant,
+        expires_at: Option<Instant>,
+    },
     /// A request is running statements on it.
     Busy { abort_requested: bool },
+}
+
+impl Branch {
+    /// An idle branch is rolled back once it has been idle past the idle rule and its
+    /// transaction's lifetime is over, whichever ends later.
+    fn expired(&self, now: Instant, idle: Duration) -> bool {
+        match self {
+            Branch::Idle {
+                since, expires_at, ..
+            } => {
+                now.saturating_duration_since(*since) > idle
+                    && expires_at.is_none_or(|end| now > end)
+            }
+            Branch::Busy { .. } => false,
+        }
+    }
 }
 
 /// Whether a branch being forgotten may be prepared in PostgreSQL, and if so whether
@@ -196,7 +228,7 @@ impl Tables {
         for gid in older {
             self.tombstones.insert(gid.clone());
             match self.branches.remove(&gid) {
-                Some(Branch::Idle(session, _)) => idle.push((gid, session)),
+                Some(Branch::Idle { session, .. }) => idle.push((gid, session)),
                 Some(Branch::Busy { .. }) => {
                     self.branches.insert(
                         gid,
@@ -405,8 +437,9 @@ impl Agent {
         self.inner.decisions
     }
 
-    /// Rolls back open branches idle for longer than `idle_branch_timeout_ms`. The task
-    /// holds only a weak reference and ends with the agent.
+    /// Rolls back open branches idle for longer than `idle_branch_timeout_ms` whose
+    /// transaction's lifetime is over too (see [`Branch::expired`]). The task holds only
+    /// a weak reference and ends with the agent.
     fn spawn_idle_reaper(&self) {
         let weak = Arc::downgrade(&self.inner);
         let idle = Duration::from_millis(self.inner.config.idle_branch_timeout_ms);
@@ -416,17 +449,21 @@ impl Agent {
                 tokio::time::sleep(period).await;
                 let Some(inner) = weak.upgrade() else { return };
                 let agent = Agent { inner };
-                let expired: Vec<Gid> = agent
+                let now = Instant::now();
+                let expired: Vec<(Gid, Duration)> = agent
                     .tables()
                     .branches
                     .iter()
                     .filter_map(|(gid, b)| match b {
-                        Branch::Idle(_, since) if since.elapsed() > idle => Some(gid.clone()),
+                        Branch::Idle { since, .. } if b.expired(now, idle) => {
+                            Some((gid.clone(), now - *since))
+                        }
                         _ => None,
                     })
                     .collect();
-                for gid in expired {
-                    warn!(%gid, idle_ms = idle.as_millis() as u64, "rolling back idle branch");
+                for (gid, idle_for) in expired {
+                    warn!(%gid, idle_ms = idle_for.as_millis() as u64,
+                        "rolling back an open branch: no statement within the idle timeout, and its transaction's lifetime is over");
                     let _ = agent.abort(gid, Duration::from_secs(10)).await;
                 }
             }
@@ -729,12 +766,22 @@ impl Agent {
             err.statement_index = Some(index);
             return Response::Failed(err);
         }
+        let lifetime_ms = exec
+            .expires_in_ms
+            .map(|ms| ms.min(self.inner.config.max_branch_lifetime_ms));
+        let mut expires_at =
+            lifetime_ms.and_then(|ms| Instant::now().checked_add(Duration::from_millis(ms)));
         // Claim the branch.
         let existing = {
             let mut t = self.tables();
             match t.branches.remove(&exec.gid) {
-                Some(Branch::Idle(session, _)) => {
+                Some(Branch::Idle {
+                    session,
+                    expires_at: before,
+                    ..
+                }) => {
                     let session = *session;
+                    expires_at = expires_at.or(before);
                     t.branches.insert(
                         exec.gid.clone(),
                         Branch::Busy {
@@ -797,7 +844,8 @@ impl Agent {
             self.tables().tainted.insert(exec.gid.clone());
         }
 
-        let result = tokio::time::timeout_at(deadline, self.run_branch(existing, &exec)).await;
+        let result =
+            tokio::time::timeout_at(deadline, self.run_branch(existing, &exec, lifetime_ms)).await;
         let (session, result) = match result {
             Ok(r) => r,
             Err(_elapsed) => {
@@ -855,7 +903,11 @@ impl Agent {
                         if let Some(s) = session {
                             self.tables().branches.insert(
                                 exec.gid.clone(),
-                                Branch::Idle(Box::new(s), Instant::now()),
+                                Branch::Idle {
+                                    session: Box::new(s),
+                                    since: Instant::now(),
+                                    expires_at,
+                                },
                             );
                         }
                     }
@@ -883,11 +935,13 @@ impl Agent {
 
     /// Runs the statements of `exec` on the branch's session (a fresh one from the pool if
     /// `existing` is `None`), pipelined with `BEGIN` and the finishing command in one round
-    /// trip. Returns the session (if it is still usable) and the result.
+    /// trip. Returns the session (if it is still usable) and the result. `lifetime_ms`:
+    /// what is left of the transaction's lifetime (already capped).
     async fn run_branch(
         &self,
         existing: Option<Object>,
         exec: &ExecuteBranch,
+        lifetime_ms: Option<u64>,
     ) -> (Option<Object>, Result<Ran, Response>) {
         let is_new = existing.is_none();
         let session = match existing {
@@ -967,12 +1021,21 @@ impl Agent {
         };
         let client: &tokio_postgres::Client = &session;
         let prepare_sql = format!("PREPARE TRANSACTION {}", exec.gid.sql_literal());
-        let mut steps: Vec<BoxFuture<'_, Step>> = Vec::with_capacity(prepared.len() + 3);
+        let idle_sql = match (is_new, exec.finish, lifetime_ms) {
+            (true, Finish::Keep, Some(ms)) => {
+                idle_in_transaction_sql(self.inner.config.idle_in_transaction_timeout_ms, ms)
+            }
+            _ => None,
+        };
+        let mut steps: Vec<BoxFuture<'_, Step>> = Vec::with_capacity(prepared.len() + 4);
         if is_new {
             steps.push(
                 async move { Step::Done(client.batch_execute(begin_sql(exec.isolation)).await) }
                     .boxed(),
             );
+        }
+        if let Some(sql) = idle_sql.as_deref() {
+            steps.push(async move { Step::Done(client.batch_execute(sql).await) }.boxed());
         }
         for (st, stmt) in prepared.iter().zip(&exec.statements) {
             steps.push(
@@ -1237,7 +1300,7 @@ impl Agent {
             let mut t = self.tables();
             t.tombstones.insert(gid.clone());
             match t.branches.remove(&gid) {
-                Some(Branch::Idle(s, _)) => Some(*s),
+                Some(Branch::Idle { session, .. }) => Some(*session),
                 Some(Branch::Busy { .. }) => {
                     // The running request rolls it back when it finishes.
                     t.branches.insert(
@@ -1479,6 +1542,23 @@ fn begin_sql(isolation: Isolation) -> &'static str {
     }
 }
 
+/// `SET LOCAL idle_in_transaction_session_timeout` for a new interactive branch whose
+/// transaction (`lifetime_ms` left) may stay idle here longer than the session's setting
+/// (`session_ms`, 0 = none) allows: the agent's reaper keeps the branch that long, and the
+/// server must not cut it off first. `None` in the ordinary case, which then costs no
+/// setting change (see `begin_sql`).
+fn idle_in_transaction_sql(session_ms: u64, lifetime_ms: u64) -> Option<String> {
+    let needed_ms = lifetime_ms.saturating_add(IDLE_IN_TRANSACTION_MARGIN_MS);
+    if session_ms == 0 || needed_ms <= session_ms {
+        return None;
+    }
+    // The setting is an int of milliseconds.
+    let needed_ms = needed_ms.min(i32::MAX as u64);
+    Some(format!(
+        "SET LOCAL idle_in_transaction_session_timeout = {needed_ms}"
+    ))
+}
+
 /// A pooled session that is closed (not returned to the pool) unless released.
 struct DiscardOnDrop(Option<Object>);
 
@@ -1665,4 +1745,36 @@ fn agent_error(e: &tokio_postgres::Error, statement_index: Option<usize>) -> Age
 
 fn sql_failure(e: &tokio_postgres::Error, statement_index: Option<usize>) -> Response {
     Response::Failed(agent_error(e, statement_index))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ordinary_transactions_change_no_setting() {
+        // The defaults: 360 s on the session, transactions of 30 s.
+        assert_eq!(idle_in_transaction_sql(360_000, 30_000), None);
+        assert_eq!(
+            idle_in_transaction_sql(0, 600_000),
+            None,
+            "0: no server limit"
+        );
+        assert_eq!(
+            idle_in_transaction_sql(360_000, 360_000 - IDLE_IN_TRANSACTION_MARGIN_MS),
+            None
+        );
+    }
+
+    #[test]
+    fn a_transaction_outliving_the_session_setting_raises_it_for_itself() {
+        assert_eq!(
+            idle_in_transaction_sql(2_000, 20_000).as_deref(),
+            Some("SET LOCAL idle_in_transaction_session_timeout = 30000")
+        );
+        assert_eq!(
+            idle_in_transaction_sql(1, u64::MAX).as_deref(),
+            Some("SET LOCAL idle_in_transaction_session_timeout = 2147483647")
+        );
+    }
 }

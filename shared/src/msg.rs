@@ -125,6 +125,12 @@ pub struct ExecuteBranch {
     /// With [`Finish::CommitDecision`]: the decision row to commit with the branch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decision: Option<Decision>,
+    /// What is left of the transaction's lifetime when the request is sent. An open
+    /// branch waiting for its transaction's next statement is kept at least this long
+    /// (beyond the agent's idle rule), and rolled back after it: the transaction may
+    /// still be active on another participant. `None`: the idle rule alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_in_ms: Option<u64>,
 }
 
 /// What the agent does after the statements of an `Execute`.
@@ -591,6 +597,7 @@ mod tests {
                 read_only_vote: true,
                 continues: false,
                 decision: None,
+                expires_in_ms: None,
             }),
         };
         let bytes = serde_json::to_vec(&req).unwrap();
@@ -630,6 +637,7 @@ mod tests {
                 read_only_vote: false,
                 continues: true,
                 decision: None,
+                expires_in_ms: Some(30_000),
             }),
             Request::CommitPrepared { gid: gid.clone() },
             Request::Execute(ExecuteBranch {
@@ -643,6 +651,7 @@ mod tests {
                     txn_id: "t-1".into(),
                     participants: vec!["a".into()],
                 }),
+                expires_in_ms: None,
             }),
             Request::Abort { gid: gid.clone() },
             Request::Fence { gid: gid.clone() },

@@ -1,4 +1,4 @@
-//! Regression tests for agent defects, each against real PostgreSQL:
+//! Regression tests for four agent defects, each against real PostgreSQL:
 //!
 //! 1. a dead coordinator's open branches held their row locks until the agent's idle
 //!    timeout (300 s) instead of being rolled back when its successor connected;
@@ -7,6 +7,9 @@
 //!    through than its limit;
 //! 3. a one-phase commit refused before anything ran (no database session) was answered
 //!    504 "outcome unknown" instead of 409 aborted;
+//! 4. an interactive transaction's idle branch was rolled back by the agent's idle rule
+//!    (or PostgreSQL's idle_in_transaction_session_timeout) while the transaction was
+//!    still active elsewhere within its lifetime.
 
 use std::time::{Duration, Instant};
 
@@ -61,7 +64,7 @@ async fn prepared_count(url: &str) -> i64 {
     scalar(url, "SELECT count(*) FROM pg_prepared_xacts").await
 }
 
-fn execute(gid: &Gid, sql: &str, finish: Finish) -> Request {
+fn execute(gid: &Gid, sql: &str, finish: Finish, expires_in_ms: Option<u64>) -> Request {
     Request::Execute(ExecuteBranch {
         gid: gid.clone(),
         isolation: Default::default(),
@@ -73,6 +76,7 @@ fn execute(gid: &Gid, sql: &str, finish: Finish) -> Request {
         read_only_vote: false,
         continues: false,
         decision: None,
+        expires_in_ms,
     })
 }
 
@@ -82,7 +86,7 @@ const CALL: Duration = Duration::from_secs(10);
 async fn prepare(agent: &Agent, gid: &Gid, id: i32) -> Response {
     let sql = format!("UPDATE acct SET bal = bal + 0 WHERE id = {id}");
     agent
-        .handle(execute(gid, &sql, Finish::Prepare), CALL)
+        .handle(execute(gid, &sql, Finish::Prepare, None), CALL)
         .await
 }
 
@@ -456,4 +460,128 @@ async fn one_phase_commit_to_a_database_that_is_down_is_aborted_not_unknown() {
     let url = h.dbs[0].url.clone();
     assert_eq!(ledger_rows(&url, "down").await, 0);
     h.shutdown().await.unwrap();
+}
+
+/// Defect 4, kept. With a 1 s idle rule on the agents (and a 2 s
+/// idle_in_transaction_session_timeout on their sessions), an interactive transaction
+/// with a 20 s lifetime writes on a, then works on b for 3.5 s, then commits: a's branch,
+/// idle all that time, is still there, and the commit commits on both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_interactive_transaction_outlives_the_agents_idle_timeouts() {
+    let h = Harness::start_with_agents(
+        2,
+        AgentMode::Remote,
+        |c| {
+            c.idle_branch_timeout_ms = 1_000;
+            c.idle_in_transaction_timeout_ms = 2_000;
+        },
+        |_| {},
+    )
+    .await
+    .unwrap();
+    let (status, r) = h
+        .post(
+            "/v1/transactions",
+            &json!({"txn_id": "long", "timeout_ms": 20_000}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{r}");
+    let stmt = |participant: &str, delta: i64| json!({"participant": participant, "sql": "UPDATE acct SET bal = bal + $1 WHERE id = $2", "params": [delta, 7]});
+    let (status, r) = h
+        .post("/v1/transactions/long/statements", &stmt("a", -5))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{r}");
+    let a_idle_since = Instant::now();
+    let mut on_b = 0;
+    // The transaction works elsewhere while a's branch sits idle past both of a's
+    // timeouts (the point of the test is time passing, so it paces itself).
+    while a_idle_since.elapsed() < Duration::from_millis(3_500) {
+        let (status, r) = h
+            .post("/v1/transactions/long/statements", &stmt("b", 1))
+            .await
+            .unwrap();
+        assert_eq!(status, 200, "{r}");
+        on_b += 1;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let (status, r) = h
+        .post("/v1/transactions/long/commit", &json!({}))
+        .await
+        .unwrap();
+    assert_eq!(
+        status,
+        200,
+        "a's branch, idle {:?} within the transaction's lifetime, must still be there: {r}",
+        a_idle_since.elapsed()
+    );
+    assert_eq!(r["outcome"], "committed", "{r}");
+    assert_eq!(
+        scalar(&h.dbs[0].url, "SELECT bal FROM acct WHERE id = 7").await,
+        BALANCE - 5
+    );
+    assert_eq!(
+        scalar(&h.dbs[1].url, "SELECT bal FROM acct WHERE id = 7").await,
+        BALANCE + on_b
+    );
+    h.shutdown().await.unwrap();
+}
+
+/// Defect 4, bounded. Open branches nobody finishes are rolled back once their
+/// transaction's lifetime is over (not at the 0.5 s idle rule, and not never): one with
+/// 2 s left, and one claiming an hour, cut to the agent's `max_branch_lifetime_ms` (4 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_branch_is_rolled_back_when_its_transactions_lifetime_is_over() {
+    twopc_testkit::init_tracing();
+    let dbs = start_dbs(1, AgentMode::InProcess).await.unwrap();
+    let url = dbs[0].url.clone();
+    let mut config = AgentConfig::new("a", url.clone());
+    config.idle_branch_timeout_ms = 500;
+    config.idle_in_transaction_timeout_ms = 1_000;
+    config.max_branch_lifetime_ms = 4_000;
+    let agent = Agent::connect(config).await.unwrap();
+
+    let started = Instant::now();
+    for (seq, id, lifetime_ms) in [(1, 31, 2_000), (2, 32, 3_600_000)] {
+        let gid = Gid::new("rl", 1, seq).unwrap();
+        let sql = format!("UPDATE acct SET bal = bal - 1 WHERE id = {id}");
+        let r = agent
+            .handle(execute(&gid, &sql, Finish::Keep, Some(lifetime_ms)), CALL)
+            .await;
+        assert!(
+            matches!(
+                r,
+                Response::Executed {
+                    outcome: BranchOutcome::Active,
+                    ..
+                }
+            ),
+            "{r:?}"
+        );
+    }
+    // Each lock is released within the reaper's period (125 ms here) plus slack of the
+    // end of its branch's lifetime, and not before.
+    for (id, lifetime) in [(31, Duration::from_secs(2)), (32, Duration::from_secs(4))] {
+        wait_for(lifetime + Duration::from_secs(3), || {
+            row_lock_free(&url, id)
+        })
+        .await
+        .unwrap_or_else(|e| panic!("row {id}: the expired branch was not rolled back: {e}"));
+        let released = started.elapsed();
+        assert!(
+            released >= lifetime,
+            "row {id}: rolled back after {released:?}, before its transaction's lifetime ({lifetime:?}) was over"
+        );
+        eprintln!("row {id}: released after {released:?} (lifetime {lifetime:?})");
+    }
+    assert_eq!(agent.open_branches(), 0);
+    assert_eq!(
+        scalar(
+            &url,
+            "SELECT sum(bal)::bigint FROM acct WHERE id IN (31, 32)"
+        )
+        .await,
+        2 * BALANCE
+    );
 }
