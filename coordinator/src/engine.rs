@@ -701,6 +701,8 @@ impl Engine {
                     }
                 }
                 info!(%gid, participant = p.name(), age_ms = b.age_ms, "rolling back a prepared branch with no commit decision (presumed abort)");
+                // Between the check above and the rollback (a resolve racing a pass).
+                twopc_participant::failpoint!("coordinator.recovery_before_rollback");
                 match p.call(Request::Abort { gid: gid.clone() }, timeout).await {
                     Ok(Response::Aborted) => report.rolled_back += 1,
                     other => {
@@ -1018,6 +1020,7 @@ impl Engine {
                 read_only_vote: false,
                 continues,
                 decision: None,
+                expires_in_ms: u64::try_from(remaining.as_millis()).ok(),
             };
             let resp = p.call(Request::Execute(exec), remaining).await;
             state.last_activity = Instant::now();
@@ -1444,6 +1447,7 @@ impl Engine {
                 read_only_vote: config.read_only,
                 continues,
                 decision: None,
+                expires_in_ms: u64::try_from(remaining.as_millis()).ok(),
             };
             async move {
                 let resp = match p {
@@ -1562,6 +1566,7 @@ impl Engine {
                 txn_id: txn.txn_id.clone(),
                 participants: yes.clone(),
             }),
+            expires_in_ms: u64::try_from(remaining.as_millis()).ok(),
         };
         let resp = Box::pin(p.call(Request::Execute(exec), remaining)).await;
         let results = match resp {
@@ -2717,17 +2722,20 @@ fn commit_may_have_happened(resp: &Result<Response, CallError>) -> bool {
     }
 }
 
-/// The last agent's answer proves its commit did not happen. The agent answers a
-/// `commit_decision` with a definite failure only when its decision row did not go in
-/// (`agent::decision_outcome`: a statement error a savepoint repaired does not count), or
-/// when it refused the request before running it. A timeout, a lost connection or an
-/// unknown commit outcome may hide a commit.
+/// The committing agent's answer proves its commit did not happen. The agent answers a
+/// `commit`/`commit_decision` with a definite failure only when its probe or decision row
+/// did not go in (`agent::decision_outcome`: a statement error a savepoint repaired does
+/// not count), or when it refused the request before running it: `Limit` (including no
+/// free database session in time) and `DatabaseUnreachable` (no session could be opened)
+/// are such refusals. A timeout, a lost connection (`Unavailable`) or an unknown commit
+/// outcome may hide a commit.
 fn refused_before_commit(e: &AgentError) -> bool {
     match e.kind {
         ErrorKind::BadParam
         | ErrorKind::BadRequest
         | ErrorKind::UnknownBranch
         | ErrorKind::Limit
+        | ErrorKind::DatabaseUnreachable
         | ErrorKind::VersionMismatch
         | ErrorKind::Fenced
         | ErrorKind::Sql => true,
@@ -2741,6 +2749,7 @@ fn agent_abort(participant: &str, txn_id: &str, e: AgentError) -> AbortInfo {
         ErrorKind::BadParam => ("22023".to_owned(), true),
         ErrorKind::Timeout => ("57014".to_owned(), false),
         ErrorKind::Unavailable => ("08006".to_owned(), false),
+        ErrorKind::DatabaseUnreachable => ("08001".to_owned(), false),
         ErrorKind::Limit => ("53000".to_owned(), false),
         ErrorKind::BadRequest | ErrorKind::UnknownBranch => ("25000".to_owned(), false),
         ErrorKind::VersionMismatch | ErrorKind::Fenced | ErrorKind::Internal => {

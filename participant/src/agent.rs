@@ -10,6 +10,10 @@
 //!   Abort: Idle -> ROLLBACK; Busy -> rolled back when the statements finish;
 //!          none -> ROLLBACK PREPARED if prepared; always leaves a tombstone so a late
 //!          Execute for the same GID cannot prepare it again.
+//!   Reaper: Idle past both the idle rule and its transaction's lifetime -> Abort.
+//!   Handshake with a newer epoch of a coordinator id: that id's older-epoch branches
+//!          are aborted (Idle at once, Busy when they finish); prepared ones are left
+//!          to the new incarnation's recovery.
 //! ```
 //!
 //! Prepared branches live in PostgreSQL (`pg_prepared_xacts`), not in this table: the
@@ -23,10 +27,13 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod};
+use deadpool_postgres::{
+    Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, TimeoutType,
+};
 use futures::future::{join_all, BoxFuture, FutureExt};
 use futures::TryStreamExt;
 use tokio_postgres::types::ToSql;
@@ -67,7 +74,12 @@ pub struct AgentConfig {
     pub tombstones_max: usize,
     /// An open (unprepared) branch with no request for this long is rolled back: its
     /// coordinator is gone or forgot it. Keep it above the coordinator's idle timeout.
+    /// A branch whose transaction's lifetime (`ExecuteBranch::expires_in_ms`) ends later
+    /// is kept until then.
     pub idle_branch_timeout_ms: u64,
+    /// Longest transaction lifetime the agent honours for an open branch (a longer
+    /// `expires_in_ms` is cut to this). Keep it at the coordinator's `max_timeout_ms`.
+    pub max_branch_lifetime_ms: u64,
     /// Session settings (0 = PostgreSQL's default, no limit): a runaway statement, a
     /// lock wait, or a session left idle in a transaction is cut off by the server.
     pub statement_timeout_ms: u64,
@@ -96,6 +108,16 @@ const DECISION_DDL: &str = "CREATE SCHEMA IF NOT EXISTS twopc; \
         txn_id text NOT NULL DEFAULT '', \
         participants text[] NOT NULL DEFAULT '{}', \
         decided_at timestamptz NOT NULL DEFAULT now())";
+/// Prepared transactions of this agent's database and role: the facts behind
+/// `Inner::prepared`.
+const COUNT_PREPARED: &str = "SELECT count(*) FROM pg_prepared_xacts \
+     WHERE database = current_database() AND owner = current_user";
+/// How often `Inner::prepared` is reset from [`COUNT_PREPARED`].
+const PREPARED_RECOUNT_INTERVAL: Duration = Duration::from_secs(5);
+/// `idle_in_transaction_session_timeout` of a branch whose transaction outlives the
+/// session's setting: its lifetime plus this, so the agent's own reaper (which runs at
+/// most 5 s late) ends it first and the server's cut-off stays a backstop.
+const IDLE_IN_TRANSACTION_MARGIN_MS: u64 = 10_000;
 /// Runs right before a one-phase COMMIT: it fails in an aborted transaction, so its
 /// success and COMMIT's together prove the commit (`decision_outcome`).
 const COMMIT_PROBE: &str = "SELECT 1";
@@ -129,6 +151,7 @@ impl AgentConfig {
             pool_wait_timeout_ms: 5_000,
             tombstones_max: 100_000,
             idle_branch_timeout_ms: 300_000,
+            max_branch_lifetime_ms: 600_000,
             statement_timeout_ms: 60_000,
             lock_timeout_ms: 30_000,
             idle_in_transaction_timeout_ms: 360_000,
@@ -154,16 +177,85 @@ pub enum AgentStartError {
 
 /// One branch with an open local transaction.
 enum Branch {
-    /// Waiting for more statements; holds its session since the instant.
-    Idle(Box<Object>, Instant),
+    /// Waiting for more statements: its session, idle since `since`, and the end of its
+    /// transaction's lifetime if the coordinator said (it is kept at least that long).
+    Idle {
+        session: Box<Object>,
+        since: Instant,
+        expires_at: Option<Instant>,
+    },
     /// A request is running statements on it.
     Busy { abort_requested: bool },
+}
+
+impl Branch {
+    /// An idle branch is rolled back once it has been idle past the idle rule and its
+    /// transaction's lifetime is over, whichever ends later.
+    fn expired(&self, now: Instant, idle: Duration) -> bool {
+        match self {
+            Branch::Idle {
+                since, expires_at, ..
+            } => {
+                now.saturating_duration_since(*since) > idle
+                    && expires_at.is_none_or(|end| now > end)
+            }
+            Branch::Busy { .. } => false,
+        }
+    }
+}
+
+/// Whether a branch being forgotten may be prepared in PostgreSQL, and if so whether
+/// `Inner::prepared` counted it (it did exactly when the agent saw its PREPARE succeed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MaybePrepared {
+    No,
+    Counted,
+    /// The request was cut off around its PREPARE: it may have happened, uncounted.
+    Uncounted,
 }
 
 struct Tombstones {
     set: HashSet<Gid>,
     order: VecDeque<Gid>,
     max: usize,
+}
+
+impl Tables {
+    /// Takes the idle branches of `coordinator_id` from epochs before `epoch` out of the
+    /// table, and marks its busy ones so their running request rolls them back when it
+    /// ends. Both leave a tombstone.
+    fn take_older_branches(&mut self, coordinator_id: &str, epoch: u64) -> Vec<(Gid, Box<Object>)> {
+        let older: Vec<Gid> = self
+            .branches
+            .keys()
+            .filter(|g| g.coordinator_id() == coordinator_id && g.epoch() < epoch)
+            .cloned()
+            .collect();
+        let mut idle = Vec::new();
+        for gid in older {
+            self.tombstones.insert(gid.clone());
+            match self.branches.remove(&gid) {
+                Some(Branch::Idle { session, .. }) => idle.push((gid, session)),
+                Some(Branch::Busy { .. }) => {
+                    self.branches.insert(
+                        gid,
+                        Branch::Busy {
+                            abort_requested: true,
+                        },
+                    );
+                }
+                None => {}
+            }
+        }
+        idle
+    }
+
+    /// `gid` comes from an epoch of its coordinator older than the newest seen.
+    fn is_of_an_older_epoch(&self, gid: &Gid) -> bool {
+        self.epochs
+            .get(gid.coordinator_id())
+            .is_some_and(|&newest| gid.epoch() < newest)
+    }
 }
 
 impl Tombstones {
@@ -193,9 +285,13 @@ struct Tables {
 
 struct Inner {
     config: AgentConfig,
-    /// Branches this agent prepared and has not yet seen finished (an upper bound on
-    /// its share of `max_prepared_transactions`).
-    prepared: std::sync::atomic::AtomicU64,
+    /// Prepared transactions of this database and role, as far as the agent saw them
+    /// begin and end: a cheap hint for the limit check, not the truth. Some ends are
+    /// unseen (a COMMIT PREPARED that ran but timed out, someone else's ROLLBACK
+    /// PREPARED) and some beginnings too (a PREPARE cut off by a deadline), so it is
+    /// reset from `pg_prepared_xacts` periodically (`spawn_prepared_recount`) and before
+    /// any refusal (`check_prepared_limit`).
+    prepared: AtomicU64,
     prepared_limit: u64,
     pool: Pool,
     database: String,
@@ -281,11 +377,7 @@ impl Agent {
             return Err(AgentStartError::NoPreparedTransactions);
         }
         let already: i64 = client
-            .query_one(
-                "SELECT count(*) FROM pg_prepared_xacts \
-                 WHERE database = current_database() AND owner = current_user",
-                &[],
-            )
+            .query_one(COUNT_PREPARED, &[])
             .await
             .map_err(|e| AgentStartError::Connect(e.to_string()))?
             .get(0);
@@ -300,7 +392,7 @@ impl Agent {
         let agent = Agent {
             inner: Arc::new(Inner {
                 config,
-                prepared: std::sync::atomic::AtomicU64::new(already.max(0) as u64),
+                prepared: AtomicU64::new(already.max(0) as u64),
                 prepared_limit,
                 pool,
                 database,
@@ -319,6 +411,7 @@ impl Agent {
             }),
         };
         agent.spawn_idle_reaper();
+        agent.spawn_prepared_recount();
         if decisions {
             agent.spawn_decision_expiry();
         }
@@ -351,8 +444,9 @@ impl Agent {
         self.inner.decisions
     }
 
-    /// Rolls back open branches idle for longer than `idle_branch_timeout_ms`. The task
-    /// holds only a weak reference and ends with the agent.
+    /// Rolls back open branches idle for longer than `idle_branch_timeout_ms` whose
+    /// transaction's lifetime is over too (see [`Branch::expired`]). The task holds only
+    /// a weak reference and ends with the agent.
     fn spawn_idle_reaper(&self) {
         let weak = Arc::downgrade(&self.inner);
         let idle = Duration::from_millis(self.inner.config.idle_branch_timeout_ms);
@@ -362,21 +456,93 @@ impl Agent {
                 tokio::time::sleep(period).await;
                 let Some(inner) = weak.upgrade() else { return };
                 let agent = Agent { inner };
-                let expired: Vec<Gid> = agent
+                let now = Instant::now();
+                let expired: Vec<(Gid, Duration)> = agent
                     .tables()
                     .branches
                     .iter()
                     .filter_map(|(gid, b)| match b {
-                        Branch::Idle(_, since) if since.elapsed() > idle => Some(gid.clone()),
+                        Branch::Idle { since, .. } if b.expired(now, idle) => {
+                            Some((gid.clone(), now - *since))
+                        }
                         _ => None,
                     })
                     .collect();
-                for gid in expired {
-                    warn!(%gid, idle_ms = idle.as_millis() as u64, "rolling back idle branch");
+                for (gid, idle_for) in expired {
+                    warn!(%gid, idle_ms = idle_for.as_millis() as u64,
+                        "rolling back an open branch: no statement within the idle timeout, and its transaction's lifetime is over");
                     let _ = agent.abort(gid, Duration::from_secs(10)).await;
                 }
             }
         });
+    }
+
+    /// Resets the prepared-branch count from `pg_prepared_xacts` every
+    /// [`PREPARED_RECOUNT_INTERVAL`], so an end or a beginning the agent did not see
+    /// cannot skew the limit check for long.
+    fn spawn_prepared_recount(&self) {
+        let weak = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(PREPARED_RECOUNT_INTERVAL).await;
+                let Some(inner) = weak.upgrade() else { return };
+                let agent = Agent { inner };
+                if let Err(e) = agent.recount_prepared().await {
+                    debug!(error = %e, "could not recount prepared branches; next period retries");
+                }
+            }
+        });
+    }
+
+    /// Reads the number of prepared transactions of this database and role and makes it
+    /// the count. A PREPARE or COMMIT PREPARED finishing during the query may leave it one
+    /// off until the next recount; refusals re-read it first (`check_prepared_limit`).
+    async fn recount_prepared(&self) -> Result<u64, AgentError> {
+        let session = self.session().await?;
+        let row = session
+            .query_one(COUNT_PREPARED, &[])
+            .await
+            .map_err(|e| agent_error(&e, None))?;
+        let counted: i64 = row.try_get(0).map_err(|e| agent_error(&e, None))?;
+        let counted = counted.max(0) as u64;
+        let before = self.inner.prepared.swap(counted, Ordering::Relaxed);
+        if before != counted {
+            debug!(
+                before,
+                counted, "prepared-branch count corrected from pg_prepared_xacts"
+            );
+        }
+        Ok(counted)
+    }
+
+    /// Refuses a PREPARE only when the database really holds `prepared_limit` prepared
+    /// transactions of ours: the count is a hint, so reaching the limit by it costs one
+    /// query to check (a normal PREPARE costs nothing extra).
+    async fn check_prepared_limit(&self, timeout: Duration) -> Result<(), Response> {
+        let limit = self.inner.prepared_limit;
+        if self.inner.prepared.load(Ordering::Relaxed) < limit {
+            return Ok(());
+        }
+        let counted = match tokio::time::timeout(timeout, self.recount_prepared()).await {
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) => return Err(Response::Failed(e)),
+            Err(_) => {
+                return Err(failed(
+                    ErrorKind::Timeout,
+                    "counting prepared branches did not finish in time",
+                ))
+            }
+        };
+        if counted >= limit {
+            return Err(failed(
+                ErrorKind::Limit,
+                format!(
+                    "{counted} branches prepared; the limit is {limit} (max_prepared_branches, \
+                     or the server's max_prepared_transactions)"
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Closes the session pool: idle sessions end at once (cleanly, with a Terminate
@@ -392,20 +558,70 @@ impl Agent {
 
     /// Fencing: records `epoch` for `coordinator_id` if it is the newest seen, and
     /// refuses an epoch older than the newest (a stale incarnation of that coordinator).
+    ///
+    /// A newer epoch means the older incarnations of that coordinator id are dead or
+    /// fenced, so none of their open branches can ever commit: they are rolled back now
+    /// (in the background), not after the idle timeout, which would hold their locks for
+    /// minutes. Prepared ones are left to the new incarnation's recovery, which resolves
+    /// them by its log.
     pub fn check_epoch(&self, coordinator_id: &str, epoch: u64) -> Result<(), AgentError> {
-        let mut t = self.tables();
-        let newest = t.epochs.entry(coordinator_id.to_owned()).or_insert(epoch);
-        if epoch < *newest {
-            return Err(AgentError::new(
-                ErrorKind::Fenced,
-                format!(
-                    "coordinator {coordinator_id} epoch {epoch} is older than epoch {} already seen;                      a newer incarnation is running",
-                    *newest
-                ),
-            ));
+        let stale = {
+            let mut t = self.tables();
+            match t.epochs.get(coordinator_id) {
+                Some(&newest) if epoch < newest => {
+                    return Err(AgentError::new(
+                        ErrorKind::Fenced,
+                        format!(
+                            "coordinator {coordinator_id} epoch {epoch} is older than epoch \
+                             {newest} already seen; a newer incarnation is running"
+                        ),
+                    ));
+                }
+                Some(&newest) if epoch == newest => return Ok(()),
+                _ => {}
+            }
+            t.epochs.insert(coordinator_id.to_owned(), epoch);
+            t.take_older_branches(coordinator_id, epoch)
+        };
+        if !stale.is_empty() {
+            self.roll_back_older_incarnation(coordinator_id, epoch, stale);
         }
-        *newest = epoch;
         Ok(())
+    }
+
+    /// Rolls back the idle branches an older incarnation of `coordinator_id` left open
+    /// (taken from the table by [`Tables::take_older_branches`]).
+    fn roll_back_older_incarnation(
+        &self,
+        coordinator_id: &str,
+        epoch: u64,
+        stale: Vec<(Gid, Box<Object>)>,
+    ) {
+        warn!(
+            coordinator_id,
+            epoch,
+            branches = stale.len(),
+            "a newer incarnation of this coordinator connected; rolling back the open branches of its older epochs"
+        );
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // No runtime to roll back on: closing the sessions makes PostgreSQL roll the
+            // transactions back.
+            for (gid, session) in stale {
+                self.retire(&gid, None);
+                drop(Object::take(*session));
+            }
+            return;
+        };
+        let agent = self.clone();
+        runtime.spawn(async move {
+            for (gid, session) in stale {
+                let span = tracing::info_span!("stale_branch", gid = %gid);
+                agent
+                    .roll_back_and_retire(&gid, *session)
+                    .instrument(span)
+                    .await;
+            }
+        });
     }
 
     pub fn database(&self) -> &str {
@@ -506,27 +722,22 @@ impl Agent {
         }
     }
 
+    /// A prepared branch of ours was seen to end (COMMIT or ROLLBACK PREPARED succeeded).
     fn prepared_done(&self) {
-        let _ = self.inner.prepared.fetch_update(
-            std::sync::atomic::Ordering::Relaxed,
-            std::sync::atomic::Ordering::Relaxed,
-            |n| Some(n.saturating_sub(1)),
-        );
+        let _ = self
+            .inner
+            .prepared
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some(n.saturating_sub(1))
+            });
     }
 
     async fn execute(&self, exec: ExecuteBranch, timeout: Duration) -> Response {
-        let prepared = self
-            .inner
-            .prepared
-            .load(std::sync::atomic::Ordering::Relaxed);
-        if exec.finish == Finish::Prepare && prepared >= self.inner.prepared_limit {
-            return failed(
-                ErrorKind::Limit,
-                format!(
-                    "{prepared} branches prepared; the limit is {} (max_prepared_transactions)",
-                    self.inner.prepared_limit
-                ),
-            );
+        let deadline = tokio::time::Instant::now() + timeout;
+        if exec.finish == Finish::Prepare {
+            if let Err(refused) = self.check_prepared_limit(timeout).await {
+                return refused;
+            }
         }
         if exec.finish == Finish::CommitDecision {
             if !self.inner.decisions {
@@ -562,12 +773,22 @@ impl Agent {
             err.statement_index = Some(index);
             return Response::Failed(err);
         }
+        let lifetime_ms = exec
+            .expires_in_ms
+            .map(|ms| ms.min(self.inner.config.max_branch_lifetime_ms));
+        let mut expires_at =
+            lifetime_ms.and_then(|ms| Instant::now().checked_add(Duration::from_millis(ms)));
         // Claim the branch.
         let existing = {
             let mut t = self.tables();
             match t.branches.remove(&exec.gid) {
-                Some(Branch::Idle(session, _)) => {
+                Some(Branch::Idle {
+                    session,
+                    expires_at: before,
+                    ..
+                }) => {
                     let session = *session;
+                    expires_at = expires_at.or(before);
                     t.branches.insert(
                         exec.gid.clone(),
                         Branch::Busy {
@@ -596,6 +817,14 @@ impl Agent {
                             "branch is not open here (the agent restarted or its session was lost); its earlier statements are gone",
                         );
                     }
+                    // Checked under the same lock `check_epoch` takes the older
+                    // incarnation's branches under, so none can slip in after it.
+                    if t.is_of_an_older_epoch(&exec.gid) {
+                        return failed(
+                            ErrorKind::Fenced,
+                            "the branch belongs to an older epoch of its coordinator; a newer incarnation is running",
+                        );
+                    }
                     if t.branches.len() >= self.inner.config.max_open_branches {
                         return failed(
                             ErrorKind::Limit,
@@ -622,7 +851,8 @@ impl Agent {
             self.tables().tainted.insert(exec.gid.clone());
         }
 
-        let result = tokio::time::timeout(timeout, self.run_branch(existing, &exec)).await;
+        let result =
+            tokio::time::timeout_at(deadline, self.run_branch(existing, &exec, lifetime_ms)).await;
         let (session, result) = match result {
             Ok(r) => r,
             Err(_elapsed) => {
@@ -631,7 +861,7 @@ impl Agent {
                 // transaction). A PREPARE that raced the deadline is rolled back by
                 // `forget_branch`.
                 warn!(timeout_ms = timeout.as_millis() as u64, "branch timed out");
-                Box::pin(self.forget_branch(&exec.gid, None, true)).await;
+                Box::pin(self.forget_branch(&exec.gid, None, MaybePrepared::Uncounted)).await;
                 return failed(
                     ErrorKind::Timeout,
                     format!("branch did not finish within {} ms", timeout.as_millis()),
@@ -650,10 +880,16 @@ impl Agent {
         match result {
             Err(err) => {
                 // The branch is rolled back: a NO vote.
-                Box::pin(self.forget_branch(&exec.gid, session, false)).await;
+                Box::pin(self.forget_branch(&exec.gid, session, MaybePrepared::No)).await;
                 err
             }
             Ok(ran) => {
+                let prepared = ran.outcome == BranchOutcome::Prepared;
+                if prepared {
+                    // Counted as soon as its PREPARE is seen to succeed, whatever comes
+                    // next: the ROLLBACK or COMMIT PREPARED that ends it uncounts it.
+                    self.inner.prepared.fetch_add(1, Ordering::Relaxed);
+                }
                 let committed = matches!(
                     ran.outcome,
                     BranchOutcome::Committed | BranchOutcome::ReadOnly
@@ -661,12 +897,12 @@ impl Agent {
                 // An abort that arrives while the branch commits comes too late: the
                 // commit stands and is what we report.
                 if abort_requested && !committed {
-                    Box::pin(self.forget_branch(
-                        &exec.gid,
-                        session,
-                        ran.outcome == BranchOutcome::Prepared,
-                    ))
-                    .await;
+                    let maybe_prepared = if prepared {
+                        MaybePrepared::Counted
+                    } else {
+                        MaybePrepared::No
+                    };
+                    Box::pin(self.forget_branch(&exec.gid, session, maybe_prepared)).await;
                     return failed(ErrorKind::UnknownBranch, "branch was aborted while it ran");
                 }
                 match ran.outcome {
@@ -674,7 +910,11 @@ impl Agent {
                         if let Some(s) = session {
                             self.tables().branches.insert(
                                 exec.gid.clone(),
-                                Branch::Idle(Box::new(s), Instant::now()),
+                                Branch::Idle {
+                                    session: Box::new(s),
+                                    since: Instant::now(),
+                                    expires_at,
+                                },
                             );
                         }
                     }
@@ -685,10 +925,7 @@ impl Agent {
                         self.retire(&exec.gid, session);
                     }
                 }
-                if ran.outcome == BranchOutcome::Prepared {
-                    self.inner
-                        .prepared
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if prepared {
                     crate::failpoint!("participant.after_prepare");
                 }
                 if exec.finish == Finish::CommitDecision {
@@ -705,11 +942,13 @@ impl Agent {
 
     /// Runs the statements of `exec` on the branch's session (a fresh one from the pool if
     /// `existing` is `None`), pipelined with `BEGIN` and the finishing command in one round
-    /// trip. Returns the session (if it is still usable) and the result.
+    /// trip. Returns the session (if it is still usable) and the result. `lifetime_ms`:
+    /// what is left of the transaction's lifetime (already capped).
     async fn run_branch(
         &self,
         existing: Option<Object>,
         exec: &ExecuteBranch,
+        lifetime_ms: Option<u64>,
     ) -> (Option<Object>, Result<Ran, Response>) {
         let is_new = existing.is_none();
         let session = match existing {
@@ -792,12 +1031,21 @@ impl Agent {
         };
         let client: &tokio_postgres::Client = &session;
         let prepare_sql = format!("PREPARE TRANSACTION {}", exec.gid.sql_literal());
-        let mut steps: Vec<BoxFuture<'_, Step>> = Vec::with_capacity(prepared.len() + 3);
+        let idle_sql = match (is_new, exec.finish, lifetime_ms) {
+            (true, Finish::Keep, Some(ms)) => {
+                idle_in_transaction_sql(self.inner.config.idle_in_transaction_timeout_ms, ms)
+            }
+            _ => None,
+        };
+        let mut steps: Vec<BoxFuture<'_, Step>> = Vec::with_capacity(prepared.len() + 4);
         if is_new {
             steps.push(
                 async move { Step::Done(client.batch_execute(begin_sql(exec.isolation)).await) }
                     .boxed(),
             );
+        }
+        if let Some(sql) = idle_sql.as_deref() {
+            steps.push(async move { Step::Done(client.batch_execute(sql).await) }.boxed());
         }
         for (st, stmt) in prepared.iter().zip(&exec.statements) {
             steps.push(
@@ -950,6 +1198,11 @@ impl Agent {
                 // Wrote nothing: finish it now and drop out of phase 2.
                 let sql = format!("COMMIT PREPARED {}", exec.gid.sql_literal());
                 if let Err(e) = client.batch_execute(&sql).await {
+                    // Still prepared, and never counted: roll it back here (the vote is
+                    // NO), on another session in case this one broke.
+                    if let Err(rb) = self.rollback_prepared(&exec.gid, false).await {
+                        warn!(error = %rb, "rollback of a read-only branch whose commit failed did not succeed; recovery will retry");
+                    }
                     return (session.release(), Err(sql_failure(&e, None)));
                 }
                 BranchOutcome::ReadOnly
@@ -960,9 +1213,14 @@ impl Agent {
     }
 
     /// Rolls back whatever is left of a branch and leaves a tombstone. `session` (if any)
-    /// is rolled back and returned to the pool, or discarded if that fails.
-    /// `maybe_prepared`: also `ROLLBACK PREPARED` the GID.
-    async fn forget_branch(&self, gid: &Gid, session: Option<Object>, maybe_prepared: bool) {
+    /// is rolled back and returned to the pool, or discarded if that fails. A branch that
+    /// may be prepared is also `ROLLBACK PREPARED`.
+    async fn forget_branch(
+        &self,
+        gid: &Gid,
+        session: Option<Object>,
+        maybe_prepared: MaybePrepared,
+    ) {
         {
             let mut t = self.tables();
             t.branches.remove(gid);
@@ -972,19 +1230,25 @@ impl Agent {
             Some(s) => self.roll_back_and_retire(gid, s).await,
             None => self.retire(gid, None),
         }
-        if maybe_prepared {
-            if let Err(e) = self.rollback_prepared(gid).await {
-                warn!(error = %e, "rollback of a prepared branch failed; recovery will retry");
-            }
+        let counted = match maybe_prepared {
+            MaybePrepared::No => return,
+            MaybePrepared::Counted => true,
+            MaybePrepared::Uncounted => false,
+        };
+        if let Err(e) = self.rollback_prepared(gid, counted).await {
+            warn!(error = %e, "rollback of a prepared branch failed; recovery will retry");
         }
     }
 
-    async fn rollback_prepared(&self, gid: &Gid) -> Result<(), AgentError> {
+    /// `ROLLBACK PREPARED`; `counted`: the count holds this branch (its PREPARE was seen).
+    async fn rollback_prepared(&self, gid: &Gid, counted: bool) -> Result<(), AgentError> {
         let session = self.session().await?;
         let sql = format!("ROLLBACK PREPARED {}", gid.sql_literal());
         match session.batch_execute(&sql).await {
             Ok(()) => {
-                self.prepared_done();
+                if counted {
+                    self.prepared_done();
+                }
                 Ok(())
             }
             Err(e) if sqlstate(&e) == Some(SQLSTATE_UNDEFINED_OBJECT) => Ok(()),
@@ -992,11 +1256,25 @@ impl Agent {
         }
     }
 
+    /// A pooled session. Every request takes its session before it runs anything, so a
+    /// failure here says that nothing ran: `Limit` when the pool stayed exhausted (retry),
+    /// `DatabaseUnreachable` when no session could be opened. Neither is "outcome
+    /// unknown", which the coordinator must treat very differently for a commit.
     async fn session(&self) -> Result<Object, AgentError> {
         // Boxed: deadpool's future is large, and every future that awaits it inline grows
         // by as much (and is copied whole on each spawn).
-        Box::pin(self.inner.pool.get()).await.map_err(|e| {
-            AgentError::new(ErrorKind::Unavailable, format!("no database session: {e}"))
+        Box::pin(self.inner.pool.get()).await.map_err(|e| match e {
+            PoolError::Timeout(TimeoutType::Wait) => AgentError::new(
+                ErrorKind::Limit,
+                format!(
+                    "no free database session within {} ms (all {} in use); nothing ran; retry",
+                    self.inner.config.pool_wait_timeout_ms, self.inner.config.pool_size
+                ),
+            ),
+            e => AgentError::new(
+                ErrorKind::DatabaseUnreachable,
+                format!("could not open a database session: {e}; nothing ran"),
+            ),
         })
     }
 
@@ -1037,7 +1315,7 @@ impl Agent {
             let mut t = self.tables();
             t.tombstones.insert(gid.clone());
             match t.branches.remove(&gid) {
-                Some(Branch::Idle(s, _)) => Some(*s),
+                Some(Branch::Idle { session, .. }) => Some(*session),
                 Some(Branch::Busy { .. }) => {
                     // The running request rolls it back when it finishes.
                     t.branches.insert(
@@ -1056,7 +1334,7 @@ impl Agent {
                 self.roll_back_and_retire(&gid, s).await;
                 return Ok(());
             }
-            self.rollback_prepared(&gid).await
+            self.rollback_prepared(&gid, true).await
         };
         within(
             timeout,
@@ -1279,6 +1557,23 @@ fn begin_sql(isolation: Isolation) -> &'static str {
     }
 }
 
+/// `SET LOCAL idle_in_transaction_session_timeout` for a new interactive branch whose
+/// transaction (`lifetime_ms` left) may stay idle here longer than the session's setting
+/// (`session_ms`, 0 = none) allows: the agent's reaper keeps the branch that long, and the
+/// server must not cut it off first. `None` in the ordinary case, which then costs no
+/// setting change (see `begin_sql`).
+fn idle_in_transaction_sql(session_ms: u64, lifetime_ms: u64) -> Option<String> {
+    let needed_ms = lifetime_ms.saturating_add(IDLE_IN_TRANSACTION_MARGIN_MS);
+    if session_ms == 0 || needed_ms <= session_ms {
+        return None;
+    }
+    // The setting is an int of milliseconds.
+    let needed_ms = needed_ms.min(i32::MAX as u64);
+    Some(format!(
+        "SET LOCAL idle_in_transaction_session_timeout = {needed_ms}"
+    ))
+}
+
 /// A pooled session that is closed (not returned to the pool) unless released.
 struct DiscardOnDrop(Option<Object>);
 
@@ -1470,4 +1765,36 @@ fn agent_error(e: &tokio_postgres::Error, statement_index: Option<usize>) -> Age
 
 fn sql_failure(e: &tokio_postgres::Error, statement_index: Option<usize>) -> Response {
     Response::Failed(agent_error(e, statement_index))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ordinary_transactions_change_no_setting() {
+        // The defaults: 360 s on the session, transactions of 30 s.
+        assert_eq!(idle_in_transaction_sql(360_000, 30_000), None);
+        assert_eq!(
+            idle_in_transaction_sql(0, 600_000),
+            None,
+            "0: no server limit"
+        );
+        assert_eq!(
+            idle_in_transaction_sql(360_000, 360_000 - IDLE_IN_TRANSACTION_MARGIN_MS),
+            None
+        );
+    }
+
+    #[test]
+    fn a_transaction_outliving_the_session_setting_raises_it_for_itself() {
+        assert_eq!(
+            idle_in_transaction_sql(2_000, 20_000).as_deref(),
+            Some("SET LOCAL idle_in_transaction_session_timeout = 30000")
+        );
+        assert_eq!(
+            idle_in_transaction_sql(1, u64::MAX).as_deref(),
+            Some("SET LOCAL idle_in_transaction_session_timeout = 2147483647")
+        );
+    }
 }

@@ -16,8 +16,10 @@ pub mod msg;
 pub mod sql;
 
 /// Version of the coordinator ↔ agent protocol. Bumped on any incompatible change;
-/// the handshake refuses a peer with a different version.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// the handshake refuses a peer with a different version. 3: `ErrorKind::DatabaseUnreachable`
+/// (refused before anything ran, where 2 said `Unavailable`) and
+/// `ExecuteBranch::expires_in_ms`.
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Version of this build, reported by `/healthz` and the handshake.
 pub const BUILD_VERSION: &str = env!("CARGO_PKG_VERSION");

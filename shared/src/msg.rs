@@ -125,6 +125,12 @@ pub struct ExecuteBranch {
     /// With [`Finish::CommitDecision`]: the decision row to commit with the branch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decision: Option<Decision>,
+    /// What is left of the transaction's lifetime when the request is sent. An open
+    /// branch waiting for its transaction's next statement is kept at least this long
+    /// (beyond the agent's idle rule), and rolled back after it: the transaction may
+    /// still be active on another participant. `None`: the idle rule alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_in_ms: Option<u64>,
 }
 
 /// What the agent does after the statements of an `Execute`.
@@ -266,12 +272,17 @@ pub enum ErrorKind {
     BadRequest,
     /// The branch does not exist (never opened, or already finished or timed out).
     UnknownBranch,
-    /// A limit was hit (open branches, pool exhausted).
+    /// A limit was hit (open branches, prepared branches, no free database session in
+    /// time); nothing of the request ran, and a retry may succeed.
     Limit,
     /// The request's deadline passed.
     Timeout,
-    /// The database is unreachable.
+    /// The connection to the database failed while the request ran: what it did is
+    /// unknown (a commit may or may not have happened).
     Unavailable,
+    /// No database session could be opened (the database is down, unreachable, or
+    /// refuses connections): the request was refused before anything of it ran.
+    DatabaseUnreachable,
     /// The peer speaks another protocol version, or skipped the handshake.
     VersionMismatch,
     /// The request comes from an older epoch of a coordinator than one the agent has
@@ -586,6 +597,7 @@ mod tests {
                 read_only_vote: true,
                 continues: false,
                 decision: None,
+                expires_in_ms: None,
             }),
         };
         let bytes = serde_json::to_vec(&req).unwrap();
@@ -625,6 +637,7 @@ mod tests {
                 read_only_vote: false,
                 continues: true,
                 decision: None,
+                expires_in_ms: Some(30_000),
             }),
             Request::CommitPrepared { gid: gid.clone() },
             Request::Execute(ExecuteBranch {
@@ -638,6 +651,7 @@ mod tests {
                     txn_id: "t-1".into(),
                     participants: vec!["a".into()],
                 }),
+                expires_in_ms: None,
             }),
             Request::Abort { gid: gid.clone() },
             Request::Fence { gid: gid.clone() },
@@ -676,6 +690,10 @@ mod tests {
                 message: "m".into(),
                 statement_index: Some(2),
             }),
+            Response::Failed(AgentError::new(
+                ErrorKind::DatabaseUnreachable,
+                "no database session: connection refused",
+            )),
             Response::CommitPrepared(CommitAck::Committed),
             Response::CommitPrepared(CommitAck::NotPrepared),
             Response::Aborted,

@@ -29,6 +29,7 @@ fn valid_frame() -> BytesMut {
                 read_only_vote: true,
                 continues: false,
                 decision: None,
+                expires_in_ms: Some(10_000),
             }),
         },
         &mut buf,

@@ -55,6 +55,8 @@ pub struct Db {
     pub url: String,
     /// `HOST:PORT` of the agent, in remote mode.
     pub agent_addr: Option<String>,
+    /// The agent behind `agent_addr` (remote mode), to look at its branch table.
+    pub agent: Option<Agent>,
     agent_stop: Option<CancellationToken>,
 }
 
@@ -97,23 +99,37 @@ pub async fn start_clusters(tag: &str, n: usize) -> anyhow::Result<(Vec<String>,
 
 /// Starts `n` clusters named a, b, c, ... each with the bank schema loaded.
 pub async fn start_dbs(n: usize, mode: AgentMode) -> anyhow::Result<Vec<Db>> {
+    start_dbs_with(n, mode, |_| {}).await
+}
+
+/// Like [`start_dbs`]; in remote mode `adjust` sets each agent's configuration (in-process
+/// agents are made by the coordinator, with the defaults).
+pub async fn start_dbs_with(
+    n: usize,
+    mode: AgentMode,
+    adjust: impl Fn(&mut AgentConfig),
+) -> anyhow::Result<Vec<Db>> {
     let (names, clusters) = start_clusters("t", n).await?;
     let mut dbs = Vec::new();
     for (name, cluster) in names.into_iter().zip(clusters) {
         let url = cluster.url("postgres");
         setup_bank(&url, ACCOUNTS, BALANCE).await?;
-        let (agent_addr, agent_stop) = match mode {
+        let (agent_addr, agent, agent_stop) = match mode {
             AgentMode::Remote => {
-                let (addr, stop) = spawn_agent(&name, &url).await?;
-                (Some(addr), Some(stop))
+                let mut config = AgentConfig::new(name.clone(), url.clone());
+                adjust(&mut config);
+                let (addr, agent, stop) =
+                    serve_agent_config(config, ServerConfig::default()).await?;
+                (Some(addr), Some(agent), Some(stop))
             }
-            AgentMode::InProcess => (None, None),
+            AgentMode::InProcess => (None, None, None),
         };
         dbs.push(Db {
             name,
             cluster,
             url,
             agent_addr,
+            agent,
             agent_stop,
         });
     }
@@ -141,10 +157,26 @@ pub async fn serve_agent(
     url: &str,
     server: ServerConfig,
 ) -> anyhow::Result<(String, Agent, CancellationToken)> {
-    let agent = Agent::connect(AgentConfig::new(name, url))
-        .await
-        .context("connect agent")?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    serve_agent_config(AgentConfig::new(name, url), server).await
+}
+
+/// Serves an agent with `config` on a free loopback port.
+pub async fn serve_agent_config(
+    config: AgentConfig,
+    server: ServerConfig,
+) -> anyhow::Result<(String, Agent, CancellationToken)> {
+    serve_agent_on("127.0.0.1:0", config, server).await
+}
+
+/// Serves an agent with `config` on `listen` (e.g. a fixed port a coordinator process
+/// was told).
+pub async fn serve_agent_on(
+    listen: &str,
+    config: AgentConfig,
+    server: ServerConfig,
+) -> anyhow::Result<(String, Agent, CancellationToken)> {
+    let agent = Agent::connect(config).await.context("connect agent")?;
+    let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?.to_string();
     let stop = CancellationToken::new();
     let (served, token) = (agent.clone(), stop.clone());
@@ -164,8 +196,19 @@ impl Harness {
         mode: AgentMode,
         adjust: impl FnOnce(&mut ServeConfig),
     ) -> anyhow::Result<Harness> {
+        Harness::start_with_agents(n, mode, |_| {}, adjust).await
+    }
+
+    /// Like [`Harness::start_with`], adjusting the agents' configuration too (remote
+    /// mode; see [`start_dbs_with`]).
+    pub async fn start_with_agents(
+        n: usize,
+        mode: AgentMode,
+        adjust_agents: impl Fn(&mut AgentConfig),
+        adjust: impl FnOnce(&mut ServeConfig),
+    ) -> anyhow::Result<Harness> {
         init_tracing();
-        let dbs = start_dbs(n, mode).await?;
+        let dbs = start_dbs_with(n, mode, adjust_agents).await?;
         let data_dir = std::env::temp_dir().join(format!(
             "twopc-test-coord-{}-{}",
             std::process::id(),

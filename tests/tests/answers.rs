@@ -611,3 +611,72 @@ async fn a_forced_abort_of_a_last_agent_commit_is_not_undone_by_recovery() {
     let st = h.get("/v1/transactions/forced-last-1").await.unwrap();
     assert_eq!(st["outcome"], "aborted", "{st}");
 }
+
+/// Defect 8: `txns resolve --commit` of an undecided GID did not exclude a concurrent
+/// recovery pass. A pass that had rolled one branch back (presumed abort) and was about
+/// to roll back the other let a resolve log a COMMIT for the branch still prepared and
+/// commit it: rolled back on one participant, committed on the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resolve_cannot_split_a_transaction_recovery_is_rolling_back() {
+    let mut h = ProcHarness::start(bins(), 2).await.unwrap();
+    // Orphans of an earlier incarnation (epoch 0), prepared on both with no decision.
+    let gid = "twopc_c1_0_41";
+    for i in 0..2 {
+        let (client, conn) = tokio_postgres::connect(&h.url(i), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        client
+            .batch_execute(&format!(
+                "BEGIN; INSERT INTO ledger (txn_id, acct, delta) VALUES ('split-1', {}, 1); \
+                 PREPARE TRANSACTION '{gid}'",
+                20 + i
+            ))
+            .await
+            .unwrap();
+    }
+    // The start-up pass rolls back the first branch at once, then waits 3 s before the
+    // second.
+    h.start_all("coordinator.recovery_before_rollback=sleep(3000)@2", &[])
+        .await
+        .unwrap();
+    let dbs: Vec<(String, String)> = (0..2).map(|i| (h.names[i].clone(), h.url(i))).collect();
+    wait_for(Duration::from_secs(10), || {
+        let dbs = dbs.clone();
+        async move {
+            twopc_testkit::bank::prepared_gids(&dbs, "twopc_")
+                .await
+                .is_ok_and(|v| v.len() == 1)
+        }
+    })
+    .await
+    .unwrap();
+    // Now, with one branch rolled back and the other still prepared, an operator commits.
+    let r = h
+        .http
+        .post(format!("{}/v1/admin/txns/{gid}/resolve", h.base_url()))
+        .json(&json!({"action": "commit"}))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let answer = r.text().await.unwrap_or_default();
+    wait_for(Duration::from_secs(20), || {
+        let dbs = dbs.clone();
+        async move {
+            twopc_testkit::bank::prepared_gids(&dbs, "twopc_")
+                .await
+                .is_ok_and(|v| v.is_empty())
+        }
+    })
+    .await
+    .unwrap();
+    let committed = [
+        ledger_rows(&h.url(0), "split-1").await,
+        ledger_rows(&h.url(1), "split-1").await,
+    ];
+    assert!(
+        committed == [0, 0] || committed == [1, 1],
+        "split outcome {committed:?} (resolve answered {status} {answer})"
+    );
+}

@@ -691,6 +691,7 @@ async fn transaction_control_in_a_statement_is_refused() {
         read_only_vote: false,
         continues: false,
         decision: None,
+        expires_in_ms: None,
     };
     match agent
         .handle(
@@ -736,6 +737,7 @@ async fn a_session_setting_does_not_leak_into_the_next_branch() {
             read_only_vote: false,
             continues: false,
             decision: None,
+            expires_in_ms: None,
         };
         let agent = agent.clone();
         async move {
@@ -849,6 +851,7 @@ async fn branches_run_at_the_requested_isolation_level() {
             read_only_vote: false,
             continues: false,
             decision: None,
+            expires_in_ms: None,
         };
         match agent
             .handle(Request::Execute(exec), Duration::from_secs(10))

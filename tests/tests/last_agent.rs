@@ -64,6 +64,7 @@ fn execute(gid: &Gid, sql: &str, finish: Finish, decision: Option<Decision>) -> 
         read_only_vote: false,
         continues: false,
         decision,
+        expires_in_ms: None,
     })
 }
 

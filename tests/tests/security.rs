@@ -312,6 +312,7 @@ async fn agent_limits_prepared_branches_and_lock_waits() {
             read_only_vote: true,
             continues: false,
             decision: None,
+            expires_in_ms: None,
         })
     };
     for seq in 1..=2 {

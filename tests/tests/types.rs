@@ -23,6 +23,7 @@ async fn one(agent: &Agent, seq: u64, sql: &str, params: Vec<Value>) -> Response
                 read_only_vote: false,
                 continues: false,
                 decision: None,
+                expires_in_ms: None,
             }),
             Duration::from_secs(10),
         )
