@@ -225,8 +225,9 @@ pub async fn audit(
         expected_total,
         ..AuditReport::default()
     };
-    // txn id -> (databases, sum of deltas)
-    let mut legs: HashMap<String, (Vec<String>, i64)> = HashMap::new();
+    // txn id -> (ledger rows, sum of deltas). A transfer writes one row per leg, on one
+    // database or several (a single-database transfer has both legs on one).
+    let mut legs: HashMap<String, (i64, i64)> = HashMap::new();
     for (name, url) in dbs {
         let client = connect(name, url).await?;
         let err = |source| BankError::Db {
@@ -242,7 +243,7 @@ pub async fn audit(
         report.per_db_total.push((name.clone(), total));
         let rows = client
             .query(
-                "SELECT txn_id, sum(delta)::bigint FROM ledger GROUP BY txn_id",
+                "SELECT txn_id, sum(delta)::bigint, count(*) FROM ledger GROUP BY txn_id",
                 &[],
             )
             .await
@@ -251,9 +252,10 @@ pub async fn audit(
         for r in rows {
             let id: String = r.get(0);
             let delta: i64 = r.get(1);
+            let rows: i64 = r.get(2);
             ledger_sum += delta;
             let e = legs.entry(id).or_default();
-            e.0.push(name.clone());
+            e.0 += rows;
             e.1 += delta;
         }
         let initial = initial_per_db
@@ -281,8 +283,8 @@ pub async fn audit(
         }
     }
     report.ledger_txns = legs.len();
-    for (id, (on, sum)) in &legs {
-        if on.len() < 2 {
+    for (id, (rows, sum)) in &legs {
+        if *rows < 2 {
             report.one_legged.push(id.clone());
         } else if *sum != 0 {
             report.unbalanced.push(id.clone());

@@ -80,6 +80,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         args.clients, args.seconds
     );
     let report = workload::run(WorkloadConfig {
+        shapes: vec![],
+        retry_unknown: false,
         base_url,
         participants: names.to_vec(),
         accounts_per_db: args.accounts,

@@ -37,6 +37,12 @@ pub struct WorkloadConfig {
     pub stop_on_no_answer: bool,
     /// Cancelled: every client stops after its current transfer.
     pub stop: Option<CancellationToken>,
+    /// The kinds of transaction to send, chosen at random for each (empty: transfers
+    /// only). Shapes needing more participants than there are are left out.
+    pub shapes: Vec<Shape>,
+    /// After an answer that leaves the outcome open, ask `GET` and, if it says
+    /// `aborted`, send a one-shot transaction again with the same txn id.
+    pub retry_unknown: bool,
 }
 
 #[derive(Debug, Default)]
@@ -86,10 +92,218 @@ pub fn transfer_body(txn_id: &str, from: (&str, i32), to: (&str, i32), amount: i
     })
 }
 
+/// The kinds of transaction the workload sends. Every one moves money between accounts
+/// and writes a ledger row per leg keyed by its txn id, so the bank audit can check it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// Debit on one database, credit on another (one-shot).
+    Transfer,
+    /// Both legs on one database, and a read-only branch on another.
+    WriterAndReader,
+    /// Both legs on one database (one-phase).
+    SingleDatabase,
+    /// A debit on one database, split into credits on two others.
+    ThreeWay,
+    /// A transfer statement by statement, then `/commit`.
+    Interactive,
+    /// A transfer statement by statement, then `/rollback`.
+    InteractiveRolledBack,
+    /// A debit, then a statement that fails (the transaction aborts).
+    InteractiveFailing,
+}
+
+impl Shape {
+    /// Every shape, for workloads that should look like what users send.
+    pub const ALL: [Shape; 7] = [
+        Shape::Transfer,
+        Shape::WriterAndReader,
+        Shape::SingleDatabase,
+        Shape::ThreeWay,
+        Shape::Interactive,
+        Shape::InteractiveRolledBack,
+        Shape::InteractiveFailing,
+    ];
+
+    /// Participants the shape needs.
+    fn participants_needed(self) -> usize {
+        match self {
+            Shape::SingleDatabase => 1,
+            Shape::ThreeWay => 3,
+            _ => 2,
+        }
+    }
+}
+
 enum Told {
     Committed,
     Aborted,
     Unknown,
+}
+
+/// A GET after an unknown answer polls this many times, 100 ms apart.
+const GET_POLLS_MAX: u32 = 30;
+
+/// One transaction's plan: databases (indexes into `participants`), accounts, amount.
+struct Plan {
+    dbs: [usize; 3],
+    accounts: [i32; 2],
+    amount: i64,
+}
+
+fn stmt_values(v: Vec<(String, Vec<Value>)>) -> Vec<Value> {
+    v.into_iter()
+        .map(|(sql, params)| json!({ "sql": sql, "params": params }))
+        .collect()
+}
+
+/// The one-shot body of `shape` (interactive shapes have none).
+fn one_shot_body(shape: Shape, txn_id: &str, names: &[String], plan: &Plan) -> Option<Value> {
+    let [i, j, k] = plan.dbs.map(|d| names[d].as_str());
+    let [from, to] = plan.accounts;
+    let amount = plan.amount;
+    let both_legs = || {
+        let mut v = stmt_values(debit_statements(txn_id, from, amount));
+        v.extend(stmt_values(credit_statements(txn_id, to, amount)));
+        v
+    };
+    let branches = match shape {
+        Shape::Transfer => return Some(transfer_body(txn_id, (i, from), (j, to), amount)),
+        Shape::WriterAndReader => json!([
+            { "participant": i, "statements": both_legs() },
+            { "participant": j, "statements": [{"sql": "SELECT count(*) FROM acct WHERE bal >= 0", "params": []}] },
+        ]),
+        Shape::SingleDatabase => json!([{ "participant": i, "statements": both_legs() }]),
+        Shape::ThreeWay => {
+            let part = (amount / 2).max(1);
+            json!([
+                { "participant": i, "statements": stmt_values(debit_statements(txn_id, from, amount)) },
+                { "participant": j, "statements": stmt_values(credit_statements(txn_id, to, part)) },
+                { "participant": k, "statements": stmt_values(credit_statements(txn_id, to, amount - part)) },
+            ])
+        }
+        Shape::Interactive | Shape::InteractiveRolledBack | Shape::InteractiveFailing => {
+            return None
+        }
+    };
+    Some(json!({ "txn_id": txn_id, "branches": branches }))
+}
+
+/// What a client learns from a POST's answer.
+fn told_by(status: u16, v: &Value) -> Told {
+    match (status, v.get("outcome").and_then(Value::as_str)) {
+        (200, Some("committed")) => Told::Committed,
+        (409 | 400, Some("aborted")) => Told::Aborted,
+        // Refused before anything ran: a limit, or a coordinator that is shutting down
+        // or has not read its decision rows yet.
+        (429 | 503, _) => Told::Aborted,
+        _ => Told::Unknown,
+    }
+}
+
+struct Client {
+    http: reqwest::Client,
+    config: Arc<WorkloadConfig>,
+}
+
+impl Client {
+    async fn post(&self, path: &str, body: &Value) -> Option<(u16, Value)> {
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.config.base_url))
+            .json(body)
+            .send()
+            .await
+            .ok()?;
+        let status = resp.status().as_u16();
+        Some((status, resp.json().await.unwrap_or(Value::Null)))
+    }
+
+    /// Asks the coordinator what happened to `txn_id` until it says (bounded).
+    async fn ask(&self, txn_id: &str) -> Told {
+        for _ in 0..GET_POLLS_MAX {
+            let url = format!("{}/v1/transactions/{txn_id}", self.config.base_url);
+            if let Ok(resp) = self.http.get(url).send().await {
+                let v: Value = resp.json().await.unwrap_or(Value::Null);
+                match v.get("outcome").and_then(Value::as_str) {
+                    Some("committed") => return Told::Committed,
+                    Some("aborted") => return Told::Aborted,
+                    _ => {}
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Told::Unknown
+    }
+
+    /// A one-shot transaction; after an unknown answer, `GET`, and if that says
+    /// `aborted`, the same request again (the same txn id: a retry is safe).
+    async fn one_shot(&self, txn_id: &str, body: &Value) -> Told {
+        let first = match self.post("/v1/transactions", body).await {
+            Some((status, v)) => told_by(status, &v),
+            None => Told::Unknown,
+        };
+        if !matches!(first, Told::Unknown) || !self.config.retry_unknown {
+            return first;
+        }
+        match self.ask(txn_id).await {
+            Told::Aborted => match self.post("/v1/transactions", body).await {
+                Some((status, v)) => told_by(status, &v),
+                None => Told::Unknown,
+            },
+            told => told,
+        }
+    }
+
+    /// An interactive transaction of `shape`. Until `/commit` is sent it cannot commit,
+    /// so any failure before it is an abort (the rollback is best effort: the
+    /// coordinator's timeouts end what it misses).
+    async fn interactive(&self, shape: Shape, txn_id: &str, names: &[String], plan: &Plan) -> Told {
+        let Some((201, _)) = self
+            .post("/v1/transactions", &json!({ "txn_id": txn_id }))
+            .await
+        else {
+            return Told::Aborted;
+        };
+        let [i, j, _] = plan.dbs.map(|d| names[d].as_str());
+        let [from, to] = plan.accounts;
+        let mut steps: Vec<(&str, (String, Vec<Value>))> = Vec::new();
+        steps.extend(
+            debit_statements(txn_id, from, plan.amount)
+                .into_iter()
+                .map(|s| (i, s)),
+        );
+        if shape == Shape::InteractiveFailing {
+            steps.push((j, ("SELECT 1 / 0".to_owned(), vec![])));
+        }
+        steps.extend(
+            credit_statements(txn_id, to, plan.amount)
+                .into_iter()
+                .map(|s| (j, s)),
+        );
+        let path = format!("/v1/transactions/{txn_id}");
+        for (participant, (sql, params)) in steps {
+            let body = json!({ "participant": participant, "sql": sql, "params": params });
+            match self.post(&format!("{path}/statements"), &body).await {
+                Some((200, _)) => {}
+                _ => {
+                    let _ = self.post(&format!("{path}/rollback"), &json!({})).await;
+                    return Told::Aborted;
+                }
+            }
+        }
+        if shape == Shape::InteractiveRolledBack {
+            let _ = self.post(&format!("{path}/rollback"), &json!({})).await;
+            return Told::Aborted;
+        }
+        let first = match self.post(&format!("{path}/commit"), &json!({})).await {
+            Some((status, v)) => told_by(status, &v),
+            None => Told::Unknown,
+        };
+        match first {
+            Told::Unknown if self.config.retry_unknown => self.ask(txn_id).await,
+            told => told,
+        }
+    }
 }
 
 /// Runs the workload to completion.
@@ -97,6 +311,19 @@ pub async fn run(config: WorkloadConfig) -> anyhow::Result<WorkloadReport> {
     anyhow::ensure!(
         config.participants.len() >= 2,
         "a transfer needs two participants"
+    );
+    let shapes: Vec<Shape> = match config.shapes.as_slice() {
+        [] => vec![Shape::Transfer],
+        s => s
+            .iter()
+            .copied()
+            .filter(|s| s.participants_needed() <= config.participants.len())
+            .collect(),
+    };
+    anyhow::ensure!(
+        !shapes.is_empty(),
+        "no shape fits {} participants",
+        config.participants.len()
     );
     let http = reqwest::Client::builder()
         .timeout(config.request_timeout)
@@ -106,14 +333,20 @@ pub async fn run(config: WorkloadConfig) -> anyhow::Result<WorkloadReport> {
     let started = Instant::now();
     let deadline = started + config.duration;
     let config = Arc::new(config);
+    let shapes = Arc::new(shapes);
     let mut tasks = Vec::new();
     for client in 0..config.clients {
-        let http = http.clone();
         let issued = issued.clone();
-        let config = config.clone();
+        let shapes = shapes.clone();
+        let c = Client {
+            http: http.clone(),
+            config: config.clone(),
+        };
         tasks.push(tokio::spawn(async move {
+            let config = &c.config;
             let mut out: Vec<(String, Told, Duration)> = Vec::new();
             let mut rng = rand::rngs::StdRng::from_entropy();
+            let n_dbs = config.participants.len();
             loop {
                 let n = issued.fetch_add(1, Ordering::Relaxed);
                 let stopped = config.stop.as_ref().is_some_and(|s| s.is_cancelled());
@@ -121,37 +354,30 @@ pub async fn run(config: WorkloadConfig) -> anyhow::Result<WorkloadReport> {
                     break;
                 }
                 let txn_id = format!("{}-{client}-{n}", config.txn_prefix);
-                let i = rng.gen_range(0..config.participants.len());
-                let mut j = rng.gen_range(0..config.participants.len() - 1);
-                if j >= i {
-                    j += 1;
+                let shape = shapes[rng.gen_range(0..shapes.len())];
+                // Distinct databases (as many as there are), distinct accounts.
+                let mut dbs: Vec<usize> = (0..n_dbs).collect();
+                for a in 0..dbs.len().min(3) {
+                    let b = rng.gen_range(a..dbs.len());
+                    dbs.swap(a, b);
                 }
                 let from = rng.gen_range(1..=config.accounts_per_db as i32);
-                let to = rng.gen_range(1..=config.accounts_per_db as i32);
-                let amount = rng.gen_range(1..=config.max_amount);
-                let body = transfer_body(
-                    &txn_id,
-                    (&config.participants[i], from),
-                    (&config.participants[j], to),
-                    amount,
-                );
+                let mut to = rng.gen_range(1..config.accounts_per_db.max(2) as i32);
+                if to >= from {
+                    to += 1;
+                }
+                let plan = Plan {
+                    dbs: [dbs[0], dbs[1 % n_dbs], dbs[2 % n_dbs]],
+                    accounts: [from, to],
+                    amount: rng.gen_range(2..=config.max_amount.max(2)),
+                };
                 let t0 = Instant::now();
-                let told = match http
-                    .post(format!("{}/v1/transactions", config.base_url))
-                    .json(&body)
-                    .send()
-                    .await
-                {
-                    Ok(resp) => {
-                        let status = resp.status();
-                        let v: Value = resp.json().await.unwrap_or(Value::Null);
-                        match (status.as_u16(), v.get("outcome").and_then(Value::as_str)) {
-                            (200, Some("committed")) => Told::Committed,
-                            (409, Some("aborted")) | (400, Some("aborted")) => Told::Aborted,
-                            _ => Told::Unknown,
-                        }
+                let told = match one_shot_body(shape, &txn_id, &config.participants, &plan) {
+                    Some(body) => c.one_shot(&txn_id, &body).await,
+                    None => {
+                        c.interactive(shape, &txn_id, &config.participants, &plan)
+                            .await
                     }
-                    Err(_) => Told::Unknown,
                 };
                 let no_answer = matches!(told, Told::Unknown);
                 out.push((txn_id, told, t0.elapsed()));

@@ -1114,25 +1114,22 @@ impl Agent {
             }
             Finish::CommitDecision => {
                 // The decision must be durable whatever the database, the role or the
-                // branch's own statements set: the other participants commit on it. (A
-                // one-phase commit has no others: it is as durable as the database makes
-                // any commit, and pays no setting change.)
-                let others_commit_on_it = exec
-                    .decision
-                    .as_ref()
-                    .is_some_and(|d| !d.participants.is_empty());
-                if others_commit_on_it {
-                    steps.push(
-                        async move {
-                            Step::Done(
-                                client
-                                    .batch_execute("SET LOCAL synchronous_commit = on")
-                                    .await,
-                            )
-                        }
-                        .boxed(),
-                    );
-                }
+                // branch's own statements set: the other participants commit on it, and
+                // a client is told `committed` on it (a one-phase commit under the
+                // server's `synchronous_commit = off` was lost by an immediate stop of
+                // PostgreSQL after its client was told; PREPARE and COMMIT PREPARED
+                // flush whatever the setting). A transaction that wrote nothing has
+                // nothing to flush.
+                steps.push(
+                    async move {
+                        Step::Done(
+                            client
+                                .batch_execute("SET LOCAL synchronous_commit = on")
+                                .await,
+                        )
+                    }
+                    .boxed(),
+                );
                 // Checked in `execute`: a decision and its statement are present.
                 if let (Some(st), Some(d)) = (&decision_stmt, &exec.decision) {
                     let gid = exec.gid.as_str();

@@ -680,3 +680,52 @@ async fn a_resolve_cannot_split_a_transaction_recovery_is_rolling_back() {
         "split outcome {committed:?} (resolve answered {status} {answer})"
     );
 }
+
+/// Found by the crash tests' new single-database transfers: a one-phase commit on a
+/// server with `synchronous_commit = off` (the test clusters' setting; some production
+/// ones too) was told `committed` and then lost by an immediate stop of PostgreSQL. The
+/// decision commit now forces `synchronous_commit = on` for itself, as PREPARE and
+/// COMMIT PREPARED do regardless of the setting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_phase_commit_survives_an_immediate_stop_of_postgresql() {
+    let mut h = Harness::start(1, AgentMode::Remote).await.unwrap();
+    let url = h.dbs[0].url.clone();
+    assert_eq!(
+        {
+            let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            client
+                .query_one("SHOW synchronous_commit", &[])
+                .await
+                .unwrap()
+                .get::<_, String>(0)
+        },
+        "off",
+        "the test needs a server that commits asynchronously"
+    );
+    let mut told = Vec::new();
+    for i in 0..5 {
+        let id = format!("async-{i}");
+        let body = json!({
+            "txn_id": id,
+            "branches": [{"participant": "a", "statements": stmts(credit_statements(&id, 12, 1))}],
+        });
+        let (status, v) = h.post("/v1/transactions", &body).await.unwrap();
+        assert_eq!(status, 200, "{v}");
+        told.push(id);
+    }
+    // At once, before the WAL writer's next round.
+    tokio::task::block_in_place(|| {
+        h.dbs[0]
+            .cluster
+            .stop(twopc_testkit::StopMode::Immediate)
+            .unwrap();
+        h.dbs[0].cluster.start_again().unwrap();
+    });
+    for id in &told {
+        assert_eq!(ledger_rows(&url, id).await, 1, "{id} was told committed");
+    }
+    h.shutdown().await.unwrap();
+}

@@ -235,6 +235,8 @@ async fn concurrent_transfers_conserve_the_total() {
             request_timeout: Duration::from_secs(60),
             stop_on_no_answer: false,
             stop: None,
+            shapes: workload::Shape::ALL.to_vec(),
+            retry_unknown: true,
         })
         .await
         .unwrap();

@@ -36,6 +36,12 @@ fn load(
         request_timeout: Duration::from_secs(15),
         stop_on_no_answer,
         stop: None,
+        // The shapes users send: a writer beside a reader, single-database (one-phase)
+        // transfers, interactive ones (committed, rolled back, failing).
+        shapes: workload::Shape::ALL.to_vec(),
+        // Crash cases stop at the first unanswered request (the coordinator is dead);
+        // the others ask GET and retry.
+        retry_unknown: !stop_on_no_answer,
     }
 }
 

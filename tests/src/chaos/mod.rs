@@ -337,6 +337,10 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
         request_timeout: Duration::from_millis(config.request_timeout_ms),
         stop_on_no_answer: false,
         stop: Some(stop.clone()),
+        // What users send, not only two-leg transfers; an unknown answer is followed by
+        // GET and, if aborted, a retry with the same txn id.
+        shapes: workload::Shape::ALL.to_vec(),
+        retry_unknown: true,
     }));
     let auditor = {
         let http = http.clone();
