@@ -48,6 +48,11 @@ const RECOVERY_LIMIT_MS: u64 = 90_000;
 const PREPARED_LIMIT_MS: u64 = 60_000;
 /// Longest wait for an unknown outcome to become definite.
 const RESOLVE_LIMIT_MS: u64 = 60_000;
+/// Nothing of a transaction may outlive it this long after the load stopped (invariant
+/// 8): no live transaction in the coordinator, no session idle in a transaction, no lock
+/// held by an idle session. An interactive transaction whose client vanished is ended by
+/// the coordinator's idle timeout (60 s), plus a reaper round.
+const LEFTOVER_LIMIT_MS: u64 = 75_000;
 /// Concurrent GETs when asking the coordinator about outcomes.
 const STATUS_CONCURRENCY: usize = 32;
 
@@ -470,6 +475,8 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
         report.committed, report.aborted, report.unknown
     );
     let prepared_cleared_ms = wait_no_prepared(&dbs, last_heal, PREPARED_LIMIT_MS).await;
+    let nothing_open =
+        wait_nothing_open(&http, &config.coordinator_url, &dbs, LEFTOVER_LIMIT_MS).await;
 
     // What became of every transfer whose client got no answer.
     let resolved = resolve_outcomes(&http, &config.coordinator_url, &report.unknown_ids).await;
@@ -604,6 +611,16 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
             },
         },
     ];
+    rules.push(Rule {
+        name: "nothing_left_open",
+        pass: nothing_open.is_ok(),
+        detail: match &nothing_open {
+            Ok(ms) => format!(
+                "nothing open {ms} ms after the load stopped (limit {LEFTOVER_LIMIT_MS} ms)"
+            ),
+            Err(left) => format!("after {LEFTOVER_LIMIT_MS} ms: {}", left.join("; ")),
+        },
+    });
     let never: Vec<String> = faults
         .iter()
         .filter(|f| f.recovery_ms.is_none() || f.in_doubt_resolved_ms.is_none())
@@ -872,6 +889,73 @@ async fn read_audit(
 
 /// Until no database holds a prepared transaction of ours; the time since `since`, or
 /// `None` past the limit.
+/// What is left open of finished transactions: the coordinator's live transactions and,
+/// per database, sessions idle in a transaction or idle holding a lock. Empty when
+/// nothing is.
+async fn leftovers(
+    http: &reqwest::Client,
+    coordinator_url: &str,
+    dbs: &[(String, String)],
+) -> Vec<String> {
+    let mut left = Vec::new();
+    let metrics = match http.get(format!("{coordinator_url}/metrics")).send().await {
+        Ok(r) => r.text().await.unwrap_or_default(),
+        Err(e) => format!("unreachable: {e}"),
+    };
+    let open = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("twopc_txns_open "))
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    match open {
+        Some(0) => {}
+        Some(n) => left.push(format!("coordinator: {n} live transactions")),
+        None => left.push("coordinator: twopc_txns_open not readable".into()),
+    }
+    for (name, url) in dbs {
+        let sql = "SELECT count(*) FILTER (WHERE state LIKE 'idle in transaction%'), \
+                   count(*) FILTER (WHERE state = 'idle' AND EXISTS \
+                     (SELECT 1 FROM pg_locks l WHERE l.pid = a.pid AND l.locktype <> 'virtualxid')) \
+                   FROM pg_stat_activity a \
+                   WHERE datname = current_database() AND pid <> pg_backend_pid()";
+        let counts = async {
+            let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+            tokio::spawn(conn);
+            let row = client.query_one(sql, &[]).await?;
+            Ok::<_, tokio_postgres::Error>((row.get::<_, i64>(0), row.get::<_, i64>(1)))
+        };
+        match counts.await {
+            Ok((0, 0)) => {}
+            Ok((idle_in_txn, locking)) => left.push(format!(
+                "{name}: {idle_in_txn} sessions idle in a transaction, {locking} idle sessions holding locks"
+            )),
+            Err(e) => left.push(format!("{name}: cannot ask: {e}")),
+        }
+    }
+    left
+}
+
+/// Waits until nothing is left open (see [`leftovers`]); how long it took, or what was
+/// still open at the limit.
+async fn wait_nothing_open(
+    http: &reqwest::Client,
+    coordinator_url: &str,
+    dbs: &[(String, String)],
+    limit_ms: u64,
+) -> Result<u64, Vec<String>> {
+    let since = Instant::now();
+    let deadline = since + Duration::from_millis(limit_ms);
+    loop {
+        let left = leftovers(http, coordinator_url, dbs).await;
+        if left.is_empty() {
+            return Ok(since.elapsed().as_millis() as u64);
+        }
+        if Instant::now() >= deadline {
+            return Err(left);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 async fn wait_no_prepared(dbs: &[(String, String)], since: Instant, limit_ms: u64) -> Option<u64> {
     let deadline = since + Duration::from_millis(limit_ms);
     loop {
