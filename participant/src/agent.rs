@@ -25,6 +25,7 @@
 //! unless one exists (the primary key makes it wait for a commit in flight, and makes a
 //! later one fail), and reads the row back.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -44,7 +45,7 @@ use twopc_shared::msg::{
     AgentError, BranchOutcome, CommitAck, DecisionRow, ErrorKind, ExecuteBranch, Finish, Isolation,
     PreparedBranch, Request, Response, StmtResult, FORGET_MAX_GIDS, LIST_DECISIONS_MAX,
 };
-use twopc_shared::sql::{changes_session, starts_with_dml, transaction_control};
+use twopc_shared::sql::{starts_with_dml, transaction_control};
 use twopc_shared::{BUILD_VERSION, PROTOCOL_VERSION};
 
 use crate::convert::{check_columns, check_params, row_to_json, JsonParam};
@@ -712,10 +713,16 @@ impl Agent {
     /// Rolls back the open transaction on a branch's session, then retires it; a session
     /// whose ROLLBACK failed is closed.
     async fn roll_back_and_retire(&self, gid: &Gid, session: Object) {
-        match session.batch_execute("ROLLBACK").await {
-            Ok(()) => self.retire(gid, Some(session)),
-            Err(e) => {
+        let cached = session.statement_cache.size();
+        match reset_session(&session, cached, true).await {
+            Step::Reset(Ok(true)) => self.retire(gid, Some(session)),
+            Step::Reset(Err(e)) => {
                 warn!(error = %e, "rollback failed; discarding session");
+                self.retire(gid, None);
+                drop(Object::take(session));
+            }
+            _ => {
+                debug!(%gid, "session not clean after its branch; closing it");
                 self.retire(gid, None);
                 drop(Object::take(session));
             }
@@ -846,10 +853,6 @@ impl Agent {
             }
         };
         let is_new = existing.is_none();
-        // Claimed (Busy): only this request ends the branch, and it clears the mark.
-        if exec.statements.iter().any(|s| changes_session(&s.sql)) {
-            self.tables().tainted.insert(exec.gid.clone());
-        }
 
         let result =
             tokio::time::timeout_at(deadline, self.run_branch(existing, &exec, lifetime_ms)).await;
@@ -1150,9 +1153,26 @@ impl Agent {
             }
         }
 
+        if exec.finish != Finish::Keep {
+            // The branch ends here: the session goes back to the pool as it came out.
+            let cached = session.statement_cache.size();
+            steps.push(reset_session(client, cached, false).boxed());
+        }
+
         // All steps are polled together: tokio-postgres writes their messages in order
         // without waiting, so the whole branch costs one network round trip.
-        let outcomes = join_all(steps).await;
+        let mut outcomes = join_all(steps).await;
+        let reset = match outcomes.last() {
+            Some(Step::Reset(_)) => outcomes.pop(),
+            _ => None,
+        };
+        if let Some(Step::Reset(reset)) = reset {
+            if !matches!(reset, Ok(true)) {
+                // Closed instead of pooled when the branch retires.
+                debug!(result = ?reset.as_ref().err(), "session not clean after its branch; it will be closed");
+                self.tables().tainted.insert(exec.gid.clone());
+            }
+        }
         if matches!(exec.finish, Finish::Commit | Finish::CommitDecision) {
             let ran = decision_outcome(outcomes, exec.statements.len());
             return (session.release(), ran);
@@ -1186,6 +1206,8 @@ impl Agent {
                 // fail (they roll back), but that only happens after a statement error,
                 // which returned above.
                 Step::Finish(Ok(())) => {}
+                // Taken out of the outcomes above.
+                Step::Reset(_) => {}
             }
         }
         let outcome = match exec.finish {
@@ -1608,13 +1630,56 @@ enum StepError {
 
 enum Step {
     Done(Result<(), tokio_postgres::Error>),
-    /// The decision row's insert (last-agent commit).
     /// The decision insert (or probe) and how many rows it touched (0: the transaction
     /// wrote nothing, see `DECISION_INSERT_IF_WROTE`).
     Decision(Result<u64, tokio_postgres::Error>),
     Rows(Result<StmtResult, StepError>),
     ReadOnly(Result<bool, tokio_postgres::Error>),
     Finish(Result<(), tokio_postgres::Error>),
+    /// [`SESSION_RESET`] after the branch ended: whether the session is clean again.
+    Reset(Result<bool, tokio_postgres::Error>),
+}
+
+/// Puts a pooled session back as it was, whatever a branch's statements did to it:
+/// settings (`RESET ALL`, also what a `DO` block or `set_config` set), the role and
+/// session authorization, `WITH HOLD` cursors, `LISTEN`, session advisory locks, temporary
+/// tables (a `pg_temp.acct` would shadow the real `acct` for the next client: a lost
+/// write) and sequence caches. Runs outside any transaction, pipelined right after the
+/// branch's PREPARE or COMMIT (or its ROLLBACK), so it costs no round trip. What it cannot
+/// undo without also dropping the agent's own cached statements — SQL-level `PREPARE`d
+/// statements, or a `DEALLOCATE` of the agent's — the last query reports, and such a
+/// session is closed instead of pooled ([`session_is_clean`]).
+const SESSION_RESET: &str = "CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ALL; \
+     UNLISTEN *; SELECT pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES; \
+     SELECT count(*) FILTER (WHERE from_sql), count(*) FILTER (WHERE NOT from_sql) \
+     FROM pg_prepared_statements";
+
+/// The answer to [`SESSION_RESET`]: no client-made prepared statement remains and none of
+/// the agent's `cached` statements is gone.
+fn session_is_clean(messages: &[tokio_postgres::SimpleQueryMessage], cached: usize) -> bool {
+    let Some(row) = messages.iter().rev().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) => Some(r),
+        _ => None,
+    }) else {
+        return false;
+    };
+    let count = |i: usize| row.get(i).and_then(|v| v.parse::<usize>().ok());
+    matches!((count(0), count(1)), (Some(0), Some(ours)) if ours >= cached)
+}
+
+/// Runs [`SESSION_RESET`] on `client` (after ROLLBACK, when `rollback`).
+async fn reset_session(client: &tokio_postgres::Client, cached: usize, rollback: bool) -> Step {
+    let sql = if rollback {
+        Cow::Owned(format!("ROLLBACK; {SESSION_RESET}"))
+    } else {
+        Cow::Borrowed(SESSION_RESET)
+    };
+    Step::Reset(
+        client
+            .simple_query(&sql)
+            .await
+            .map(|m| session_is_clean(&m, cached)),
+    )
 }
 
 /// What a committing branch (last-agent or one-phase) did, from every step's result:
@@ -1679,6 +1744,8 @@ fn decision_outcome(outcomes: Vec<Step>, statements: usize) -> Result<Ran, Respo
                 commit = Some(r);
                 None
             }
+            // Not part of the branch's outcome (taken out by `run_branch`).
+            Step::Reset(_) => None,
         };
         if first_error.is_none() {
             first_error = error;

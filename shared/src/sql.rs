@@ -93,38 +93,6 @@ pub fn transaction_control(sql: &str) -> Option<&'static str> {
     }
 }
 
-/// Whether `sql` may change the state of its session beyond its transaction: settings
-/// (`SET` without `LOCAL`, `RESET`, `set_config(..., false)`), the role, prepared
-/// statements, cursors, notifications, temporary tables, session advisory locks. Agent
-/// sessions are pooled, so such a change would reach other clients' transactions (a
-/// `SET search_path` survives even `PREPARE TRANSACTION`); the agent closes the session
-/// of a branch that ran one instead of pooling it. Errs towards yes: a false yes only
-/// costs a new connection.
-pub fn changes_session(sql: &str) -> bool {
-    let [first, second] = leading_words::<2>(sql);
-    let by_command = match (word_str(&first), word_str(&second)) {
-        (Some("set"), Some("local" | "transaction" | "constraints")) => false,
-        (Some("set" | "reset" | "discard" | "listen" | "unlisten" | "deallocate"), _) => true,
-        (Some("declare" | "load"), _) => true,
-        (Some("prepare"), second) => second != Some("transaction"),
-        (Some("create"), Some("temp" | "temporary")) => true,
-        (Some("create"), Some("local" | "global")) => true,
-        _ => false,
-    };
-    by_command
-        || ["set_config", "pg_advisory_lock", "pg_try_advisory_lock"]
-            .iter()
-            .any(|f| contains_ignore_ascii_case(sql, f))
-}
-
-/// `needle` must be lowercase ASCII.
-fn contains_ignore_ascii_case(haystack: &str, needle: &str) -> bool {
-    haystack
-        .as_bytes()
-        .windows(needle.len())
-        .any(|w| w.eq_ignore_ascii_case(needle.as_bytes()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -174,41 +142,6 @@ mod tests {
             "updated_at",
         ] {
             assert!(!starts_with_dml(no), "{no}");
-        }
-    }
-
-    #[test]
-    fn session_changes_are_recognized() {
-        for yes in [
-            "SET search_path = x",
-            "set session statement_timeout = 1",
-            "SET ROLE app",
-            "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE",
-            "RESET ALL",
-            "DISCARD ALL",
-            "LISTEN ch",
-            "PREPARE q AS SELECT 1",
-            "DEALLOCATE q",
-            "DECLARE c CURSOR WITH HOLD FOR SELECT 1",
-            "CREATE TEMP TABLE t (x int)",
-            "create temporary table t (x int)",
-            "SELECT set_config('search_path', 'x', false)",
-            "SELECT pg_advisory_lock(1)",
-            "select PG_TRY_ADVISORY_LOCK(1)",
-        ] {
-            assert!(changes_session(yes), "{yes}");
-        }
-        for no in [
-            "SET LOCAL statement_timeout = 1",
-            "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
-            "SET CONSTRAINTS ALL DEFERRED",
-            "UPDATE acct SET bal = 1",
-            "SELECT pg_advisory_xact_lock(1)",
-            "CREATE TABLE t (x int)",
-            "SAVEPOINT s",
-            "",
-        ] {
-            assert!(!changes_session(no), "{no}");
         }
     }
 
