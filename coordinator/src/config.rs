@@ -89,6 +89,8 @@ pub struct ServeConfig {
     pub outcome_index_max: usize,
     /// File holding the bearer token clients must send (`Authorization: Bearer ...`).
     pub api_token_file: Option<PathBuf>,
+    /// File holding the bearer token of the admin API (`/v1/admin`, `txns`).
+    pub admin_token_file: Option<PathBuf>,
     /// TLS on the client API: certificate and key (PEM). Both or neither.
     pub api_tls_cert: Option<PathBuf>,
     pub api_tls_key: Option<PathBuf>,
@@ -126,6 +128,7 @@ impl Default for ServeConfig {
             log_discard_corrupt_tail: false,
             outcome_index_max: e.outcome_index_max,
             api_token_file: None,
+            admin_token_file: None,
             api_tls_cert: None,
             api_tls_key: None,
             agent_tls_cert: None,
@@ -182,6 +185,11 @@ pub struct ServeArgs {
     /// File with the bearer token every API request must carry (all but /healthz).
     #[arg(long, env = "TWOPC_API_TOKEN_FILE")]
     pub api_token_file: Option<PathBuf>,
+    /// File with the bearer token of the admin API (/v1/admin: txns list, show,
+    /// resolve). Without it, a coordinator with --api-token-file keeps the admin API
+    /// closed; the client token never opens it.
+    #[arg(long, env = "TWOPC_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
     /// Serve the client API over TLS with this certificate (PEM; with --api-tls-key).
     #[arg(long, env = "TWOPC_API_TLS_CERT", requires = "api_tls_key")]
     pub api_tls_cert: Option<PathBuf>,
@@ -270,6 +278,9 @@ impl ServeArgs {
         );
         if let Some(f) = &self.api_token_file {
             c.api_token_file = Some(f.clone());
+        }
+        if let Some(f) = &self.admin_token_file {
+            c.admin_token_file = Some(f.clone());
         }
         if self.api_tls_cert.is_some() {
             c.api_tls_cert = self.api_tls_cert.clone();

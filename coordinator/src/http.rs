@@ -25,8 +25,13 @@ use crate::engine::{AckMode, Engine, ResolveAction, TxnError, TxnRequest};
 pub struct HttpConfig {
     /// Largest request body accepted, in bytes.
     pub max_body_bytes: usize,
-    /// Bearer token every request but `/healthz` must carry; `None`: no authentication.
+    /// Bearer token every request but `/healthz` and `/v1/admin` must carry; `None`: no
+    /// authentication.
     pub api_token: Option<String>,
+    /// Bearer token `/v1/admin` (operator resolve and recovery) must carry. The client
+    /// token never opens it: with a client token and no admin token, the admin API is
+    /// closed (403).
+    pub admin_token: Option<String>,
 }
 
 impl Default for HttpConfig {
@@ -34,6 +39,7 @@ impl Default for HttpConfig {
         HttpConfig {
             max_body_bytes: 1024 * 1024,
             api_token: None,
+            admin_token: None,
         }
     }
 }
@@ -60,37 +66,66 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// The tokens the API checks (see [`HttpConfig`]).
+#[derive(Debug)]
+struct Tokens {
+    api: Option<String>,
+    admin: Option<String>,
+}
+
 async fn require_token(
-    axum::extract::State(token): axum::extract::State<std::sync::Arc<String>>,
+    axum::extract::State(tokens): axum::extract::State<std::sync::Arc<Tokens>>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    if req.uri().path() == "/healthz" {
+    let path = req.uri().path();
+    if path == "/healthz" {
         return next.run(req).await;
     }
+    let admin = path == "/v1/admin" || path.starts_with("/v1/admin/");
+    let needed = match (admin, &tokens.api, &tokens.admin) {
+        (true, _, Some(t)) | (false, Some(t), _) => t,
+        (false, None, _) => return next.run(req).await,
+        (true, Some(_), None) => {
+            return error(
+                StatusCode::FORBIDDEN,
+                "the admin API is closed: start the coordinator with --admin-token-file \
+                 (the client token does not open it)"
+                    .into(),
+            )
+        }
+        (true, None, None) => return next.run(req).await,
+    };
     let presented = req
         .headers()
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     match presented {
-        Some(p) if constant_time_eq(p.as_bytes(), token.as_bytes()) => next.run(req).await,
+        Some(p) if constant_time_eq(p.as_bytes(), needed.as_bytes()) => next.run(req).await,
         _ => error(
             StatusCode::UNAUTHORIZED,
-            "missing or wrong bearer token (Authorization: Bearer ...)".into(),
+            format!(
+                "missing or wrong bearer token (Authorization: Bearer ...; {} token)",
+                if admin { "the admin" } else { "the client" }
+            ),
         ),
     }
 }
 
 pub fn router(engine: Engine, config: HttpConfig) -> Router {
     let app = routes(engine, &config);
-    match config.api_token {
-        Some(token) => app.layer(axum::middleware::from_fn_with_state(
-            std::sync::Arc::new(token),
-            require_token,
-        )),
-        None => app,
+    if config.api_token.is_none() && config.admin_token.is_none() {
+        return app;
     }
+    let tokens = Tokens {
+        api: config.api_token,
+        admin: config.admin_token,
+    };
+    app.layer(axum::middleware::from_fn_with_state(
+        std::sync::Arc::new(tokens),
+        require_token,
+    ))
 }
 
 fn routes(engine: Engine, config: &HttpConfig) -> Router {

@@ -49,10 +49,30 @@ pub struct DataDirLock {
     _file: File,
 }
 
+/// Creates `dir` (and its parents) if missing, and makes it private (0700): the data
+/// directory holds the decision log, which says what committed.
+pub(crate) fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+}
+
+/// Opens `path` for writing, created with mode 0600 (never readable by others, not
+/// even for a moment).
+pub(crate) fn private_file() -> OpenOptions {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut o = OpenOptions::new();
+    o.mode(0o600);
+    o
+}
+
 /// Takes an exclusive `flock` on `path` (created if missing) without waiting:
 /// `Ok(None)` if another process holds it. Shared by the data directory and the log.
 pub(crate) fn try_lock_file(path: &Path) -> std::io::Result<Option<File>> {
-    let file = OpenOptions::new()
+    let file = private_file()
         .read(true)
         .write(true)
         .create(true)
@@ -67,7 +87,7 @@ pub(crate) fn try_lock_file(path: &Path) -> std::io::Result<Option<File>> {
 
 /// Locks `dir` (creating it if needed) for this process, or says who has it.
 pub fn lock_data_dir(dir: &Path) -> Result<DataDirLock, MetaError> {
-    fs::create_dir_all(dir).map_err(io(dir))?;
+    create_private_dir(dir).map_err(io(dir))?;
     let path = dir.join(LOCK_FILE_NAME);
     match try_lock_file(&path).map_err(io(&path))? {
         Some(file) => Ok(DataDirLock { _file: file }),
@@ -146,7 +166,7 @@ fn encode(m: &Meta) -> Vec<u8> {
 /// start), checks the id, writes `epoch + 1` durably and returns it.
 pub fn bump_epoch(dir: &Path, coordinator_id: &str) -> Result<Meta, MetaError> {
     validate_coordinator_id(coordinator_id)?;
-    fs::create_dir_all(dir).map_err(io(dir))?;
+    create_private_dir(dir).map_err(io(dir))?;
     let previous = read(dir)?;
     if let Some(p) = &previous {
         if p.coordinator_id != coordinator_id {
@@ -172,7 +192,7 @@ pub(crate) fn write_durably(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), 
     let tmp = dir.join(format!("{name}.tmp"));
     let dst = dir.join(name);
     {
-        let mut f = OpenOptions::new()
+        let mut f = private_file()
             .write(true)
             .create(true)
             .truncate(true)

@@ -144,6 +144,13 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
         Some(path) => Some(crate::http::read_token_file(path)?),
         None => None,
     };
+    let admin_token = match &config.admin_token_file {
+        Some(path) => Some(crate::http::read_token_file(path)?),
+        None => None,
+    };
+    if let (Some(a), Some(b)) = (&api_token, &admin_token) {
+        anyhow::ensure!(a != b, "the admin token must differ from the client token");
+    }
     let api_tls = match (&config.api_tls_cert, &config.api_tls_key) {
         (Some(c), Some(k)) => Some(
             twopc_participant::tls::plain_server_config(c, k)
@@ -188,6 +195,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
         HttpConfig {
             max_body_bytes: config.max_body_bytes,
             api_token,
+            admin_token,
         },
     );
     let shutdown = CancellationToken::new();

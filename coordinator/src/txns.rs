@@ -15,9 +15,10 @@ pub struct TxnsArgs {
         default_value = "http://127.0.0.1:7000"
     )]
     pub coordinator: String,
-    /// File with the API bearer token, if the coordinator requires one.
-    #[arg(long, env = "TWOPC_API_TOKEN_FILE")]
-    pub api_token_file: Option<std::path::PathBuf>,
+    /// File with the admin API's bearer token (the coordinator's --admin-token-file),
+    /// if it requires one.
+    #[arg(long, env = "TWOPC_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<std::path::PathBuf>,
     /// Print the raw JSON answers.
     #[arg(long)]
     pub json: bool,
@@ -100,7 +101,7 @@ fn print_view(v: &Value) {
 
 pub async fn run(args: TxnsArgs) -> anyhow::Result<()> {
     let mut headers = reqwest::header::HeaderMap::new();
-    if let Some(path) = &args.api_token_file {
+    if let Some(path) = &args.admin_token_file {
         let token = crate::http::read_token_file(path)?;
         headers.insert(
             reqwest::header::AUTHORIZATION,

@@ -144,7 +144,7 @@ async fn api_requires_the_bearer_token() {
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 401);
-    for path in ["/v1/transactions/x", "/v1/admin/txns", "/metrics"] {
+    for path in ["/v1/transactions/x", "/metrics"] {
         let r = h
             .http
             .get(format!("{}{path}", h.base_url))
@@ -153,6 +153,16 @@ async fn api_requires_the_bearer_token() {
             .unwrap();
         assert_eq!(r.status().as_u16(), 401, "{path}");
     }
+    // The admin API is not the clients': without an admin token it is closed, even to
+    // the client token.
+    let r = h
+        .http
+        .get(format!("{}/v1/admin/txns", h.base_url))
+        .bearer_auth("s3cret-token-0123456789")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 403);
     // Liveness stays open.
     let r = h
         .http
@@ -567,4 +577,55 @@ async fn an_answer_too_large_for_a_frame_fails_alone() {
     assert_eq!(r.status().as_u16(), 200);
     running.shutdown().await.unwrap();
     let _ = std::fs::remove_dir_all(&config.data_dir);
+}
+
+/// The client token used to resolve transactions by hand (`/v1/admin`): an application
+/// could commit or abort any in-doubt transaction. The admin API has its own token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_needs_the_admin_token_not_the_client_token() {
+    let dir = std::env::temp_dir().join(format!("twopc-admin-token-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (client_file, admin_file) = (dir.join("client"), dir.join("admin"));
+    std::fs::write(&client_file, "client-token-0123456789\n").unwrap();
+    std::fs::write(&admin_file, "admin-token-0123456789\n").unwrap();
+    let h = Harness::start_with(1, AgentMode::InProcess, |c| {
+        c.api_token_file = Some(client_file.clone());
+        c.admin_token_file = Some(admin_file.clone());
+    })
+    .await
+    .unwrap();
+    let resolve = format!("{}/v1/admin/txns/twopc_c1_0_9/resolve", h.base_url);
+    let body = json!({"action": "abort"});
+    for token in ["client-token-0123456789", "wrong-token-0123456789"] {
+        let r = h
+            .http
+            .post(&resolve)
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 401, "{token}");
+    }
+    // The admin token opens the admin API...
+    let r = h
+        .http
+        .get(format!("{}/v1/admin/txns", h.base_url))
+        .bearer_auth("admin-token-0123456789")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    // ...and nothing else.
+    let r = h
+        .http
+        .post(format!("{}/v1/transactions", h.base_url))
+        .bearer_auth("admin-token-0123456789")
+        .json(&json!({"branches": [{"participant": "a", "statements": [{"sql": "SELECT 1"}]}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    h.shutdown().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
 }

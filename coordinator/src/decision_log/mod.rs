@@ -24,7 +24,7 @@ mod writer;
 #[cfg(test)]
 mod tests;
 
-use std::fs::{self, File};
+use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -257,7 +257,7 @@ impl DecisionLog {
         config.validate()?;
         let dir = config.dir.clone();
         if !dir.is_dir() {
-            fs::create_dir_all(&dir).map_err(io_error("creating log dir", &dir))?;
+            crate::meta::create_private_dir(&dir).map_err(io_error("creating log dir", &dir))?;
             if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
                 segment::fsync_dir(parent)
                     .map_err(io_error("fsyncing parent of log dir", parent))?;

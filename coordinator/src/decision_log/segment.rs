@@ -373,7 +373,7 @@ pub fn fsync_dir(dir: &Path) -> io::Result<()> {
 /// fsync the directory. The returned file is positioned after the header.
 pub fn create_segment(dir: &Path, seq: u64) -> io::Result<File> {
     let path = segment_path(dir, seq);
-    let mut file = OpenOptions::new()
+    let mut file = crate::meta::private_file()
         .write(true)
         .create_new(true)
         .open(&path)?;

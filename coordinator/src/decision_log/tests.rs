@@ -2,7 +2,7 @@
 //! writer thread. Record and segment encoding have their own unit tests.
 
 use std::collections::{BTreeMap, HashSet};
-use std::fs::OpenOptions;
+use std::fs::{self, OpenOptions};
 use std::path::Path;
 use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant, SystemTime};
