@@ -912,9 +912,7 @@ impl Engine {
         let mut total = 0usize;
         for b in branches {
             self.participant(&b.participant)?;
-            b.statements
-                .iter()
-                .try_for_each(refuse_transaction_control)?;
+            b.statements.iter().try_for_each(check_statement)?;
             total += b.statements.len();
             match plan.iter_mut().find(|(p, _)| *p == b.participant) {
                 Some((_, stmts)) => stmts.extend(b.statements),
@@ -985,7 +983,7 @@ impl Engine {
         participant: &str,
         stmt: Statement,
     ) -> Result<StmtResult, TxnError> {
-        refuse_transaction_control(&stmt)?;
+        check_statement(&stmt)?;
         let txn = self.live(txn_id)?;
         let p = self.participant(participant)?.clone();
         let span = tracing::info_span!("txn", txn_id = %txn.txn_id, gid = %txn.gid);
@@ -2635,8 +2633,21 @@ fn detached<T: Send + 'static>(
 }
 
 /// A client statement may not end, start or prepare the transaction: twopc does that
-/// (see `twopc_shared::sql::transaction_control`; the agent refuses them too).
-fn refuse_transaction_control(stmt: &Statement) -> Result<(), TxnError> {
+/// (see `twopc_shared::sql::transaction_control`; the agent refuses them too). Nor may a
+/// parameter nest deeper than `MAX_VALUE_DEPTH` (the agent's decoder would refuse the
+/// whole frame, and with it the connection other transactions share).
+fn check_statement(stmt: &Statement) -> Result<(), TxnError> {
+    if let Some(i) = stmt
+        .params
+        .iter()
+        .position(|p| twopc_shared::msg::value_depth(p) > twopc_shared::msg::MAX_VALUE_DEPTH)
+    {
+        return Err(TxnError::BadRequest(format!(
+            "parameter ${}: nests arrays and objects deeper than {} levels",
+            i + 1,
+            twopc_shared::msg::MAX_VALUE_DEPTH
+        )));
+    }
     match twopc_shared::sql::transaction_control(&stmt.sql) {
         None => Ok(()),
         Some(what) => Err(TxnError::BadRequest(format!(

@@ -1752,11 +1752,16 @@ fn decision_outcome(outcomes: Vec<Step>, statements: usize) -> Result<Ran, Respo
         }
     }
     match (decision, commit) {
+        // No row: a one-phase transaction that wrote nothing, so committing it changed
+        // nothing, and a statement's failure (a row it could not convert) is the answer:
+        // an empty result in its place would drop rows without a word.
+        (Some(Ok(0)), Some(Ok(()))) if first_error.is_some() => {
+            Err(first_error.unwrap_or_else(|| failed(ErrorKind::Internal, "no error")))
+        }
         (Some(Ok(rows)), Some(Ok(()))) => {
             if let Some(Response::Failed(e)) = &first_error {
                 warn!(error = %e, "a statement failed but the branch committed (a savepoint repaired it, or its rows could not be converted)");
             }
-            // No row: a one-phase transaction that wrote nothing (it needs none).
             let outcome = if rows == 0 {
                 BranchOutcome::ReadOnly
             } else {

@@ -30,6 +30,11 @@ pub enum ConvertError {
     Column { column: String, type_name: String },
     #[error("column {column}: {message}")]
     Decode { column: String, message: String },
+    #[error(
+        "column {column}: the value nests arrays and objects deeper than {max} levels (cast \
+         it, e.g. {column}::text)"
+    )]
+    TooDeep { column: String, max: usize },
 }
 
 /// A JSON value bound to a parameter, sent as text for PostgreSQL to parse.
@@ -482,6 +487,12 @@ pub fn row_to_json(row: &tokio_postgres::Row) -> Result<Map<String, Value>, Conv
                 }
             }
         })?;
+        if twopc_shared::msg::value_depth(&v) > twopc_shared::msg::MAX_VALUE_DEPTH {
+            return Err(ConvertError::TooDeep {
+                column: col.name().to_owned(),
+                max: twopc_shared::msg::MAX_VALUE_DEPTH,
+            });
+        }
         out.insert(col.name().to_owned(), v);
     }
     Ok(out)

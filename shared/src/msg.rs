@@ -83,6 +83,36 @@ pub enum Request {
 /// Most rows in one `Decisions` answer.
 pub const LIST_DECISIONS_MAX: usize = 10_000;
 
+/// Deepest nesting of arrays and objects a statement parameter or a result value may
+/// have. Both sides enforce it (the coordinator on parameters, the agent on results), so
+/// a message carrying one stays well inside the JSON decoder's own limit of 128 levels on
+/// the other side: one bad value fails its request, never the connection it shares.
+pub const MAX_VALUE_DEPTH: usize = 64;
+
+/// How deeply `v` nests arrays and objects (a scalar is 0). Stops counting past
+/// `MAX_VALUE_DEPTH + 1`.
+pub fn value_depth(v: &serde_json::Value) -> usize {
+    fn walk(v: &serde_json::Value, depth: usize) -> usize {
+        if depth > MAX_VALUE_DEPTH {
+            return depth;
+        }
+        match v {
+            serde_json::Value::Array(items) => items
+                .iter()
+                .map(|i| walk(i, depth + 1))
+                .max()
+                .unwrap_or(depth + 1),
+            serde_json::Value::Object(map) => map
+                .values()
+                .map(|i| walk(i, depth + 1))
+                .max()
+                .unwrap_or(depth + 1),
+            _ => depth,
+        }
+    }
+    walk(v, 0)
+}
+
 /// A committed decision row (answer to `ListDecisions`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DecisionRow {
