@@ -77,6 +77,11 @@ pub struct ServeConfig {
     pub max_open_txns: usize,
     pub max_statements_per_txn: usize,
     pub max_body_bytes: usize,
+    /// Client connections open at once; more are closed at once.
+    pub http_max_connections: usize,
+    /// A client connection must send a request's complete headers within this long of
+    /// opening or of its previous answer (slow and idle connections are closed).
+    pub http_header_timeout_ms: u64,
     pub log_retention_ms: u64,
     pub log_segment_max_bytes: u64,
     /// Open a decision log whose last segment has a corrupt record followed by intact
@@ -123,6 +128,8 @@ impl Default for ServeConfig {
             max_open_txns: e.max_open_txns,
             max_statements_per_txn: e.max_statements_per_txn,
             max_body_bytes: 1024 * 1024,
+            http_max_connections: 4096,
+            http_header_timeout_ms: 10_000,
             log_retention_ms: 3_600_000,
             log_segment_max_bytes: 64 * 1024 * 1024,
             log_discard_corrupt_tail: false,
@@ -179,6 +186,14 @@ pub struct ServeArgs {
     /// Largest client request body, in bytes.
     #[arg(long, env = "TWOPC_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<usize>,
+    /// Client connections open at once; more are closed at once [default: 4096].
+    #[arg(long, env = "TWOPC_HTTP_MAX_CONNECTIONS")]
+    pub http_max_connections: Option<usize>,
+    /// A client connection must send a request's complete headers within this long of
+    /// opening or of its previous answer; slow and idle connections are closed
+    /// [default: 10000].
+    #[arg(long, env = "TWOPC_HTTP_HEADER_TIMEOUT_MS")]
+    pub http_header_timeout_ms: Option<u64>,
     /// Keep finished decision-log segments (and answers about them) this long.
     #[arg(long, env = "TWOPC_LOG_RETENTION_MS")]
     pub log_retention_ms: Option<u64>,
@@ -274,6 +289,8 @@ impl ServeArgs {
             default_timeout_ms,
             idle_timeout_ms,
             max_body_bytes,
+            http_max_connections,
+            http_header_timeout_ms,
             log_retention_ms
         );
         if let Some(f) = &self.api_token_file {
@@ -313,6 +330,9 @@ impl ServeConfig {
         }
         for name in self.participants.keys() {
             validate_participant_name(name)?;
+        }
+        if self.http_max_connections == 0 || self.http_header_timeout_ms == 0 {
+            bail!("http_max_connections and http_header_timeout_ms must be at least 1");
         }
         Ok(())
     }

@@ -926,10 +926,13 @@ impl Engine {
             )));
         }
         let ack = req.ack.unwrap_or(self.inner.config.default_ack);
+        let names: Vec<&str> = plan.iter().map(|(n, _)| n.as_str()).collect();
+        // Before choosing who commits last: right after a start this waits for the
+        // recovery pass, whose handshakes say which agents keep decisions.
+        self.await_decisions(req.txn_id.as_ref(), &names).await;
         // Last-agent commit: the last branch (in the client's order) whose agent keeps a
-        // decision table commits last.
-        // One-phase: the only participant commits with its decision row, if its agent
-        // keeps a decision table.
+        // decision table commits last. One-phase: the only participant commits with its
+        // decision row, if its agent keeps a decision table.
         let config = &self.inner.config;
         let last_agent =
             if (config.last_agent && plan.len() >= 2) || (config.one_phase && plan.len() == 1) {
@@ -940,8 +943,6 @@ impl Engine {
             } else {
                 None
             };
-        let names: Vec<&str> = plan.iter().map(|(n, _)| n.as_str()).collect();
-        self.await_decisions(req.txn_id.as_ref(), &names).await;
         let txn = self.register(&req, false, last_agent, &names)?;
         let span = tracing::info_span!("txn", txn_id = %txn.txn_id, gid = %txn.gid);
         let result = async {

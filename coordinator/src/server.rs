@@ -3,7 +3,6 @@
 use std::net::SocketAddr;
 
 use anyhow::Context;
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -90,18 +89,52 @@ pub async fn participants(config: &ServeConfig, epoch: u64) -> anyhow::Result<Ve
     Ok(out)
 }
 
-/// The client API over TLS: accept, handshake (bounded), then hyper on the TLS stream.
-/// Stops accepting when `stop` is cancelled; open connections finish their requests.
-async fn serve_tls(
+/// Bounds on the client API's connections (slow or idle clients must not hold the
+/// coordinator's file descriptors).
+#[derive(Debug, Clone, Copy)]
+pub struct HttpLimits {
+    /// Connections open at once; one more is closed at once (a warning every 10 s).
+    pub max_connections: usize,
+    /// A connection must send a request's complete headers within this long of opening
+    /// or of its previous answer: a slow client (slowloris) and an idle keep-alive
+    /// connection are both closed after it. Also bounds the TLS handshake.
+    pub header_timeout: std::time::Duration,
+}
+
+/// Counts a connection as open until dropped.
+struct OpenConnection(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl OpenConnection {
+    fn new(open: &std::sync::Arc<std::sync::atomic::AtomicUsize>) -> OpenConnection {
+        open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        OpenConnection(open.clone())
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// The client API, plain or over TLS: accept (at most `max_connections` open), handshake
+/// (bounded), then hyper with a header-read timeout. When `stop` is cancelled it stops
+/// accepting, lets open connections finish the requests they are serving, and returns.
+async fn serve_http(
     listener: TcpListener,
     app: axum::Router,
-    tls: std::sync::Arc<rustls::ServerConfig>,
+    tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+    limits: HttpLimits,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    use std::sync::atomic::Ordering;
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let open = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut last_warning: Option<std::time::Instant> = None;
     loop {
         let (tcp, peer) = tokio::select! {
-            _ = stop.cancelled() => return Ok(()),
+            _ = stop.cancelled() => break,
             a = listener.accept() => match a {
                 Ok(a) => a,
                 Err(e) => {
@@ -111,29 +144,59 @@ async fn serve_tls(
                 }
             },
         };
+        if open.load(Ordering::Relaxed) >= limits.max_connections {
+            if last_warning.is_none_or(|at| at.elapsed() >= std::time::Duration::from_secs(10)) {
+                tracing::warn!(%peer, max = limits.max_connections, "too many client connections; closing new ones");
+                last_warning = Some(std::time::Instant::now());
+            }
+            drop(tcp);
+            continue;
+        }
+        let counted = OpenConnection::new(&open);
         // Answers go out at once, not held back by Nagle behind an unacknowledged segment.
         let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
-        let app = app.clone();
+        let (acceptor, app, watcher) = (acceptor.clone(), app.clone(), graceful.watcher());
         tokio::spawn(async move {
-            let handshake =
-                tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp))
-                    .await;
-            let stream = match handshake {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "client TLS handshake failed");
-                    return;
-                }
-                Err(_) => return,
-            };
+            let _counted = counted;
             let service = hyper_util::service::TowerToHyperService::new(app);
-            let _ =
-                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-                    .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(stream), service)
-                    .await;
+            let mut builder =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            builder
+                .http1()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limits.header_timeout);
+            let served = match acceptor {
+                None => {
+                    let conn = builder
+                        .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(tcp), service);
+                    watcher.watch(conn.into_owned()).await
+                }
+                Some(acceptor) => {
+                    let stream =
+                        match tokio::time::timeout(limits.header_timeout, acceptor.accept(tcp))
+                            .await
+                        {
+                            Ok(Ok(s)) => s,
+                            Ok(Err(e)) => {
+                                tracing::debug!(%peer, error = %e, "client TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => return,
+                        };
+                    let conn = builder.serve_connection_with_upgrades(
+                        hyper_util::rt::TokioIo::new(stream),
+                        service,
+                    );
+                    watcher.watch(conn.into_owned()).await
+                }
+            };
+            if let Err(e) = served {
+                tracing::debug!(%peer, error = %e, "client connection ended");
+            }
         });
     }
+    graceful.shutdown().await;
+    Ok(())
 }
 
 /// Starts a coordinator: bumps the epoch, opens (and repairs) the log, resumes phase 2
@@ -200,19 +263,11 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
     );
     let shutdown = CancellationToken::new();
     let stop = shutdown.clone();
-    let server = match api_tls {
-        None => tokio::spawn(async move {
-            // Answers go out at once, not held back by Nagle behind an unacknowledged
-            // segment (a large answer spans several).
-            let listener = listener.tap_io(|tcp| {
-                let _ = tcp.set_nodelay(true);
-            });
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await
-        }),
-        Some(tls) => tokio::spawn(serve_tls(listener, app, tls, stop)),
+    let limits = HttpLimits {
+        max_connections: config.http_max_connections,
+        header_timeout: std::time::Duration::from_millis(config.http_header_timeout_ms),
     };
+    let server = tokio::spawn(serve_http(listener, app, api_tls, limits, stop));
     info!(%addr, "coordinator listening");
     Ok(Running {
         addr,

@@ -55,3 +55,65 @@ async fn a_deeply_nested_value_fails_its_request_not_the_shared_connection() {
     assert_eq!(v["outcome"], "committed", "{v}");
     h.shutdown().await.unwrap();
 }
+
+/// Slow clients (slowloris) used to keep connections open forever: 1,000 of them stayed
+/// open, and under a low descriptor limit real requests timed out. Now a connection must
+/// send its headers within the header timeout, and connections beyond the cap are closed
+/// at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_are_cut_off_and_cannot_crowd_out_the_api() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = Harness::start_with(1, AgentMode::InProcess, |c| {
+        c.http_max_connections = 8;
+        c.http_header_timeout_ms = 500;
+    })
+    .await
+    .unwrap();
+    let addr = h.base_url.trim_start_matches("http://").to_owned();
+    let mut slow = Vec::new();
+    for _ in 0..8 {
+        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        s.write_all(b"POST /v1/transactions HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        slow.push(s);
+    }
+    // Give the server a moment to count them (bounded: wait until a 9th is refused).
+    let mut refused = false;
+    for _ in 0..50 {
+        let mut extra = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let mut buf = [0u8; 1];
+        let closed =
+            tokio::time::timeout(std::time::Duration::from_millis(100), extra.read(&mut buf)).await;
+        if matches!(closed, Ok(Ok(0)) | Ok(Err(_))) {
+            refused = true;
+            break;
+        }
+    }
+    assert!(refused, "a connection beyond the cap was not closed");
+    // Each slow connection is closed by the server within its header timeout.
+    for mut s in slow {
+        let mut buf = [0u8; 256];
+        let read = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    // A 408 answer before the close is fine.
+                    Ok(_) => continue,
+                }
+            }
+        })
+        .await;
+        assert!(read.is_ok(), "a slow client's connection stayed open");
+    }
+    // Real clients get through again.
+    let (status, v) = h
+        .post(
+            "/v1/transactions",
+            &json!({"branches": [{"participant": "a", "statements": [{"sql": "SELECT 1"}]}]}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{v}");
+    h.shutdown().await.unwrap();
+}
