@@ -98,6 +98,9 @@ pub struct AgentConfig {
     /// commit of the same GID arriving later would succeed. Keep it far above the
     /// coordinator's longest transaction timeout.
     pub decision_retention_ms: u64,
+    /// Result rows of one request are counted as they are read, and the request fails
+    /// once they pass this many bytes (as JSON): the answer must fit in a frame.
+    pub max_result_bytes: u64,
 }
 
 /// The decision table, created by the agent if it may (see `ensure_decision_table`).
@@ -159,6 +162,7 @@ impl AgentConfig {
             max_prepared_branches: 0,
             decision_table: true,
             decision_retention_ms: 3_600_000,
+            max_result_bytes: twopc_shared::codec::DEFAULT_MAX_FRAME_BYTES as u64,
         }
     }
 }
@@ -1040,6 +1044,11 @@ impl Agent {
             }
             _ => None,
         };
+        // Result bytes, shared by every statement of the request (their rows are read
+        // concurrently).
+        let result_bytes_counter = AtomicU64::new(0);
+        let result_bytes = &result_bytes_counter;
+        let max_result_bytes = self.inner.config.max_result_bytes;
         let mut steps: Vec<BoxFuture<'_, Step>> = Vec::with_capacity(prepared.len() + 4);
         if is_new {
             steps.push(
@@ -1066,7 +1075,20 @@ impl Agent {
                     loop {
                         match stream.try_next().await {
                             Ok(Some(row)) => match row_to_json(&row) {
-                                Ok(obj) => rows.push(obj),
+                                Ok(obj) => {
+                                    // Counted while read: the answer must fit in a frame,
+                                    // and memory must not hold more than that first.
+                                    let size = approx_json_bytes_of_row(&obj);
+                                    let total =
+                                        result_bytes.fetch_add(size, Ordering::Relaxed) + size;
+                                    if total > max_result_bytes {
+                                        return Step::Rows(Err(StepError::Convert(format!(
+                                            "the results exceed {max_result_bytes} bytes; \
+                                             select fewer rows (LIMIT, a narrower WHERE)"
+                                        ))));
+                                    }
+                                    rows.push(obj)
+                                }
                                 Err(e) => {
                                     return Step::Rows(Err(StepError::Convert(e.to_string())))
                                 }
@@ -1638,6 +1660,28 @@ enum Step {
     Finish(Result<(), tokio_postgres::Error>),
     /// [`SESSION_RESET`] after the branch ended: whether the session is clean again.
     Reset(Result<bool, tokio_postgres::Error>),
+}
+
+/// About how many bytes `row` takes as JSON (an upper-ish estimate, cheap to compute).
+fn approx_json_bytes_of_row(row: &serde_json::Map<String, serde_json::Value>) -> u64 {
+    fn value(v: &serde_json::Value) -> u64 {
+        match v {
+            serde_json::Value::Null | serde_json::Value::Bool(_) => 5,
+            serde_json::Value::Number(_) => 24,
+            serde_json::Value::String(s) => s.len() as u64 + 2,
+            serde_json::Value::Array(items) => 2 + items.iter().map(|i| value(i) + 1).sum::<u64>(),
+            serde_json::Value::Object(map) => {
+                2 + map
+                    .iter()
+                    .map(|(k, v)| k.len() as u64 + 4 + value(v))
+                    .sum::<u64>()
+            }
+        }
+    }
+    2 + row
+        .iter()
+        .map(|(k, v)| k.len() as u64 + 4 + value(v))
+        .sum::<u64>()
 }
 
 /// Puts a pooled session back as it was, whatever a branch's statements did to it:

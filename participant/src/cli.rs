@@ -103,6 +103,8 @@ async fn run_async() -> anyhow::Result<()> {
     config.max_prepared_branches = args.max_prepared_branches;
     config.decision_table = !args.no_decision_table;
     config.decision_retention_ms = args.decision_retention_ms;
+    // An answer must fit in a frame: rows are counted against it as they are read.
+    config.max_result_bytes = args.max_frame_bytes as u64;
     let agent = Agent::connect(config).await.context("start agent")?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await

@@ -117,3 +117,51 @@ async fn slow_clients_are_cut_off_and_cannot_crowd_out_the_api() {
     assert_eq!(status, 200, "{v}");
     h.shutdown().await.unwrap();
 }
+
+/// Result rows are counted against a byte budget while they are read (10M rows used to
+/// be buffered, 2.8 GB, before the frame-size check refused the answer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_result_is_refused_while_it_is_read() {
+    use twopc_shared::msg::{ExecuteBranch, Finish, Request, Response, Statement};
+    let h = Harness::start(1, AgentMode::InProcess).await.unwrap();
+    let mut config = twopc_participant::AgentConfig::new("big", h.dbs[0].url.clone());
+    config.max_result_bytes = 64 * 1024;
+    let agent = twopc_participant::Agent::connect(config).await.unwrap();
+    let run = |seq: u64, sql: &str| {
+        let exec = ExecuteBranch {
+            gid: twopc_shared::gid::Gid::new("big", 1, seq).unwrap(),
+            isolation: Default::default(),
+            statements: vec![Statement {
+                sql: sql.into(),
+                params: vec![],
+            }],
+            finish: Finish::Prepare,
+            read_only_vote: true,
+            continues: false,
+            decision: None,
+            expires_in_ms: None,
+        };
+        let agent = agent.clone();
+        async move {
+            agent
+                .handle(Request::Execute(exec), std::time::Duration::from_secs(30))
+                .await
+        }
+    };
+    let started = std::time::Instant::now();
+    let r = run(
+        1,
+        "SELECT g, repeat('x', 100) AS pad FROM generate_series(1, 5000000) g",
+    )
+    .await;
+    match &r {
+        Response::Failed(e) => assert!(e.message.contains("exceed"), "{e}"),
+        other => panic!("an oversized result was not refused: {other:?}"),
+    }
+    // Refused early, long before 5M rows were read.
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+    // What fits still works.
+    let r = run(2, "SELECT g FROM generate_series(1, 100) g").await;
+    assert!(matches!(r, Response::Executed { .. }), "{r:?}");
+    h.shutdown().await.unwrap();
+}
