@@ -813,7 +813,11 @@ impl Engine {
     /// the request if they are still unknown.
     async fn await_decisions(&self, txn_id: Option<&String>, names: &[&str]) {
         let Some(txn_id) = txn_id else { return };
-        if lock(&self.inner.outcomes).by_txn.contains_key(txn_id) {
+        let committed = lock(&self.inner.outcomes)
+            .by_txn
+            .get(txn_id)
+            .is_some_and(|e| e.outcome == Outcome::Committed);
+        if committed {
             return;
         }
         let deadline = Instant::now() + Duration::from_millis(self.inner.config.commit_wait_ms);
@@ -1131,14 +1135,9 @@ impl Engine {
                     pending,
                 }
             }
-            Some((gid, Outcome::Aborted)) => TxnStatus {
-                txn_id: txn_id.to_owned(),
-                state: None,
-                outcome: Some("aborted"),
-                gid: Some(gid),
-                pending: vec![],
-            },
-            None if lock(&self.inner.unresolved)
+            // An attempt whose local commit is not settled yet (checked before a
+            // remembered abort: that one may be an earlier attempt of the same txn id).
+            _ if lock(&self.inner.unresolved)
                 .values()
                 .any(|u| u.txn_id == txn_id) =>
             {
@@ -1150,14 +1149,21 @@ impl Engine {
                     pending: vec![],
                 }
             }
-            // A transaction the log does not know may have been committed by a
-            // participant's local commit (one-phase or last agent) whose row recovery has
-            // not read yet.
-            None if !self.inner.all_decisions_read.load(Ordering::Relaxed) => TxnStatus {
+            // A transaction the log does not know, or knows only an aborted attempt of,
+            // may have been committed by a participant's local commit (one-phase or last
+            // agent) whose row recovery has not read yet.
+            _ if !self.inner.all_decisions_read.load(Ordering::Relaxed) => TxnStatus {
                 txn_id: txn_id.to_owned(),
                 state: Some("recovering"),
                 outcome: None,
                 gid: None,
+                pending: vec![],
+            },
+            Some((gid, Outcome::Aborted)) => TxnStatus {
+                txn_id: txn_id.to_owned(),
+                state: None,
+                outcome: Some("aborted"),
+                gid: Some(gid),
                 pending: vec![],
             },
             // Presumed abort: no commit record, not live.
@@ -1254,20 +1260,30 @@ impl Engine {
                 self.inner.config.max_timeout_ms
             )));
         }
-        let known = match lock(&self.inner.outcomes).by_txn.get(&txn_id) {
-            Some(e) if e.outcome != Outcome::Aborted => {
+        if let Some(e) = lock(&self.inner.outcomes).by_txn.get(&txn_id) {
+            if e.outcome != Outcome::Aborted {
                 return Err(TxnError::Conflict(format!(
                     "txn_id {txn_id:?} already committed; choose a new txn_id"
                 )));
             }
-            Some(_) => true,
-            None => false,
-        };
-        // A client's txn id this incarnation does not know may be a retry of one that an
-        // earlier incarnation committed by a participant's local commit (one-phase, last
-        // agent) whose row recovery has not read yet: running it again would apply it
-        // twice. Wait for the rows (recovery reads them at start).
-        if req.txn_id.is_some() && !known && !self.decisions_known(touches) {
+        }
+        // An attempt whose local commit could not be settled yet may have committed:
+        // another must not run until recovery learns what it did.
+        if lock(&self.inner.unresolved)
+            .values()
+            .any(|u| u.txn_id == txn_id)
+        {
+            return Err(TxnError::Conflict(format!(
+                "txn_id {txn_id:?} is in doubt (an earlier attempt may have committed); \
+                 ask GET /v1/transactions/{txn_id} until it has an outcome"
+            )));
+        }
+        // A client's txn id may be a retry of one that an earlier incarnation committed by
+        // a participant's local commit (one-phase, last agent) whose row recovery has not
+        // read yet: running it again would apply it twice. Wait for the rows (recovery
+        // reads them at start). A remembered abort does not exempt it: it proves only
+        // that one attempt aborted, not that a later one did not commit.
+        if req.txn_id.is_some() && !self.decisions_known(touches) {
             return Err(TxnError::Unavailable(format!(
                 "txn_id {txn_id:?}: the coordinator restarted and has not yet read the \
                  decision rows of every participant; retry shortly"
@@ -1580,6 +1596,7 @@ impl Engine {
                 outcome: BranchOutcome::ReadOnly,
             }) if yes.is_empty() => {
                 state.finished = true;
+                self.record_read_only(txn, &name).await?;
                 self.inner
                     .counters
                     .committed
@@ -1927,11 +1944,12 @@ impl Engine {
         ack: AckMode,
     ) -> Result<Vec<String>, TxnError> {
         if yes.is_empty() {
+            // Every branch was read-only and is finished already.
+            self.record_read_only(txn, "").await?;
             self.inner
                 .counters
                 .committed
                 .fetch_add(1, Ordering::Relaxed);
-            // Every branch was read-only and is finished already.
             self.remember(&txn.txn_id, txn.gid.as_str(), Outcome::Committed);
             return Ok(vec![]);
         }
@@ -1972,6 +1990,27 @@ impl Engine {
         );
         let handles = self.spawn_phase2(&txn.gid, yes);
         Ok(self.await_acks(txn, handles, ack).await)
+    }
+
+    /// A transaction that wrote nothing committed. If the client named it, the outcome
+    /// is forced to the log before the client is told: a retry of the same txn id after
+    /// a restart must not run again (it could write, where the first attempt found
+    /// nothing to do). Without a client txn id nobody can retry it.
+    async fn record_read_only(&self, txn: &LiveTxn, participant: &str) -> Result<(), TxnError> {
+        if txn.txn_id == txn.gid.as_str() {
+            return Ok(());
+        }
+        let record = Record::OnePhaseCommitted {
+            gid: txn.gid.to_string(),
+            txn_id: txn.txn_id.clone(),
+            participant: participant.to_owned(),
+            decided_at_ms: now_ms(),
+        };
+        self.inner
+            .log
+            .append_forced(record)
+            .await
+            .map_err(|e| forced_log_error(&e))
     }
 
     async fn await_acks(
@@ -2406,6 +2445,18 @@ impl Engine {
                 .get(&gid)
                 .map(|u| u.last.clone())
         });
+        let mut fenced_txn_id: Option<String> = None;
+        if decision == "none"
+            && local_decider.is_none()
+            && !self.inner.all_decisions_read.load(Ordering::Relaxed)
+        {
+            // A GID naming nobody may be an interactive transaction's one-phase commit,
+            // whose decision row only recovery's reading of the rows can find.
+            return Err(TxnError::Conflict(format!(
+                "recovery has not yet read every participant's decision rows, and {gid} may be \
+                 among them; retry once every participant is reachable"
+            )));
+        }
         if let (Some(last), "none") = (local_decider.clone(), decision) {
             // No record here: the last participant's decision row is the decision. The
             // fence settles it for good (a commit still in flight can no longer succeed).
@@ -2415,11 +2466,32 @@ impl Engine {
             };
             match settled {
                 Some(s) => {
-                    // Settled here: recovery must not settle it again (the row may be
-                    // gone by then, and a second fence would read it as aborted).
-                    lock(&self.inner.unresolved).remove(&gid);
                     let what = if s.committed { "committed" } else { "aborted" };
                     steps.push(format!("fenced on {last} (the last participant): {what}"));
+                    if !s.txn_id.is_empty() {
+                        fenced_txn_id = Some(s.txn_id.clone());
+                    }
+                    // What the fence found is the outcome, recorded at once (the row may
+                    // go, and a second fence would read it as aborted) — unless an
+                    // operator is about to force an abort over it, which must not race
+                    // a phase 2 that `adopt` would start.
+                    let forcing_abort = s.committed && action == ResolveAction::Abort && force;
+                    if !forcing_abort {
+                        self.adopt(&gid, &s, &last);
+                    } else {
+                        lock(&self.inner.unresolved).remove(&gid);
+                    }
+                    if s.committed && action == ResolveAction::Commit {
+                        steps.push(format!(
+                            "{gid} is committed: phase 2 commits what is still prepared"
+                        ));
+                        return Ok(ResolveReport {
+                            gid: gid.to_string(),
+                            action,
+                            dry_run,
+                            steps,
+                        });
+                    }
                     decision = if s.committed {
                         "committed_last_agent"
                     } else {
@@ -2480,7 +2552,9 @@ impl Engine {
                 unknown.join(", ")
             ));
         }
-        let txn_id = view.txn_id.clone().unwrap_or_else(|| gid.to_string());
+        let txn_id = fenced_txn_id
+            .or_else(|| view.txn_id.clone())
+            .unwrap_or_else(|| gid.to_string());
         match action {
             ResolveAction::Commit => {
                 // A participant we could not ask may hold the branch prepared: include

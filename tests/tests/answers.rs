@@ -330,6 +330,10 @@ async fn a_forced_abort_is_not_undone_by_a_restart() {
     })
     .await
     .unwrap();
+    // The start-up pass has read every decision table (an unknown id is `aborted`):
+    // until then resolve refuses GIDs that may be an unread one-phase commit.
+    let (_, st) = h.get("/v1/transactions/not-yet-seen").await.unwrap();
+    assert_eq!(st["outcome"], "aborted", "{st}");
     // A branch prepared on b by an earlier incarnation (epoch 0), then b's agent goes
     // away: an operator's COMMIT is logged and b stays pending.
     h.dbs[1].stop_agent();
