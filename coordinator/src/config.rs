@@ -362,7 +362,8 @@ mod tests {
         let file = dir.path().join("c.toml");
         std::fs::write(
             &file,
-            "listen = \"0.0.0.0:1\"\ncoordinator_id = \"x1\"\none_phase = false\n[participants]\na = \"h:1\"\n",
+            "listen = \"0.0.0.0:1\"\ncoordinator_id = \"x1\"\none_phase = false\n\
+             agent_auth_key_file = \"/etc/twopc/agent.key\"\n[participants]\na = \"h:1\"\n",
         )
         .unwrap();
         let args = ServeArgs {
@@ -376,5 +377,9 @@ mod tests {
         assert_eq!(c.coordinator_id, "x1");
         assert!(!c.one_phase);
         assert_eq!(c.participants.len(), 2);
+        assert_eq!(
+            c.agent_auth_key_file.as_deref(),
+            Some(std::path::Path::new("/etc/twopc/agent.key"))
+        );
     }
 }
