@@ -167,7 +167,7 @@ where
     let Some(hello) = next_frame(&mut frames, handshake_timeout).await? else {
         return Ok(());
     };
-    let reply = match handshake(
+    let authenticated = match handshake(
         &agent,
         hello.body,
         tls_client.as_ref(),
@@ -193,7 +193,7 @@ where
     };
     // Every later request of this connection acts for this coordinator id only, and is
     // checked against the newest epoch of it.
-    let identity = Arc::new(reply);
+    let identity = Arc::new(authenticated);
 
     let (tx, mut rx) = mpsc::channel::<Bytes>(config.max_in_flight_per_connection);
     let writer = tokio::spawn(async move {
