@@ -1,7 +1,9 @@
 //! `twopc-coordinator certs`: a development CA and certificates for mutual TLS between
 //! the coordinator and its agents. For production, use your own PKI: the agent needs a
 //! server certificate for the name the coordinator dials, the coordinator a client
-//! certificate, each signed by a CA the other side trusts.
+//! certificate naming the coordinator ids it may act for (DNS subject alternative names:
+//! an agent serves a TLS connection only for an id its certificate names), each signed by
+//! a CA the other side trusts.
 
 use std::path::{Path, PathBuf};
 
@@ -22,6 +24,10 @@ pub struct CertsArgs {
     /// are always included.
     #[arg(long = "agent-host")]
     pub agent_hosts: Vec<String>,
+    /// Coordinator ids the coordinator certificate names (repeatable; default c1): the
+    /// ids of the coordinator group it may act for.
+    #[arg(long = "coordinator-id")]
+    pub coordinator_ids: Vec<String>,
 }
 
 fn write(dir: &Path, name: &str, pem: &str) -> anyhow::Result<()> {
@@ -35,8 +41,16 @@ fn write(dir: &Path, name: &str, pem: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Generates a CA plus an agent (server) and a coordinator (client) certificate.
-pub fn generate(out: &Path, agent_hosts: &[String]) -> anyhow::Result<()> {
+/// Generates a CA plus an agent (server) and a coordinator (client) certificate; the
+/// latter names `coordinator_ids` (`c1` if empty).
+pub fn generate(
+    out: &Path,
+    agent_hosts: &[String],
+    coordinator_ids: &[String],
+) -> anyhow::Result<()> {
+    for id in coordinator_ids {
+        twopc_shared::gid::validate_coordinator_id(id)?;
+    }
     std::fs::create_dir_all(out).with_context(|| format!("create {}", out.display()))?;
     let ca_key = KeyPair::generate()?;
     let mut ca = CertificateParams::new(Vec::<String>::new())?;
@@ -57,7 +71,12 @@ pub fn generate(out: &Path, agent_hosts: &[String]) -> anyhow::Result<()> {
     let agent_cert = agent.signed_by(&agent_key, &ca_cert, &ca_key)?;
 
     let coord_key = KeyPair::generate()?;
-    let mut coord = CertificateParams::new(vec!["twopc-coordinator".to_owned()])?;
+    let ids = if coordinator_ids.is_empty() {
+        vec!["c1".to_owned()]
+    } else {
+        coordinator_ids.to_vec()
+    };
+    let mut coord = CertificateParams::new(ids)?;
     coord
         .distinguished_name
         .push(DnType::CommonName, "twopc coordinator");
@@ -74,7 +93,7 @@ pub fn generate(out: &Path, agent_hosts: &[String]) -> anyhow::Result<()> {
 }
 
 pub fn run(args: CertsArgs) -> anyhow::Result<()> {
-    generate(&args.out, &args.agent_hosts)?;
+    generate(&args.out, &args.agent_hosts, &args.coordinator_ids)?;
     let d = args.out.display();
     println!("wrote a development CA and certificates to {d}");
     println!("agent:       --tls-cert {d}/agent.pem --tls-key {d}/agent-key.pem --tls-client-ca {d}/ca.pem");

@@ -103,6 +103,9 @@ pub struct ServeConfig {
     pub agent_tls_cert: Option<PathBuf>,
     pub agent_tls_key: Option<PathBuf>,
     pub agent_ca: Option<PathBuf>,
+    /// Shared key (hex, at least 32 bytes) the agents authenticate coordinators by; the
+    /// same file as the agents' `--auth-key-file`.
+    pub agent_auth_key_file: Option<PathBuf>,
 }
 
 impl Default for ServeConfig {
@@ -141,6 +144,7 @@ impl Default for ServeConfig {
             agent_tls_cert: None,
             agent_tls_key: None,
             agent_ca: None,
+            agent_auth_key_file: None,
         }
     }
 }
@@ -221,6 +225,10 @@ pub struct ServeArgs {
     /// CA (PEM) that must have signed the agents' certificates.
     #[arg(long, env = "TWOPC_AGENT_CA", requires = "agent_tls_cert")]
     pub agent_ca: Option<PathBuf>,
+    /// Shared key file (hex, at least 32 bytes, e.g. `openssl rand -hex 32`) to
+    /// authenticate to the agents with: the same file as their --auth-key-file.
+    #[arg(long, env = "TWOPC_AGENT_AUTH_KEY_FILE")]
+    pub agent_auth_key_file: Option<PathBuf>,
     /// Turn off one-phase commit for single-participant transactions.
     #[arg(long, env = "TWOPC_NO_ONE_PHASE")]
     pub no_one_phase: bool,
@@ -308,6 +316,9 @@ impl ServeArgs {
             c.agent_tls_key = self.agent_tls_key.clone();
             c.agent_ca = self.agent_ca.clone();
         }
+        if let Some(f) = &self.agent_auth_key_file {
+            c.agent_auth_key_file = Some(f.clone());
+        }
         if let Some(a) = self.ack {
             c.ack = a;
         }
@@ -382,7 +393,8 @@ mod tests {
         let file = dir.path().join("c.toml");
         std::fs::write(
             &file,
-            "listen = \"0.0.0.0:1\"\ncoordinator_id = \"x1\"\none_phase = false\n[participants]\na = \"h:1\"\n",
+            "listen = \"0.0.0.0:1\"\ncoordinator_id = \"x1\"\none_phase = false\n\
+             agent_auth_key_file = \"/etc/twopc/agent.key\"\n[participants]\na = \"h:1\"\n",
         )
         .unwrap();
         let args = ServeArgs {
@@ -396,5 +408,9 @@ mod tests {
         assert_eq!(c.coordinator_id, "x1");
         assert!(!c.one_phase);
         assert_eq!(c.participants.len(), 2);
+        assert_eq!(
+            c.agent_auth_key_file.as_deref(),
+            Some(std::path::Path::new("/etc/twopc/agent.key"))
+        );
     }
 }

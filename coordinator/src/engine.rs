@@ -2824,6 +2824,9 @@ fn refused_before_commit(e: &AgentError) -> bool {
         | ErrorKind::DatabaseUnreachable
         | ErrorKind::VersionMismatch
         | ErrorKind::Fenced
+        | ErrorKind::Unauthenticated
+        | ErrorKind::Forbidden
+        | ErrorKind::EpochOutOfRange
         | ErrorKind::Sql => true,
         ErrorKind::Timeout | ErrorKind::Unavailable | ErrorKind::Internal => false,
     }
@@ -2838,9 +2841,12 @@ fn agent_abort(participant: &str, txn_id: &str, e: AgentError) -> AbortInfo {
         ErrorKind::DatabaseUnreachable => ("08001".to_owned(), false),
         ErrorKind::Limit => ("53000".to_owned(), false),
         ErrorKind::BadRequest | ErrorKind::UnknownBranch => ("25000".to_owned(), false),
-        ErrorKind::VersionMismatch | ErrorKind::Fenced | ErrorKind::Internal => {
-            ("XX000".to_owned(), false)
-        }
+        // invalid_authorization_specification: the agent refused this coordinator.
+        ErrorKind::Unauthenticated | ErrorKind::Forbidden => ("28000".to_owned(), false),
+        ErrorKind::VersionMismatch
+        | ErrorKind::Fenced
+        | ErrorKind::EpochOutOfRange
+        | ErrorKind::Internal => ("XX000".to_owned(), false),
     };
     let message = match e.statement_index {
         Some(i) => format!("statement {}: {}", i + 1, e.message),

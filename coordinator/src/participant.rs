@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use twopc_participant::server::write_batch;
 use twopc_participant::Agent;
+use twopc_shared::auth::{AuthKey, Role, Transcript};
 use twopc_shared::codec::{encode_payload, raw_codec, FrameCodec};
 use twopc_shared::msg::{Request, RequestFrame, Response, ResponseFrame};
 use twopc_shared::PROTOCOL_VERSION;
@@ -110,6 +111,9 @@ pub struct RemoteConfig {
     pub send_queue: usize,
     /// Mutual TLS to the agents (see `twopc_participant::tls::client_config`).
     pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// Shared key: answer the agent's challenge, and require the agent's proof (see
+    /// `twopc_shared::auth`).
+    pub auth_key: Option<Arc<AuthKey>>,
 }
 
 /// A byte stream to an agent: plain TCP or TLS over it.
@@ -123,6 +127,7 @@ impl Default for RemoteConfig {
             max_frame_bytes: twopc_shared::codec::DEFAULT_MAX_FRAME_BYTES,
             send_queue: 4096,
             tls: None,
+            auth_key: None,
         }
     }
 }
@@ -296,40 +301,110 @@ impl RemoteAgent {
         );
         let mut sink = FramedWrite::new(write_half, raw_codec(self.config.max_frame_bytes));
         let conn_id = self.conn_seq.fetch_add(1, Ordering::Relaxed);
-        let hello = RequestFrame {
+        let coordinator_nonce = self
+            .config
+            .auth_key
+            .as_ref()
+            .map(|_| twopc_participant::auth::new_nonce());
+        let frame = |body| RequestFrame {
             id: 0,
             timeout_ms: self.config.connect_timeout_ms,
-            body: Request::Hello {
-                protocol_version: PROTOCOL_VERSION,
-                coordinator_id: self.coordinator_id.clone(),
-                epoch: self.epoch,
-            },
+            body,
         };
+        let hello = frame(Request::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            coordinator_id: self.coordinator_id.clone(),
+            epoch: self.epoch,
+            nonce: coordinator_nonce.clone(),
+        });
+        let max_frame_bytes = self.config.max_frame_bytes;
+        // The agent's nonce, once it challenged us: the transcript both proofs cover.
+        let mut agent_nonce = None;
         let handshake = async {
-            let bytes =
-                encode_payload(&hello, self.config.max_frame_bytes).map_err(|e| e.to_string())?;
+            let bytes = encode_payload(&hello, max_frame_bytes).map_err(|e| e.to_string())?;
             sink.send(bytes).await.map_err(|e| e.to_string())?;
-            match stream.next().await {
-                Some(Ok(f)) => Ok(f.body),
-                Some(Err(e)) => Err(e.to_string()),
-                None => Err("closed during handshake".to_owned()),
+            loop {
+                let body = match stream.next().await {
+                    Some(Ok(f)) => f.body,
+                    Some(Err(e)) => return Err(e.to_string()),
+                    None => return Err("closed during handshake".to_owned()),
+                };
+                let Response::Challenge { nonce } = body else {
+                    return Ok(body);
+                };
+                let (Some(key), Some(ours), None) =
+                    (&self.config.auth_key, &coordinator_nonce, &agent_nonce)
+                else {
+                    return Err(
+                        "the agent asks for the shared key: configure --agent-auth-key-file"
+                            .to_owned(),
+                    );
+                };
+                let transcript = Transcript {
+                    protocol_version: PROTOCOL_VERSION,
+                    coordinator_id: &self.coordinator_id,
+                    epoch: self.epoch,
+                    coordinator_nonce: ours,
+                    agent_nonce: &nonce,
+                };
+                let proof = key.proof(Role::Coordinator, &transcript);
+                agent_nonce = Some(nonce);
+                let bytes =
+                    encode_payload(&frame(Request::Authenticate { proof }), max_frame_bytes)
+                        .map_err(|e| e.to_string())?;
+                sink.send(bytes).await.map_err(|e| e.to_string())?;
             }
         };
         let reply = tokio::time::timeout(connect_timeout, handshake)
             .await
             .map_err(|_| unreachable("handshake timed out".into()))?
-            .map_err(unreachable)?;
+            .map_err(|message| CallError::Handshake {
+                participant: self.name.clone(),
+                message,
+            })?;
         match reply {
             Response::Hello {
                 agent_name,
                 database,
                 build_version,
                 decisions,
+                epochs_durable,
+                proof,
                 ..
             } => {
+                if let (Some(key), Some(ours)) = (&self.config.auth_key, &coordinator_nonce) {
+                    // The agent proves it holds the key too: an impostor at its address
+                    // gets no transaction.
+                    let proven = match (&agent_nonce, &proof) {
+                        (Some(theirs), Some(proof)) => key.verify(
+                            Role::Agent,
+                            &Transcript {
+                                protocol_version: PROTOCOL_VERSION,
+                                coordinator_id: &self.coordinator_id,
+                                epoch: self.epoch,
+                                coordinator_nonce: ours,
+                                agent_nonce: theirs,
+                            },
+                            proof,
+                        ),
+                        _ => false,
+                    };
+                    if !proven {
+                        return Err(CallError::Handshake {
+                            participant: self.name.clone(),
+                            message: format!(
+                                "the agent at {} did not prove it holds the shared key",
+                                self.addr
+                            ),
+                        });
+                    }
+                }
                 let id = if decisions { conn_id } else { 0 };
                 self.decisions.store(id, Ordering::Relaxed);
-                info!(participant = %self.name, addr = %self.addr, %agent_name, %database, %build_version, decisions, "connected to agent");
+                info!(participant = %self.name, addr = %self.addr, %agent_name, %database, %build_version, decisions, epochs_durable, authenticated = self.config.auth_key.is_some(), "connected to agent");
+                if !epochs_durable {
+                    warn!(participant = %self.name, "the agent keeps fencing epochs in memory only (no usable twopc.epochs table): a restart of it forgets which incarnations are stale");
+                }
             }
             Response::Failed(e) => {
                 return Err(CallError::Handshake {

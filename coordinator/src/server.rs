@@ -60,6 +60,12 @@ pub async fn participants(config: &ServeConfig, epoch: u64) -> anyhow::Result<Ve
         (None, None, None) => None,
         _ => anyhow::bail!("agent TLS needs all of agent_tls_cert, agent_tls_key and agent_ca"),
     };
+    let auth_key = match &config.agent_auth_key_file {
+        Some(path) => Some(std::sync::Arc::new(
+            twopc_participant::auth::load_key_file(path).context("load the agent auth key")?,
+        )),
+        None => None,
+    };
     let mut out = Vec::new();
     for (name, spec) in &config.participants {
         match ParticipantSpec::parse(spec) {
@@ -71,6 +77,7 @@ pub async fn participants(config: &ServeConfig, epoch: u64) -> anyhow::Result<Ve
                     epoch,
                     RemoteConfig {
                         tls: tls.clone(),
+                        auth_key: auth_key.clone(),
                         ..RemoteConfig::default()
                     },
                 ))))

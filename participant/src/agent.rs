@@ -50,6 +50,9 @@ use twopc_shared::{BUILD_VERSION, PROTOCOL_VERSION};
 
 use crate::convert::{check_columns, check_params, row_to_json, JsonParam};
 
+mod epochs;
+pub use epochs::{EPOCH_TABLE, MAX_EPOCH_STEP};
+
 /// SQLSTATE `undefined_object`: `COMMIT/ROLLBACK PREPARED` of a GID that is not prepared.
 const SQLSTATE_UNDEFINED_OBJECT: &str = "42704";
 
@@ -283,8 +286,9 @@ struct Tables {
     /// the branch ends, so the change cannot reach another transaction.
     tainted: HashSet<Gid>,
     tombstones: Tombstones,
-    /// Newest epoch seen per coordinator id (fencing). In memory: after an agent restart
-    /// the first coordinator to connect sets it again.
+    /// Newest epoch seen per coordinator id (fencing), loaded at start from
+    /// [`EPOCH_TABLE`] and written there before a newer one is accepted (see
+    /// `epochs::admit`); memory only if the table is unusable (`Inner::epochs_durable`).
     epochs: HashMap<String, u64>,
 }
 
@@ -303,6 +307,8 @@ struct Inner {
     owner: String,
     /// The decision table is usable: this agent can commit last.
     decisions: bool,
+    /// The epoch table is usable: fencing survives a restart of the agent.
+    epochs_durable: bool,
     tables: Mutex<Tables>,
 }
 
@@ -391,6 +397,10 @@ impl Agent {
             n => n.min(max_prepared as u64),
         };
         let decisions = config.decision_table && ensure_decision_table(&client).await;
+        let (epochs, epochs_durable) = match epochs::load(&client).await {
+            Some(epochs) => (epochs, true),
+            None => (HashMap::new(), false),
+        };
         drop(client);
         info!(name = %config.name, %database, %owner, max_prepared, decisions, "agent connected");
         let tombstones_max = config.tombstones_max;
@@ -403,6 +413,7 @@ impl Agent {
                 database,
                 owner,
                 decisions,
+                epochs_durable,
                 tables: Mutex::new(Tables {
                     branches: HashMap::new(),
                     tainted: HashSet::new(),
@@ -411,7 +422,7 @@ impl Agent {
                         order: VecDeque::new(),
                         max: tombstones_max,
                     },
-                    epochs: HashMap::new(),
+                    epochs,
                 }),
             }),
         };
@@ -646,10 +657,8 @@ impl Agent {
                 protocol_version,
                 coordinator_id,
                 epoch,
+                ..
             } => {
-                if let Err(e) = self.check_epoch(&coordinator_id, epoch) {
-                    return Response::Failed(e);
-                }
                 if protocol_version != PROTOCOL_VERSION {
                     return failed(
                         ErrorKind::VersionMismatch,
@@ -658,14 +667,23 @@ impl Agent {
                         ),
                     );
                 }
+                if let Err(e) = self.admit_epoch(&coordinator_id, epoch, timeout).await {
+                    return Response::Failed(e);
+                }
                 Response::Hello {
                     protocol_version: PROTOCOL_VERSION,
                     agent_name: self.inner.config.name.clone(),
                     database: self.inner.database.clone(),
                     build_version: BUILD_VERSION.to_owned(),
                     decisions: self.inner.decisions,
+                    epochs_durable: self.inner.epochs_durable,
+                    proof: None,
                 }
             }
+            Request::Authenticate { .. } => failed(
+                ErrorKind::BadRequest,
+                "Authenticate belongs to the handshake of a TCP connection",
+            ),
             Request::Ping => Response::Pong,
             Request::Execute(exec) => {
                 let span = tracing::info_span!("execute", gid = %exec.gid, finish = ?exec.finish);

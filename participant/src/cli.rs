@@ -39,6 +39,24 @@ struct Args {
     /// CA (PEM) that must have signed the coordinator's client certificate.
     #[arg(long, env = "TWOPC_TLS_CLIENT_CA", requires = "tls_cert")]
     tls_client_ca: Option<std::path::PathBuf>,
+    /// Shared key file (hex, at least 32 bytes, e.g. `openssl rand -hex 32 > FILE`):
+    /// coordinators must prove they hold the same key (the coordinator's
+    /// --agent-auth-key-file) before anything runs.
+    #[arg(long, env = "TWOPC_AUTH_KEY_FILE")]
+    auth_key_file: Option<std::path::PathBuf>,
+    /// Coordinator ids this agent serves (repeatable or comma-separated); without it,
+    /// any id the key or certificate authenticates. A connection acts for the one id it
+    /// authenticated as.
+    #[arg(
+        long = "coordinator-id",
+        env = "TWOPC_COORDINATOR_IDS",
+        value_delimiter = ','
+    )]
+    coordinator_ids: Vec<String>,
+    /// Serve coordinators that do not authenticate (no key, no TLS): development only;
+    /// refused unless --listen is a loopback address.
+    #[arg(long, env = "TWOPC_INSECURE")]
+    insecure: bool,
     /// statement_timeout of the agent's sessions (0 = none).
     #[arg(long, env = "TWOPC_STATEMENT_TIMEOUT_MS", default_value_t = 60_000)]
     statement_timeout_ms: u64,
@@ -105,6 +123,31 @@ async fn run_async() -> anyhow::Result<()> {
     config.decision_retention_ms = args.decision_retention_ms;
     // An answer must fit in a frame: rows are counted against it as they are read.
     config.max_result_bytes = args.max_frame_bytes as u64;
+    for id in &args.coordinator_ids {
+        twopc_shared::gid::validate_coordinator_id(id).context("--coordinator-id")?;
+    }
+    let key = match &args.auth_key_file {
+        Some(path) => Some(std::sync::Arc::new(crate::auth::load_key_file(path)?)),
+        None => None,
+    };
+    let auth = crate::auth::Authentication {
+        key,
+        coordinator_ids: args.coordinator_ids.clone(),
+        insecure: args.insecure,
+    };
+    let tls = match (&args.tls_cert, &args.tls_key, &args.tls_client_ca) {
+        (Some(c), Some(k), Some(ca)) => {
+            Some(crate::tls::server_config(c, k, ca).context("load TLS certificates")?)
+        }
+        _ => None,
+    };
+    // Refused before the database is touched.
+    let addrs = tokio::net::lookup_host(&args.listen)
+        .await
+        .with_context(|| format!("resolve --listen {}", args.listen))?;
+    for addr in addrs {
+        crate::auth::check_listen(&auth, tls.is_some(), addr)?;
+    }
     let agent = Agent::connect(config).await.context("start agent")?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
@@ -115,15 +158,10 @@ async fn run_async() -> anyhow::Result<()> {
         shutdown_signal().await;
         on_signal.cancel();
     });
-    let tls = match (&args.tls_cert, &args.tls_key, &args.tls_client_ca) {
-        (Some(c), Some(k), Some(ca)) => {
-            Some(crate::tls::server_config(c, k, ca).context("load TLS certificates")?)
-        }
-        _ => None,
-    };
     let server_config = ServerConfig {
         max_frame_bytes: args.max_frame_bytes,
         tls,
+        auth,
         ..ServerConfig::default()
     };
     serve(agent.clone(), listener, server_config, shutdown)

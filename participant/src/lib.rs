@@ -11,6 +11,7 @@
 //! The binary `twopc-participant` (src/main.rs) parses flags and calls [`server::serve`].
 
 pub mod agent;
+pub mod auth;
 pub mod cli;
 pub mod convert;
 pub mod failpoint;

@@ -1,21 +1,29 @@
 //! The agent's TCP server: length-delimited JSON frames ([`FrameCodec`]), a handshake
-//! first, then requests handled concurrently (responses go back in completion order,
-//! matched by request id).
+//! first (version, authentication of the coordinator, its epoch), then requests handled
+//! concurrently (responses go back in completion order, matched by request id). Every
+//! request is checked against the coordinator id the connection authenticated as
+//! ([`crate::auth::authorize`]) and that id's newest epoch.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
+use rustls::pki_types::CertificateDer;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
+use twopc_shared::auth::{valid_nonce, Role, Transcript};
 use twopc_shared::codec::{encode_payload, raw_codec, FrameCodec};
+use twopc_shared::gid::validate_coordinator_id;
 use twopc_shared::msg::{AgentError, ErrorKind, Request, RequestFrame, Response, ResponseFrame};
+use twopc_shared::PROTOCOL_VERSION;
 
 use crate::agent::Agent;
+pub use crate::auth::ServeError;
+use crate::auth::{authorize, certificate_names, check_listen, new_nonce, Authentication};
 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -29,8 +37,12 @@ pub struct ServerConfig {
     pub max_request_timeout_ms: u64,
     /// A connection must complete the handshake within this.
     pub handshake_timeout_ms: u64,
-    /// Mutual TLS (see [`crate::tls::server_config`]); `None`: plaintext.
+    /// Mutual TLS (see [`crate::tls::server_config`]); `None`: plaintext. The client
+    /// certificate must name the coordinator id (a DNS subject alternative name).
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Shared key, the coordinator ids served, `insecure`. Without a key, TLS or
+    /// `insecure`, [`serve`] refuses to start.
+    pub auth: Authentication,
 }
 
 impl Default for ServerConfig {
@@ -42,19 +54,33 @@ impl Default for ServerConfig {
             max_request_timeout_ms: 10 * 60 * 1000,
             handshake_timeout_ms: 10_000,
             tls: None,
+            auth: Authentication::default(),
         }
     }
 }
 
-/// Serves `agent` on `listener` until `shutdown` is cancelled.
+/// Serves `agent` on `listener` until `shutdown` is cancelled. Refuses to start without
+/// authentication (a key or TLS) unless `config.auth.insecure`, and with `insecure` on
+/// anything but a loopback address.
 pub async fn serve(
     agent: Agent,
     listener: TcpListener,
     config: ServerConfig,
     shutdown: CancellationToken,
-) -> std::io::Result<()> {
+) -> Result<(), ServeError> {
+    let addr = listener.local_addr()?;
+    check_listen(&config.auth, config.tls.is_some(), addr)?;
     let connections = Arc::new(Semaphore::new(config.max_connections));
-    info!(addr = ?listener.local_addr().ok(), agent = agent.name(), "agent listening");
+    let authentication = match (&config.auth.key, &config.tls) {
+        (Some(_), Some(_)) => "key and mutual TLS",
+        (Some(_), None) => "key",
+        (None, Some(_)) => "mutual TLS",
+        (None, None) => "none (--insecure)",
+    };
+    if config.auth.key.is_none() && config.tls.is_none() {
+        warn!(%addr, "serving without authentication (--insecure): anyone who can connect to this address commands the agent");
+    }
+    info!(%addr, agent = agent.name(), authentication, coordinator_ids = ?config.auth.coordinator_ids, epochs_durable = agent.epochs_durable(), "agent listening");
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
@@ -79,7 +105,7 @@ pub async fn serve(
         tokio::spawn(
             async move {
                 let result = match config.tls.clone() {
-                    None => connection(agent, stream, config, shutdown).await,
+                    None => connection(agent, stream, None, config, shutdown).await,
                     Some(tls) => {
                         let acceptor = tokio_rustls::TlsAcceptor::from(tls);
                         let handshake = tokio::time::timeout(
@@ -88,7 +114,15 @@ pub async fn serve(
                         )
                         .await;
                         match handshake {
-                            Ok(Ok(s)) => connection(agent, s, config, shutdown).await,
+                            Ok(Ok(s)) => {
+                                let cert = s
+                                    .get_ref()
+                                    .1
+                                    .peer_certificates()
+                                    .and_then(|c| c.first())
+                                    .map(|c| c.clone().into_owned());
+                                connection(agent, s, Some(cert), config, shutdown).await
+                            }
                             Ok(Err(e)) => {
                                 warn!(error = %e, "TLS handshake refused");
                                 Ok(())
@@ -110,9 +144,12 @@ pub async fn serve(
     }
 }
 
+/// `tls_client`: `None` for plaintext, `Some(certificate)` over TLS (always present:
+/// the verifier requires one).
 async fn connection<S>(
     agent: Agent,
     stream: S,
+    tls_client: Option<Option<CertificateDer<'static>>>,
     config: ServerConfig,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()>
@@ -126,48 +163,37 @@ where
     );
     let mut sink = FramedWrite::new(write_half, raw_codec(config.max_frame_bytes));
 
-    // Handshake.
-    let first = tokio::time::timeout(
-        Duration::from_millis(config.handshake_timeout_ms),
-        frames.next(),
-    )
-    .await;
-    let hello = match first {
-        Ok(Some(Ok(f))) => f,
-        Ok(Some(Err(e))) => return Err(e.into()),
-        Ok(None) | Err(_) => return Ok(()),
-    };
-    // Fencing: every later request of this connection is checked against the newest
-    // epoch of its coordinator.
-    let identity = match &hello.body {
-        Request::Hello {
-            coordinator_id,
-            epoch,
-            ..
-        } => (coordinator_id.clone(), *epoch),
-        _ => (String::new(), 0),
-    };
-    let identity = Arc::new(identity);
-    let reply = match hello.body {
-        Request::Hello { .. } => {
-            agent
-                .handle(
-                    hello.body,
-                    Duration::from_millis(config.handshake_timeout_ms),
-                )
-                .await
-        }
-        _ => Response::Failed(AgentError::new(
-            ErrorKind::VersionMismatch,
-            "the first request must be a Hello handshake",
-        )),
-    };
-    let accepted = matches!(reply, Response::Hello { .. });
-    sink.send(encode_response(hello.id, reply, config.max_frame_bytes))
-        .await?;
-    if !accepted {
+    let handshake_timeout = Duration::from_millis(config.handshake_timeout_ms);
+    let Some(hello) = next_frame(&mut frames, handshake_timeout).await? else {
         return Ok(());
-    }
+    };
+    let authenticated = match handshake(
+        &agent,
+        hello.body,
+        tls_client.as_ref(),
+        &config,
+        &mut frames,
+        &mut sink,
+        hello.id,
+    )
+    .await?
+    {
+        Ok((coordinator_id, epoch, reply)) => {
+            let bytes = encode_response(hello.id, reply, config.max_frame_bytes);
+            sink.send(bytes).await?;
+            debug!(coordinator_id, epoch, "handshake done");
+            (coordinator_id, epoch)
+        }
+        Err(e) => {
+            warn!(kind = ?e.kind, "refused a coordinator's handshake: {}", e.message);
+            let bytes = encode_response(hello.id, Response::Failed(e), config.max_frame_bytes);
+            sink.send(bytes).await?;
+            return Ok(());
+        }
+    };
+    // Every later request of this connection acts for this coordinator id only, and is
+    // checked against the newest epoch of it.
+    let identity = Arc::new(authenticated);
 
     let (tx, mut rx) = mpsc::channel::<Bytes>(config.max_in_flight_per_connection);
     let writer = tokio::spawn(async move {
@@ -199,11 +225,12 @@ where
         let max_frame_bytes = config.max_frame_bytes;
         tokio::spawn(async move {
             let body = match frame.body {
-                Request::Hello { .. } => Response::Failed(AgentError::new(
-                    ErrorKind::BadRequest,
-                    "handshake already done",
-                )),
-                body => match agent.check_epoch(&identity.0, identity.1) {
+                Request::Hello { .. } | Request::Authenticate { .. } => Response::Failed(
+                    AgentError::new(ErrorKind::BadRequest, "handshake already done"),
+                ),
+                body => match authorize(&body, &identity.0)
+                    .and_then(|()| agent.check_epoch(&identity.0, identity.1))
+                {
                     Ok(()) => agent.handle(body, timeout).await,
                     Err(e) => Response::Failed(e),
                 },
@@ -220,6 +247,175 @@ where
     // ends once they have all replied or the peer is gone.
     let _ = writer.await;
     Ok(())
+}
+
+/// The next frame within `timeout`; `None` if the peer closed or was silent.
+async fn next_frame<R>(
+    frames: &mut FramedRead<R, FrameCodec<RequestFrame, ResponseFrame>>,
+    timeout: Duration,
+) -> anyhow::Result<Option<RequestFrame>>
+where
+    R: tokio::io::AsyncRead + Unpin,
+{
+    match tokio::time::timeout(timeout, frames.next()).await {
+        Ok(Some(Ok(f))) => Ok(Some(f)),
+        Ok(Some(Err(e))) => Err(e.into()),
+        Ok(None) | Err(_) => Ok(None),
+    }
+}
+
+fn refused(
+    kind: ErrorKind,
+    message: impl Into<String>,
+) -> Result<(String, u64, Response), AgentError> {
+    Err(AgentError::new(kind, message))
+}
+
+/// The handshake after the first frame: version, the key's challenge-response (one more
+/// round trip), the certificate's names, the ids served, then the agent's epoch check.
+/// Nothing touches the database before the coordinator authenticated. The outer error is
+/// an I/O failure; the inner one a refusal to answer with.
+async fn handshake<R, W>(
+    agent: &Agent,
+    first: Request,
+    tls_client: Option<&Option<CertificateDer<'static>>>,
+    config: &ServerConfig,
+    frames: &mut FramedRead<R, FrameCodec<RequestFrame, ResponseFrame>>,
+    sink: &mut FramedWrite<W, LengthDelimitedCodec>,
+    hello_id: u64,
+) -> anyhow::Result<Result<(String, u64, Response), AgentError>>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    let Request::Hello {
+        protocol_version,
+        coordinator_id,
+        epoch,
+        nonce,
+    } = first
+    else {
+        return Ok(refused(
+            ErrorKind::VersionMismatch,
+            "the first request must be a Hello handshake",
+        ));
+    };
+    if protocol_version != PROTOCOL_VERSION {
+        return Ok(refused(
+            ErrorKind::VersionMismatch,
+            format!(
+                "protocol version {protocol_version} not supported; this agent speaks {PROTOCOL_VERSION}"
+            ),
+        ));
+    }
+    if let Err(e) = validate_coordinator_id(&coordinator_id) {
+        return Ok(refused(ErrorKind::BadRequest, e.to_string()));
+    }
+    let mut agent_proof = None;
+    if let Some(key) = &config.auth.key {
+        let Some(coordinator_nonce) = nonce.filter(|n| valid_nonce(n)) else {
+            return Ok(refused(
+                ErrorKind::Unauthenticated,
+                format!(
+                    "coordinator {coordinator_id}: this agent requires the shared key, and the \
+                     Hello carries no challenge nonce (configure the coordinator's \
+                     --agent-auth-key-file)"
+                ),
+            ));
+        };
+        let agent_nonce = new_nonce();
+        let challenge = Response::Challenge {
+            nonce: agent_nonce.clone(),
+        };
+        sink.send(encode_response(hello_id, challenge, config.max_frame_bytes))
+            .await?;
+        let timeout = Duration::from_millis(config.handshake_timeout_ms);
+        let Some(answer) = next_frame(frames, timeout).await? else {
+            return Ok(refused(
+                ErrorKind::Unauthenticated,
+                format!("coordinator {coordinator_id}: no answer to the key challenge"),
+            ));
+        };
+        let Request::Authenticate { proof } = answer.body else {
+            return Ok(refused(
+                ErrorKind::Unauthenticated,
+                format!("coordinator {coordinator_id}: expected Authenticate after the challenge"),
+            ));
+        };
+        let transcript = Transcript {
+            protocol_version,
+            coordinator_id: &coordinator_id,
+            epoch,
+            coordinator_nonce: &coordinator_nonce,
+            agent_nonce: &agent_nonce,
+        };
+        if !key.verify(Role::Coordinator, &transcript, &proof) {
+            return Ok(refused(
+                ErrorKind::Unauthenticated,
+                format!(
+                    "coordinator {coordinator_id}: wrong key (its proof does not match this \
+                     agent's --auth-key-file)"
+                ),
+            ));
+        }
+        agent_proof = Some(key.proof(Role::Agent, &transcript));
+    }
+    if let Some(cert) = tls_client {
+        if !cert
+            .as_ref()
+            .is_some_and(|c| certificate_names(c, &coordinator_id))
+        {
+            return Ok(refused(
+                ErrorKind::Unauthenticated,
+                format!(
+                    "the client certificate does not name coordinator {coordinator_id} \
+                     (a DNS subject alternative name)"
+                ),
+            ));
+        }
+    }
+    let served = &config.auth.coordinator_ids;
+    if !served.is_empty() && !served.contains(&coordinator_id) {
+        return Ok(refused(
+            ErrorKind::Forbidden,
+            format!("this agent serves coordinator ids {served:?}, not {coordinator_id}"),
+        ));
+    }
+    let hello = Request::Hello {
+        protocol_version,
+        coordinator_id: coordinator_id.clone(),
+        epoch,
+        nonce: None,
+    };
+    let timeout = Duration::from_millis(config.handshake_timeout_ms);
+    Ok(match agent.handle(hello, timeout).await {
+        Response::Hello {
+            protocol_version,
+            agent_name,
+            database,
+            build_version,
+            decisions,
+            epochs_durable,
+            ..
+        } => Ok((
+            coordinator_id,
+            epoch,
+            Response::Hello {
+                protocol_version,
+                agent_name,
+                database,
+                build_version,
+                decisions,
+                epochs_durable,
+                proof: agent_proof,
+            },
+        )),
+        Response::Failed(e) => Err(e),
+        other => Err(AgentError::new(
+            ErrorKind::Internal,
+            format!("unexpected handshake answer {other:?}"),
+        )),
+    })
 }
 
 /// Frames written in one flush, at most: bounds the write buffer (frames are at most

@@ -5,6 +5,12 @@
 //! a connection must be [`Request::Hello`]; the agent answers [`Response::Hello`] or
 //! [`ErrorKind::VersionMismatch`] and closes.
 //!
+//! With a shared key (see [`crate::auth`]) the agent answers the Hello with
+//! [`Response::Challenge`], the coordinator proves it holds the key with
+//! [`Request::Authenticate`], and only then does the agent answer [`Response::Hello`]
+//! (with its own proof). A connection acts only for the coordinator id it authenticated
+//! as: every GID and prefix it names must be of that id.
+//!
 //! A branch is driven by [`Request::Execute`]: the first `Execute` for a GID opens a local
 //! transaction (`BEGIN` with the isolation level) on a pooled session; `finish` says what
 //! happens after the statements: keep the session open for more (interactive), `PREPARE
@@ -38,11 +44,20 @@ pub struct ResponseFrame {
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Request {
-    /// Handshake: must be first on a connection.
+    /// Handshake: must be first on a connection. `nonce`: the coordinator's half of the
+    /// challenge ([`crate::auth::NONCE_BYTES`] random bytes, hex), required by an agent
+    /// with a key.
     Hello {
         protocol_version: u32,
         coordinator_id: String,
         epoch: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        nonce: Option<String>,
+    },
+    /// Answer to [`Response::Challenge`]: `proof` is
+    /// `AuthKey::proof(Role::Coordinator, transcript)` (see [`crate::auth`]).
+    Authenticate {
+        proof: String,
     },
     /// Run statements in the branch `gid` (opening it if new), then `finish`.
     Execute(ExecuteBranch),
@@ -228,6 +243,17 @@ pub enum Response {
         /// `Fence`, `Forget`).
         #[serde(default)]
         decisions: bool,
+        /// The newest epoch per coordinator id is kept in the agent's database
+        /// (`twopc.epochs`), so fencing survives an agent restart; false: in memory only.
+        #[serde(default)]
+        epochs_durable: bool,
+        /// With a shared key: the agent's proof (`Role::Agent`) over the same transcript.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        proof: Option<String>,
+    },
+    /// The agent's half of the challenge: [`crate::auth::NONCE_BYTES`] random bytes, hex.
+    Challenge {
+        nonce: String,
     },
     Executed {
         results: Vec<StmtResult>,
@@ -318,6 +344,15 @@ pub enum ErrorKind {
     /// The request comes from an older epoch of a coordinator than one the agent has
     /// already seen: a stale incarnation must not command the agent.
     Fenced,
+    /// The handshake did not authenticate (no key proof, a wrong one, or a certificate
+    /// that does not name the coordinator id).
+    Unauthenticated,
+    /// The connection's coordinator id may not do this: a GID or prefix of another
+    /// coordinator id, or an id the agent does not serve.
+    Forbidden,
+    /// An epoch further ahead of the newest seen for its coordinator id than the agent
+    /// accepts (`MAX_EPOCH_STEP` in the agent).
+    EpochOutOfRange,
     Internal,
 }
 
@@ -362,6 +397,7 @@ mod tagged {
     #[serde(rename_all = "snake_case")]
     enum RequestTag {
         Hello,
+        Authenticate,
         Execute,
         CommitPrepared,
         Abort,
@@ -376,6 +412,7 @@ mod tagged {
     #[serde(rename_all = "snake_case")]
     enum ResponseTag {
         Hello,
+        Challenge,
         Executed,
         Failed,
         CommitPrepared,
@@ -392,6 +429,18 @@ mod tagged {
         protocol_version: u32,
         coordinator_id: String,
         epoch: u64,
+        #[serde(default)]
+        nonce: Option<String>,
+    }
+
+    #[derive(Deserialize)]
+    struct AuthenticateRequest {
+        proof: String,
+    }
+
+    #[derive(Deserialize)]
+    struct ChallengeResponse {
+        nonce: String,
     }
 
     #[derive(Deserialize)]
@@ -434,6 +483,10 @@ mod tagged {
         build_version: String,
         #[serde(default)]
         decisions: bool,
+        #[serde(default)]
+        epochs_durable: bool,
+        #[serde(default)]
+        proof: Option<String>,
     }
 
     #[derive(Deserialize)]
@@ -499,8 +552,12 @@ mod tagged {
                         protocol_version: h.protocol_version,
                         coordinator_id: h.coordinator_id,
                         epoch: h.epoch,
+                        nonce: h.nonce,
                     }
                 }
+                RequestTag::Authenticate => Request::Authenticate {
+                    proof: rest::<_, AuthenticateRequest>(map)?.proof,
+                },
                 RequestTag::Execute => Request::Execute(rest(map)?),
                 RequestTag::CommitPrepared => Request::CommitPrepared {
                     gid: rest::<_, ByGid>(map)?.gid,
@@ -551,8 +608,13 @@ mod tagged {
                         database: h.database,
                         build_version: h.build_version,
                         decisions: h.decisions,
+                        epochs_durable: h.epochs_durable,
+                        proof: h.proof,
                     }
                 }
+                ResponseTag::Challenge => Response::Challenge {
+                    nonce: rest::<_, ChallengeResponse>(map)?.nonce,
+                },
                 ResponseTag::Executed => {
                     let e: Executed = rest(map)?;
                     Response::Executed {
@@ -655,6 +717,16 @@ mod tests {
                 protocol_version: 1,
                 coordinator_id: "c1".into(),
                 epoch: 3,
+                nonce: None,
+            },
+            Request::Hello {
+                protocol_version: 4,
+                coordinator_id: "c1".into(),
+                epoch: 3,
+                nonce: Some("ab".repeat(32)),
+            },
+            Request::Authenticate {
+                proof: "cd".repeat(32),
             },
             Request::Execute(ExecuteBranch {
                 gid: gid.clone(),
@@ -706,6 +778,20 @@ mod tests {
                 database: "db".into(),
                 build_version: "0.1.0".into(),
                 decisions: true,
+                epochs_durable: true,
+                proof: Some("ef".repeat(32)),
+            },
+            Response::Hello {
+                protocol_version: 4,
+                agent_name: "a".into(),
+                database: "db".into(),
+                build_version: "0.1.0".into(),
+                decisions: false,
+                epochs_durable: false,
+                proof: None,
+            },
+            Response::Challenge {
+                nonce: "01".repeat(32),
             },
             Response::Executed {
                 results: vec![StmtResult {

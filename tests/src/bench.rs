@@ -434,6 +434,8 @@ async fn coordinator(
         listen: "127.0.0.1:0".into(),
         data_dir: dir.clone(),
         coordinator_id: format!("bench{tag}"),
+        // The bench's agents (`serve_agent`) require the test kit's key.
+        agent_auth_key_file: Some(crate::agent_key_file()),
         ..ServeConfig::default()
     };
     for (n, spec) in participants {

@@ -11,6 +11,7 @@ pub mod chaos;
 pub mod procs;
 
 use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -20,6 +21,7 @@ use twopc_coordinator::config::ServeConfig;
 use twopc_coordinator::server::Running;
 use twopc_participant::server::{serve, ServerConfig};
 use twopc_participant::{Agent, AgentConfig};
+use twopc_shared::auth::AuthKey;
 
 pub use twopc_coordinator::bank::{self, audit, setup_bank, AuditReport, Expectation};
 pub use twopc_coordinator::pg_cluster::{ClusterOptions, PgBinaries, PgCluster, StopMode};
@@ -37,6 +39,45 @@ pub fn init_tracing() {
         )
         .with_test_writer()
         .try_init();
+}
+
+/// The shared key of this test process's agents and coordinators (random, generated
+/// once), and the file holding it (hex, mode 0600, in the temp directory).
+fn test_key() -> &'static (Arc<AuthKey>, PathBuf) {
+    static KEY: OnceLock<(Arc<AuthKey>, PathBuf)> = OnceLock::new();
+    KEY.get_or_init(|| {
+        let bytes: [u8; 32] = rand::random();
+        let key = AuthKey::from_bytes(bytes.to_vec()).expect("32 bytes is a valid key");
+        let path = std::env::temp_dir().join(format!(
+            "twopc-test-key-{}-{:016x}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .expect("create the test key file");
+            f.write_all(key.to_hex().as_bytes())
+                .expect("write the test key file");
+        }
+        (Arc::new(key), path)
+    })
+}
+
+/// The key the test kit's agents require (see [`agent_key_file`]).
+pub fn agent_key() -> Arc<AuthKey> {
+    test_key().0.clone()
+}
+
+/// The key file of [`agent_key`]: give it to a coordinator (`agent_auth_key_file`) or
+/// an agent process (`--auth-key-file`).
+pub fn agent_key_file() -> PathBuf {
+    test_key().1.clone()
 }
 
 /// How the coordinator reaches the agents.
@@ -169,14 +210,23 @@ pub async fn serve_agent_config(
 }
 
 /// Serves an agent with `config` on `listen` (e.g. a fixed port a coordinator process
-/// was told).
+/// was told). Without TLS, a key or `insecure` in `server.auth`, the agent requires the
+/// test kit's key ([`agent_key`]), which [`Harness`] coordinators hold.
 pub async fn serve_agent_on(
     listen: &str,
     config: AgentConfig,
-    server: ServerConfig,
+    mut server: ServerConfig,
 ) -> anyhow::Result<(String, Agent, CancellationToken)> {
+    if server.tls.is_none() && server.auth.key.is_none() && !server.auth.insecure {
+        server.auth.key = Some(agent_key());
+    }
     let agent = Agent::connect(config).await.context("connect agent")?;
     let listener = tokio::net::TcpListener::bind(listen).await?;
+    twopc_participant::auth::check_listen(
+        &server.auth,
+        server.tls.is_some(),
+        listener.local_addr()?,
+    )?;
     let addr = listener.local_addr()?.to_string();
     let stop = CancellationToken::new();
     let (served, token) = (agent.clone(), stop.clone());
@@ -232,6 +282,7 @@ impl Harness {
         let mut c = ServeConfig {
             listen: "127.0.0.1:0".into(),
             data_dir: self.data_dir.clone(),
+            agent_auth_key_file: Some(agent_key_file()),
             ..ServeConfig::default()
         };
         for db in &self.dbs {

@@ -152,6 +152,8 @@ impl ProcHarness {
             &self.url(i),
             "--name",
             &self.names[i],
+            "--auth-key-file",
+            &crate::agent_key_file().display().to_string(),
         ])
         .env("TWOPC_FAILPOINTS", failpoints)
         .env("RUST_LOG", "info");
@@ -179,6 +181,8 @@ impl ProcHarness {
             &self.recovery_interval_ms.to_string(),
             "--commit-wait-ms",
             "2000",
+            "--agent-auth-key-file",
+            &crate::agent_key_file().display().to_string(),
         ])
         .args(&self.coordinator_args)
         .env("TWOPC_FAILPOINTS", failpoints)

@@ -370,6 +370,7 @@ async fn a_fence_waits_for_a_commit_in_flight_and_makes_a_late_one_fail() {
                 protocol_version: twopc_shared::PROTOCOL_VERSION,
                 coordinator_id: "c9".into(),
                 epoch: 1,
+                nonce: None,
             },
             CALL,
         )

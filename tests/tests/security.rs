@@ -1,21 +1,32 @@
-//! Only the coordinator commands the agents: fencing, limits, least privilege.
+//! Only the coordinator commands the agents: authentication (shared key, TLS names),
+//! identity-bound authority, fencing (bounded, durable), limits, least privilege.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
 use twopc_coordinator::participant::{CallError, RemoteAgent, RemoteConfig};
+use twopc_shared::auth::AuthKey;
 use twopc_shared::msg::{ErrorKind, Request, Response};
-use twopc_testkit::{spawn_agent, start_clusters, AgentMode, Harness};
+use twopc_testkit::{agent_key, agent_key_file, spawn_agent, start_clusters, AgentMode, Harness};
 
-fn remote(addr: &str, epoch: u64) -> Arc<RemoteAgent> {
+/// A coordinator's connection to the agent at `addr`, as `id` at `epoch`, holding `key`.
+fn remote_as(addr: &str, id: &str, epoch: u64, key: Option<Arc<AuthKey>>) -> Arc<RemoteAgent> {
     Arc::new(RemoteAgent::new(
         "a".into(),
         addr.into(),
-        "c1".into(),
+        id.into(),
         epoch,
-        RemoteConfig::default(),
+        RemoteConfig {
+            auth_key: key,
+            ..RemoteConfig::default()
+        },
     ))
+}
+
+/// Coordinator c1 at `epoch` with the test kit's key (the one its agents require).
+fn remote(addr: &str, epoch: u64) -> Arc<RemoteAgent> {
+    remote_as(addr, "c1", epoch, Some(agent_key()))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -52,13 +63,7 @@ async fn stale_coordinator_epoch_is_fenced() {
         other => panic!("stale handshake accepted: {other:?}"),
     }
     // Other coordinator ids are not affected.
-    let other = Arc::new(RemoteAgent::new(
-        "a".into(),
-        addr.clone(),
-        "c2".into(),
-        1,
-        RemoteConfig::default(),
-    ));
+    let other = remote_as(&addr, "c2", 1, Some(agent_key()));
     assert!(matches!(
         other.call(Request::Ping, t).await,
         Ok(Response::Pong)
@@ -197,8 +202,8 @@ async fn mutual_tls_between_coordinator_and_agents() {
     ));
     let good = dir.join("good");
     let rogue = dir.join("rogue");
-    twopc_coordinator::certs::generate(&good, &[]).unwrap();
-    twopc_coordinator::certs::generate(&rogue, &[]).unwrap();
+    twopc_coordinator::certs::generate(&good, &[], &[]).unwrap();
+    twopc_coordinator::certs::generate(&rogue, &[], &[]).unwrap();
 
     let (_, clusters) = start_clusters("tls", 2).await.unwrap();
     let server_tls = tls::server_config(
@@ -270,6 +275,32 @@ async fn mutual_tls_between_coordinator_and_agents() {
             .is_err(),
         "foreign agent certificate trusted"
     );
+    // A good certificate acts only for the coordinator ids it names (c1 here).
+    let good_client = tls::client_config(
+        &good.join("coordinator.pem"),
+        &good.join("coordinator-key.pem"),
+        &good.join("ca.pem"),
+    )
+    .unwrap();
+    let as_c2 = Arc::new(RemoteAgent::new(
+        "a".into(),
+        addrs[0].clone(),
+        "c2".into(),
+        1,
+        RemoteConfig {
+            tls: Some(good_client),
+            ..RemoteConfig::default()
+        },
+    ));
+    match as_c2.call(Request::Ping, t).await {
+        Err(CallError::Handshake { message, .. }) => {
+            assert!(
+                message.contains("does not name coordinator c2"),
+                "{message}"
+            )
+        }
+        other => panic!("a certificate for c1 acted as c2: {other:?}"),
+    }
     // The right pair works, end to end through a coordinator.
     let mut config = twopc_coordinator::config::ServeConfig {
         listen: "127.0.0.1:0".into(),
@@ -477,7 +508,7 @@ async fn client_api_over_tls() {
         std::process::id(),
         rand::random::<u32>()
     ));
-    twopc_coordinator::certs::generate(&dir, &[]).unwrap();
+    twopc_coordinator::certs::generate(&dir, &[], &[]).unwrap();
     let (cert, key) = (dir.join("agent.pem"), dir.join("agent-key.pem"));
     let h = Harness::start_with(2, AgentMode::InProcess, |c| {
         c.api_tls_cert = Some(cert.clone());
@@ -536,6 +567,7 @@ async fn an_answer_too_large_for_a_frame_fails_alone() {
             std::process::id(),
             rand::random::<u32>()
         )),
+        agent_auth_key_file: Some(agent_key_file()),
         ..Default::default()
     };
     for (name, c) in names.iter().zip(&clusters) {
@@ -577,6 +609,473 @@ async fn an_answer_too_large_for_a_frame_fails_alone() {
     assert_eq!(r.status().as_u16(), 200);
     running.shutdown().await.unwrap();
     let _ = std::fs::remove_dir_all(&config.data_dir);
+}
+
+/// A raw TCP client speaking the agent's frames (`[u32 BE length][JSON]`), as an attacker
+/// on the network would.
+struct Raw(tokio::net::TcpStream);
+
+impl Raw {
+    async fn connect(addr: &str) -> Raw {
+        Raw(tokio::net::TcpStream::connect(addr).await.unwrap())
+    }
+
+    async fn send(&mut self, id: u64, body: serde_json::Value) {
+        use tokio::io::AsyncWriteExt;
+        let json =
+            serde_json::to_vec(&json!({"id": id, "timeout_ms": 5000, "body": body})).unwrap();
+        let mut frame = (json.len() as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(&json);
+        // The agent may already have closed: what matters is what it answers and does.
+        let _ = self.0.write_all(&frame).await;
+    }
+
+    /// The next frame's body, or `None` once the agent closed the connection.
+    async fn recv(&mut self) -> Option<serde_json::Value> {
+        use tokio::io::AsyncReadExt;
+        let read = async {
+            let mut len = [0u8; 4];
+            self.0.read_exact(&mut len).await.ok()?;
+            let mut buf = vec![0u8; u32::from_be_bytes(len) as usize];
+            self.0.read_exact(&mut buf).await.ok()?;
+            let v: serde_json::Value = serde_json::from_slice(&buf).ok()?;
+            Some(v["body"].clone())
+        };
+        tokio::time::timeout(Duration::from_secs(10), read)
+            .await
+            .expect("the agent neither answered nor closed")
+    }
+}
+
+fn hello(id: &str, epoch: u64, nonce: Option<&str>) -> serde_json::Value {
+    let mut h = json!({"type": "hello", "protocol_version": twopc_shared::PROTOCOL_VERSION,
+        "coordinator_id": id, "epoch": epoch});
+    if let Some(n) = nonce {
+        h["nonce"] = json!(n);
+    }
+    h
+}
+
+fn execute(gid: &str, sql: &str) -> serde_json::Value {
+    json!({"type": "execute", "gid": gid, "statements": [{"sql": sql}], "finish": "commit"})
+}
+
+async fn query_i64(url: &str, text: &str) -> i64 {
+    let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    c.query_one(text, &[]).await.unwrap().get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unauthenticated_client_is_refused_before_any_sql_runs() {
+    twopc_testkit::init_tracing();
+    let (_, clusters) = start_clusters("noauth", 1).await.unwrap();
+    let url = clusters[0].url("postgres");
+    let (addr, _stop) = spawn_agent("a", &url).await.unwrap();
+    let nonce = "ab".repeat(32);
+    // 1. A Hello without the key's nonce, then SQL at once.
+    let mut raw = Raw::connect(&addr).await;
+    raw.send(1, hello("c1", 1, None)).await;
+    raw.send(2, execute("twopc_c1_1_1", "CREATE TABLE pwned1 (x int)"))
+        .await;
+    let first = raw.recv().await.expect("an answer to the Hello");
+    assert_eq!(first["type"], "failed", "{first}");
+    assert_eq!(first["kind"], "unauthenticated", "{first}");
+    assert_eq!(raw.recv().await, None, "the agent keeps talking: {first}");
+    // 2. A Hello with a nonce, then SQL instead of the proof.
+    let mut raw = Raw::connect(&addr).await;
+    raw.send(1, hello("c1", 1, Some(&nonce))).await;
+    raw.send(2, execute("twopc_c1_1_2", "CREATE TABLE pwned2 (x int)"))
+        .await;
+    let challenge = raw.recv().await.expect("a challenge");
+    assert_eq!(challenge["type"], "challenge", "{challenge}");
+    let refusal = raw.recv().await.expect("a refusal");
+    assert_eq!(refusal["kind"], "unauthenticated", "{refusal}");
+    assert_eq!(raw.recv().await, None);
+    // 3. A made-up proof.
+    let mut raw = Raw::connect(&addr).await;
+    raw.send(1, hello("c1", 1, Some(&nonce))).await;
+    assert_eq!(raw.recv().await.unwrap()["type"], "challenge");
+    raw.send(2, json!({"type": "authenticate", "proof": "00".repeat(32)}))
+        .await;
+    raw.send(3, execute("twopc_c1_1_3", "CREATE TABLE pwned3 (x int)"))
+        .await;
+    assert_eq!(raw.recv().await.unwrap()["kind"], "unauthenticated");
+    assert_eq!(raw.recv().await, None);
+    // Nothing ran: no table, and not even the epoch was recorded.
+    assert_eq!(
+        query_i64(
+            &url,
+            "SELECT count(*) FROM pg_class WHERE relname LIKE 'pwned%'"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        query_i64(&url, "SELECT count(*) FROM twopc.epochs").await,
+        0
+    );
+    // The real coordinator's key works.
+    assert!(matches!(
+        remote(&addr, 1)
+            .call(Request::Ping, Duration::from_secs(5))
+            .await,
+        Ok(Response::Pong)
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_with_a_wrong_key_is_refused() {
+    twopc_testkit::init_tracing();
+    let (_, clusters) = start_clusters("wrongkey", 1).await.unwrap();
+    let url = clusters[0].url("postgres");
+    let (addr, _stop) = spawn_agent("a", &url).await.unwrap();
+    let t = Duration::from_secs(5);
+    let wrong = Arc::new(AuthKey::from_bytes(vec![7; 32]).unwrap());
+    let gid = twopc_shared::gid::Gid::new("c1", 1, 1).unwrap();
+    let exec = Request::Execute(twopc_shared::msg::ExecuteBranch {
+        gid,
+        isolation: Default::default(),
+        statements: vec![twopc_shared::msg::Statement {
+            sql: "CREATE TABLE pwned (x int)".into(),
+            params: vec![],
+        }],
+        finish: twopc_shared::msg::Finish::Commit,
+        read_only_vote: false,
+        continues: false,
+        decision: None,
+        expires_in_ms: None,
+    });
+    match remote_as(&addr, "c1", 1, Some(wrong))
+        .call(exec.clone(), t)
+        .await
+    {
+        Err(CallError::Handshake { message, .. }) => {
+            assert!(message.contains("wrong key"), "{message}")
+        }
+        other => panic!("a wrong key was accepted: {other:?}"),
+    }
+    // No key at all: the coordinator is told what to configure.
+    match remote_as(&addr, "c1", 1, None).call(exec, t).await {
+        Err(CallError::Handshake { message, .. }) => {
+            assert!(message.contains("shared key"), "{message}")
+        }
+        other => panic!("no key was accepted: {other:?}"),
+    }
+    assert_eq!(
+        query_i64(
+            &url,
+            "SELECT count(*) FROM pg_class WHERE relname = 'pwned'"
+        )
+        .await,
+        0
+    );
+    // And a coordinator holding the key refuses an agent that does not prove it has it.
+    let (impostor, _stop2) = twopc_testkit::spawn_agent_with(
+        "a",
+        &url,
+        twopc_participant::server::ServerConfig {
+            auth: twopc_participant::auth::Authentication {
+                insecure: true,
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    match remote(&impostor, 1).call(Request::Ping, t).await {
+        Err(CallError::Handshake { message, .. }) => {
+            assert!(message.contains("did not prove"), "{message}")
+        }
+        other => panic!("an agent without the key was trusted: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_acts_only_for_the_id_it_authenticated_as() {
+    use twopc_shared::gid::Gid;
+    use twopc_shared::msg::{ExecuteBranch, Finish, Statement};
+    twopc_testkit::init_tracing();
+    let (_, clusters) = start_clusters("ident", 1).await.unwrap();
+    let url = clusters[0].url("postgres");
+    twopc_testkit::setup_bank(&url, 10, 100).await.unwrap();
+    let (addr, _stop) = spawn_agent("a", &url).await.unwrap();
+    // Coordinator Y's prepared branch: a debit waiting for Y's decision.
+    sql(
+        &url,
+        "BEGIN; UPDATE acct SET bal = bal - 5 WHERE id = 1; PREPARE TRANSACTION 'twopc_Y_1_5'",
+    )
+    .await;
+    let t = Duration::from_secs(5);
+    let x = remote_as(&addr, "X", 1, Some(agent_key()));
+    let y_gid = Gid::parse("twopc_Y_1_5").unwrap();
+    let exec = |gid: Gid| {
+        Request::Execute(ExecuteBranch {
+            gid,
+            isolation: Default::default(),
+            statements: vec![Statement {
+                sql: "UPDATE acct SET bal = bal + 100 WHERE id = 2".into(),
+                params: vec![],
+            }],
+            finish: Finish::Commit,
+            read_only_vote: false,
+            continues: false,
+            decision: None,
+            expires_in_ms: None,
+        })
+    };
+    for (what, request) in [
+        (
+            "list Y's branches",
+            Request::ListPrepared {
+                gid_prefix: "twopc_Y_".into(),
+            },
+        ),
+        (
+            "list everyone's branches",
+            Request::ListPrepared {
+                gid_prefix: "twopc_".into(),
+            },
+        ),
+        (
+            "list Y's decisions",
+            Request::ListDecisions {
+                gid_prefix: "twopc_Y_".into(),
+            },
+        ),
+        (
+            "roll back Y's branch",
+            Request::Abort { gid: y_gid.clone() },
+        ),
+        (
+            "commit Y's branch",
+            Request::CommitPrepared { gid: y_gid.clone() },
+        ),
+        ("fence Y's branch", Request::Fence { gid: y_gid.clone() }),
+        (
+            "forget Y's row",
+            Request::Forget {
+                gids: vec![y_gid.clone()],
+            },
+        ),
+        ("execute as Y", exec(Gid::parse("twopc_Y_1_6").unwrap())),
+    ] {
+        match x.call(request, t).await {
+            Ok(Response::Failed(e)) => assert_eq!(e.kind, ErrorKind::Forbidden, "{what}: {e}"),
+            other => panic!("X could {what}: {other:?}"),
+        }
+    }
+    // Its own prefix works, and shows nothing of Y's.
+    match x
+        .call(
+            Request::ListPrepared {
+                gid_prefix: "twopc_X_".into(),
+            },
+            t,
+        )
+        .await
+    {
+        Ok(Response::Prepared { branches }) => assert!(branches.is_empty(), "{branches:?}"),
+        other => panic!("X's own list: {other:?}"),
+    }
+    // Y's branch is untouched, and nothing of "execute as Y" ran.
+    assert_eq!(
+        query_i64(
+            &url,
+            "SELECT count(*) FROM pg_prepared_xacts WHERE gid = 'twopc_Y_1_5'"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        query_i64(&url, "SELECT bal FROM acct WHERE id = 2").await,
+        100
+    );
+    // An agent that serves only X refuses a handshake as Y, even with the key.
+    let (only_x, _stop2) = twopc_testkit::spawn_agent_with(
+        "a",
+        &url,
+        twopc_participant::server::ServerConfig {
+            auth: twopc_participant::auth::Authentication {
+                key: Some(agent_key()),
+                coordinator_ids: vec!["X".into()],
+                insecure: false,
+            },
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    match remote_as(&only_x, "Y", 1, Some(agent_key()))
+        .call(Request::Ping, t)
+        .await
+    {
+        Err(CallError::Handshake { message, .. }) => {
+            assert!(message.contains("serves coordinator ids"), "{message}")
+        }
+        other => panic!("an agent for X served Y: {other:?}"),
+    }
+    sql(&url, "ROLLBACK PREPARED 'twopc_Y_1_5'").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_epoch_far_ahead_is_refused_and_the_real_coordinator_keeps_working() {
+    let h = Harness::start(2, AgentMode::Remote).await.unwrap();
+    let body = twopc_testkit::workload::transfer_body("before", ("a", 1), ("b", 2), 5);
+    let (status, v) = h.post("/v1/transactions", &body).await.unwrap();
+    assert_eq!(status, 200, "{v}");
+    let addr = h.dbs[0].agent_addr.clone().unwrap();
+    let t = Duration::from_secs(5);
+    let newest = h.coordinator.as_ref().unwrap().engine.epoch();
+    for epoch in [
+        u64::MAX,
+        newest + twopc_participant::agent::MAX_EPOCH_STEP + 1,
+    ] {
+        match remote(&addr, epoch).call(Request::Ping, t).await {
+            Err(CallError::Handshake { message, .. }) => {
+                assert!(
+                    message.contains("ahead of the newest"),
+                    "{epoch}: {message}"
+                )
+            }
+            other => panic!("epoch {epoch} accepted: {other:?}"),
+        }
+    }
+    let body = twopc_testkit::workload::transfer_body("after", ("a", 1), ("b", 2), 5);
+    let (status, v) = h.post("/v1/transactions", &body).await.unwrap();
+    assert_eq!(status, 200, "the real coordinator was locked out: {v}");
+    let report = h.audit(None).await.unwrap();
+    assert!(report.ok(), "{:?}", report.violations());
+    h.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_epoch_survives_an_agent_restart() {
+    twopc_testkit::init_tracing();
+    let (_, clusters) = start_clusters("durfence", 1).await.unwrap();
+    let url = clusters[0].url("postgres");
+    let server = twopc_participant::server::ServerConfig::default;
+    let (addr, agent, stop) = twopc_testkit::serve_agent("a", &url, server())
+        .await
+        .unwrap();
+    assert!(agent.epochs_durable());
+    let t = Duration::from_secs(5);
+    assert!(matches!(
+        remote(&addr, 5).call(Request::Ping, t).await,
+        Ok(Response::Pong)
+    ));
+    // The agent restarts (a new agent on the same database).
+    stop.cancel();
+    agent.close();
+    let (addr, agent, _stop) = twopc_testkit::serve_agent("a", &url, server())
+        .await
+        .unwrap();
+    match remote(&addr, 4).call(Request::Ping, t).await {
+        Err(CallError::Handshake { message, .. }) => {
+            assert!(message.contains("older than epoch 5"), "{message}")
+        }
+        other => panic!("a stale epoch was accepted after the agent restarted: {other:?}"),
+    }
+    assert!(matches!(
+        remote(&addr, 5).call(Request::Ping, t).await,
+        Ok(Response::Pong)
+    ));
+    agent.close();
+}
+
+/// `twopc-participant` with `args`: its exit status and output once it exits, or `None`
+/// if it is still serving after `within` (it is killed then).
+fn run_participant(args: &[&str], within: Duration) -> Option<(std::process::ExitStatus, String)> {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_twopc-participant-fp"))
+        .args(args)
+        .env_remove("TWOPC_AUTH_KEY_FILE")
+        .env_remove("TWOPC_INSECURE")
+        .env_remove("TWOPC_TLS_CERT")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let out = child.wait_with_output().unwrap();
+            let text = String::from_utf8_lossy(&out.stderr).into_owned()
+                + &String::from_utf8_lossy(&out.stdout);
+            return Some((status, text));
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_without_authentication_refuses_to_start() {
+    let (_, clusters) = start_clusters("nostart", 1).await.unwrap();
+    let url = clusters[0].url("postgres");
+    let within = Duration::from_secs(20);
+    let (status, out) = run_participant(&["--listen", "127.0.0.1:0", "--database", &url], within)
+        .expect("an agent without a key or TLS started serving");
+    assert!(!status.success());
+    assert!(out.contains("no authentication configured"), "{out}");
+    let (status, out) = run_participant(
+        &["--listen", "0.0.0.0:0", "--database", &url, "--insecure"],
+        within,
+    )
+    .expect("--insecure served a non-loopback address");
+    assert!(!status.success());
+    assert!(out.contains("loopback"), "{out}");
+    // A key shorter than 32 bytes is refused with a clear error.
+    let short = std::env::temp_dir().join(format!("twopc-short-key-{}", std::process::id()));
+    std::fs::write(&short, "ab".repeat(16)).unwrap();
+    let (status, out) = run_participant(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--database",
+            &url,
+            "--auth-key-file",
+            &short.display().to_string(),
+        ],
+        within,
+    )
+    .expect("a 16-byte key was accepted");
+    assert!(!status.success());
+    assert!(out.contains("at least 32"), "{out}");
+    let _ = std::fs::remove_file(&short);
+    // --insecure on loopback serves.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_twopc-participant-fp"))
+        .args(["--listen", &listen, "--database", &url, "--insecure"])
+        .env_remove("TWOPC_AUTH_KEY_FILE")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + within;
+    let served = loop {
+        if tokio::net::TcpStream::connect(&listen).await.is_ok() {
+            break true;
+        }
+        if child.try_wait().unwrap().is_some() || std::time::Instant::now() > deadline {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(served, "--insecure on loopback did not serve");
 }
 
 /// The client token used to resolve transactions by hand (`/v1/admin`): an application
