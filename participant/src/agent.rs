@@ -1476,12 +1476,38 @@ impl Agent {
     }
 
     /// Committed decision rows with `gid_prefix`, oldest first.
+    /// A request is running on a branch with `gid_prefix` of an epoch older than the
+    /// newest seen for its coordinator.
+    fn older_branch_running(&self, gid_prefix: &str) -> bool {
+        let t = self.tables();
+        t.branches.iter().any(|(gid, b)| {
+            matches!(b, Branch::Busy { .. })
+                && gid.as_str().starts_with(gid_prefix)
+                && t.is_of_an_older_epoch(gid)
+        })
+    }
+
     async fn list_decisions(&self, gid_prefix: &str, timeout: Duration) -> Response {
         if !self.inner.decisions {
             return Response::Decisions { rows: vec![] };
         }
         if !valid_gid_prefix(gid_prefix) {
             return failed(ErrorKind::BadRequest, "invalid GID prefix");
+        }
+        // A branch of an older incarnation still running (a commit blocked on a lock, say)
+        // could commit its decision row after this listing, when the new incarnation
+        // already took "no row" for "not committed". Wait for such branches to end first,
+        // within the request's deadline.
+        let deadline = Instant::now() + timeout;
+        while self.older_branch_running(gid_prefix) {
+            if Instant::now() >= deadline {
+                return failed(
+                    ErrorKind::Timeout,
+                    "a branch of an older incarnation of this coordinator is still running; \
+                     its decision row is not final yet",
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let work = async {
             let session = self.session().await?;

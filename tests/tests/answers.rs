@@ -733,3 +733,67 @@ async fn a_one_phase_commit_survives_an_immediate_stop_of_postgresql() {
     }
     h.shutdown().await.unwrap();
 }
+
+/// Found by review: a one-phase commit still running at the agent when its coordinator
+/// restarted (blocked on a lock) committed its decision row after the new incarnation had
+/// read the agent's rows: `GET` said `aborted` for a transaction that then committed, and
+/// a retry could run again. The agent now answers the listing only once no branch of an
+/// older incarnation is running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_phase_commit_in_flight_across_a_restart_is_not_reported_aborted() {
+    let mut h = ProcHarness::start(bins(), 1).await.unwrap();
+    h.start_all("", &[]).await.unwrap();
+    let url = h.url(0);
+    let (locker, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    locker
+        .batch_execute("BEGIN; SELECT bal FROM acct WHERE id = 40 FOR UPDATE")
+        .await
+        .unwrap();
+    let body = json!({
+        "txn_id": "blocked-1",
+        "timeout_ms": 60_000,
+        "branches": [{"participant": "a", "statements": stmts(credit_statements("blocked-1", 40, 1))}],
+    });
+    let (http, post_url) = (h.http.clone(), format!("{}/v1/transactions", h.base_url()));
+    let first = tokio::spawn(async move { http.post(post_url).json(&body).send().await });
+    // The agent's branch waits for the lock.
+    wait_for(Duration::from_secs(10), || {
+        let url = url.clone();
+        async move {
+            query_i64(
+                &url,
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'",
+            )
+            .await
+                >= 1
+        }
+    })
+    .await
+    .unwrap();
+    h.coordinator.as_mut().unwrap().kill9();
+    h.coordinator = None;
+    let _ = first.await;
+    h.start_coordinator("").await.unwrap();
+    // While the old branch may still commit, nobody may say it did not.
+    let st = h.get("/v1/transactions/blocked-1").await.unwrap();
+    assert_ne!(
+        st["outcome"], "aborted",
+        "while its commit was in flight: {st}"
+    );
+    locker.batch_execute("COMMIT").await.unwrap();
+    wait_for(Duration::from_secs(30), || {
+        let (h, url) = (&h, h.url(0));
+        async move {
+            let st = h
+                .get("/v1/transactions/blocked-1")
+                .await
+                .unwrap_or(Value::Null);
+            st["outcome"] == "committed" && ledger_rows(&url, "blocked-1").await == 1
+        }
+    })
+    .await
+    .unwrap();
+}
