@@ -182,6 +182,20 @@ async fn list_show_and_resolve_by_hand() {
         .unwrap();
     let st = h.get("/v1/transactions/twopc_c1_0_7").await.unwrap().1;
     assert_eq!(st["outcome"], "committed", "{st}");
+    // An operator's abort is an aborted attempt; until every participant's decision rows
+    // were read, a later attempt of the same txn id might have committed by a local
+    // commit, so GET hedges while b is away...
+    let st = h.get("/v1/transactions/twopc_c1_0_6").await.unwrap().1;
+    assert_eq!(st["state"], "recovering", "{st}");
+    // ...and answers once b is back and its rows were read.
+    let (addr, _stop) = twopc_testkit::spawn_agent("b", &h.dbs[1].url)
+        .await
+        .unwrap();
+    h.dbs[1].agent_addr = Some(addr);
+    h.stop_coordinator().await.unwrap();
+    h.start_coordinator(|c| c.recovery_interval_ms = 3_600_000)
+        .await
+        .unwrap();
     assert_eq!(
         h.get("/v1/transactions/twopc_c1_0_6").await.unwrap().1["outcome"],
         "aborted"
