@@ -797,3 +797,56 @@ async fn a_one_phase_commit_in_flight_across_a_restart_is_not_reported_aborted()
     .await
     .unwrap();
 }
+
+/// Found by review: a retry of a txn id whose one-phase commit is still unsettled (the
+/// agent committed, its answer was lost, the fence could not reach it) ran again once the
+/// agent was back and before recovery settled it: applied twice. It is refused until
+/// recovery knows, and GET says in_doubt meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_of_an_unsettled_commit_is_refused_until_recovery_settles_it() {
+    let mut h = ProcHarness::start(bins(), 1).await.unwrap();
+    // No recovery pass after the start-up one while the test looks.
+    h.recovery_interval_ms = 600_000;
+    h.start_all("", &["participant.after_commit_decision=crash"])
+        .await
+        .unwrap();
+    // No ledger row: its primary key would refuse a second application by itself.
+    let body = json!({
+        "txn_id": "unsettled-1",
+        "branches": [{"participant": "a", "statements": [
+            {"sql": "UPDATE acct SET bal = bal + 2 WHERE id = 41", "params": []}]}],
+    });
+    let db_url = h.url(0);
+    let balance = || {
+        let url = db_url.clone();
+        async move { query_i64(&url, "SELECT bal FROM acct WHERE id = 41").await }
+    };
+    let before = balance().await;
+    let (http, url) = (h.http.clone(), format!("{}/v1/transactions", h.base_url()));
+    let post = |body: Value| {
+        let (http, url) = (http.clone(), url.clone());
+        async move {
+            let r = http.post(url).json(&body).send().await.unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let (status, v) = post(body.clone()).await;
+    assert_eq!(status, 504, "{v}");
+    let died = h.agents[0]
+        .as_mut()
+        .unwrap()
+        .wait_exit(Duration::from_secs(10));
+    assert!(died.is_some(), "the failpoint never fired");
+    h.agents[0] = None;
+    // The agent is back; recovery has not settled the transaction yet.
+    h.start_agent(0, "").await.unwrap();
+    let (status, v) = post(body).await;
+    assert_eq!(
+        status, 409,
+        "the retry ran while the first attempt was unsettled: {v}"
+    );
+    let st = h.get("/v1/transactions/unsettled-1").await.unwrap();
+    assert_eq!(st["state"], "in_doubt", "{st}");
+    assert_eq!(balance().await, before + 2, "applied once");
+}
