@@ -30,14 +30,31 @@ pub struct CertsArgs {
     pub coordinator_ids: Vec<String>,
 }
 
+/// Writes `pem` to `dir/name`. A private key is created with mode 0600 (and an existing
+/// file is made 0600 before it is overwritten), so it is never readable by others, not
+/// even between its creation and a chmod.
 fn write(dir: &Path, name: &str, pem: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
     let path = dir.join(name);
-    std::fs::write(&path, pem).with_context(|| format!("write {}", path.display()))?;
-    if name.ends_with("-key.pem") {
-        use std::os::unix::fs::PermissionsExt;
+    let private = name.ends_with("-key.pem");
+    let mut options = if private {
+        crate::meta::private_file()
+    } else {
+        std::fs::OpenOptions::new()
+    };
+    if private && path.exists() {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
             .with_context(|| format!("chmod {}", path.display()))?;
     }
+    let mut file = options
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .with_context(|| format!("create {}", path.display()))?;
+    file.write_all(pem.as_bytes())
+        .with_context(|| format!("write {}", path.display()))?;
     Ok(())
 }
 
@@ -99,4 +116,29 @@ pub fn run(args: CertsArgs) -> anyhow::Result<()> {
     println!("agent:       --tls-cert {d}/agent.pem --tls-key {d}/agent-key.pem --tls-client-ca {d}/ca.pem");
     println!("coordinator: --agent-tls-cert {d}/coordinator.pem --agent-tls-key {d}/coordinator-key.pem --agent-ca {d}/ca.pem");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn private_keys_are_created_0600_and_certificates_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        super::generate(dir.path(), &[], &[]).unwrap();
+        let mode = |name: &str| {
+            std::fs::metadata(dir.path().join(name))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777
+        };
+        for key in ["ca-key.pem", "agent-key.pem", "coordinator-key.pem"] {
+            assert_eq!(mode(key), 0o600, "{key}");
+        }
+        assert_eq!(mode("ca.pem") & 0o400, 0o400);
+        // Generating again over the same files keeps the keys private.
+        super::generate(dir.path(), &[], &[]).unwrap();
+        assert_eq!(mode("agent-key.pem"), 0o600);
+    }
 }
