@@ -876,6 +876,11 @@ impl Engine {
         &self.inner.config
     }
 
+    /// Every configured participant's name (unordered).
+    fn all_participants(&self) -> Vec<&str> {
+        self.inner.participants.keys().map(String::as_str).collect()
+    }
+
     pub fn participant_names(&self) -> Vec<String> {
         let mut v: Vec<String> = self.inner.participants.keys().cloned().collect();
         v.sort();
@@ -962,8 +967,7 @@ impl Engine {
 
     /// Begins an interactive transaction; returns its id.
     pub async fn begin(&self, req: TxnRequest) -> Result<String, TxnError> {
-        let all: Vec<String> = self.participant_names();
-        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        let all = self.all_participants();
         self.await_decisions(req.txn_id.as_ref(), &all).await;
         let txn = self.register(&req, true, None, &all)?;
         debug!(txn_id = %txn.txn_id, gid = %txn.gid, "interactive transaction begun");
@@ -1095,8 +1099,7 @@ impl Engine {
         if status.state != Some("recovering") {
             return status;
         }
-        let all: Vec<String> = self.participant_names();
-        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        let all = self.all_participants();
         self.await_decisions(Some(&txn_id.to_owned()), &all).await;
         self.status(txn_id)
     }

@@ -389,27 +389,13 @@ where
     };
     let timeout = Duration::from_millis(config.handshake_timeout_ms);
     Ok(match agent.handle(hello, timeout).await {
-        Response::Hello {
-            protocol_version,
-            agent_name,
-            database,
-            build_version,
-            decisions,
-            epochs_durable,
-            ..
-        } => Ok((
-            coordinator_id,
-            epoch,
-            Response::Hello {
-                protocol_version,
-                agent_name,
-                database,
-                build_version,
-                decisions,
-                epochs_durable,
-                proof: agent_proof,
-            },
-        )),
+        // The agent's own answer, with the proof that it holds the key.
+        mut answer @ Response::Hello { .. } => {
+            if let Response::Hello { proof, .. } = &mut answer {
+                *proof = agent_proof;
+            }
+            Ok((coordinator_id, epoch, answer))
+        }
         Response::Failed(e) => Err(e),
         other => Err(AgentError::new(
             ErrorKind::Internal,

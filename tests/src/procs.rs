@@ -246,6 +246,32 @@ impl ProcHarness {
             .await?)
     }
 
+    /// POSTs `body` to `path`; the status and the JSON answer (`Null` if none).
+    pub async fn post(&self, path: &str, body: &Value) -> anyhow::Result<(u16, Value)> {
+        let r = self
+            .http
+            .post(format!("{}{path}", self.base_url()))
+            .json(body)
+            .send()
+            .await?;
+        let status = r.status().as_u16();
+        Ok((status, r.json().await.unwrap_or(Value::Null)))
+    }
+
+    /// `GET /v1/transactions/{id}`, asked again (bounded, 10 s) while the coordinator
+    /// says `recovering` (it has not read every decision table since its start).
+    pub async fn status_after_recovery(&self, id: &str) -> anyhow::Result<Value> {
+        let mut st = self.get(&format!("/v1/transactions/{id}")).await?;
+        for _ in 0..100 {
+            if st["state"] != "recovering" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            st = self.get(&format!("/v1/transactions/{id}")).await?;
+        }
+        Ok(st)
+    }
+
     /// Prepared transactions of ours on every database, as `name:gid`.
     pub async fn prepared_left(&self) -> anyhow::Result<Vec<String>> {
         let dbs: Vec<(String, String)> = (0..self.clusters.len())

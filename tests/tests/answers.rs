@@ -56,15 +56,8 @@ async fn a_single_writer_with_read_only_branches_survives_a_crash() {
             {"participant": "b", "statements": [{"sql": "SELECT bal FROM acct WHERE id = 1", "params": []}]},
         ],
     });
-    let resp = h
-        .http
-        .post(format!("{}/v1/transactions", h.base_url()))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 200, "{:?}", resp.text().await);
-    let answer: Value = resp.json().await.unwrap();
+    let (status, answer) = h.post("/v1/transactions", &body).await.unwrap();
+    assert_eq!(status, 200, "{answer}");
     assert_eq!(answer["outcome"], "committed", "{answer}");
     // The agent got COMMIT PREPARED and died before running it.
     let died = h.agents[0]
@@ -486,16 +479,7 @@ async fn a_one_phase_commit_whose_answer_died_with_its_agent_is_found_by_recover
         "txn_id": "lost-answer-1",
         "branches": [{"participant": "a", "statements": stmts(credit_statements("lost-answer-1", 10, 3))}],
     });
-    let (http, url) = (h.http.clone(), format!("{}/v1/transactions", h.base_url()));
-    let post = |body: Value| {
-        let (http, url) = (http.clone(), url.clone());
-        async move {
-            let r = http.post(url).json(&body).send().await.unwrap();
-            let status = r.status().as_u16();
-            (status, r.json::<Value>().await.unwrap_or(Value::Null))
-        }
-    };
-    let (status, v) = post(body.clone()).await;
+    let (status, v) = h.post("/v1/transactions", &body).await.unwrap();
     assert_eq!(status, 504, "{v}");
     assert_eq!(v["outcome"], "unknown", "{v}");
     let died = h.agents[0]
@@ -508,23 +492,16 @@ async fn a_one_phase_commit_whose_answer_died_with_its_agent_is_found_by_recover
     let st = h.get("/v1/transactions/lost-answer-1").await.unwrap();
     assert_eq!(st["state"], "in_doubt", "{st}");
     // Refused while in doubt.
-    let (status, v) = post(body.clone()).await;
+    let (status, v) = h.post("/v1/transactions", &body).await.unwrap();
     assert_ne!(status, 200, "{v}");
 
     h.coordinator.as_mut().unwrap().kill9();
     h.coordinator = None;
     h.start_agent(0, "").await.unwrap();
     h.start_coordinator("").await.unwrap();
-    let mut st = Value::Null;
-    for _ in 0..100 {
-        st = h.get("/v1/transactions/lost-answer-1").await.unwrap();
-        if st["state"] != "recovering" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let st = h.status_after_recovery("lost-answer-1").await.unwrap();
     assert_eq!(st["outcome"], "committed", "{st}");
-    let (status, v) = post(body).await;
+    let (status, v) = h.post("/v1/transactions", &body).await.unwrap();
     assert_ne!(status, 200, "the retry ran again: {v}");
     assert_eq!(ledger_rows(&h.url(0), "lost-answer-1").await, 1);
 }
@@ -542,12 +519,8 @@ async fn a_forced_abort_of_a_last_agent_commit_is_not_undone_by_recovery() {
         .await
         .unwrap();
     let body = transfer("forced-last-1", &[("a", 11, -2), ("b", 11, 2)]);
-    let _ = h
-        .http
-        .post(format!("{}/v1/transactions", h.base_url()))
-        .json(&body)
-        .send()
-        .await;
+    // The coordinator dies before it answers.
+    let _ = h.post("/v1/transactions", &body).await;
     let died = h
         .coordinator
         .as_mut()
@@ -567,17 +540,14 @@ async fn a_forced_abort_of_a_last_agent_commit_is_not_undone_by_recovery() {
     let st = h.get("/v1/transactions/forced-last-1").await.unwrap();
     assert_eq!(st["outcome"], "committed", "from b's decision row: {st}");
     // The operator gives up on a and forces an abort (a split they accept knowingly).
-    let r = h
-        .http
-        .post(format!(
-            "{}/v1/admin/txns/forced-last-1/resolve",
-            h.base_url()
-        ))
-        .json(&json!({"action": "abort", "force": true}))
-        .send()
+    let (status, v) = h
+        .post(
+            "/v1/admin/txns/forced-last-1/resolve",
+            &json!({"action": "abort", "force": true}),
+        )
         .await
         .unwrap();
-    assert_eq!(r.status().as_u16(), 200, "{:?}", r.text().await);
+    assert_eq!(status, 200, "{v}");
     // a comes back: its prepared branch must be rolled back, not committed.
     h.start_agent(0, "").await.unwrap();
     let prefix = "twopc_c1_".to_owned();
@@ -656,15 +626,13 @@ async fn a_resolve_cannot_split_a_transaction_recovery_is_rolling_back() {
     .await
     .unwrap();
     // Now, with one branch rolled back and the other still prepared, an operator commits.
-    let r = h
-        .http
-        .post(format!("{}/v1/admin/txns/{gid}/resolve", h.base_url()))
-        .json(&json!({"action": "commit"}))
-        .send()
+    let (status, answer) = h
+        .post(
+            &format!("/v1/admin/txns/{gid}/resolve"),
+            &json!({"action": "commit"}),
+        )
         .await
         .unwrap();
-    let status = r.status().as_u16();
-    let answer = r.text().await.unwrap_or_default();
     wait_for(Duration::from_secs(20), || {
         let dbs = dbs.clone();
         async move {
@@ -822,16 +790,7 @@ async fn a_retry_of_an_unsettled_commit_is_refused_until_recovery_settles_it() {
         async move { query_i64(&url, "SELECT bal FROM acct WHERE id = 41").await }
     };
     let before = balance().await;
-    let (http, url) = (h.http.clone(), format!("{}/v1/transactions", h.base_url()));
-    let post = |body: Value| {
-        let (http, url) = (http.clone(), url.clone());
-        async move {
-            let r = http.post(url).json(&body).send().await.unwrap();
-            let status = r.status().as_u16();
-            (status, r.json::<Value>().await.unwrap_or(Value::Null))
-        }
-    };
-    let (status, v) = post(body.clone()).await;
+    let (status, v) = h.post("/v1/transactions", &body).await.unwrap();
     assert_eq!(status, 504, "{v}");
     let died = h.agents[0]
         .as_mut()
@@ -841,7 +800,7 @@ async fn a_retry_of_an_unsettled_commit_is_refused_until_recovery_settles_it() {
     h.agents[0] = None;
     // The agent is back; recovery has not settled the transaction yet.
     h.start_agent(0, "").await.unwrap();
-    let (status, v) = post(body).await;
+    let (status, v) = h.post("/v1/transactions", &body).await.unwrap();
     assert_eq!(
         status, 409,
         "the retry ran while the first attempt was unsettled: {v}"
