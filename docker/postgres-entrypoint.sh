@@ -1,7 +1,8 @@
 #!/bin/sh
 # A small subset of the official postgres image's entrypoint: create the cluster on
 # first start (superuser $POSTGRES_USER with $POSTGRES_PASSWORD, database $POSTGRES_DB,
-# password auth from the network), then run the command as the postgres user.
+# password auth from the network; the *.sh scripts of /docker-entrypoint-initdb.d), then
+# run the command as the postgres user.
 set -eu
 : "${PGDATA:=/var/lib/postgresql/data}"
 : "${POSTGRES_USER:=postgres}"
@@ -28,6 +29,16 @@ if [ ! -s "$PGDATA/PG_VERSION" ]; then
     postgres --single -D "$PGDATA" postgres <<SQL >/dev/null
 CREATE DATABASE "$POSTGRES_DB" OWNER "$POSTGRES_USER";
 SQL
+  fi
+  # As the official image does: *.sh in /docker-entrypoint-initdb.d run once, against
+  # a server listening on its Unix socket only.
+  if ls /docker-entrypoint-initdb.d/*.sh >/dev/null 2>&1; then
+    pg_ctl -D "$PGDATA" -o "-c listen_addresses=''" -w start >/dev/null
+    for f in /docker-entrypoint-initdb.d/*.sh; do
+      echo "running $f"
+      sh "$f"
+    done
+    pg_ctl -D "$PGDATA" -m fast -w stop >/dev/null
   fi
 fi
 if [ "${1:-}" = postgres ]; then

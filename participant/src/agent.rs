@@ -51,6 +51,7 @@ use twopc_shared::{BUILD_VERSION, PROTOCOL_VERSION};
 use crate::convert::{check_columns, check_params, row_to_json, JsonParam};
 
 mod epochs;
+mod schema;
 pub use epochs::{EPOCH_TABLE, MAX_EPOCH_STEP};
 
 /// SQLSTATE `undefined_object`: `COMMIT/ROLLBACK PREPARED` of a GID that is not prepared.
@@ -60,8 +61,19 @@ const SQLSTATE_UNDEFINED_OBJECT: &str = "42704";
 pub struct AgentConfig {
     /// Name the agent reports in the handshake (the participant name).
     pub name: String,
-    /// `postgresql://user@host:port/db` of the database this agent fronts.
+    /// `postgresql://user@host:port/db` of the database this agent fronts. Client
+    /// statements run as this role.
     pub database_url: String,
+    /// The same database as the role that owns schema `twopc` (the decision and epoch
+    /// tables; see `agent::schema`). None: the client role keeps them, and client
+    /// statements can then read and write them (warned at start).
+    pub system_database_url: Option<String>,
+    /// Password for `database_url` (and `system_database_url` if `system_password` is
+    /// None), when it is not in the URL: read from a file or the environment, so it
+    /// need not appear on a command line.
+    pub password: Option<String>,
+    /// Password for `system_database_url`, when it is not in that URL.
+    pub system_password: Option<String>,
     /// Sessions in the pool (open interactive branches each hold one).
     pub pool_size: usize,
     /// Branches with an open session at once; more get [`ErrorKind::Limit`].
@@ -106,19 +118,14 @@ pub struct AgentConfig {
     pub max_result_bytes: u64,
 }
 
-/// The decision table, created by the agent if it may (see `ensure_decision_table`).
+/// The decision table (see [`schema`]).
 pub const DECISION_TABLE: &str = "twopc.decisions";
-const DECISION_DDL: &str = "CREATE SCHEMA IF NOT EXISTS twopc; \
-    CREATE TABLE IF NOT EXISTS twopc.decisions ( \
-        gid text PRIMARY KEY, \
-        committed boolean NOT NULL, \
-        txn_id text NOT NULL DEFAULT '', \
-        participants text[] NOT NULL DEFAULT '{}', \
-        decided_at timestamptz NOT NULL DEFAULT now())";
 /// Prepared transactions of this agent's database and role: the facts behind
 /// `Inner::prepared`.
 const COUNT_PREPARED: &str = "SELECT count(*) FROM pg_prepared_xacts \
      WHERE database = current_database() AND owner = current_user";
+/// Sessions of the system role at most (see `Inner::system`).
+const SYSTEM_POOL_MAX: usize = 8;
 /// How often `Inner::prepared` is reset from [`COUNT_PREPARED`].
 const PREPARED_RECOUNT_INTERVAL: Duration = Duration::from_secs(5);
 /// `idle_in_transaction_session_timeout` of a branch whose transaction outlives the
@@ -128,15 +135,6 @@ const IDLE_IN_TRANSACTION_MARGIN_MS: u64 = 10_000;
 /// Runs right before a one-phase COMMIT: it fails in an aborted transaction, so its
 /// success and COMMIT's together prove the commit (`decision_outcome`).
 const COMMIT_PROBE: &str = "SELECT 1";
-const DECISION_INSERT: &str = "INSERT INTO twopc.decisions (gid, committed, txn_id, participants) \
-     VALUES ($1, true, $2, $3)";
-/// The decision row of a transaction with nothing prepared elsewhere (a one-phase
-/// commit): only a transaction that wrote needs it. One that wrote nothing inserts no row
-/// (no WAL flush at commit) and answers `ReadOnly`; it still fails in an aborted
-/// transaction, so its success with COMMIT proves the commit as the insert does.
-const DECISION_INSERT_IF_WROTE: &str =
-    "INSERT INTO twopc.decisions (gid, committed, txn_id, participants) \
-     SELECT $1::text, true, $2::text, $3::text[] WHERE txid_current_if_assigned() IS NOT NULL";
 const DECISION_FENCE: &str = "INSERT INTO twopc.decisions (gid, committed) VALUES ($1, false) \
      ON CONFLICT (gid) DO NOTHING";
 const DECISION_READ: &str =
@@ -150,6 +148,9 @@ impl AgentConfig {
         AgentConfig {
             name: name.into(),
             database_url: database_url.into(),
+            system_database_url: None,
+            password: None,
+            system_password: None,
             pool_size: 32,
             max_open_branches: 256,
             statement_cache_max: 512,
@@ -302,11 +303,20 @@ struct Inner {
     /// any refusal (`check_prepared_limit`).
     prepared: AtomicU64,
     prepared_limit: u64,
+    /// Sessions of the client role: branches run here.
     pool: Pool,
+    /// Sessions of the system role, which owns schema `twopc` (the same pool when no
+    /// system role is configured): fences, listings and the epoch table run here, never
+    /// a client statement.
+    system: Pool,
     database: String,
     owner: String,
     /// The decision table is usable: this agent can commit last.
     decisions: bool,
+    /// The secret `twopc.record_commit_v1` demands (see [`schema`]).
+    decision_token: String,
+    /// Why client statements can reach the `twopc` schema, if they can.
+    unprotected: Option<String>,
     /// The epoch table is usable: fencing survives a restart of the agent.
     epochs_durable: bool,
     tables: Mutex<Tables>,
@@ -320,59 +330,30 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Builds the pool and checks the database: reachable, and prepared transactions enabled.
+    /// Builds the pools and checks the database: reachable, and prepared transactions
+    /// enabled; sets up the `twopc` schema (see [`schema`]).
     pub async fn connect(config: AgentConfig) -> Result<Agent, AgentStartError> {
-        let mut pg_config =
-            tokio_postgres::Config::from_str(&config.database_url).map_err(AgentStartError::Url)?;
-        let mut options = pg_config.get_options().unwrap_or("").to_owned();
-        for (name, ms) in [
-            ("statement_timeout", config.statement_timeout_ms),
-            ("lock_timeout", config.lock_timeout_ms),
-            (
-                "idle_in_transaction_session_timeout",
-                config.idle_in_transaction_timeout_ms,
-            ),
-        ] {
-            if ms > 0 {
-                options.push_str(&format!(" -c {name}={ms}"));
-            }
-        }
-        // Pinned (a startup option outranks database and role defaults), so a plain
-        // BEGIN is read committed: see `begin_sql`.
-        options.push_str(" -c default_transaction_isolation=read\\ committed");
-        pg_config.options(options.trim());
-        let manager = Manager::from_config(
-            pg_config,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(manager)
-            .max_size(config.pool_size)
-            // Most recently used first: under partial load the same few backends stay
-            // hot instead of every session taking turns.
-            .queue_mode(deadpool_postgres::QueueMode::Lifo)
-            .wait_timeout(Some(Duration::from_millis(config.pool_wait_timeout_ms)))
-            .create_timeout(Some(Duration::from_millis(config.connect_timeout_ms)))
-            .runtime(deadpool_postgres::Runtime::Tokio1)
-            .build()
-            .map_err(|e| AgentStartError::Connect(e.to_string()))?;
-
+        let pool = build_pool(
+            &config.database_url,
+            config.password.as_deref(),
+            &config,
+            config.pool_size,
+        )?;
+        let system_pool = match &config.system_database_url {
+            Some(url) => Some(build_pool(
+                url,
+                config
+                    .system_password
+                    .as_deref()
+                    .or(config.password.as_deref()),
+                &config,
+                config.pool_size.clamp(1, SYSTEM_POOL_MAX),
+            )?),
+            None => None,
+        };
         let deadline =
             tokio::time::Instant::now() + Duration::from_millis(config.connect_timeout_ms);
-        let client = loop {
-            match pool.get().await {
-                Ok(c) => break c,
-                Err(e) if tokio::time::Instant::now() >= deadline => {
-                    return Err(AgentStartError::Connect(e.to_string()))
-                }
-                Err(e) => {
-                    debug!(error = %e, "database not reachable yet, retrying");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-            }
-        };
+        let client = first_session(&pool, deadline).await?;
         let row = client
             .query_one(
                 "SELECT current_database()::text, current_user::text, \
@@ -396,23 +377,43 @@ impl Agent {
             0 => max_prepared as u64,
             n => n.min(max_prepared as u64),
         };
-        let decisions = config.decision_table && ensure_decision_table(&client).await;
-        let (epochs, epochs_durable) = match epochs::load(&client).await {
+        let system = match &system_pool {
+            Some(p) => first_session(p, deadline).await?,
+            None => client,
+        };
+        let schema = if config.decision_table {
+            schema::set_up(&system, &owner).await
+        } else {
+            schema::Schema::none()
+        };
+        let decisions = schema.decisions;
+        let (epochs, epochs_durable) = match epochs::load(&system).await {
             Some(epochs) => (epochs, true),
             None => (HashMap::new(), false),
         };
-        drop(client);
-        info!(name = %config.name, %database, %owner, max_prepared, decisions, "agent connected");
+        drop(system);
+        info!(
+            name = %config.name,
+            %database,
+            %owner,
+            max_prepared,
+            decisions,
+            schema_protected = schema.unprotected.is_none(),
+            "agent connected"
+        );
         let tombstones_max = config.tombstones_max;
         let agent = Agent {
             inner: Arc::new(Inner {
                 config,
                 prepared: AtomicU64::new(already.max(0) as u64),
                 prepared_limit,
+                system: system_pool.unwrap_or_else(|| pool.clone()),
                 pool,
                 database,
                 owner,
                 decisions,
+                decision_token: schema.token,
+                unprotected: schema.unprotected,
                 epochs_durable,
                 tables: Mutex::new(Tables {
                     branches: HashMap::new(),
@@ -443,7 +444,7 @@ impl Agent {
                 tokio::time::sleep(Duration::from_secs(60)).await;
                 let Some(inner) = weak.upgrade() else { return };
                 let agent = Agent { inner };
-                let Ok(session) = agent.session().await else {
+                let Ok(session) = agent.system_session().await else {
                     continue;
                 };
                 match session.execute(DECISION_EXPIRE, &[&retention_s]).await {
@@ -566,6 +567,13 @@ impl Agent {
     /// fail. For an orderly stop, before the database goes away.
     pub fn close(&self) {
         self.inner.pool.close();
+        self.inner.system.close();
+    }
+
+    /// Why client statements can read or write the `twopc` schema (one role for both,
+    /// a superuser client role, ...), or None when they cannot.
+    pub fn schema_unprotected(&self) -> Option<&str> {
+        self.inner.unprotected.as_deref()
     }
 
     pub fn name(&self) -> &str {
@@ -1030,13 +1038,10 @@ impl Agent {
             };
             // The statement whose success before COMMIT proves the commit (see
             // `decision_outcome`): the decision row, or for a plain commit a probe.
-            let decision_sql = match (exec.finish, &exec.decision) {
-                (Finish::CommitDecision, Some(d)) if d.participants.is_empty() => {
-                    Some(DECISION_INSERT_IF_WROTE)
-                }
-                (Finish::CommitDecision, _) => Some(DECISION_INSERT),
-                (Finish::Commit, _) => Some(COMMIT_PROBE),
-                (Finish::Keep | Finish::Prepare, _) => None,
+            let decision_sql = match exec.finish {
+                Finish::CommitDecision => Some(schema::RECORD_COMMIT_CALL),
+                Finish::Commit => Some(COMMIT_PROBE),
+                Finish::Keep | Finish::Prepare => None,
             };
             let decision_stmt = match decision_sql {
                 Some(sql) => Some(
@@ -1174,15 +1179,21 @@ impl Agent {
                     .boxed(),
                 );
                 // Checked in `execute`: a decision and its statement are present.
+                // The row goes in only if the transaction wrote, when nothing is
+                // prepared elsewhere (a one-phase commit): one that wrote nothing needs
+                // no row (nor a WAL flush at commit) and answers `ReadOnly`.
                 if let (Some(st), Some(d)) = (&decision_stmt, &exec.decision) {
-                    let gid = exec.gid.as_str();
+                    let (gid, token) = (exec.gid.as_str(), self.inner.decision_token.as_str());
+                    let only_if_wrote = d.participants.is_empty();
                     steps.push(
                         async move {
-                            Step::Decision(
-                                client
-                                    .execute(st, &[&gid, &d.txn_id, &d.participants])
-                                    .await,
-                            )
+                            let params: [&(dyn ToSql + Sync); 5] =
+                                [&token, &gid, &d.txn_id, &d.participants, &only_if_wrote];
+                            let inserted = client
+                                .query_one(st, &params)
+                                .await
+                                .and_then(|row| row.try_get::<_, bool>(0));
+                            Step::Decision(inserted.map(u64::from))
                         }
                         .boxed(),
                     );
@@ -1320,14 +1331,24 @@ impl Agent {
     /// `DatabaseUnreachable` when no session could be opened. Neither is "outcome
     /// unknown", which the coordinator must treat very differently for a commit.
     async fn session(&self) -> Result<Object, AgentError> {
+        self.session_of(&self.inner.pool).await
+    }
+
+    /// A session of the system role (see `Inner::system`), for the `twopc` schema.
+    async fn system_session(&self) -> Result<Object, AgentError> {
+        self.session_of(&self.inner.system).await
+    }
+
+    async fn session_of(&self, pool: &Pool) -> Result<Object, AgentError> {
         // Boxed: deadpool's future is large, and every future that awaits it inline grows
         // by as much (and is copied whole on each spawn).
-        Box::pin(self.inner.pool.get()).await.map_err(|e| match e {
+        Box::pin(pool.get()).await.map_err(|e| match e {
             PoolError::Timeout(TimeoutType::Wait) => AgentError::new(
                 ErrorKind::Limit,
                 format!(
                     "no free database session within {} ms (all {} in use); nothing ran; retry",
-                    self.inner.config.pool_wait_timeout_ms, self.inner.config.pool_size
+                    self.inner.config.pool_wait_timeout_ms,
+                    pool.status().max_size
                 ),
             ),
             e => AgentError::new(
@@ -1418,7 +1439,7 @@ impl Agent {
         // A late `Execute` of this GID is refused before it runs anything.
         self.tables().tombstones.insert(gid.clone());
         let work = async {
-            let session = self.session().await?;
+            let session = self.system_session().await?;
             let inserted = session
                 .execute(DECISION_FENCE, &[&gid.as_str()])
                 .await
@@ -1460,7 +1481,7 @@ impl Agent {
         }
         let gids: Vec<&str> = gids.iter().map(Gid::as_str).collect();
         let work = async {
-            let session = self.session().await?;
+            let session = self.system_session().await?;
             session
                 .execute(DECISION_FORGET, &[&gids])
                 .await
@@ -1510,7 +1531,7 @@ impl Agent {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let work = async {
-            let session = self.session().await?;
+            let session = self.system_session().await?;
             let rows = session
                 .query(
                     "SELECT gid, txn_id, participants, \
@@ -1591,41 +1612,68 @@ fn valid_gid_prefix(p: &str) -> bool {
     !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
-/// Makes sure the decision table exists and this role may use it; false (with a warning)
-/// if not, and the agent then never commits last.
-async fn ensure_decision_table(client: &tokio_postgres::Client) -> bool {
-    async fn usable(client: &tokio_postgres::Client) -> Result<bool, tokio_postgres::Error> {
-        // `has_table_privilege` is evaluated only if the table exists (CASE, not AND).
-        client
-            .query_one(
-                "SELECT CASE WHEN to_regclass('twopc.decisions') IS NULL THEN false \
-                 ELSE has_table_privilege('twopc.decisions', 'SELECT, INSERT, DELETE') END",
-                &[],
-            )
-            .await
-            .and_then(|r| r.try_get::<_, bool>(0))
+/// A pool of sessions to `url` as its role, with the agent's session settings.
+fn build_pool(
+    url: &str,
+    password: Option<&str>,
+    config: &AgentConfig,
+    size: usize,
+) -> Result<Pool, AgentStartError> {
+    let mut pg_config = tokio_postgres::Config::from_str(url).map_err(AgentStartError::Url)?;
+    if let (None, Some(pw)) = (pg_config.get_password(), password) {
+        pg_config.password(pw);
     }
-    if let Ok(true) = usable(client).await {
-        return true;
-    }
-    // Two agents starting at once may race on the catalog's unique keys: try twice.
-    let mut last_error = None;
-    for _ in 0..2 {
-        match client.batch_execute(DECISION_DDL).await {
-            Ok(()) => break,
-            Err(e) => last_error = Some(e),
+    let mut options = pg_config.get_options().unwrap_or("").to_owned();
+    for (name, ms) in [
+        ("statement_timeout", config.statement_timeout_ms),
+        ("lock_timeout", config.lock_timeout_ms),
+        (
+            "idle_in_transaction_session_timeout",
+            config.idle_in_transaction_timeout_ms,
+        ),
+    ] {
+        if ms > 0 {
+            options.push_str(&format!(" -c {name}={ms}"));
         }
     }
-    match usable(client).await {
-        Ok(true) => true,
-        other => {
-            warn!(
-                create_error = ?last_error.map(|e| e.to_string()),
-                check = ?other.map_err(|e| e.to_string()),
-                "no usable decision table ({DECISION_TABLE}): this agent cannot commit last; \
-                 create it (see README) or grant this role CREATE on the database"
-            );
-            false
+    // Pinned (a startup option outranks database and role defaults), so a plain
+    // BEGIN is read committed: see `begin_sql`.
+    options.push_str(" -c default_transaction_isolation=read\\ committed");
+    pg_config.options(options.trim());
+    let manager = Manager::from_config(
+        pg_config,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(size)
+        // Most recently used first: under partial load the same few backends stay
+        // hot instead of every session taking turns.
+        .queue_mode(deadpool_postgres::QueueMode::Lifo)
+        .wait_timeout(Some(Duration::from_millis(config.pool_wait_timeout_ms)))
+        .create_timeout(Some(Duration::from_millis(config.connect_timeout_ms)))
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .build()
+        .map_err(|e| AgentStartError::Connect(e.to_string()))
+}
+
+/// The first session of `pool`, retried until `deadline` (the database may be starting).
+async fn first_session(
+    pool: &Pool,
+    deadline: tokio::time::Instant,
+) -> Result<Object, AgentStartError> {
+    loop {
+        match pool.get().await {
+            Ok(c) => return Ok(c),
+            Err(e) if tokio::time::Instant::now() >= deadline => {
+                return Err(AgentStartError::Connect(e.to_string()))
+            }
+            Err(e) => {
+                debug!(error = %e, "database not reachable yet, retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
         }
     }
 }
@@ -1696,8 +1744,8 @@ enum StepError {
 
 enum Step {
     Done(Result<(), tokio_postgres::Error>),
-    /// The decision insert (or probe) and how many rows it touched (0: the transaction
-    /// wrote nothing, see `DECISION_INSERT_IF_WROTE`).
+    /// The decision row (or probe) and how many rows it wrote or read (0: a one-phase
+    /// transaction that wrote nothing, see `schema::RECORD_COMMIT_CALL`).
     Decision(Result<u64, tokio_postgres::Error>),
     Rows(Result<StmtResult, StepError>),
     ReadOnly(Result<bool, tokio_postgres::Error>),

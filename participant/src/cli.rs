@@ -20,6 +20,21 @@ struct Args {
     /// The database this agent fronts, e.g. postgresql://twopc@127.0.0.1:5432/bank.
     #[arg(long, env = "TWOPC_DATABASE")]
     database: String,
+    /// The same database as the role that owns schema twopc (the decision and epoch
+    /// tables), e.g. postgresql://twopc_system@127.0.0.1:5432/bank. Client statements
+    /// run as --database's role, which then gets only EXECUTE on the commit function:
+    /// they cannot read or write the decision table. Without it --database's role keeps
+    /// the tables, and client statements can forge decision rows (warned at start).
+    #[arg(long, env = "TWOPC_SYSTEM_DATABASE")]
+    system_database: Option<String>,
+    /// File holding the password of --database's role (when the URL has none). The
+    /// environment variable TWOPC_DATABASE_PASSWORD works too; neither shows in `ps`.
+    #[arg(long, env = "TWOPC_DATABASE_PASSWORD_FILE")]
+    database_password_file: Option<std::path::PathBuf>,
+    /// File holding the password of --system-database's role (when the URL has none;
+    /// default: --database's password). Or TWOPC_SYSTEM_DATABASE_PASSWORD.
+    #[arg(long, env = "TWOPC_SYSTEM_DATABASE_PASSWORD_FILE")]
+    system_database_password_file: Option<std::path::PathBuf>,
     /// Participant name reported to the coordinator (defaults to the database name).
     #[arg(long, env = "TWOPC_NAME")]
     name: Option<String>,
@@ -111,6 +126,15 @@ async fn run_async() -> anyhow::Result<()> {
             .to_owned(),
     };
     let mut config = AgentConfig::new(name, args.database);
+    config.system_database_url = args.system_database;
+    config.password = password(
+        args.database_password_file.as_deref(),
+        "TWOPC_DATABASE_PASSWORD",
+    )?;
+    config.system_password = password(
+        args.system_database_password_file.as_deref(),
+        "TWOPC_SYSTEM_DATABASE_PASSWORD",
+    )?;
     config.pool_size = args.pool_size;
     config.max_open_branches = args.max_open_branches;
     config.statement_timeout_ms = args.statement_timeout_ms;
@@ -171,6 +195,19 @@ async fn run_async() -> anyhow::Result<()> {
     // server logs as an unexpected EOF, once per session).
     agent.close();
     Ok(())
+}
+
+/// A database password from `file` (its first line) or else the environment variable
+/// `var`; None when neither is set.
+fn password(file: Option<&std::path::Path>, var: &str) -> anyhow::Result<Option<String>> {
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("read password file {}", path.display()))?;
+        let pw = text.lines().next().unwrap_or("").to_owned();
+        anyhow::ensure!(!pw.is_empty(), "password file {} is empty", path.display());
+        return Ok(Some(pw));
+    }
+    Ok(std::env::var(var).ok().filter(|v| !v.is_empty()))
 }
 
 /// Resolves on SIGINT or SIGTERM, naming which ("interrupted" or "terminated"). Both

@@ -437,3 +437,42 @@ pub fn stmts(v: Vec<(String, Vec<Value>)>) -> Value {
             .collect(),
     )
 }
+
+/// An `Execute` of `sqls` (no parameters) as one whole branch ending with `finish`.
+pub fn branch(
+    gid: twopc_shared::gid::Gid,
+    sqls: &[&str],
+    finish: twopc_shared::msg::Finish,
+    decision: Option<twopc_shared::msg::Decision>,
+) -> twopc_shared::msg::ExecuteBranch {
+    twopc_shared::msg::ExecuteBranch {
+        gid,
+        isolation: Default::default(),
+        statements: sqls
+            .iter()
+            .map(|s| twopc_shared::msg::Statement {
+                sql: (*s).into(),
+                params: vec![],
+            })
+            .collect(),
+        finish,
+        read_only_vote: false,
+        continues: false,
+        decision,
+        expires_in_ms: None,
+    }
+}
+
+/// Every row of the decision table, as (gid, committed), by gid.
+pub async fn decision_rows(client: &tokio_postgres::Client) -> Vec<(String, bool)> {
+    client
+        .query(
+            "SELECT gid, committed FROM twopc.decisions ORDER BY gid",
+            &[],
+        )
+        .await
+        .expect("read twopc.decisions")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}

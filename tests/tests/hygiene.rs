@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use twopc_shared::msg::{ExecuteBranch, Finish, Request, Response, Statement};
+use twopc_shared::msg::{Finish, Request, Response};
 use twopc_testkit::{AgentMode, Harness};
 
 struct OneSession {
@@ -28,22 +28,7 @@ impl OneSession {
     async fn branch(&mut self, sqls: &[&str], finish: Finish) -> Response {
         self.seq += 1;
         let gid = twopc_shared::gid::Gid::new("hyg", 1, self.seq).unwrap();
-        let exec = ExecuteBranch {
-            gid: gid.clone(),
-            isolation: Default::default(),
-            statements: sqls
-                .iter()
-                .map(|s| Statement {
-                    sql: (*s).into(),
-                    params: vec![],
-                })
-                .collect(),
-            finish,
-            read_only_vote: false,
-            continues: false,
-            decision: None,
-            expires_in_ms: None,
-        };
+        let exec = twopc_testkit::branch(gid.clone(), sqls, finish, None);
         let r = self
             .agent
             .handle(Request::Execute(exec), Duration::from_secs(10))

@@ -340,16 +340,7 @@ async fn a_fence_waits_for_a_commit_in_flight_and_makes_a_late_one_fail() {
         Response::Forgotten { rows } => assert_eq!(rows, 1),
         other => panic!("forget: {other:?}"),
     }
-    let left: Vec<(String, bool)> = raw
-        .query(
-            "SELECT gid, committed FROM twopc.decisions ORDER BY gid",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let left = twopc_testkit::decision_rows(&raw).await;
     assert_eq!(
         left,
         vec![

@@ -18,7 +18,7 @@ pub const EPOCH_TABLE: &str = "twopc.epochs";
 /// start, so this is a million restarts between two handshakes with this agent.
 pub const MAX_EPOCH_STEP: u64 = 1_000_000;
 
-const EPOCH_DDL: &str = "CREATE SCHEMA IF NOT EXISTS twopc; \
+pub(super) const EPOCH_DDL: &str = "CREATE SCHEMA IF NOT EXISTS twopc; \
     CREATE TABLE IF NOT EXISTS twopc.epochs ( \
         coordinator_id text PRIMARY KEY, \
         epoch bigint NOT NULL, \
@@ -111,7 +111,7 @@ impl Agent {
         }
         if self.inner.epochs_durable {
             let record = async {
-                let session = self.session().await?;
+                let session = self.system_session().await?;
                 let row = session
                     .query_one(EPOCH_RECORD, &[&coordinator_id, &(epoch as i64)])
                     .await
