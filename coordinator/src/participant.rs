@@ -109,6 +109,9 @@ pub struct RemoteConfig {
     pub max_frame_bytes: usize,
     /// Requests waiting to be written on the connection.
     pub send_queue: usize,
+    /// A connection nothing was sent on for this long is pinged, well within the agent's
+    /// idle connection timeout (two minutes by default), which closes silent ones.
+    pub keepalive_interval_ms: u64,
     /// Mutual TLS to the agents (see `twopc_participant::tls::client_config`).
     pub tls: Option<Arc<rustls::ClientConfig>>,
     /// Shared key: answer the agent's challenge, and require the agent's proof (see
@@ -126,6 +129,7 @@ impl Default for RemoteConfig {
             connect_timeout_ms: 2_000,
             max_frame_bytes: twopc_shared::codec::DEFAULT_MAX_FRAME_BYTES,
             send_queue: 4096,
+            keepalive_interval_ms: 30_000,
             tls: None,
             auth_key: None,
         }
@@ -237,6 +241,11 @@ impl RemoteAgent {
                 Err(self.timeout_error(timeout))
             }
         }
+    }
+
+    /// Connections opened to the agent so far (each with its own handshake).
+    pub fn connections_opened(&self) -> u64 {
+        self.conn_seq.load(Ordering::Relaxed) - 1
     }
 
     fn timeout_error(&self, timeout: Duration) -> CallError {
@@ -427,11 +436,25 @@ impl RemoteAgent {
         // Writer: batches whatever is queued into one flush. Ends when the connection is
         // dead or every sender is gone; a write failure kills the connection.
         let writer_dead = dead.clone();
+        // Sent when nothing else was for `keepalive_interval_ms`: the agent closes a
+        // connection that stays silent (`ServerConfig::idle_connection_timeout_ms`).
+        // Its answer carries id 0, which no caller waits for.
+        let ping = encode_payload(&frame(Request::Ping), max_frame_bytes).map_err(|e| {
+            CallError::Handshake {
+                participant: self.name.clone(),
+                message: e.to_string(),
+            }
+        })?;
+        let keepalive = Duration::from_millis(self.config.keepalive_interval_ms.max(1));
         tokio::spawn(async move {
             loop {
                 let frame = tokio::select! {
                     _ = writer_dead.cancelled() => return,
-                    f = rx.recv() => match f { Some(f) => f, None => return },
+                    f = tokio::time::timeout(keepalive, rx.recv()) => match f {
+                        Ok(Some(f)) => f,
+                        Ok(None) => return,
+                        Err(_) => ping.clone(),
+                    },
                 };
                 if write_batch(frame, &mut rx, &mut sink).await.is_err() {
                     writer_dead.cancel();
@@ -452,7 +475,7 @@ impl RemoteAgent {
                     Ok(f) => {
                         if let Some(waiter) = lock(&reader_pending).remove(&f.id) {
                             let _ = waiter.send(f.body);
-                        } else {
+                        } else if f.id != 0 {
                             debug!(participant = %name, id = f.id, "response for a request nobody waits for");
                         }
                     }

@@ -92,6 +92,18 @@ struct Args {
     /// above the coordinator's longest transaction timeout.
     #[arg(long, env = "TWOPC_DECISION_RETENTION_MS", default_value_t = 3_600_000)]
     decision_retention_ms: u64,
+    /// Coordinator connections at once; more are refused (with a warning at most every
+    /// 10 s).
+    #[arg(long, env = "TWOPC_MAX_CONNECTIONS", default_value_t = 256)]
+    max_connections: usize,
+    /// An authenticated connection silent this long (no request running) is closed;
+    /// coordinators ping idle connections every 30 s.
+    #[arg(
+        long,
+        env = "TWOPC_IDLE_CONNECTION_TIMEOUT_MS",
+        default_value_t = 120_000
+    )]
+    idle_connection_timeout_ms: u64,
     /// Largest frame accepted from the coordinator, in bytes.
     #[arg(long, env = "TWOPC_MAX_FRAME_BYTES", default_value_t = twopc_shared::codec::DEFAULT_MAX_FRAME_BYTES)]
     max_frame_bytes: usize,
@@ -184,6 +196,8 @@ async fn run_async() -> anyhow::Result<()> {
     });
     let server_config = ServerConfig {
         max_frame_bytes: args.max_frame_bytes,
+        max_connections: args.max_connections,
+        idle_connection_timeout_ms: args.idle_connection_timeout_ms,
         tls,
         auth,
         ..ServerConfig::default()

@@ -5,7 +5,7 @@
 //! ([`crate::auth::authorize`]) and that id's newest epoch.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
@@ -37,6 +37,10 @@ pub struct ServerConfig {
     pub max_request_timeout_ms: u64,
     /// A connection must complete the handshake within this.
     pub handshake_timeout_ms: u64,
+    /// An authenticated connection with no request in flight that sends nothing for
+    /// this long is closed (coordinators ping idle connections, every 30 s by default:
+    /// `RemoteConfig::keepalive_interval_ms`).
+    pub idle_connection_timeout_ms: u64,
     /// Mutual TLS (see [`crate::tls::server_config`]); `None`: plaintext. The client
     /// certificate must name the coordinator id (a DNS subject alternative name).
     pub tls: Option<Arc<rustls::ServerConfig>>,
@@ -53,6 +57,7 @@ impl Default for ServerConfig {
             max_connections: 256,
             max_request_timeout_ms: 10 * 60 * 1000,
             handshake_timeout_ms: 10_000,
+            idle_connection_timeout_ms: 120_000,
             tls: None,
             auth: Authentication::default(),
         }
@@ -80,6 +85,7 @@ pub async fn serve(
     if config.auth.key.is_none() && config.tls.is_none() {
         warn!(%addr, "serving without authentication (--insecure): anyone who can connect to this address commands the agent");
     }
+    let mut refusals = Refusals::default();
     info!(%addr, agent = agent.name(), authentication, coordinator_ids = ?config.auth.coordinator_ids, epochs_durable = agent.epochs_durable(), "agent listening");
     loop {
         let (stream, peer) = tokio::select! {
@@ -94,8 +100,10 @@ pub async fn serve(
             },
         };
         let Ok(permit) = connections.clone().try_acquire_owned() else {
-            warn!(%peer, limit = config.max_connections, "too many connections; refusing");
             drop(stream);
+            if let Some(refused) = refusals.refused(Instant::now()) {
+                warn!(%peer, limit = config.max_connections, refused, "too many connections; refusing (warned at most every {} s)", REFUSAL_WARNING_INTERVAL.as_secs());
+            }
             continue;
         };
         let _ = stream.set_nodelay(true);
@@ -144,6 +152,36 @@ pub async fn serve(
     }
 }
 
+/// How often the agent warns that it refuses connections over its limit.
+const REFUSAL_WARNING_INTERVAL: Duration = Duration::from_secs(10);
+/// The largest frame read before the coordinator authenticated (a Hello or an
+/// Authenticate is a few hundred bytes): an unauthenticated peer holds at most this
+/// much of the agent's memory, so all of them together at most `max_connections` times it.
+pub const HANDSHAKE_MAX_FRAME_BYTES: usize = 64 * 1024;
+
+/// Connections refused over the limit, warned about at most once per
+/// [`REFUSAL_WARNING_INTERVAL`] (a flood must not flood the log too).
+#[derive(Default)]
+struct Refusals {
+    since_warning: u64,
+    warned_at: Option<Instant>,
+}
+
+impl Refusals {
+    /// Counts one refusal; `Some(refusals since the last warning)` when it is time to warn.
+    fn refused(&mut self, now: Instant) -> Option<u64> {
+        self.since_warning += 1;
+        let due = self
+            .warned_at
+            .is_none_or(|at| now.duration_since(at) >= REFUSAL_WARNING_INTERVAL);
+        if !due {
+            return None;
+        }
+        self.warned_at = Some(now);
+        Some(std::mem::take(&mut self.since_warning))
+    }
+}
+
 /// `tls_client`: `None` for plaintext, `Some(certificate)` over TLS (always present:
 /// the verifier requires one).
 async fn connection<S>(
@@ -159,7 +197,9 @@ where
     let (read_half, write_half) = tokio::io::split(stream);
     let mut frames = FramedRead::new(
         read_half,
-        FrameCodec::<RequestFrame, ResponseFrame>::new(config.max_frame_bytes),
+        FrameCodec::<RequestFrame, ResponseFrame>::new(
+            HANDSHAKE_MAX_FRAME_BYTES.min(config.max_frame_bytes),
+        ),
     );
     let mut sink = FramedWrite::new(write_half, raw_codec(config.max_frame_bytes));
 
@@ -194,6 +234,10 @@ where
     // Every later request of this connection acts for this coordinator id only, and is
     // checked against the newest epoch of it.
     let identity = Arc::new(authenticated);
+    frames
+        .decoder_mut()
+        .set_max_frame_bytes(config.max_frame_bytes);
+    let idle_timeout = Duration::from_millis(config.idle_connection_timeout_ms);
 
     let (tx, mut rx) = mpsc::channel::<Bytes>(config.max_in_flight_per_connection);
     let writer = tokio::spawn(async move {
@@ -207,7 +251,16 @@ where
     loop {
         let frame = tokio::select! {
             _ = shutdown.cancelled() => break,
-            f = frames.next() => f,
+            f = tokio::time::timeout(idle_timeout, frames.next()) => match f {
+                Ok(f) => f,
+                // Silent for the whole idle timeout: only then is a connection with
+                // requests still running kept (their answers are on the way).
+                Err(_) if in_flight.available_permits() == config.max_in_flight_per_connection => {
+                    info!(idle_ms = config.idle_connection_timeout_ms, "closing an idle connection");
+                    break;
+                }
+                Err(_) => continue,
+            },
         };
         let frame = match frame {
             Some(Ok(f)) => f,
@@ -451,6 +504,17 @@ fn encode_response(id: u64, body: Response, max_frame_bytes: usize) -> Bytes {
 mod tests {
     use super::*;
     use tokio::io::AsyncReadExt;
+
+    #[test]
+    fn refusals_are_warned_at_most_once_per_interval_with_their_count() {
+        let mut r = Refusals::default();
+        let t0 = Instant::now();
+        assert_eq!(r.refused(t0), Some(1));
+        for _ in 0..99 {
+            assert_eq!(r.refused(t0 + Duration::from_secs(1)), None);
+        }
+        assert_eq!(r.refused(t0 + REFUSAL_WARNING_INTERVAL), Some(100));
+    }
 
     /// An `AsyncWrite` that counts flushes and keeps what was written.
     #[derive(Default)]

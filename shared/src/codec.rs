@@ -5,7 +5,7 @@
 
 use std::marker::PhantomData;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use serde::{de::DeserializeOwned, Serialize};
 use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
 
@@ -45,6 +45,10 @@ pub fn raw_codec(max_frame_bytes: usize) -> LengthDelimitedCodec {
         .new_codec()
 }
 
+/// Decodes `In` and encodes `Out`. The buffer of a frame being read grows only with the
+/// bytes that arrived (the length header reserves nothing), so a peer that announces a
+/// large frame and sends little holds little memory; [`FrameCodec::set_max_frame_bytes`]
+/// lowers the bound for an unauthenticated peer.
 pub struct FrameCodec<In, Out> {
     inner: LengthDelimitedCodec,
     max_frame_bytes: usize,
@@ -60,17 +64,41 @@ impl<In, Out> FrameCodec<In, Out> {
             _types: PhantomData,
         }
     }
+
+    /// The largest frame decoded (and encoded) from now on.
+    pub fn set_max_frame_bytes(&mut self, max_frame_bytes: usize) {
+        self.max_frame_bytes = max_frame_bytes;
+        self.inner.set_max_frame_length(max_frame_bytes);
+    }
 }
+
+/// Bytes of the length header.
+const HEADER_BYTES: usize = 4;
 
 impl<In: DeserializeOwned, Out> Decoder for FrameCodec<In, Out> {
     type Item = In;
     type Error = CodecError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<In>, CodecError> {
-        match self.inner.decode(src)? {
-            Some(frame) => Ok(Some(serde_json::from_slice(&frame)?)),
-            None => Ok(None),
+        let Some(header) = src.get(..HEADER_BYTES) else {
+            return Ok(None);
+        };
+        let mut len_bytes = [0u8; HEADER_BYTES];
+        len_bytes.copy_from_slice(header);
+        let len = u32::from_be_bytes(len_bytes) as usize;
+        if len > self.max_frame_bytes {
+            return Err(CodecError::TooLarge {
+                len,
+                max: self.max_frame_bytes,
+            });
         }
+        if src.len() < HEADER_BYTES + len {
+            // Not whole yet; nothing is reserved for the rest (see the type's doc).
+            return Ok(None);
+        }
+        src.advance(HEADER_BYTES);
+        let frame = src.split_to(len);
+        Ok(Some(serde_json::from_slice(&frame)?))
     }
 }
 
@@ -133,6 +161,22 @@ mod tests {
         };
         assert!(matches!(
             dec.encode(big, &mut BytesMut::new()),
+            Err(CodecError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn a_frame_announced_large_reserves_nothing_until_its_bytes_arrive() {
+        let mut dec: FrameCodec<RequestFrame, RequestFrame> = FrameCodec::new(1 << 30);
+        let mut buf = BytesMut::with_capacity(16);
+        buf.extend_from_slice(&(1u32 << 29).to_be_bytes());
+        buf.extend_from_slice(b"{\"id\"");
+        assert!(dec.decode(&mut buf).unwrap().is_none());
+        assert!(buf.capacity() < 4096, "reserved {} bytes", buf.capacity());
+        // A lowered bound refuses what the old one allowed.
+        dec.set_max_frame_bytes(1024);
+        assert!(matches!(
+            dec.decode(&mut buf),
             Err(CodecError::TooLarge { .. })
         ));
     }

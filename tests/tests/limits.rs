@@ -165,3 +165,125 @@ async fn an_oversized_result_is_refused_while_it_is_read() {
     assert!(matches!(r, Response::Executed { .. }), "{r:?}");
     h.shutdown().await.unwrap();
 }
+
+/// An agent served with `server` over a fresh cluster; its address.
+async fn agent_with(
+    tag: &str,
+    server: twopc_participant::server::ServerConfig,
+) -> (
+    String,
+    tokio_util::sync::CancellationToken,
+    Vec<twopc_testkit::PgCluster>,
+) {
+    let (_, clusters) = twopc_testkit::start_clusters(tag, 1).await.unwrap();
+    let config = twopc_participant::AgentConfig::new("a", clusters[0].url("postgres"));
+    let (addr, _agent, stop) = twopc_testkit::serve_agent_config(config, server)
+        .await
+        .unwrap();
+    (addr, stop, clusters)
+}
+
+fn coordinator_to(
+    addr: &str,
+    keepalive_interval_ms: u64,
+) -> twopc_coordinator::participant::RemoteAgent {
+    use twopc_coordinator::participant::{RemoteAgent, RemoteConfig};
+    RemoteAgent::new(
+        "a".into(),
+        addr.into(),
+        "c1".into(),
+        1,
+        RemoteConfig {
+            auth_key: Some(twopc_testkit::agent_key()),
+            keepalive_interval_ms,
+            ..RemoteConfig::default()
+        },
+    )
+}
+
+/// An authenticated connection that stays silent is closed by the agent; the
+/// coordinator's pings keep its idle connections open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_connection_is_closed_and_a_pinged_one_is_kept() {
+    use std::time::Duration;
+    use twopc_shared::msg::{Request, Response};
+    let server = twopc_participant::server::ServerConfig {
+        idle_connection_timeout_ms: 500,
+        ..Default::default()
+    };
+    let (addr, _stop, _clusters) = agent_with("idle", server).await;
+    let call = Duration::from_secs(5);
+    for (keepalive_ms, connections) in [(600_000, 2), (100, 1)] {
+        let c = coordinator_to(&addr, keepalive_ms);
+        assert!(matches!(
+            c.call(Request::Ping, call).await,
+            Ok(Response::Pong)
+        ));
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        assert!(matches!(
+            c.call(Request::Ping, call).await,
+            Ok(Response::Pong)
+        ));
+        assert_eq!(
+            c.connections_opened(),
+            connections,
+            "keepalive every {keepalive_ms} ms"
+        );
+    }
+}
+
+/// Before it authenticated, a peer cannot make the agent hold a large frame: one
+/// announced beyond the handshake's bound closes the connection at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unauthenticated_peer_cannot_announce_a_large_frame() {
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (addr, _stop, _clusters) = agent_with("bigf", Default::default()).await;
+    let announced = twopc_participant::server::HANDSHAKE_MAX_FRAME_BYTES as u32 + 1;
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    s.write_all(&announced.to_be_bytes()).await.unwrap();
+    s.write_all(b"{\"id\":1").await.unwrap();
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "the agent kept a connection announcing a {announced}-byte frame: {read:?}"
+    );
+}
+
+/// Connections over the cap are refused at once; the ones within it keep working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_cap_are_refused_and_the_coordinator_keeps_its_own() {
+    use std::time::Duration;
+    use tokio::io::AsyncReadExt;
+    use twopc_shared::msg::{Request, Response};
+    let server = twopc_participant::server::ServerConfig {
+        max_connections: 3,
+        ..Default::default()
+    };
+    let (addr, _stop, _clusters) = agent_with("capc", server).await;
+    let c = coordinator_to(&addr, 30_000);
+    assert!(matches!(
+        c.call(Request::Ping, Duration::from_secs(5)).await,
+        Ok(Response::Pong)
+    ));
+    let mut flood = Vec::new();
+    for _ in 0..20 {
+        flood.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+    }
+    // Two of them fill the cap; the other 18 are closed without a word.
+    let mut closed = 0;
+    for s in &mut flood {
+        let mut buf = [0u8; 8];
+        if let Ok(Ok(0)) = tokio::time::timeout(Duration::from_millis(500), s.read(&mut buf)).await
+        {
+            closed += 1;
+        }
+    }
+    assert_eq!(closed, 18);
+    assert!(matches!(
+        c.call(Request::Ping, Duration::from_secs(5)).await,
+        Ok(Response::Pong)
+    ));
+    assert_eq!(c.connections_opened(), 1);
+}
