@@ -202,8 +202,8 @@ async fn mutual_tls_between_coordinator_and_agents() {
     ));
     let good = dir.join("good");
     let rogue = dir.join("rogue");
-    twopc_coordinator::certs::generate(&good, &[], &[]).unwrap();
-    twopc_coordinator::certs::generate(&rogue, &[], &[]).unwrap();
+    twopc_coordinator::certs::generate(&good, &good.join("ca"), &[], &[], 30).unwrap();
+    twopc_coordinator::certs::generate(&rogue, &rogue.join("ca"), &[], &[], 30).unwrap();
 
     let (_, clusters) = start_clusters("tls", 2).await.unwrap();
     let server_tls = tls::server_config(
@@ -508,7 +508,7 @@ async fn client_api_over_tls() {
         std::process::id(),
         rand::random::<u32>()
     ));
-    twopc_coordinator::certs::generate(&dir, &[], &[]).unwrap();
+    twopc_coordinator::certs::generate(&dir, &dir.join("ca"), &[], &[], 30).unwrap();
     let (cert, key) = (dir.join("agent.pem"), dir.join("agent-key.pem"));
     let h = Harness::start_with(2, AgentMode::InProcess, |c| {
         c.api_tls_cert = Some(cert.clone());
