@@ -124,6 +124,11 @@ pub const DECISION_TABLE: &str = "twopc.decisions";
 /// `Inner::prepared`.
 const COUNT_PREPARED: &str = "SELECT count(*) FROM pg_prepared_xacts \
      WHERE database = current_database() AND owner = current_user";
+/// How long a request waits for a free session before it is refused with `Limit`
+/// (retryable; nothing ran): long enough to ride out a burst of one-shot branches, short
+/// enough that a pool held by open interactive branches answers at once rather than near
+/// the request's deadline.
+pub const DEFAULT_POOL_WAIT_TIMEOUT_MS: u64 = 500;
 /// Sessions of the system role at most (see `Inner::system`).
 const SYSTEM_POOL_MAX: usize = 8;
 /// How often `Inner::prepared` is reset from [`COUNT_PREPARED`].
@@ -132,6 +137,14 @@ const PREPARED_RECOUNT_INTERVAL: Duration = Duration::from_secs(5);
 /// session's setting: its lifetime plus this, so the agent's own reaper (which runs at
 /// most 5 s late) ends it first and the server's cut-off stays a backstop.
 const IDLE_IN_TRANSACTION_MARGIN_MS: u64 = 10_000;
+/// Runs right before PREPARE TRANSACTION. A prepared transaction belongs to the role
+/// current at PREPARE, and only that role (or a superuser) may finish it or see it in
+/// the agent's listings: a branch that ran `SET ROLE other` would leave a prepared
+/// transaction the agent can neither commit nor recover. The role goes back to the
+/// agent's own for the rest of the transaction (PREPARE itself), and only when it was
+/// changed, so the common case changes no setting (see `begin_sql`).
+const OWN_ROLE_BEFORE_PREPARE: &str = "SELECT CASE WHEN current_user <> session_user \
+     THEN set_config('role', 'none', true) END";
 /// Runs right before a one-phase COMMIT: it fails in an aborted transaction, so its
 /// success and COMMIT's together prove the commit (`decision_outcome`).
 const COMMIT_PROBE: &str = "SELECT 1";
@@ -156,7 +169,7 @@ impl AgentConfig {
             statement_cache_max: 512,
             max_statements_per_request: 1000,
             connect_timeout_ms: 10_000,
-            pool_wait_timeout_ms: 5_000,
+            pool_wait_timeout_ms: DEFAULT_POOL_WAIT_TIMEOUT_MS,
             tombstones_max: 100_000,
             idle_branch_timeout_ms: 300_000,
             max_branch_lifetime_ms: 600_000,
@@ -1036,12 +1049,14 @@ impl Agent {
             } else {
                 None
             };
-            // The statement whose success before COMMIT proves the commit (see
-            // `decision_outcome`): the decision row, or for a plain commit a probe.
+            // The statement right before COMMIT, whose success proves the commit (see
+            // `decision_outcome`): the decision row, or for a plain commit a probe; and
+            // right before PREPARE, the role back to the agent's own.
             let decision_sql = match exec.finish {
                 Finish::CommitDecision => Some(schema::RECORD_COMMIT_CALL),
                 Finish::Commit => Some(COMMIT_PROBE),
-                Finish::Keep | Finish::Prepare => None,
+                Finish::Prepare => Some(OWN_ROLE_BEFORE_PREPARE),
+                Finish::Keep => None,
             };
             let decision_stmt = match decision_sql {
                 Some(sql) => Some(
@@ -1148,6 +1163,11 @@ impl Agent {
         match exec.finish {
             Finish::Keep => {}
             Finish::Prepare => {
+                if let Some(st) = &decision_stmt {
+                    steps.push(
+                        async move { Step::Done(client.execute(st, &[]).await.map(drop)) }.boxed(),
+                    );
+                }
                 let sql = prepare_sql.as_str();
                 steps.push(async move { Step::Finish(client.batch_execute(sql).await) }.boxed());
             }

@@ -41,6 +41,10 @@ struct Args {
     /// Sessions in the connection pool.
     #[arg(long, env = "TWOPC_POOL_SIZE", default_value_t = 32)]
     pool_size: usize,
+    /// A request waits this long for a free session, then is refused as retryable
+    /// (nothing ran).
+    #[arg(long, env = "TWOPC_POOL_WAIT_TIMEOUT_MS", default_value_t = crate::agent::DEFAULT_POOL_WAIT_TIMEOUT_MS)]
+    pool_wait_timeout_ms: u64,
     /// Branches with an open session (interactive transactions) at once.
     #[arg(long, env = "TWOPC_MAX_OPEN_BRANCHES", default_value_t = 256)]
     max_open_branches: usize,
@@ -148,6 +152,7 @@ async fn run_async() -> anyhow::Result<()> {
         "TWOPC_SYSTEM_DATABASE_PASSWORD",
     )?;
     config.pool_size = args.pool_size;
+    config.pool_wait_timeout_ms = args.pool_wait_timeout_ms;
     config.max_open_branches = args.max_open_branches;
     config.statement_timeout_ms = args.statement_timeout_ms;
     config.lock_timeout_ms = args.lock_timeout_ms;

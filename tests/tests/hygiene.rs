@@ -157,3 +157,51 @@ async fn a_temporary_table_cannot_shadow_a_real_one_for_the_next_client() {
     assert_eq!(after, before + 5, "the update went into a temporary table");
     h.shutdown().await.unwrap();
 }
+
+/// A prepared transaction belongs to the role current at PREPARE: a branch that ran
+/// `SET ROLE` must still prepare as the agent's role, or the agent could neither list
+/// nor commit it (it would stay prepared, holding its locks, for good).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_branch_that_changed_its_role_still_prepares_as_the_agent() {
+    let h = Harness::start(1, AgentMode::InProcess).await.unwrap();
+    let url = h.dbs[0].url.clone();
+    let (admin, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    // A plain agent role (a superuser may finish anyone's prepared transaction), a
+    // member of the role its client switches to.
+    admin
+        .batch_execute(
+            "CREATE ROLE agent_role LOGIN; CREATE ROLE other NOLOGIN; \
+             GRANT other TO agent_role; GRANT SELECT, UPDATE ON acct TO agent_role, other",
+        )
+        .await
+        .unwrap();
+    let agent_url = format!(
+        "postgresql://agent_role@127.0.0.1:{}/postgres",
+        h.dbs[0].cluster.port()
+    );
+    let mut s = OneSession::new(&agent_url).await;
+    // `branch` commits the prepared transaction through the agent, and fails if it
+    // cannot.
+    let r = s
+        .branch(
+            &[
+                "SET ROLE other",
+                "UPDATE acct SET bal = bal + 1 WHERE id = 2",
+            ],
+            Finish::Prepare,
+        )
+        .await;
+    assert!(matches!(r, Response::Executed { .. }), "{r:?}");
+    let left: i64 = admin
+        .query_one("SELECT count(*) FROM pg_prepared_xacts", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0, "a prepared transaction was left behind");
+    // And the next branch runs as the agent's role again.
+    assert_eq!(s.value("SELECT current_user::text").await, "agent_role");
+    h.shutdown().await.unwrap();
+}

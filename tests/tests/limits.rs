@@ -287,3 +287,53 @@ async fn connections_over_the_cap_are_refused_and_the_coordinator_keeps_its_own(
     ));
     assert_eq!(c.connections_opened(), 1);
 }
+
+/// A pool with no free session refuses at once with a retryable error that says nothing
+/// ran, and the session held is not disturbed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_pool_refuses_at_once_and_retryably() {
+    use std::time::{Duration, Instant};
+    use twopc_shared::gid::Gid;
+    use twopc_shared::msg::{ErrorKind, Finish, Request, Response};
+    let (_, clusters) = twopc_testkit::start_clusters("pool", 1).await.unwrap();
+    let mut config = twopc_participant::AgentConfig::new("a", clusters[0].url("postgres"));
+    config.pool_size = 1;
+    let agent = twopc_participant::Agent::connect(config).await.unwrap();
+    let call = Duration::from_secs(30);
+    let hold = twopc_testkit::branch(
+        Gid::new("c1", 1, 1).unwrap(),
+        &["SELECT 1"],
+        Finish::Keep,
+        None,
+    );
+    assert!(matches!(
+        agent.handle(Request::Execute(hold), call).await,
+        Response::Executed { .. }
+    ));
+    let started = Instant::now();
+    let other = twopc_testkit::branch(
+        Gid::new("c1", 1, 2).unwrap(),
+        &["SELECT 1"],
+        Finish::Commit,
+        None,
+    );
+    match agent.handle(Request::Execute(other), call).await {
+        Response::Failed(e) => {
+            assert_eq!(e.kind, ErrorKind::Limit, "{e:?}");
+            assert!(e.message.contains("nothing ran"), "{}", e.message);
+        }
+        other => panic!("a second branch on a full pool: {other:?}"),
+    }
+    let waited = started.elapsed();
+    assert!(waited < Duration::from_secs(2), "refused after {waited:?}");
+    let more = twopc_testkit::branch(
+        Gid::new("c1", 1, 1).unwrap(),
+        &["SELECT 2"],
+        Finish::Commit,
+        None,
+    );
+    assert!(matches!(
+        agent.handle(Request::Execute(more), call).await,
+        Response::Executed { .. }
+    ));
+}
