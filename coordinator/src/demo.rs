@@ -82,6 +82,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let report = workload::run(WorkloadConfig {
         shapes: vec![],
         retry_unknown: false,
+        committed_counter: None,
         base_url,
         participants: names.to_vec(),
         accounts_per_db: args.accounts,

@@ -43,6 +43,8 @@ pub struct WorkloadConfig {
     /// After an answer that leaves the outcome open, ask `GET` and, if it says
     /// `aborted`, send a one-shot transaction again with the same txn id.
     pub retry_unknown: bool,
+    /// Counts acknowledged commits as they happen (for a driver watching progress).
+    pub committed_counter: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
 }
 
 #[derive(Debug, Default)]
@@ -380,6 +382,9 @@ pub async fn run(config: WorkloadConfig) -> anyhow::Result<WorkloadReport> {
                     }
                 };
                 let no_answer = matches!(told, Told::Unknown);
+                if let (Told::Committed, Some(c)) = (&told, &config.committed_counter) {
+                    c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 out.push((txn_id, told, t0.elapsed()));
                 if no_answer {
                     if config.stop_on_no_answer {

@@ -237,6 +237,7 @@ async fn concurrent_transfers_conserve_the_total() {
             stop: None,
             shapes: workload::Shape::ALL.to_vec(),
             retry_unknown: true,
+            committed_counter: None,
         })
         .await
         .unwrap();

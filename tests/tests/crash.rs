@@ -42,6 +42,7 @@ fn load(
         // Crash cases stop at the first unanswered request (the coordinator is dead);
         // the others ask GET and retry.
         retry_unknown: !stop_on_no_answer,
+        committed_counter: None,
     }
 }
 

@@ -66,9 +66,13 @@ struct Args {
     /// Where the JSON report goes.
     #[arg(long, default_value = "chaos-results/chaos-report.json")]
     report: PathBuf,
-    /// Exit 0 only if the audit FAILS: for runs against a deliberately broken build.
+    /// For a run against a deliberately broken build: the rules it must break
+    /// (comma-separated). Exit 0 only if at least one of them failed and no other rule.
+    #[arg(long, value_delimiter = ',')]
+    expect_violation: Vec<String>,
+    /// The coordinator runs with --last-agent: that path must have committed transfers.
     #[arg(long)]
-    expect_violation: bool,
+    expect_last_agent: bool,
 }
 
 #[tokio::main]
@@ -104,6 +108,13 @@ async fn main() -> anyhow::Result<()> {
             )
         })
         .collect();
+    for rule in &args.expect_violation {
+        anyhow::ensure!(
+            chaos::rules::RULE_NAMES.contains(&rule.as_str()),
+            "--expect-violation {rule}: no such rule (rules: {})",
+            chaos::rules::RULE_NAMES.join(", ")
+        );
+    }
     let report = chaos::run(ChaosConfig {
         project: args.project,
         coordinator_url: args.coordinator_url,
@@ -121,18 +132,21 @@ async fn main() -> anyhow::Result<()> {
         request_timeout_ms: args.request_timeout_ms,
         seed,
         report_path: args.report.clone(),
+        expect_last_agent: args.expect_last_agent,
     })
     .await
     .context("run the chaos scenario")?;
     print!("{}", report.summary());
     println!("report: {}", args.report.display());
-    match (report.pass, args.expect_violation) {
-        (true, false) => Ok(()),
-        (false, true) => {
-            println!("chaos: the audit caught the broken build, as expected");
+    if args.expect_violation.is_empty() {
+        anyhow::ensure!(report.pass, "the chaos audit failed");
+        return Ok(());
+    }
+    match chaos::rules::broken_build_caught(&report.rules, &args.expect_violation) {
+        Ok(how) => {
+            println!("chaos: the audit caught the broken build, as expected: {how}");
             Ok(())
         }
-        (true, true) => anyhow::bail!("the audit did NOT catch the broken build"),
-        (false, false) => anyhow::bail!("the chaos audit failed"),
+        Err(why) => anyhow::bail!("{why}"),
     }
 }

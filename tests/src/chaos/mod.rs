@@ -24,9 +24,13 @@
 
 pub mod docker;
 pub mod proxy;
+pub mod rules;
+
+use rules::{Facts, FinalRead};
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -124,6 +128,9 @@ pub struct ChaosConfig {
     pub request_timeout_ms: u64,
     pub seed: u64,
     pub report_path: PathBuf,
+    /// The coordinator runs with `--last-agent`: the run must show that path committed
+    /// transfers (rule `last_agent_path_ran`), not a silent fallback.
+    pub expect_last_agent: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -139,6 +146,10 @@ pub struct FaultRecord {
     /// From the heal until every transaction of ours that was prepared at the heal had
     /// been resolved (committed or rolled back); `None`: not within the limit.
     pub in_doubt_resolved_ms: Option<u64>,
+    /// From the recovery until `rules::PROGRESS_COMMITS` more transfers committed;
+    /// `None`: not within `rules::PROGRESS_LIMIT_MS`.
+    pub progress_ms: Option<u64>,
+    /// The fault could not be injected (the rule `faults_injected` fails).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
@@ -329,6 +340,7 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
 
     let started = Instant::now();
     let stop = CancellationToken::new();
+    let commits = Arc::new(AtomicU64::new(0));
     let txn_prefix = format!("chaos{}-{}", config.seed, now_ms());
     let load = tokio::spawn(workload::run(WorkloadConfig {
         base_url: config.coordinator_url.clone(),
@@ -346,6 +358,7 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
         // GET and, if aborted, a retry with the same txn id.
         shapes: workload::Shape::ALL.to_vec(),
         retry_unknown: true,
+        committed_counter: Some(commits.clone()),
     }));
     let auditor = {
         let http = http.clone();
@@ -377,6 +390,10 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
             out
         })
     };
+
+    // The fault-free rate, to judge the healed one by.
+    let baseline_rate = commit_rate(&commits, RATE_WINDOW).await;
+    eprintln!("chaos: fault-free rate {baseline_rate:.1} commits/s");
 
     // The faults, in a random order, each healed and recovered from before the next.
     let mut rng = StdRng::seed_from_u64(config.seed);
@@ -442,15 +459,18 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
             .ok()
             .map(|_| healed.elapsed().as_millis() as u64);
         let in_doubt_resolved_ms = wait_prepared_resolved(&dbs, healed, PREPARED_LIMIT_MS).await;
+        let progress_ms =
+            wait_commits(&commits, rules::PROGRESS_COMMITS, rules::PROGRESS_LIMIT_MS).await;
         eprintln!(
-            "chaos: [{:>3}/{total}] {:>6.1}s {:<16} {:<12} held {:>4} ms, serving in {}, in-doubt resolved in {}",
+            "chaos: [{:>3}/{total}] {:>6.1}s {:<16} {:<12} held {:>4} ms, serving in {}, in-doubt resolved in {}, committing in {}",
             i + 1,
             started.elapsed().as_secs_f64(),
             kind.name(),
             target_name,
             hold,
             recovery_ms.map_or("NEVER".to_owned(), |ms| format!("{ms} ms")),
-            in_doubt_resolved_ms.map_or("NEVER".to_owned(), |ms| format!("{ms} ms"))
+            in_doubt_resolved_ms.map_or("NEVER".to_owned(), |ms| format!("{ms} ms")),
+            progress_ms.map_or("NEVER".to_owned(), |ms| format!("{ms} ms"))
         );
         faults.push(FaultRecord {
             kind,
@@ -459,6 +479,7 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
             held_ms: hold,
             recovery_ms,
             in_doubt_resolved_ms,
+            progress_ms,
             error: error.map(|e| format!("{e:#}")),
         });
     }
@@ -467,6 +488,20 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
     heal_all(&docker, &topo, &config).await?;
     let last_heal = Instant::now();
     let _ = wait_recovered(&http, &config.coordinator_url, &names, RECOVERY_LIMIT_MS).await;
+    let healed_rate = commit_rate(&commits, RATE_WINDOW).await;
+    let last_agent_commits = if config.expect_last_agent {
+        Some(
+            metric(
+                &http,
+                &config.coordinator_url,
+                "twopc_txns_committed_last_agent_total",
+            )
+            .await
+            .unwrap_or(0),
+        )
+    } else {
+        None
+    };
     stop.cancel();
     let report = load.await.context("join the workload")??;
     let read_audits_mid = auditor.await.context("join the auditor")?;
@@ -493,14 +528,24 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
             }
         };
     }
-    // The coordinator must still say `committed` for every acknowledged commit.
-    let told_committed: Vec<String> = report.expectation.committed.iter().cloned().collect();
-    let answers = resolve_outcomes(&http, &config.coordinator_url, &told_committed).await;
-    let disagree: Vec<String> = answers
-        .iter()
-        .filter(|(_, o)| o.as_deref() != Some("committed"))
-        .map(|(id, o)| format!("{id}={}", o.as_deref().unwrap_or("no answer")))
-        .collect();
+    // The coordinator must still say what it told: `committed` for every acknowledged
+    // commit, `aborted` for every acknowledged abort.
+    let mut disagree = Vec::new();
+    let mut asked = 0;
+    for (told, outcome) in [
+        (&report.expectation.committed, "committed"),
+        (&report.expectation.aborted, "aborted"),
+    ] {
+        let ids: Vec<String> = told.iter().cloned().collect();
+        let answers = resolve_outcomes(&http, &config.coordinator_url, &ids).await;
+        asked += answers.len();
+        disagree.extend(
+            answers
+                .iter()
+                .filter(|(_, o)| o.as_deref() != Some(outcome))
+                .map(|(id, o)| format!("{id}={}", o.as_deref().unwrap_or("no answer"))),
+        );
+    }
 
     let expect = Expectation {
         committed: report
@@ -522,138 +567,43 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
     let mid_run_consistent = read_audits_mid.consistent;
     let mut read_audits = read_audits_mid;
     read_audits.attempted += 1;
-    let final_read = read_audit(&http, &config.coordinator_url, &names, &initial).await;
-    match &final_read {
-        Ok(Ok(())) => read_audits.consistent += 1,
-        Ok(Err(_)) => read_audits.inconsistent += 1,
-        Err(_) => read_audits.incomplete += 1,
-    }
-
-    let split = |ids: &[String], told: &HashSet<String>| -> (Vec<String>, Vec<String>) {
-        ids.iter().cloned().partition(|id| told.contains(id))
+    let final_read = match read_audit(&http, &config.coordinator_url, &names, &initial).await {
+        Ok(Ok(())) => {
+            read_audits.consistent += 1;
+            FinalRead::Consistent
+        }
+        Ok(Err(why)) => {
+            read_audits.inconsistent += 1;
+            FinalRead::Inconsistent(why)
+        }
+        Err(e) => {
+            read_audits.incomplete += 1;
+            FinalRead::Incomplete(format!("{e:#}"))
+        }
     };
-    let (missing_told, missing_unknown) =
-        split(&audit.missing_committed, &report.expectation.committed);
-    let (present_told, present_unknown) =
-        split(&audit.present_aborted, &report.expectation.aborted);
-    let shown = |v: &[String]| -> String {
-        let head: Vec<&str> = v.iter().take(5).map(String::as_str).collect();
-        format!("{} ({})", v.len(), head.join(", "))
+    let audit_total = audit.total;
+    let facts = Facts {
+        expected_total,
+        audit,
+        told_committed: report.expectation.committed.clone(),
+        told_aborted: report.expectation.aborted.clone(),
+        unknown: report.unknown,
+        unknown_committed: unknown_committed.clone(),
+        unknown_aborted: unknown_aborted.clone(),
+        unresolved: unresolved.clone(),
+        disagree,
+        asked,
+        prepared_cleared_ms,
+        nothing_open,
+        faults: faults.clone(),
+        read_audits: read_audits.clone(),
+        mid_run_consistent,
+        final_read: Some(final_read),
+        baseline_rate,
+        healed_rate,
+        last_agent_commits,
     };
-    let mut rules = vec![
-        Rule {
-            name: "total_conserved",
-            pass: audit.total == expected_total,
-            detail: format!("expected {expected_total}, found {}", audit.total),
-        },
-        Rule {
-            name: "atomic_transfers",
-            pass: audit.one_legged.is_empty()
-                && audit.unbalanced.is_empty()
-                && audit.balance_ledger_mismatch.is_empty(),
-            detail: format!(
-                "{} transfers in the ledgers; one-legged {}; unbalanced {}; balance/ledger mismatches {}",
-                audit.ledger_txns,
-                shown(&audit.one_legged),
-                shown(&audit.unbalanced),
-                shown(&audit.balance_ledger_mismatch)
-            ),
-        },
-        Rule {
-            name: "acknowledged_commits_present",
-            pass: missing_told.is_empty(),
-            detail: format!(
-                "{} acknowledged; missing {}",
-                report.expectation.committed.len(),
-                shown(&missing_told)
-            ),
-        },
-        Rule {
-            name: "acknowledged_aborts_absent",
-            pass: present_told.is_empty(),
-            detail: format!(
-                "{} acknowledged; present {}",
-                report.expectation.aborted.len(),
-                shown(&present_told)
-            ),
-        },
-        Rule {
-            name: "unknown_outcomes_resolved",
-            pass: unresolved.is_empty() && missing_unknown.is_empty() && present_unknown.is_empty(),
-            detail: format!(
-                "{} unknown: {} committed, {} aborted, unresolved {}; ledger disagrees: {} committed missing, {} aborted present",
-                report.unknown,
-                unknown_committed.len(),
-                unknown_aborted.len(),
-                shown(&unresolved),
-                shown(&missing_unknown),
-                shown(&present_unknown)
-            ),
-        },
-        Rule {
-            name: "coordinator_agrees",
-            pass: disagree.is_empty(),
-            detail: format!(
-                "{} acknowledged commits asked; disagreeing {}",
-                told_committed.len(),
-                shown(&disagree)
-            ),
-        },
-        Rule {
-            name: "no_prepared_left",
-            pass: prepared_cleared_ms.is_some() && audit.leftover_prepared.is_empty(),
-            detail: match prepared_cleared_ms {
-                Some(ms) => format!("cleared {ms} ms after the last heal (limit {PREPARED_LIMIT_MS} ms)"),
-                None => format!(
-                    "{} still prepared {PREPARED_LIMIT_MS} ms after the last heal",
-                    audit.leftover_prepared.len()
-                ),
-            },
-        },
-    ];
-    rules.push(Rule {
-        name: "nothing_left_open",
-        pass: nothing_open.is_ok(),
-        detail: match &nothing_open {
-            Ok(ms) => format!(
-                "nothing open {ms} ms after the load stopped (limit {LEFTOVER_LIMIT_MS} ms)"
-            ),
-            Err(left) => format!("after {LEFTOVER_LIMIT_MS} ms: {}", left.join("; ")),
-        },
-    });
-    let never: Vec<String> = faults
-        .iter()
-        .filter(|f| f.recovery_ms.is_none() || f.in_doubt_resolved_ms.is_none())
-        .map(|f| format!("{}@{}ms on {}", f.kind.name(), f.at_ms, f.target))
-        .collect();
-    rules.push(Rule {
-        name: "every_fault_recovered",
-        pass: never.is_empty(),
-        detail: format!(
-            "{} faults; not serving within {RECOVERY_LIMIT_MS} ms or in doubt past {PREPARED_LIMIT_MS} ms: {}",
-            faults.len(),
-            shown(&never)
-        ),
-    });
-    rules.push(Rule {
-        name: "consistent_reads",
-        pass: read_audits.inconsistent == 0
-            && mid_run_consistent >= 1
-            && matches!(final_read, Ok(Ok(()))),
-        detail: format!(
-            "{} 2PC reads ({} consistent mid-run, at least 1 needed): {} consistent, {} inconsistent, {} incomplete; final read: {}",
-            read_audits.attempted,
-            mid_run_consistent,
-            read_audits.consistent,
-            read_audits.inconsistent,
-            read_audits.incomplete,
-            match &final_read {
-                Ok(Ok(())) => "consistent".to_owned(),
-                Ok(Err(why)) => format!("INCONSISTENT: {why}"),
-                Err(e) => format!("incomplete: {e:#}"),
-            }
-        ),
-    });
+    let rules = rules::evaluate(&facts);
 
     let mut faults_by_kind = BTreeMap::new();
     for f in &faults {
@@ -681,7 +631,7 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
         read_audits,
         prepared_cleared_ms,
         total_expected: expected_total,
-        total_found: audit.total,
+        total_found: audit_total,
         rules,
     };
     let json = serde_json::to_string_pretty(&out)?;
@@ -693,6 +643,45 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
     std::fs::write(&config.report_path, json)
         .with_context(|| format!("write {}", config.report_path.display()))?;
     Ok(out)
+}
+
+/// How long the fault-free and the healed commit rates are measured.
+const RATE_WINDOW: Duration = Duration::from_secs(5);
+
+/// Commits per second over `window`, counted by the workload.
+async fn commit_rate(commits: &AtomicU64, window: Duration) -> f64 {
+    let before = commits.load(Ordering::Relaxed);
+    tokio::time::sleep(window).await;
+    let after = commits.load(Ordering::Relaxed);
+    (after - before) as f64 / window.as_secs_f64()
+}
+
+/// Milliseconds until `n` more commits were counted, or None within `limit_ms`.
+async fn wait_commits(commits: &AtomicU64, n: u64, limit_ms: u64) -> Option<u64> {
+    let start = Instant::now();
+    let target = commits.load(Ordering::Relaxed) + n;
+    while start.elapsed() < Duration::from_millis(limit_ms) {
+        if commits.load(Ordering::Relaxed) >= target {
+            return Some(start.elapsed().as_millis() as u64);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
+}
+
+/// A counter from the coordinator's `/metrics` (None if it does not answer).
+async fn metric(http: &reqwest::Client, base: &str, name: &str) -> Option<u64> {
+    let text = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
 }
 
 #[derive(Clone, Copy)]
