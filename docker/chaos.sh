@@ -7,8 +7,8 @@
 #   docker/chaos.sh --long           # 60 faults of every kind
 #   docker/chaos.sh --last-agent     # the short run with the coordinator's --last-agent
 #   docker/chaos.sh --broken         # a coordinator that skips logging its decisions,
-#                                    # killed 3 times: passes only if rules it targets
-#                                    # fail, and no other
+#                                    # killed 3 times: passes only if a rule it targets
+#                                    # fails
 #   docker/chaos.sh -- --seed 42     # anything after -- goes to twopc-chaos
 #
 # Results: chaos-results/{chaos,broken}-report.json and compose logs. Needs root (the
@@ -47,7 +47,7 @@ if [ "$broken" = 1 ]; then
   export TWOPC_FAILPOINTS="coordinator.skip_decision_log=skip"
   name=broken
   # What a coordinator that forgets its commit decisions breaks once it restarts: the
-  # committed transfers recovery then rolls back on some databases.
+  # committed transfers recovery then rolls back on some databases, and what GET says.
   args=(--kinds kill_coordinator --faults-per-kind 3
         --expect-violation total_conserved,atomic_transfers,acknowledged_commits_present,unknown_outcomes_resolved,coordinator_agrees,consistent_reads)
 elif [ "$last_agent" = 1 ]; then

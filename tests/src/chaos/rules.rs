@@ -77,29 +77,33 @@ pub const RULE_NAMES: [&str; 14] = [
     "run_completed",
 ];
 
-/// The verdict on a run against a deliberately broken build that should break the rules
-/// `expected`: it passes only if at least one of them failed and no other rule did (a
-/// setup failure or an unrelated rule is not the build being caught).
+/// The verdict on a run against a deliberately broken build that targets the rules
+/// `expected`: caught only if at least one of them failed. Another rule failing instead
+/// (a fault not injected, a stall) is not the build being caught; other rules failing as
+/// well are reported (a coordinator that lies about commits also slows its clients'
+/// retries). A run that could not be set up never gets here: it is an error.
 pub fn broken_build_caught(rules: &[Rule], expected: &[String]) -> Result<String, String> {
     let failed: Vec<&str> = rules.iter().filter(|r| !r.pass).map(|r| r.name).collect();
-    let unexpected: Vec<&str> = failed
+    let (targeted, others): (Vec<&str>, Vec<&str>) = failed
         .iter()
-        .copied()
-        .filter(|f| !expected.iter().any(|e| e == f))
-        .collect();
-    if !unexpected.is_empty() {
+        .partition(|f| expected.iter().any(|e| e == *f));
+    if targeted.is_empty() {
         return Err(format!(
-            "rules failed that the broken build does not target: {}",
-            unexpected.join(", ")
+            "the audit did NOT catch the broken build: none of {} failed{}",
+            expected.join(", "),
+            if others.is_empty() {
+                String::new()
+            } else {
+                format!(" (only {})", others.join(", "))
+            }
         ));
     }
-    if failed.is_empty() {
-        return Err(format!(
-            "the audit did NOT catch the broken build (expected one of: {})",
-            expected.join(", ")
-        ));
-    }
-    Ok(format!("caught by {}", failed.join(", ")))
+    let also = if others.is_empty() {
+        String::new()
+    } else {
+        format!("; also failed: {}", others.join(", "))
+    };
+    Ok(format!("caught by {}{also}", targeted.join(", ")))
 }
 
 fn shown(v: &[String]) -> String {
@@ -369,7 +373,7 @@ mod tests {
     }
 
     #[test]
-    fn a_broken_build_is_caught_only_by_the_rules_it_targets() {
+    fn a_broken_build_is_caught_only_by_a_rule_it_targets() {
         let expected = vec![
             "acknowledged_commits_present".to_owned(),
             "atomic_transfers".to_owned(),
@@ -379,13 +383,14 @@ mod tests {
             broken_build_caught(&evaluate(&f), &expected).is_err(),
             "nothing failed"
         );
-        f.audit.missing_committed = vec!["c1".into()];
-        assert!(broken_build_caught(&evaluate(&f), &expected).is_ok());
         f.prepared_cleared_ms = None;
         assert!(
             broken_build_caught(&evaluate(&f), &expected).is_err(),
-            "another rule failed too"
+            "only a rule the build does not target failed"
         );
+        f.audit.missing_committed = vec!["c1".into()];
+        let caught = broken_build_caught(&evaluate(&f), &expected).unwrap();
+        assert!(caught.contains("also failed: no_prepared_left"), "{caught}");
     }
 
     /// Each broken fact is caught by the rule named for it, and by no other.
