@@ -37,7 +37,7 @@ use deadpool_postgres::{
 };
 use futures::future::{join_all, BoxFuture, FutureExt};
 use futures::TryStreamExt;
-use tokio_postgres::types::ToSql;
+use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::NoTls;
 use tracing::{debug, info, warn, Instrument};
 use twopc_shared::gid::Gid;
@@ -143,8 +143,11 @@ const IDLE_IN_TRANSACTION_MARGIN_MS: u64 = 10_000;
 /// transaction the agent can neither commit nor recover. The role goes back to the
 /// agent's own for the rest of the transaction (PREPARE itself), and only when it was
 /// changed, so the common case changes no setting (see `begin_sql`).
-const OWN_ROLE_BEFORE_PREPARE: &str = "SELECT CASE WHEN current_user <> session_user \
-     THEN set_config('role', 'none', true) END";
+const OWN_ROLE_BEFORE_PREPARE: &str =
+    "SELECT CASE WHEN current_user OPERATOR(pg_catalog.<>) session_user \
+     THEN pg_catalog.set_config('role', 'none', true) END";
+/// Whether the branch wrote nothing (so a read-only vote may commit it at once).
+const READ_ONLY_CHECK: &str = "SELECT pg_catalog.txid_current_if_assigned() IS NULL";
 /// Runs right before a one-phase COMMIT: it fails in an aborted transaction, so its
 /// success and COMMIT's together prove the commit (`decision_outcome`).
 const COMMIT_PROBE: &str = "SELECT 1";
@@ -351,6 +354,7 @@ impl Agent {
             config.password.as_deref(),
             &config,
             config.pool_size,
+            "",
         )?;
         let system_pool = match &config.system_database_url {
             Some(url) => Some(build_pool(
@@ -361,6 +365,9 @@ impl Agent {
                     .or(config.password.as_deref()),
                 &config,
                 config.pool_size.clamp(1, SYSTEM_POOL_MAX),
+                // Whatever the database's or a role's default: the system role's
+                // queries must not resolve a name through a schema a client owns.
+                " -c search_path=pg_catalog",
             )?),
             None => None,
         };
@@ -1039,38 +1046,24 @@ impl Agent {
                 }
                 prepared.push(st);
             }
-            let read_only_stmt = if read_only_check {
-                Some(
-                    session
-                        .prepare_cached("SELECT txid_current_if_assigned() IS NULL")
-                        .await
-                        .map_err(|e| sql_failure(&e, None))?,
-                )
-            } else {
-                None
-            };
-            // The statement right before COMMIT, whose success proves the commit (see
-            // `decision_outcome`): the decision row, or for a plain commit a probe; and
-            // right before PREPARE, the role back to the agent's own.
-            let decision_sql = match exec.finish {
-                Finish::CommitDecision => Some(schema::RECORD_COMMIT_CALL),
-                Finish::Commit => Some(COMMIT_PROBE),
-                Finish::Prepare => Some(OWN_ROLE_BEFORE_PREPARE),
-                Finish::Keep => None,
-            };
-            let decision_stmt = match decision_sql {
-                Some(sql) => Some(
-                    session
-                        .prepare_cached(sql)
-                        .await
-                        .map_err(|e| sql_failure(&e, None))?,
-                ),
-                None => None,
-            };
-            Ok((prepared, read_only_stmt, decision_stmt))
+            Ok(prepared)
         })
         .await;
-        let (prepared, read_only_stmt, decision_stmt) = match lookups {
+        // The agent's own steps around the client's statements are unnamed statements
+        // parsed in the pipeline after them (`query_typed`), every name in them
+        // qualified: a client statement can neither replace them (`DEALLOCATE` and
+        // `PREPARE` of a named statement it can see in `pg_prepared_statements`) nor
+        // redirect their names through `search_path`. See `agent::schema`.
+        // The statement right before COMMIT, whose success proves the commit (see
+        // `decision_outcome`): the decision row, or for a plain commit a probe; and
+        // right before PREPARE, the role back to the agent's own.
+        let decision_sql = match exec.finish {
+            Finish::CommitDecision => Some(schema::RECORD_COMMIT_CALL),
+            Finish::Commit => Some(COMMIT_PROBE),
+            Finish::Prepare => Some(OWN_ROLE_BEFORE_PREPARE),
+            Finish::Keep => None,
+        };
+        let prepared = match lookups {
             Ok(x) => x,
             Err(resp) => return (session.release(), Err(resp)),
         };
@@ -1144,15 +1137,14 @@ impl Agent {
                 .boxed(),
             );
         }
-        if let Some(st) = &read_only_stmt {
-            // A prepared statement: one message, sent in order with the others. (A SQL
-            // string would cost a Parse round trip first, and PREPARE TRANSACTION would
-            // overtake it.)
+        if read_only_check {
+            // Sent in order with the others, Parse included (no round trip first, so
+            // PREPARE TRANSACTION cannot overtake it).
             steps.push(
                 async move {
                     Step::ReadOnly(
                         client
-                            .query_one(st, &[])
+                            .query_typed_one(READ_ONLY_CHECK, &[])
                             .await
                             .and_then(|r| r.try_get::<_, bool>(0)),
                     )
@@ -1163,18 +1155,28 @@ impl Agent {
         match exec.finish {
             Finish::Keep => {}
             Finish::Prepare => {
-                if let Some(st) = &decision_stmt {
+                if let Some(sql) = decision_sql {
                     steps.push(
-                        async move { Step::Done(client.execute(st, &[]).await.map(drop)) }.boxed(),
+                        async move { Step::Done(client.query_typed(sql, &[]).await.map(drop)) }
+                            .boxed(),
                     );
                 }
                 let sql = prepare_sql.as_str();
                 steps.push(async move { Step::Finish(client.batch_execute(sql).await) }.boxed());
             }
             Finish::Commit => {
-                if let Some(st) = &decision_stmt {
-                    steps
-                        .push(async move { Step::Decision(client.execute(st, &[]).await) }.boxed());
+                if let Some(sql) = decision_sql {
+                    steps.push(
+                        async move {
+                            Step::Decision(
+                                client
+                                    .query_typed(sql, &[])
+                                    .await
+                                    .map(|rows| rows.len() as u64),
+                            )
+                        }
+                        .boxed(),
+                    );
                 }
                 steps.push(
                     async move { Step::Finish(client.batch_execute("COMMIT").await) }.boxed(),
@@ -1202,15 +1204,20 @@ impl Agent {
                 // The row goes in only if the transaction wrote, when nothing is
                 // prepared elsewhere (a one-phase commit): one that wrote nothing needs
                 // no row (nor a WAL flush at commit) and answers `ReadOnly`.
-                if let (Some(st), Some(d)) = (&decision_stmt, &exec.decision) {
+                if let (Some(sql), Some(d)) = (decision_sql, &exec.decision) {
                     let (gid, token) = (exec.gid.as_str(), self.inner.decision_token.as_str());
                     let only_if_wrote = d.participants.is_empty();
                     steps.push(
                         async move {
-                            let params: [&(dyn ToSql + Sync); 5] =
-                                [&token, &gid, &d.txn_id, &d.participants, &only_if_wrote];
+                            let params: [(&(dyn ToSql + Sync), Type); 5] = [
+                                (&token, Type::TEXT),
+                                (&gid, Type::TEXT),
+                                (&d.txn_id, Type::TEXT),
+                                (&d.participants, Type::TEXT_ARRAY),
+                                (&only_if_wrote, Type::BOOL),
+                            ];
                             let inserted = client
-                                .query_one(st, &params)
+                                .query_typed_one(sql, &params)
                                 .await
                                 .and_then(|row| row.try_get::<_, bool>(0));
                             Step::Decision(inserted.map(u64::from))
@@ -1638,6 +1645,7 @@ fn build_pool(
     password: Option<&str>,
     config: &AgentConfig,
     size: usize,
+    extra_options: &str,
 ) -> Result<Pool, AgentStartError> {
     let mut pg_config = tokio_postgres::Config::from_str(url).map_err(AgentStartError::Url)?;
     if let (None, Some(pw)) = (pg_config.get_password(), password) {
@@ -1659,6 +1667,7 @@ fn build_pool(
     // Pinned (a startup option outranks database and role defaults), so a plain
     // BEGIN is read committed: see `begin_sql`.
     options.push_str(" -c default_transaction_isolation=read\\ committed");
+    options.push_str(extra_options);
     pg_config.options(options.trim());
     let manager = Manager::from_config(
         pg_config,

@@ -211,7 +211,14 @@ async fn a_client_search_path_cannot_hijack_the_commit_function() {
              BEGIN INSERT INTO evil.seen VALUES (current_user::text); \
              RETURN a OPERATOR(pg_catalog.=) b; END $$; \
              GRANT EXECUTE ON FUNCTION evil.eq(text, text) TO PUBLIC; \
-             CREATE OPERATOR evil.= (LEFTARG = text, RIGHTARG = text, FUNCTION = evil.eq)",
+             CREATE OPERATOR evil.= (LEFTARG = text, RIGHTARG = text, FUNCTION = evil.eq); \
+             CREATE TABLE evil.loot (v text); \
+             GRANT INSERT ON evil.loot TO PUBLIC; \
+             CREATE FUNCTION evil.steal(v text) RETURNS boolean LANGUAGE plpgsql AS $$ \
+             BEGIN INSERT INTO evil.loot VALUES (v); RETURN true; END $$; \
+             CREATE DOMAIN evil.text AS pg_catalog.text CHECK (evil.steal(VALUE)); \
+             CREATE FUNCTION evil.txid_current_if_assigned() RETURNS bigint \
+                 LANGUAGE sql AS 'SELECT NULL::bigint'",
         )
         .await
         .unwrap();
@@ -246,6 +253,93 @@ async fn a_client_search_path_cannot_hijack_the_commit_function() {
         seen, 0,
         "the client's operator ran inside the commit function"
     );
+    let loot: i64 = connect(&admin)
+        .await
+        .query_one("SELECT count(*) FROM evil.loot", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        loot, 0,
+        "the client's domain saw the agent's parameters (the secret)"
+    );
+
+    // The read-only check cannot be fooled into committing a write at its vote: a
+    // write that does not start with DML, and a `txid_current_if_assigned` of the
+    // client's that says nothing was written.
+    let mut exec = twopc_testkit::branch(
+        Gid::new("c1", 1, 2).unwrap(),
+        &[
+            "SET LOCAL search_path = evil, pg_catalog, public",
+            "WITH u AS (UPDATE public.acct SET bal = bal + 1 WHERE id = 3 RETURNING 1) \
+             SELECT count(*) FROM u",
+        ],
+        Finish::Prepare,
+        None,
+    );
+    exec.read_only_vote = true;
+    match agent.handle(Request::Execute(exec), CALL).await {
+        Response::Executed { outcome, .. } => {
+            assert_eq!(outcome, twopc_shared::msg::BranchOutcome::Prepared)
+        }
+        other => panic!("{other:?}"),
+    }
+    let gid = Gid::new("c1", 1, 2).unwrap();
+    assert!(matches!(
+        agent.handle(Request::Abort { gid }, CALL).await,
+        Response::Aborted
+    ));
+    agent.close();
+}
+
+/// The agent's own steps around a branch's statements (the decision row, the probe, the
+/// read-only check, the role reset) are not named statements of the session, which a
+/// client statement could read in `pg_prepared_statements`, `DEALLOCATE` and `PREPARE`
+/// anew (to see the secret among the parameters, or to answer `true` without a row).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agents_own_steps_are_not_statements_a_client_can_replace() {
+    twopc_testkit::init_tracing();
+    let (_, clusters) = start_clusters("dnam", 1).await.unwrap();
+    let (app, system) = roles(&clusters[0]).await;
+    let mut config = agent_config("a", &app, &system);
+    config.pool_size = 1;
+    let agent = Agent::connect(config).await.unwrap();
+    let gid = |seq| Gid::with_last_agent("c1", 1, seq, "a").unwrap();
+    for seq in 1..=2 {
+        let r = agent
+            .handle(
+                branch(
+                    gid(seq),
+                    &["UPDATE acct SET bal = bal - 1 WHERE id = 1"],
+                    Finish::CommitDecision,
+                    decision("t", &["b"]),
+                ),
+                CALL,
+            )
+            .await;
+        assert!(matches!(r, Response::Executed { .. }), "{r:?}");
+    }
+    // The same (only) session, in the next branch: what could it replace?
+    let r = agent
+        .handle(
+            branch(
+                Gid::new("c1", 1, 3).unwrap(),
+                &["SELECT count(*) FROM pg_prepared_statements \
+                   WHERE (statement ILIKE '%record_commit%' OR statement ILIKE '%txid_current%' \
+                   OR statement ILIKE '%set_config%') \
+                   AND statement NOT ILIKE '%pg_prepared_statements%'"],
+                Finish::Commit,
+                None,
+            ),
+            CALL,
+        )
+        .await;
+    match r {
+        Response::Executed { results, .. } => {
+            assert_eq!(results[0].rows[0]["count"], 0, "{results:?}")
+        }
+        other => panic!("{other:?}"),
+    }
     agent.close();
 }
 

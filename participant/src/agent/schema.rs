@@ -23,8 +23,8 @@ const RECORD_COMMIT: &str = "twopc.record_commit_v1";
 /// The call a branch pipelines right before COMMIT: `$1` the secret, `$2` the GID, `$3`
 /// the txn id, `$4` the participants, `$5` true to write the row only if the transaction
 /// wrote something (a one-phase commit). Answers whether the row went in.
-pub(super) const RECORD_COMMIT_CALL: &str =
-    "SELECT twopc.record_commit_v1($1::text, $2::text, $3::text, $4::text[], $5::boolean)";
+pub(super) const RECORD_COMMIT_CALL: &str = "SELECT twopc.record_commit_v1($1::pg_catalog.text, \
+     $2::pg_catalog.text, $3::pg_catalog.text, $4::pg_catalog.text[], $5::pg_catalog.bool)";
 
 const SCHEMA_DDL: &str = "CREATE SCHEMA IF NOT EXISTS twopc; \
     CREATE TABLE IF NOT EXISTS twopc.decisions ( \
@@ -62,6 +62,8 @@ const RECORD_COMMIT_DDL: &str = "CREATE FUNCTION twopc.record_commit_v1( \
     END $body$; \
     REVOKE ALL ON FUNCTION twopc.record_commit_v1(text, text, text, text[], boolean) FROM PUBLIC";
 
+/// Tries of [`set_up`].
+const SET_UP_ATTEMPTS: u64 = 5;
 const FUNCTION_EXISTS: &str =
     "SELECT to_regprocedure('twopc.record_commit_v1(text,text,text,text[],boolean)') IS NOT NULL";
 const READ_SECRET: &str = "SELECT token FROM twopc.secret";
@@ -72,6 +74,11 @@ const PROTECTION: &str = "SELECT \
     CASE WHEN $1 = current_user THEN 'the client role is the system role' \
          WHEN (SELECT rolsuper FROM pg_roles WHERE rolname = $1) THEN 'the client role is a superuser' \
          WHEN pg_has_role($1, current_user, 'MEMBER') THEN 'the client role is a member of the system role' \
+         WHEN (SELECT rolcreaterole FROM pg_roles WHERE rolname = $1) \
+           THEN 'the client role has CREATEROLE (it can make itself a member of the system role)' \
+         WHEN (SELECT d.datdba = r.oid FROM pg_database d, pg_roles r \
+               WHERE d.datname = current_database() AND r.rolname = $1) \
+           THEN 'the client role owns the database (it can change the system role''s settings there)' \
          WHEN has_schema_privilege($1, 'twopc', 'CREATE') THEN 'the client role may create objects in schema twopc' \
          WHEN has_table_privilege($1, 'twopc.decisions', 'SELECT, INSERT, UPDATE, DELETE, TRUNCATE, REFERENCES, TRIGGER') \
            OR has_table_privilege($1, 'twopc.epochs', 'SELECT, INSERT, UPDATE, DELETE, TRUNCATE, REFERENCES, TRIGGER') \
@@ -119,7 +126,17 @@ fn quote_ident(name: &str) -> String {
 /// its door, and reads the secret. Failures leave the agent without a decision table,
 /// with a warning: it then never commits last.
 pub(super) async fn set_up(system: &tokio_postgres::Client, client_role: &str) -> Schema {
-    match try_set_up(system, client_role).await {
+    // Agents starting at once on one database race on the catalog (a unique key, "tuple
+    // concurrently updated" on a GRANT): a few tries, a little apart.
+    let mut outcome = try_set_up(system, client_role).await;
+    for attempt in 1..SET_UP_ATTEMPTS {
+        if outcome.is_ok() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100 * attempt)).await;
+        outcome = try_set_up(system, client_role).await;
+    }
+    match outcome {
         Ok(token) => Schema {
             decisions: true,
             token,
@@ -140,15 +157,7 @@ async fn try_set_up(
     system: &tokio_postgres::Client,
     client_role: &str,
 ) -> Result<String, tokio_postgres::Error> {
-    // Two agents starting at once may race on the catalog's unique keys: try twice.
-    let mut last = Ok(());
-    for _ in 0..2 {
-        last = create_missing(system).await;
-        if last.is_ok() {
-            break;
-        }
-    }
-    last?;
+    create_missing(system).await?;
     let system_role: String = system
         .query_one("SELECT current_user::text", &[])
         .await?
