@@ -126,6 +126,17 @@ pub fn generate(
         twopc_shared::gid::validate_coordinator_id(id)?;
     }
     anyhow::ensure!(days > 0, "--days must be at least 1");
+    anyhow::ensure!(
+        out != ca_dir,
+        "--out and --ca-dir must differ: the CA's key stays out of what is deployed"
+    );
+    anyhow::ensure!(
+        !out.join("ca-key.pem").exists(),
+        "{} holds a CA key (written by an older `certs`): move it into --ca-dir {} \
+         (with its ca.pem) or delete it, so it is not deployed",
+        out.display(),
+        ca_dir.display()
+    );
     let (ca_cert, ca_key, ca_pem) = load_or_create_ca(ca_dir)?;
     std::fs::create_dir_all(out).with_context(|| format!("create {}", out.display()))?;
 

@@ -6,10 +6,11 @@
 #                 EXECUTE on the commit function (which the agent grants it).
 # Their passwords are read from the files the compose `keygen` step wrote.
 set -eu
-app_pw=$(cat /keys/pg-app.password)
-system_pw=$(cat /keys/pg-system.password)
-psql -v ON_ERROR_STOP=1 -v app_pw="$app_pw" -v system_pw="$system_pw" \
-  -U "${POSTGRES_USER:-postgres}" -d "${POSTGRES_DB:-postgres}" <<'SQL'
+# psql reads them itself (\set with a backquoted command): they never appear on a
+# command line.
+psql -v ON_ERROR_STOP=1 -U "${POSTGRES_USER:-postgres}" -d "${POSTGRES_DB:-postgres}" <<'SQL'
+\set app_pw `cat /keys/pg-app.password`
+\set system_pw `cat /keys/pg-system.password`
 CREATE ROLE twopc_system LOGIN NOSUPERUSER PASSWORD :'system_pw';
 CREATE ROLE twopc_app LOGIN NOSUPERUSER PASSWORD :'app_pw';
 SELECT format('GRANT CREATE ON DATABASE %I TO twopc_system', current_database()) \gexec

@@ -100,8 +100,8 @@ struct Args {
     /// 10 s).
     #[arg(long, env = "TWOPC_MAX_CONNECTIONS", default_value_t = 256)]
     max_connections: usize,
-    /// An authenticated connection silent this long (no request running) is closed;
-    /// coordinators ping idle connections every 30 s.
+    /// An authenticated connection silent this long (no request running) is closed
+    /// (0: never); coordinators ping idle connections every 30 s, so keep it well above.
     #[arg(
         long,
         env = "TWOPC_IDLE_CONNECTION_TIMEOUT_MS",
@@ -164,6 +164,11 @@ async fn run_async() -> anyhow::Result<()> {
     config.decision_retention_ms = args.decision_retention_ms;
     // An answer must fit in a frame: rows are counted against it as they are read.
     config.max_result_bytes = args.max_frame_bytes as u64;
+    anyhow::ensure!(
+        args.idle_connection_timeout_ms == 0 || args.idle_connection_timeout_ms >= 60_000,
+        "--idle-connection-timeout-ms must be 0 (never) or at least 60000: coordinators ping \
+         idle connections every 30 s"
+    );
     for id in &args.coordinator_ids {
         twopc_shared::gid::validate_coordinator_id(id).context("--coordinator-id")?;
     }

@@ -39,7 +39,8 @@ pub struct ServerConfig {
     pub handshake_timeout_ms: u64,
     /// An authenticated connection with no request in flight that sends nothing for
     /// this long is closed (coordinators ping idle connections, every 30 s by default:
-    /// `RemoteConfig::keepalive_interval_ms`).
+    /// `RemoteConfig::keepalive_interval_ms`). 0: never. Keep it well above the
+    /// coordinators' keepalive interval.
     pub idle_connection_timeout_ms: u64,
     /// Mutual TLS (see [`crate::tls::server_config`]); `None`: plaintext. The client
     /// certificate must name the coordinator id (a DNS subject alternative name).
@@ -237,7 +238,11 @@ where
     frames
         .decoder_mut()
         .set_max_frame_bytes(config.max_frame_bytes);
-    let idle_timeout = Duration::from_millis(config.idle_connection_timeout_ms);
+    // 0: never closed for silence (about 31 years is never).
+    let idle_timeout = match config.idle_connection_timeout_ms {
+        0 => Duration::from_secs(1 << 30),
+        ms => Duration::from_millis(ms),
+    };
 
     let (tx, mut rx) = mpsc::channel::<Bytes>(config.max_in_flight_per_connection);
     let writer = tokio::spawn(async move {
