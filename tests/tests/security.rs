@@ -1049,6 +1049,35 @@ async fn an_agent_without_authentication_refuses_to_start() {
     assert!(!status.success());
     assert!(out.contains("at least 32"), "{out}");
     let _ = std::fs::remove_file(&short);
+    // An empty password file, and an idle timeout under the coordinators' keepalive, are
+    // refused with their reason.
+    let empty = std::env::temp_dir().join(format!("twopc-empty-pw-{}", std::process::id()));
+    std::fs::write(&empty, "").unwrap();
+    let key = agent_key_file().display().to_string();
+    for (extra, reason) in [
+        (
+            vec!["--database-password-file", empty.to_str().unwrap()],
+            "is empty",
+        ),
+        (
+            vec!["--idle-connection-timeout-ms", "1000"],
+            "at least 60000",
+        ),
+    ] {
+        let mut args = vec![
+            "--listen",
+            "127.0.0.1:0",
+            "--database",
+            &url,
+            "--auth-key-file",
+            &key,
+        ];
+        args.extend(extra);
+        let (status, out) = run_participant(&args, within).expect("the agent started serving");
+        assert!(!status.success());
+        assert!(out.contains(reason), "{reason}: {out}");
+    }
+    let _ = std::fs::remove_file(&empty);
     // --insecure on loopback serves.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
