@@ -32,16 +32,9 @@ fn write_log(dir: &std::path::Path, recs: &[Record]) {
     });
 }
 
+/// The newest segment holding a record (more than its header).
 fn last_segment(dir: &std::path::Path) -> std::path::PathBuf {
-    let mut segs: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
-        .filter(|p| std::fs::metadata(p).map(|m| m.len() > 24).unwrap_or(false))
-        .collect();
-    segs.sort();
-    segs.pop().unwrap()
+    newest_segment(dir, 24)
 }
 
 /// Most records a case writes.
@@ -58,7 +51,7 @@ fn record_ends() -> &'static Vec<usize> {
             .map(|k| {
                 let dir = tempfile::tempdir().unwrap();
                 write_log(dir.path(), &all[..k]);
-                std::fs::read(segment_of(dir.path())).unwrap()
+                std::fs::read(newest_segment(dir.path(), 0)).unwrap()
             })
             .collect();
         let longest = &segments[MAX_RECORDS];
@@ -69,13 +62,18 @@ fn record_ends() -> &'static Vec<usize> {
     })
 }
 
-/// The newest segment file of `dir`.
-fn segment_of(dir: &std::path::Path) -> std::path::PathBuf {
+/// The newest segment file of `dir` longer than `min_bytes`.
+fn newest_segment(dir: &std::path::Path, min_bytes: u64) -> std::path::PathBuf {
     let mut segs: Vec<_> = std::fs::read_dir(dir)
         .unwrap()
         .flatten()
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .filter(|p| {
+            std::fs::metadata(p)
+                .map(|m| m.len() > min_bytes)
+                .unwrap_or(false)
+        })
         .collect();
     segs.sort();
     segs.pop().unwrap()

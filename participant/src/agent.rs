@@ -1049,20 +1049,6 @@ impl Agent {
             Ok(prepared)
         })
         .await;
-        // The agent's own steps around the client's statements are unnamed statements
-        // parsed in the pipeline after them (`query_typed`), every name in them
-        // qualified: a client statement can neither replace them (`DEALLOCATE` and
-        // `PREPARE` of a named statement it can see in `pg_prepared_statements`) nor
-        // redirect their names through `search_path`. See `agent::schema`.
-        // The statement right before COMMIT, whose success proves the commit (see
-        // `decision_outcome`): the decision row, or for a plain commit a probe; and
-        // right before PREPARE, the role back to the agent's own.
-        let decision_sql = match exec.finish {
-            Finish::CommitDecision => Some(schema::RECORD_COMMIT_CALL),
-            Finish::Commit => Some(COMMIT_PROBE),
-            Finish::Prepare => Some(OWN_ROLE_BEFORE_PREPARE),
-            Finish::Keep => None,
-        };
         let prepared = match lookups {
             Ok(x) => x,
             Err(resp) => return (session.release(), Err(resp)),
@@ -1152,32 +1138,43 @@ impl Agent {
                 .boxed(),
             );
         }
+        // The agent's own steps around the client's statements (the read-only check
+        // above, and below: right before PREPARE the role back to the agent's own; right
+        // before COMMIT the statement whose success proves the commit, see
+        // `decision_outcome`: a probe, or the decision row) are unnamed statements parsed
+        // in the pipeline after the client's (`query_typed`), every name in them
+        // qualified: a client statement can neither replace them (`DEALLOCATE` and
+        // `PREPARE` of a named statement it can see in `pg_prepared_statements`) nor
+        // redirect their names through `search_path`. See `agent::schema`.
         match exec.finish {
             Finish::Keep => {}
             Finish::Prepare => {
-                if let Some(sql) = decision_sql {
-                    steps.push(
-                        async move { Step::Done(client.query_typed(sql, &[]).await.map(drop)) }
-                            .boxed(),
-                    );
-                }
+                steps.push(
+                    async move {
+                        Step::Done(
+                            client
+                                .query_typed(OWN_ROLE_BEFORE_PREPARE, &[])
+                                .await
+                                .map(drop),
+                        )
+                    }
+                    .boxed(),
+                );
                 let sql = prepare_sql.as_str();
                 steps.push(async move { Step::Finish(client.batch_execute(sql).await) }.boxed());
             }
             Finish::Commit => {
-                if let Some(sql) = decision_sql {
-                    steps.push(
-                        async move {
-                            Step::Decision(
-                                client
-                                    .query_typed(sql, &[])
-                                    .await
-                                    .map(|rows| rows.len() as u64),
-                            )
-                        }
-                        .boxed(),
-                    );
-                }
+                steps.push(
+                    async move {
+                        Step::Decision(
+                            client
+                                .query_typed(COMMIT_PROBE, &[])
+                                .await
+                                .map(|rows| rows.len() as u64),
+                        )
+                    }
+                    .boxed(),
+                );
                 steps.push(
                     async move { Step::Finish(client.batch_execute("COMMIT").await) }.boxed(),
                 );
@@ -1200,11 +1197,11 @@ impl Agent {
                     }
                     .boxed(),
                 );
-                // Checked in `execute`: a decision and its statement are present.
+                // Checked in `execute`: a decision is present.
                 // The row goes in only if the transaction wrote, when nothing is
                 // prepared elsewhere (a one-phase commit): one that wrote nothing needs
                 // no row (nor a WAL flush at commit) and answers `ReadOnly`.
-                if let (Some(sql), Some(d)) = (decision_sql, &exec.decision) {
+                if let Some(d) = &exec.decision {
                     let (gid, token) = (exec.gid.as_str(), self.inner.decision_token.as_str());
                     let only_if_wrote = d.participants.is_empty();
                     steps.push(
@@ -1217,7 +1214,7 @@ impl Agent {
                                 (&only_if_wrote, Type::BOOL),
                             ];
                             let inserted = client
-                                .query_typed_one(sql, &params)
+                                .query_typed_one(schema::RECORD_COMMIT_CALL, &params)
                                 .await
                                 .and_then(|row| row.try_get::<_, bool>(0));
                             Step::Decision(inserted.map(u64::from))
