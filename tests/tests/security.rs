@@ -242,11 +242,15 @@ async fn mutual_tls_between_coordinator_and_agents() {
             },
         ))
     };
-    // Plaintext is refused.
-    assert!(
-        with(None).call(Request::Ping, t).await.is_err(),
-        "plaintext accepted"
-    );
+    // Plaintext is refused: the agent answers the plain hello with a TLS alert record
+    // (0x15 0x03 0x03 ...), which the plain coordinator reads as the length of a frame.
+    match with(None).call(Request::Ping, t).await {
+        Err(CallError::Handshake { message, .. }) => assert!(
+            message.contains(&0x1503_0300u32.to_string()),
+            "not refused by a TLS alert: {message}"
+        ),
+        other => panic!("plaintext was not refused at the handshake: {other:?}"),
+    }
     // A client certificate from another CA is refused.
     let rogue_client = tls::client_config(
         &rogue.join("coordinator.pem"),
@@ -254,13 +258,24 @@ async fn mutual_tls_between_coordinator_and_agents() {
         &good.join("ca.pem"),
     )
     .unwrap();
-    assert!(
-        with(Some(rogue_client))
-            .call(Request::Ping, t)
-            .await
-            .is_err(),
-        "foreign client certificate accepted"
-    );
+    // The agent's alert names a certificate problem: both CAs have the same name, so the
+    // chain is checked against the good CA's key and its signature does not verify
+    // (DecryptError); an unknown issuer would be UnknownCA.
+    match with(Some(rogue_client)).call(Request::Ping, t).await {
+        Err(CallError::Handshake { message, .. }) => assert!(
+            message.contains("received fatal alert")
+                && [
+                    "DecryptError",
+                    "BadCertificate",
+                    "UnknownCA",
+                    "CertificateUnknown"
+                ]
+                .iter()
+                .any(|reason| message.contains(reason)),
+            "refused, but not for its certificate: {message}"
+        ),
+        other => panic!("foreign client certificate accepted: {other:?}"),
+    }
     // An agent certificate from another CA is refused by the coordinator.
     let distrustful = tls::client_config(
         &good.join("coordinator.pem"),
@@ -268,13 +283,16 @@ async fn mutual_tls_between_coordinator_and_agents() {
         &rogue.join("ca.pem"),
     )
     .unwrap();
-    assert!(
-        with(Some(distrustful))
-            .call(Request::Ping, t)
-            .await
-            .is_err(),
-        "foreign agent certificate trusted"
-    );
+    match with(Some(distrustful)).call(Request::Ping, t).await {
+        Err(CallError::Handshake { message, .. }) => assert!(
+            message.contains("invalid peer certificate")
+                && ["BadSignature", "UnknownIssuer"]
+                    .iter()
+                    .any(|reason| message.contains(reason)),
+            "refused, but not for the agent's certificate: {message}"
+        ),
+        other => panic!("foreign agent certificate trusted: {other:?}"),
+    }
     // A good certificate acts only for the coordinator ids it names (c1 here).
     let good_client = tls::client_config(
         &good.join("coordinator.pem"),
@@ -453,7 +471,7 @@ async fn agents_run_as_a_plain_role_and_recovery_touches_only_ours() {
     // and our role's in another database.
     sql(
         &a_admin,
-        "BEGIN; UPDATE acct SET bal = bal WHERE id = 7; PREPARE TRANSACTION 'twopc_c1_0_77'",
+        "BEGIN; UPDATE acct SET bal = bal + 77 WHERE id = 7; PREPARE TRANSACTION 'twopc_c1_0_77'",
     )
     .await;
     sql(
@@ -464,7 +482,7 @@ async fn agents_run_as_a_plain_role_and_recovery_touches_only_ours() {
     // An orphan of ours (an earlier epoch, no decision): recovery rolls it back.
     sql(
         &a_agent,
-        "BEGIN; UPDATE acct SET bal = bal WHERE id = 8; PREPARE TRANSACTION 'twopc_c1_0_79'",
+        "BEGIN; UPDATE acct SET bal = bal - 79 WHERE id = 8; PREPARE TRANSACTION 'twopc_c1_0_79'",
     )
     .await;
 
@@ -480,22 +498,45 @@ async fn agents_run_as_a_plain_role_and_recovery_touches_only_ours() {
         .unwrap();
     assert_eq!(r.status().as_u16(), 200, "{}", r.text().await.unwrap());
 
-    tokio::time::sleep(Duration::from_millis(1500)).await;
     let (c, conn) = tokio_postgres::connect(&a_admin, tokio_postgres::NoTls)
         .await
         .unwrap();
     tokio::spawn(conn);
-    let left: Vec<String> = c
-        .query("SELECT gid FROM pg_prepared_xacts ORDER BY gid", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let prepared = || async {
+        c.query("SELECT gid FROM pg_prepared_xacts ORDER BY gid", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect::<Vec<_>>()
+    };
+    let theirs = vec!["twopc_c1_0_77".to_owned(), "twopc_c1_0_78".to_owned()];
+    // Recovery (every 200 ms) rolls the orphan back; the transfer's own branch is gone
+    // once phase 2 is done.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut left = prepared().await;
+    while left != theirs {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "waited 20 s for recovery to leave only the foreign prepared transactions: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        left = prepared().await;
+    }
+    // The orphan was rolled back, not committed: its -79 did not land.
     assert_eq!(
-        left,
-        vec!["twopc_c1_0_77", "twopc_c1_0_78"],
-        "recovery touched only its own"
+        query_i64(&a_admin, "SELECT bal FROM acct WHERE id = 8").await,
+        100,
+        "the orphan's write landed"
+    );
+    // Let recovery run several more passes (the scenario: it keeps its hands off).
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(prepared().await, theirs, "recovery touched only its own");
+    // The other role's branch is intact: committing it lands its +77.
+    sql(&a_admin, "COMMIT PREPARED 'twopc_c1_0_77'").await;
+    assert_eq!(
+        query_i64(&a_admin, "SELECT bal FROM acct WHERE id = 7").await,
+        177
     );
     running.shutdown().await.unwrap();
     let _ = std::fs::remove_dir_all(&config.data_dir);
@@ -537,20 +578,29 @@ async fn client_api_over_tls() {
         .timeout(Duration::from_secs(3))
         .send()
         .await;
-    assert!(
-        plain.map(|r| !r.status().is_success()).unwrap_or(true),
-        "plaintext served"
-    );
+    // It connects, and what comes back is not HTTP (a TLS alert): not a timeout, not a
+    // refused connection.
+    match plain {
+        Err(e) => assert!(
+            !e.is_timeout() && !e.is_connect() && format!("{e:?}").contains("Parse(Version)"),
+            "plain HTTP failed for another reason: {e:?}"
+        ),
+        Ok(r) => panic!("plaintext served: {}", r.status()),
+    }
     // A client that does not trust the CA refuses the server.
     let untrusting = reqwest::Client::builder()
         .tls_built_in_root_certs(false)
         .build()
         .unwrap();
-    assert!(untrusting
+    let e = untrusting
         .get(format!("https://localhost:{}/healthz", addr.port()))
         .send()
         .await
-        .is_err());
+        .expect_err("a client that does not trust the CA accepted the server");
+    assert!(
+        format!("{e:?}").contains("InvalidCertificate(UnknownIssuer)"),
+        "refused, but not for the server's certificate: {e:?}"
+    );
     h.shutdown().await.unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -1015,6 +1065,13 @@ fn run_participant(args: &[&str], within: Duration) -> Option<(std::process::Exi
     }
 }
 
+/// The agent refused to start with an error (`main` returned it: exit status 1, the
+/// error on stderr), not by a panic (101), a signal or another failure.
+fn assert_refused(status: std::process::ExitStatus, out: &str) {
+    assert_eq!(status.code(), Some(1), "{status:?}: {out}");
+    assert!(out.contains("Error: "), "no error printed: {out}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_without_authentication_refuses_to_start() {
     let (_, clusters) = start_clusters("nostart", 1).await.unwrap();
@@ -1022,14 +1079,14 @@ async fn an_agent_without_authentication_refuses_to_start() {
     let within = Duration::from_secs(20);
     let (status, out) = run_participant(&["--listen", "127.0.0.1:0", "--database", &url], within)
         .expect("an agent without a key or TLS started serving");
-    assert!(!status.success());
+    assert_refused(status, &out);
     assert!(out.contains("no authentication configured"), "{out}");
     let (status, out) = run_participant(
         &["--listen", "0.0.0.0:0", "--database", &url, "--insecure"],
         within,
     )
     .expect("--insecure served a non-loopback address");
-    assert!(!status.success());
+    assert_refused(status, &out);
     assert!(out.contains("loopback"), "{out}");
     // A key shorter than 32 bytes is refused with a clear error.
     let short = std::env::temp_dir().join(format!("twopc-short-key-{}", std::process::id()));
@@ -1046,7 +1103,7 @@ async fn an_agent_without_authentication_refuses_to_start() {
         within,
     )
     .expect("a 16-byte key was accepted");
-    assert!(!status.success());
+    assert_refused(status, &out);
     assert!(out.contains("at least 32"), "{out}");
     let _ = std::fs::remove_file(&short);
     // An empty password file, and an idle timeout under the coordinators' keepalive, are
@@ -1074,7 +1131,7 @@ async fn an_agent_without_authentication_refuses_to_start() {
         ];
         args.extend(extra);
         let (status, out) = run_participant(&args, within).expect("the agent started serving");
-        assert!(!status.success());
+        assert_refused(status, &out);
         assert!(out.contains(reason), "{reason}: {out}");
     }
     let _ = std::fs::remove_file(&empty);
