@@ -53,17 +53,22 @@ async fn values_round_trip_with_postgres_semantics() {
         seq
     };
 
-    // numeric: exact, as PostgreSQL prints it.
-    for v in [
-        json!("0"),
-        json!("-0.5"),
-        json!("0.00000000000000000001"),
-        json!("123456789012345678901234567890.123"),
-        json!(10000),
-        json!("0.0001"),
-        json!("NaN"),
-        json!("1.50"),
-        json!(-12.25),
+    // numeric: exact, as PostgreSQL prints it. Each value is compared with what the test
+    // sent (not only with PostgreSQL's echo of the bound value, which a wrong bind would
+    // change too): `t` says what PostgreSQL received, `n` what the agent answered.
+    for (v, want) in [
+        (json!("0"), "0"),
+        (json!("-0.5"), "-0.5"),
+        (json!("0.00000000000000000001"), "0.00000000000000000001"),
+        (
+            json!("123456789012345678901234567890.123"),
+            "123456789012345678901234567890.123",
+        ),
+        (json!(10000), "10000"),
+        (json!("0.0001"), "0.0001"),
+        (json!("NaN"), "NaN"),
+        (json!("1.50"), "1.50"),
+        (json!(-12.25), "-12.25"),
     ] {
         let row = first_row(
             one(
@@ -74,7 +79,12 @@ async fn values_round_trip_with_postgres_semantics() {
             )
             .await,
         );
-        assert_eq!(row["n"], row["t"], "numeric {v}");
+        assert_eq!(row["t"], json!(want), "numeric {v} as PostgreSQL got it");
+        assert_eq!(
+            row["n"],
+            json!(want),
+            "numeric {v} as the agent answered it"
+        );
     }
 
     // Integers, big int8 as strings, floats, bool, text, json, uuid, bytea, time types.
