@@ -23,6 +23,23 @@ async fn ledger_rows(h: &Harness, db: usize, txn_id: &str) -> i64 {
     .unwrap()
 }
 
+/// Polls `check` every 50 ms until it holds; panics after `limit`, naming `what` it
+/// waited for.
+async fn wait_until<F, Fut>(what: &str, limit: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + limit;
+    while !check().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "waited {limit:?} for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn assert_clean(h: &Harness) {
     let report = h.audit(None).await.unwrap();
     assert!(report.ok(), "audit failed: {:?}", report.violations());
@@ -194,7 +211,12 @@ async fn failing_branch_aborts_every_branch() {
 
     // A participant that is down.
     h.dbs[2].stop_agent();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let c_addr = h.dbs[2].agent_addr.clone().unwrap();
+    wait_until("agent c to stop listening", Duration::from_secs(10), || {
+        let c_addr = c_addr.clone();
+        async move { tokio::net::TcpStream::connect(&c_addr).await.is_err() }
+    })
+    .await;
     let body = json!({ "txn_id": "down", "branches": [
         { "participant": "a", "statements": stmts(debit_statements("down", 3, 5)) },
         { "participant": "c", "statements": stmts(credit_statements("down", 3, 5)) },
@@ -394,10 +416,13 @@ async fn restarted_coordinator_answers_for_earlier_transactions() {
     // One-phase (single database) and an aborted one.
     let (status, _) = h
         .post("/v1/transactions", &json!({"txn_id": "solo", "branches": [
-            {"participant": "a", "statements": [{"sql": "UPDATE acct SET bal = bal WHERE id = 1"}]}]}))
+            {"participant": "a", "statements": [{"sql": "UPDATE acct SET bal = bal - 4 WHERE id = 20"},
+                                                 {"sql": "UPDATE acct SET bal = bal + 4 WHERE id = 21"}]}]}))
         .await
         .unwrap();
     assert_eq!(status, 200);
+    assert_eq!(balance(&h, 0, 20).await, BALANCE - 4, "solo landed");
+    assert_eq!(balance(&h, 0, 21).await, BALANCE + 4);
     let (status, _) = h
         .post(
             "/v1/transactions",
@@ -430,6 +455,9 @@ async fn restarted_coordinator_answers_for_earlier_transactions() {
         h.get("/v1/transactions/broke").await.unwrap().1["outcome"],
         "aborted"
     );
+    // What the databases hold agrees: keep-0's -3 on a:1, nothing of broke's.
+    assert_eq!(balance(&h, 0, 1).await, BALANCE - 3);
+    assert_eq!(balance(&h, 1, 1).await, BALANCE + 3);
     assert_eq!(
         h.get("/v1/transactions/never-seen").await.unwrap().1["outcome"],
         "aborted"
@@ -493,13 +521,15 @@ async fn optimizations_and_their_switches() {
             .unwrap();
         assert_eq!(status, 200, "{r}");
         // Durable ack returns before phase 2 finishes: wait for it to settle.
-        for _ in 0..100 {
-            let (_, l) = h.get("/v1/transactions?state=in_doubt").await.unwrap();
-            if l["transactions"].as_array().is_some_and(|a| a.is_empty()) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_until(
+            "phase 2 to settle (nothing in doubt)",
+            Duration::from_secs(20),
+            || async {
+                let (_, l) = h.get("/v1/transactions?state=in_doubt").await.unwrap();
+                l["transactions"].as_array().is_some_and(|a| a.is_empty())
+            },
+        )
+        .await;
         let value = |name: &'static str| {
             let h = &h;
             async move { h.metric(name).await.unwrap() }
@@ -539,22 +569,40 @@ async fn abandoned_interactive_transaction_is_rolled_back() {
         .await
         .unwrap();
     assert_eq!(status, 200);
-    tokio::time::sleep(Duration::from_millis(4000)).await;
-    let (_, st) = h.get("/v1/transactions/idle").await.unwrap();
-    assert_eq!(st["outcome"], "aborted", "{st}");
-    // The row lock is gone: a direct update does not wait.
+    let since = std::time::Instant::now();
+    wait_until(
+        "the abandoned transaction to be rolled back",
+        Duration::from_secs(30),
+        || async { h.get("/v1/transactions/idle").await.unwrap().1["outcome"] == "aborted" },
+    )
+    .await;
+    // Not before it was idle for its timeout (a margin for the clock: it is at least
+    // most of it, however loaded the machine).
+    assert!(
+        since.elapsed() >= Duration::from_millis(1000),
+        "rolled back after {:?}, before its idle timeout of 1.5 s",
+        since.elapsed()
+    );
+    // The row lock is gone: a direct update does not wait, and it sees the balance
+    // without the abandoned -1 (its own +70 rolled back again: the bank stays balanced).
     let (client, conn) = tokio_postgres::connect(&h.dbs[0].url, tokio_postgres::NoTls)
         .await
         .unwrap();
     tokio::spawn(conn);
     client
-        .batch_execute("SET lock_timeout = '2s'")
+        .batch_execute("SET lock_timeout = '2s'; BEGIN")
         .await
         .unwrap();
-    client
-        .execute("UPDATE acct SET bal = bal WHERE id = 7", &[])
+    let after: i64 = client
+        .query_one(
+            "UPDATE acct SET bal = bal + 70 WHERE id = 7 RETURNING bal",
+            &[],
+        )
         .await
-        .unwrap();
+        .unwrap()
+        .get(0);
+    assert_eq!(after, BALANCE + 70, "the abandoned write was not undone");
+    client.batch_execute("ROLLBACK").await.unwrap();
     assert_eq!(balance(&h, 0, 7).await, BALANCE);
 
     // A one-shot transaction that runs past its timeout aborts.
@@ -565,8 +613,20 @@ async fn abandoned_interactive_transaction_is_rolled_back() {
     assert_eq!(status, 409, "{r}");
     assert_eq!(r["error"]["code"], "57014");
     assert_eq!(ledger_rows(&h, 1, "slow").await, 0);
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    assert_clean(&h).await;
+    // a's branch goes once its pg_sleep(2) is cancelled or over.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let report = h.audit(None).await.unwrap();
+        if report.ok() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "waited 20 s for the slow transaction's branch to go: {:?}",
+            report.violations()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     h.shutdown().await.unwrap();
 }
 
