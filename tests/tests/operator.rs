@@ -4,10 +4,12 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use twopc_testkit::{AgentMode, Harness};
+use twopc_testkit::{AgentMode, Harness, BALANCE};
 
 async fn prepare_by_hand(h: &Harness, db: usize, gid: &str) {
-    // A row of its own, so the prepared branches do not wait on each other's locks.
+    // A row of its own, so the prepared branches do not wait on each other's locks; it
+    // adds its sequence number to the row's balance, so a commit shows and an abort does
+    // not.
     let row: i32 = gid.rsplit('_').next().unwrap().parse().unwrap();
     let (client, conn) = tokio_postgres::connect(&h.dbs[db].url, tokio_postgres::NoTls)
         .await
@@ -15,10 +17,17 @@ async fn prepare_by_hand(h: &Harness, db: usize, gid: &str) {
     tokio::spawn(conn);
     client
         .batch_execute(&format!(
-            "BEGIN; UPDATE acct SET bal = bal WHERE id = {row}; PREPARE TRANSACTION '{gid}'"
+            "BEGIN; UPDATE acct SET bal = bal + {row} WHERE id = {row}; \
+             PREPARE TRANSACTION '{gid}'"
         ))
         .await
         .unwrap();
+}
+
+async fn balance(h: &Harness, db: usize, acct: i32) -> i64 {
+    h.scalar_i64(db, &format!("SELECT bal FROM acct WHERE id = {acct}"))
+        .await
+        .unwrap()
 }
 
 fn prepared_on(view: &Value) -> Vec<String> {
@@ -38,10 +47,12 @@ async fn list_show_and_resolve_by_hand() {
         .await
         .unwrap();
     // The start-up recovery pass must be over, or it would roll the orphans back.
-    for _ in 0..200 {
-        if h.get("/healthz").await.unwrap().1["recovery_passes"].as_u64() >= Some(1) {
-            break;
-        }
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while h.get("/healthz").await.unwrap().1["recovery_passes"].as_u64() < Some(1) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "waited 20 s for the start-up recovery pass"
+        );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     // Orphans of an earlier incarnation (epoch 0), prepared with no decision logged.
@@ -109,6 +120,8 @@ async fn list_show_and_resolve_by_hand() {
         h.get("/v1/transactions/twopc_c1_0_5").await.unwrap().1["outcome"],
         "committed"
     );
+    assert_eq!(balance(&h, 0, 5).await, BALANCE + 5, "committed on a");
+    assert_eq!(balance(&h, 1, 5).await, BALANCE + 5, "committed on b");
 
     // Abort another; its record says aborted.
     let (status, _) = h
@@ -123,6 +136,9 @@ async fn list_show_and_resolve_by_hand() {
         h.get("/v1/transactions/twopc_c1_0_6").await.unwrap().1["outcome"],
         "aborted"
     );
+    assert_eq!(balance(&h, 0, 6).await, BALANCE, "rolled back on a");
+    let (_, view) = h.get("/v1/admin/txns/twopc_c1_0_6").await.unwrap();
+    assert!(prepared_on(&view).is_empty(), "{view}");
 
     // Commit the third while b is unreachable: a commits, b stays pending in the log.
     h.dbs[1].stop_agent();
@@ -137,6 +153,7 @@ async fn list_show_and_resolve_by_hand() {
     let st = h.get("/v1/transactions/twopc_c1_0_7").await.unwrap().1;
     assert_eq!(st["outcome"], "committed");
     assert_eq!(st["pending"], json!(["b"]), "{st}");
+    assert_eq!(balance(&h, 0, 7).await, BALANCE + 7, "committed on a");
     // Refuses to contradict the logged decision ...
     let (status, r) = h
         .post(
@@ -173,7 +190,12 @@ async fn list_show_and_resolve_by_hand() {
         ])
         .output()
         .unwrap();
-    assert!(!out.status.success(), "refused");
+    // Refused by the coordinator (409, the logged decision), as an error exit: not a
+    // crash, not a connection failure.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{:?}: {stderr}", out.status);
+    assert!(stderr.contains("409"), "{stderr}");
+    assert!(stderr.contains("--force"), "{stderr}");
 
     // ... and the log survives a restart: the decision is still committed and pending.
     h.stop_coordinator().await.unwrap();
@@ -200,5 +222,14 @@ async fn list_show_and_resolve_by_hand() {
         h.get("/v1/transactions/twopc_c1_0_6").await.unwrap().1["outcome"],
         "aborted"
     );
+    // The restarted coordinator finished twopc_c1_0_7 on b: its +7 landed there too.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while balance(&h, 1, 7).await != BALANCE + 7 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "waited 20 s for twopc_c1_0_7 to commit on b"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     h.shutdown().await.unwrap();
 }
