@@ -52,6 +52,21 @@ where
     panic!("timed out waiting until {what}");
 }
 
+/// Whether a session waits for a lock on the decision table (the fence, behind an
+/// uncommitted insert of the same GID).
+async fn fence_waits(client: &tokio_postgres::Client) -> bool {
+    let n: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+             AND query ILIKE '%decisions%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    n > 0
+}
+
 fn execute(gid: &Gid, sql: &str, finish: Finish, decision: Option<Decision>) -> Request {
     Request::Execute(ExecuteBranch {
         gid: gid.clone(),
@@ -201,6 +216,9 @@ async fn a_fence_waits_for_a_commit_in_flight_and_makes_a_late_one_fail() {
     let agent = Agent::connect(AgentConfig::new("a", &url)).await.unwrap();
     assert!(agent.keeps_decisions());
     let raw = connect(&url).await;
+    // Looks at pg_stat_activity from outside raw's open transactions (a transaction sees
+    // one snapshot of it).
+    let watch = connect(&url).await;
     let gid = |seq| Gid::with_last_agent("c9", 1, seq, "a").unwrap();
 
     // A commit in flight that commits: the fence waits for it and reports it.
@@ -215,7 +233,12 @@ async fn a_fence_waits_for_a_commit_in_flight_and_makes_a_late_one_fail() {
         let (agent, g1) = (agent.clone(), g1.clone());
         async move { agent.handle(Request::Fence { gid: g1 }, CALL).await }
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The fence found the row of the commit in flight: its session waits for that
+    // transaction's lock.
+    wait_until("the fence waits on the row of the commit in flight", || {
+        fence_waits(&watch)
+    })
+    .await;
     assert!(
         !fence.is_finished(),
         "the fence did not wait for the commit in flight"
@@ -244,7 +267,11 @@ async fn a_fence_waits_for_a_commit_in_flight_and_makes_a_late_one_fail() {
         let (agent, g2) = (agent.clone(), g2.clone());
         async move { agent.handle(Request::Fence { gid: g2 }, CALL).await }
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_until(
+        "the fence waits on the row of the rolling-back commit",
+        || fence_waits(&watch),
+    )
+    .await;
     assert!(!fence.is_finished());
     raw.batch_execute("ROLLBACK").await.unwrap();
     assert!(matches!(
