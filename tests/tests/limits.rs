@@ -324,8 +324,10 @@ async fn a_full_pool_refuses_at_once_and_retryably() {
         }
         other => panic!("a second branch on a full pool: {other:?}"),
     }
+    // At once: after the pool's wait (500 ms) and well before the call's 30 s deadline
+    // (the held session is not released until later), with room for a loaded machine.
     let waited = started.elapsed();
-    assert!(waited < Duration::from_secs(2), "refused after {waited:?}");
+    assert!(waited < Duration::from_secs(10), "refused after {waited:?}");
     let more = twopc_testkit::branch(
         Gid::new("c1", 1, 1).unwrap(),
         &["SELECT 2"],

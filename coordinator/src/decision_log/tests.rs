@@ -509,16 +509,23 @@ async fn lazy_records_are_written_by_a_later_batch() {
 async fn lazy_batch_waits_for_company_and_a_forced_record_cuts_it_short() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = LogConfig::new(dir.path());
-    config.lazy_flush_ms = 5_000;
+    // The longest lazy flush allowed, far longer than a loaded machine takes to write one
+    // batch, so "cut short" cannot be confused with "waited for the timer".
+    config.lazy_flush_ms = 10_000;
     let (log, _) = open(&config);
     for i in 0..5 {
         log.append_lazy(end(i)).await.unwrap();
     }
+    // A moment for a writer that would (wrongly) write a lazy-only batch at once.
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(log.stats().records, 0, "lazy-only batch is still waiting");
     let start = Instant::now();
     log.append_forced(commit(9)).await.unwrap();
-    assert!(start.elapsed() < Duration::from_millis(2_500));
+    assert!(
+        start.elapsed() < Duration::from_secs(8),
+        "the forced record waited {:?}, as for the lazy timer",
+        start.elapsed()
+    );
     let stats = log.stats();
     assert_eq!((stats.records, stats.batches, stats.fsyncs), (6, 1, 1));
     log.close().await.unwrap();
@@ -834,6 +841,7 @@ async fn retention_is_respected() {
     config.segment_max_bytes = 128;
     config.retention_ms = RETENTION_MS;
     let (log, _) = open(&config);
+    let first_write = Instant::now();
     for i in 0..10 {
         log.append_forced(one_phase(i)).await.unwrap();
     }
@@ -841,7 +849,12 @@ async fn retention_is_respected() {
     settle(&log).await;
     let created = log.stats().segments_created;
     assert!(created >= 3);
-    assert_eq!(log.stats().segments_deleted, 0, "too young to delete");
+    // No segment is old enough yet, unless a loaded machine took the retention to write
+    // them (then the check says nothing, and is skipped rather than flaking).
+    let deleted = log.stats().segments_deleted;
+    if first_write.elapsed() < Duration::from_millis(RETENTION_MS) {
+        assert_eq!(deleted, 0, "too young to delete");
+    }
 
     // Idle: the writer's periodic check deletes them once old enough.
     wait_until("old segments deleted", Duration::from_secs(10), || {
