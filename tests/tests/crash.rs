@@ -90,6 +90,30 @@ async fn settle_and_audit(h: &ProcHarness, report: &WorkloadReport, case: &str) 
     );
 }
 
+/// A failpoint's `crash` exits with status 137 (`participant/src/failpoint.rs`); any
+/// other exit (a panic, an error, a signal) is not the failpoint firing.
+fn assert_failpoint_exit(status: Option<std::process::ExitStatus>, case: &str, committed: u64) {
+    let status = status
+        .unwrap_or_else(|| panic!("{case}: the failpoint never fired ({committed} committed)"));
+    assert_eq!(
+        status.code(),
+        Some(137),
+        "{case}: the process exited, but not by the failpoint: {status:?}"
+    );
+}
+
+/// Failpoints that fire after a branch prepared and before it is resolved, in a process
+/// whose death leaves it prepared until the process is restarted.
+const LEAVES_PREPARED: &[&str] = &[
+    "coordinator.after_prepare",
+    "coordinator.after_decision",
+    // Not `coordinator.mid_commit`: it fires on the first acknowledgement while the other
+    // COMMIT PREPARED, sent at the same time, may already have committed.
+    "coordinator.after_last_commit",
+    "participant.after_prepare",
+    "participant.before_commit_prepared",
+];
+
 /// Crash the coordinator at `failpoint` (on its `hit`-th pass) under load, restart it,
 /// audit. Twice per failpoint.
 async fn coordinator_crash_case(h: &mut ProcHarness, failpoint: &str, hit: u32, round: u32) {
@@ -112,11 +136,17 @@ async fn coordinator_crash_case(h: &mut ProcHarness, failpoint: &str, hit: u32, 
         .as_mut()
         .unwrap()
         .wait_exit(Duration::from_secs(10));
-    assert!(
-        status.is_some(),
-        "{case}: the failpoint never fired ({} committed)",
-        report.committed
-    );
+    assert_failpoint_exit(status, &case, report.committed);
+    // Where the failpoint sits after a PREPARE and before the last COMMIT PREPARED, the
+    // crash caught a transaction in flight: its branches are still prepared (nobody
+    // resolves them until the coordinator is back).
+    if LEAVES_PREPARED.contains(&failpoint) {
+        let prepared = h.prepared_left().await.unwrap();
+        assert!(
+            !prepared.is_empty(),
+            "{case}: the crash left nothing prepared, so it hit no transaction mid-protocol"
+        );
+    }
     h.coordinator = None;
     h.start_coordinator("").await.unwrap();
     settle_and_audit(h, &report, &case).await;
@@ -160,7 +190,16 @@ async fn agent_crash_case(h: &mut ProcHarness, failpoint: &str, hit: u32, round:
         .as_mut()
         .unwrap()
         .wait_exit(Duration::from_secs(5));
-    assert!(status.is_some(), "{case}: the failpoint never fired");
+    assert_failpoint_exit(status, &case, report.committed);
+    // b died holding a prepared branch (after its PREPARE, or before its COMMIT
+    // PREPARED): it stays prepared in b's database while b is down.
+    if LEAVES_PREPARED.contains(&failpoint) {
+        let prepared = h.prepared_left().await.unwrap();
+        assert!(
+            prepared.iter().any(|p| p.starts_with("b:")),
+            "{case}: nothing prepared on b, so the crash hit no branch: {prepared:?}"
+        );
+    }
     // While b is down, anything decided but unacknowledged shows as in doubt.
     h.agents[1] = None;
     h.start_agent(1, "").await.unwrap();
@@ -283,11 +322,11 @@ async fn participant_down_longer_than_recovery_interval() {
         report.committed, 1,
         "committed once the decision is durable"
     );
-    assert!(h.agents[1]
+    let status = h.agents[1]
         .as_mut()
         .unwrap()
-        .wait_exit(Duration::from_secs(5))
-        .is_some());
+        .wait_exit(Duration::from_secs(5));
+    assert_failpoint_exit(status, "participant down", report.committed);
     h.agents[1] = None;
     let id = report.expectation.committed.iter().next().unwrap().clone();
 
