@@ -378,6 +378,16 @@ pub struct Engine {
     inner: Arc<Inner>,
 }
 
+/// A failpoint set to `skip` that builds a deliberately broken coordinator (only with
+/// the `failpoints` feature; always false otherwise).
+fn broken(name: &str) -> bool {
+    twopc_participant::failpoint::check(name) == Some(twopc_participant::failpoint::Action::Skip)
+}
+
+/// How long the broken build `coordinator.answer_before_durable` waits after answering
+/// before it forces the decision: wide enough that a kill lands inside it.
+const BROKEN_ANSWER_EARLY_MS: u64 = 200;
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -523,12 +533,25 @@ impl Engine {
             .iter()
             .map(|(g, d)| (g.clone(), d.pending.iter().cloned().collect()))
             .collect();
+        // `skip` here builds a deliberately broken recovery (it rolls back the branches
+        // of committed transactions) for the chaos driver's can-it-tell run.
+        let roll_back = broken("coordinator.recovery_rolls_back_committed");
         for (gid, participants) in pending {
             info!(%gid, ?participants, "resuming phase 2 of a committed transaction");
             for p in participants {
                 let engine = self.clone();
                 let gid = gid.clone();
-                tokio::spawn(async move { engine.drive_commit(gid, p).await });
+                match self.inner.participants.get(&p).cloned() {
+                    Some(participant) if roll_back => {
+                        tokio::spawn(async move {
+                            engine.drive_abort(participant, gid.clone()).await;
+                            engine.acknowledged(&gid, &p).await;
+                        });
+                    }
+                    _ => {
+                        tokio::spawn(async move { engine.drive_commit(gid, p).await });
+                    }
+                }
             }
         }
         let weak = Arc::downgrade(&self.inner);
@@ -1967,11 +1990,13 @@ impl Engine {
             participants: yes.clone(),
             decided_at_ms: now_ms(),
         };
-        // `skip` here builds a deliberately broken coordinator (it commits with no
-        // durable decision) for the chaos driver's can-it-tell run.
-        let skip = twopc_participant::failpoint::check("coordinator.skip_decision_log")
-            == Some(twopc_participant::failpoint::Action::Skip);
-        if !skip {
+        // `skip` at these two builds a deliberately broken coordinator for the chaos
+        // driver's can-it-tell runs: one commits with no durable decision, the other
+        // tells the client before its decision is durable.
+        if broken("coordinator.answer_before_durable") {
+            return Ok(self.commit_after_answering(txn, yes, record));
+        }
+        if !broken("coordinator.skip_decision_log") {
             if let Err(e) = self.inner.log.append_forced(record).await {
                 return Err(forced_log_error(&e));
             }
@@ -1993,6 +2018,42 @@ impl Engine {
         );
         let handles = self.spawn_phase2(&txn.gid, yes);
         Ok(self.await_acks(txn, handles, ack).await)
+    }
+
+    /// The broken build `coordinator.answer_before_durable`: counts the transaction
+    /// committed and answers at once, and only later (after
+    /// `BROKEN_ANSWER_EARLY_MS`) forces the decision and runs phase 2. A crash in between
+    /// loses a commit its client was told of; the chaos audit must say so.
+    fn commit_after_answering(
+        &self,
+        txn: &LiveTxn,
+        yes: Vec<String>,
+        record: Record,
+    ) -> Vec<String> {
+        self.inner
+            .counters
+            .committed
+            .fetch_add(1, Ordering::Relaxed);
+        self.remember(&txn.txn_id, txn.gid.as_str(), Outcome::Committed);
+        let (engine, gid, txn_id) = (self.clone(), txn.gid.clone(), txn.txn_id.clone());
+        let pending = yes.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(BROKEN_ANSWER_EARLY_MS)).await;
+            if let Err(e) = engine.inner.log.append_forced(record).await {
+                lazy_log_error(&e);
+                return;
+            }
+            lock(&engine.inner.in_doubt).insert(
+                gid.clone(),
+                InDoubt {
+                    txn_id,
+                    pending: yes.iter().cloned().collect(),
+                    decided_at: SystemTime::now(),
+                },
+            );
+            engine.spawn_phase2(&gid, yes);
+        });
+        pending
     }
 
     /// A transaction that wrote nothing committed. If the client named it, the outcome

@@ -136,7 +136,9 @@ impl Shape {
     }
 }
 
-enum Told {
+/// What a client learned of its transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Told {
     Committed,
     Aborted,
     Unknown,
@@ -191,7 +193,7 @@ fn one_shot_body(shape: Shape, txn_id: &str, names: &[String], plan: &Plan) -> O
 }
 
 /// What a client learns from a POST's answer.
-fn told_by(status: u16, v: &Value) -> Told {
+pub fn told_by(status: u16, v: &Value) -> Told {
     match (status, v.get("outcome").and_then(Value::as_str)) {
         (200, Some("committed")) => Told::Committed,
         (409 | 400, Some("aborted")) => Told::Aborted,

@@ -978,6 +978,18 @@ impl Agent {
                         self.retire(&exec.gid, session);
                     }
                 }
+                if prepared
+                    && crate::failpoint::check("participant.commit_voted_no")
+                        == Some(crate::failpoint::Action::Skip)
+                {
+                    // A deliberately broken agent for the chaos driver's can-it-tell run:
+                    // it votes NO and commits the branch all the same.
+                    let _ = Box::pin(self.commit_prepared(exec.gid.clone(), timeout)).await;
+                    return failed(
+                        ErrorKind::Internal,
+                        "failpoint participant.commit_voted_no: voting no",
+                    );
+                }
                 if prepared {
                     crate::failpoint!("participant.after_prepare");
                 }

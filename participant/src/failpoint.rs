@@ -10,7 +10,8 @@
 //!   broken binary, e.g. `coordinator.skip_decision_log`, to show the chaos audit can tell),
 //!
 //! optionally followed by `@N` to act only on the N-th hit (earlier hits pass), so a
-//! crash can land in the middle of a running workload.
+//! crash can land in the middle of a running workload, or by `%N` to act on every N-th
+//! hit (a broken build that misbehaves now and then, among correct answers).
 //!
 //! The coordinator's failpoints use this module too (the coordinator depends on the
 //! participant crate).
@@ -23,17 +24,52 @@ pub enum Action {
     Skip,
 }
 
+/// Which hits of a failpoint act.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
+enum When {
+    Always,
+    /// Only on this hit (1-based).
+    OnHit(u64),
+    /// On every hit whose number is a multiple of this.
+    Every(u64),
+}
+
+#[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
+impl When {
+    fn acts_on(self, hit: u64) -> bool {
+        match self {
+            When::Always => true,
+            When::OnHit(n) => hit == n,
+            When::Every(n) => hit.is_multiple_of(n),
+        }
+    }
+}
+
+/// `crash@3` → (`crash`, only the 3rd hit); `skip%20` → (`skip`, every 20th hit);
+/// `error` → (`error`, every hit). `None`: a count that is not a positive number.
+#[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
+fn split_when(action: &str) -> Option<(&str, When)> {
+    let count = |n: &str| n.parse::<u64>().ok().filter(|n| *n > 0);
+    if let Some((a, n)) = action.split_once('@') {
+        Some((a, When::OnHit(count(n)?)))
+    } else if let Some((a, n)) = action.split_once('%') {
+        Some((a, When::Every(count(n)?)))
+    } else {
+        Some((action, When::Always))
+    }
+}
+
 #[cfg(feature = "failpoints")]
 mod imp {
-    use super::Action;
+    use super::{Action, When};
     use std::collections::HashMap;
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::OnceLock;
 
     struct Point {
         action: Action,
-        /// Act on this hit (1-based); 0 = every hit.
-        on_hit: u64,
+        when: When,
         hits: AtomicU64,
     }
 
@@ -52,9 +88,9 @@ mod imp {
                 eprintln!("TWOPC_FAILPOINTS: ignoring {item:?} (want name=action)");
                 continue;
             };
-            let (action, on_hit) = match action.split_once('@') {
-                Some((a, n)) => (a, n.parse().unwrap_or(0)),
-                None => (action, 0),
+            let Some((action, when)) = super::split_when(action) else {
+                eprintln!("TWOPC_FAILPOINTS: bad @N or %N in {item:?}");
+                continue;
             };
             let action = match action {
                 "crash" => Action::Crash,
@@ -78,7 +114,7 @@ mod imp {
                 name.trim().to_owned(),
                 Point {
                     action,
-                    on_hit,
+                    when,
                     hits: AtomicU64::new(0),
                 },
             );
@@ -89,7 +125,7 @@ mod imp {
     pub fn check(name: &str) -> Option<Action> {
         let p = table().get(name)?;
         let hit = p.hits.fetch_add(1, Ordering::Relaxed) + 1;
-        if p.on_hit != 0 && hit != p.on_hit {
+        if !p.when.acts_on(hit) {
             return None;
         }
         if p.action == Action::Crash {
@@ -154,5 +190,25 @@ pub fn check_sync(name: &str) -> bool {
         }
         Some(Action::Error) => true,
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hit_counts_choose_which_hits_act() {
+        let acting = |spec: &str| {
+            let (_, when) = split_when(spec).unwrap();
+            (1..=9).filter(|h| when.acts_on(*h)).collect::<Vec<u64>>()
+        };
+        assert_eq!(acting("skip"), (1..=9).collect::<Vec<_>>());
+        assert_eq!(acting("crash@3"), vec![3]);
+        assert_eq!(acting("skip%4"), vec![4, 8]);
+        assert_eq!(split_when("skip%4").unwrap().0, "skip");
+        for bad in ["skip%0", "crash@0", "crash@x", "skip%-1"] {
+            assert!(split_when(bad).is_none(), "{bad}");
+        }
     }
 }

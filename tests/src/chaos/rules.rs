@@ -6,21 +6,52 @@ use std::collections::HashSet;
 
 use twopc_coordinator::bank::AuditReport;
 
-use super::{
-    FaultRecord, ReadAudits, Rule, LEFTOVER_LIMIT_MS, PREPARED_LIMIT_MS, RECOVERY_LIMIT_MS,
-};
+use super::{FaultRecord, ReadAudits, Rule};
 
-/// After each heal, at least this many transfers must commit...
+// The bounds the audit holds the system to, all here, each with its reason. They count
+// from the heal of a fault (faults are held 0.5–2.5 s), and follow from the timers of
+// the docker-compose deployment the chaos runs use: the coordinator's call timeout 10 s,
+// agent connect timeout 2 s, phase-2 retry backoff at most 5 s, recovery pass every 1 s,
+// idle timeout of interactive transactions 10 s; the agents' lock timeout 2 s; and the
+// driver's own read audits, every 5 s, whose SHARE locks stop the writers of a database
+// for up to about 5 s (`AUDIT_LOCK_TIMEOUT` in mod.rs says why). Measured here (two
+// cores shared by everything), 60 faults of every kind: with the audits' stalls, and in
+// an experiment whose audits could not stall (they then rarely completed).
+
+/// Heal → a writing probe over every database committed. The slowest path: a request in
+/// flight on a link that died waits out the call timeout (10 s), then the coordinator
+/// reconnects within its connect timeout (2 s); or one audit's stall. Measured: at most
+/// 5.5 s (1.7 s without audit stalls).
+pub const SERVING_LIMIT_MS: u64 = 15_000;
+/// Heal → every transaction of ours prepared at the heal resolved: serving, plus one
+/// phase-2 retry at the longest backoff (5 s). Measured: at most 7.1 s (4.1 s).
+pub const IN_DOUBT_LIMIT_MS: u64 = SERVING_LIMIT_MS + 5_000;
+/// End of the load → no prepared transaction of ours left: the in-doubt bound.
+/// Measured: at most 6 s (35 ms).
+pub const PREPARED_LIMIT_MS: u64 = IN_DOUBT_LIMIT_MS;
+/// End of the load → no live transaction in the coordinator, no agent session idle in a
+/// transaction or idle holding a lock (invariant 8): an interactive transaction whose
+/// client vanished ends at the idle timeout (10 s) plus a reaper round (250 ms) and its
+/// rollbacks. Measured: under 100 ms (no client vanishes in a healed run).
+pub const LEFTOVER_LIMIT_MS: u64 = 15_000;
+/// Once nothing is prepared any more, a GET of any transaction is definite (the
+/// coordinator has read every participant's decision rows on its first recovery pass,
+/// 1 s). Longer is an answer that stays open. Measured: at once.
+pub const RESOLVE_LIMIT_MS: u64 = 30_000;
+/// After each recovery, at least this many transfers must commit...
 pub const PROGRESS_COMMITS: u64 = 5;
-/// ... within this long of the fault's recovery (a fault never stops the system for good).
-pub const PROGRESS_LIMIT_MS: u64 = 30_000;
-/// Once everything is healed, commits per second must reach at least this fraction of
-/// the fault-free rate measured before the first fault (the system comes back to speed,
-/// not merely to life). A bound today's system meets, not yet the one it should: after
-/// coordinator restarts the rate stays low (measured: 45.8 commits/s healed against 275.2
-/// fault-free after ten coordinator kills in 45 s; 243.8 against 283.8 in a run of every
-/// kind), a slowdown this rule found and that is not diagnosed yet. Raise it once fixed.
-pub const HEALED_RATE_FRACTION: f64 = 0.1;
+/// ... within this long: a client whose request died with a link gets its answer within
+/// its request timeout (10 s), or one audit's stall (5 s) holds them all. Measured: at
+/// most 7 s (0.6 s).
+pub const PROGRESS_LIMIT_MS: u64 = 15_000;
+/// Once everything is healed, commits per second (over 5 s, with no read audit
+/// running) must reach at least this fraction of the fault-free rate measured the same
+/// way before the first fault: back to speed, not merely to life. Not 1: paired 5 s
+/// windows on this noisy two-core machine differ by up to a third. Measured: 1.1 (ten
+/// coordinator kills), 1.5 and 0.78 (60 faults of every kind). The "slowdown after
+/// coordinator restarts" an earlier run reported (45.8 against 275.2 commits/s) was a
+/// read audit's stall inside the window, not the coordinator.
+pub const HEALED_RATE_FRACTION: f64 = 0.5;
 
 /// How the last 2PC read of the run ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -222,20 +253,22 @@ fn liveness_rules(f: &Facts) -> Vec<Rule> {
     let mut rules = vec![
         Rule {
             name: "no_prepared_left",
-            pass: f.prepared_cleared_ms.is_some() && f.audit.leftover_prepared.is_empty(),
+            pass: within(f.prepared_cleared_ms, PREPARED_LIMIT_MS)
+                && f.audit.leftover_prepared.is_empty(),
             detail: match f.prepared_cleared_ms {
-                Some(ms) => {
-                    format!("cleared {ms} ms after the last heal (limit {PREPARED_LIMIT_MS} ms)")
-                }
+                Some(ms) => format!(
+                    "cleared {ms} ms after the load stopped (limit {PREPARED_LIMIT_MS} ms); {} left at the audit",
+                    f.audit.leftover_prepared.len()
+                ),
                 None => format!(
-                    "{} still prepared {PREPARED_LIMIT_MS} ms after the last heal",
+                    "{} still prepared when the driver stopped waiting",
                     f.audit.leftover_prepared.len()
                 ),
             },
         },
         Rule {
             name: "nothing_left_open",
-            pass: f.nothing_open.is_ok(),
+            pass: f.nothing_open.as_ref().is_ok_and(|ms| *ms <= LEFTOVER_LIMIT_MS),
             detail: match &f.nothing_open {
                 Ok(ms) => format!(
                     "nothing open {ms} ms after the load stopped (limit {LEFTOVER_LIMIT_MS} ms)"
@@ -258,19 +291,31 @@ fn liveness_rules(f: &Facts) -> Vec<Rule> {
         pass: !f.faults.is_empty() && failed.is_empty(),
         detail: format!("{} faults; not injected {}", f.faults.len(), shown(&failed)),
     });
-    let never: Vec<String> = f
+    let slow: Vec<String> = f
         .faults
         .iter()
-        .filter(|x| x.recovery_ms.is_none() || x.in_doubt_resolved_ms.is_none())
-        .map(|x| format!("{}@{}ms on {}", x.kind.name(), x.at_ms, x.target))
+        .filter(|x| {
+            !within(x.recovery_ms, SERVING_LIMIT_MS)
+                || !within(x.in_doubt_resolved_ms, IN_DOUBT_LIMIT_MS)
+        })
+        .map(|x| {
+            format!(
+                "{}@{}ms on {} (serving {}, in-doubt resolved {})",
+                x.kind.name(),
+                x.at_ms,
+                x.target,
+                ms_or_never(x.recovery_ms),
+                ms_or_never(x.in_doubt_resolved_ms)
+            )
+        })
         .collect();
     rules.push(Rule {
         name: "every_fault_recovered",
-        pass: never.is_empty(),
+        pass: slow.is_empty(),
         detail: format!(
-            "{} faults; not serving within {RECOVERY_LIMIT_MS} ms or in doubt past {PREPARED_LIMIT_MS} ms: {}",
+            "{} faults; not serving within {SERVING_LIMIT_MS} ms or in doubt past {IN_DOUBT_LIMIT_MS} ms: {}",
             f.faults.len(),
-            shown(&never)
+            shown(&slow)
         ),
     });
     rules.push(commits_resume(f));
@@ -284,12 +329,29 @@ fn liveness_rules(f: &Facts) -> Vec<Rule> {
     rules
 }
 
+/// `ms` came, and within `limit_ms`.
+fn within(ms: Option<u64>, limit_ms: u64) -> bool {
+    ms.is_some_and(|ms| ms <= limit_ms)
+}
+
+fn ms_or_never(ms: Option<u64>) -> String {
+    ms.map_or("never".to_owned(), |ms| format!("{ms} ms"))
+}
+
 fn commits_resume(f: &Facts) -> Rule {
     let stalled: Vec<String> = f
         .faults
         .iter()
-        .filter(|x| x.progress_ms.is_none())
-        .map(|x| format!("{}@{}ms on {}", x.kind.name(), x.at_ms, x.target))
+        .filter(|x| !within(x.progress_ms, PROGRESS_LIMIT_MS))
+        .map(|x| {
+            format!(
+                "{}@{}ms on {} ({})",
+                x.kind.name(),
+                x.at_ms,
+                x.target,
+                ms_or_never(x.progress_ms)
+            )
+        })
         .collect();
     let floor = f.baseline_rate * HEALED_RATE_FRACTION;
     Rule {
@@ -441,6 +503,27 @@ mod tests {
                 f.faults.clear();
             }),
             ("every_fault_recovered", |f| f.faults[0].recovery_ms = None),
+            ("every_fault_recovered", |f| {
+                f.faults[0].recovery_ms = Some(SERVING_LIMIT_MS + 1)
+            }),
+            ("every_fault_recovered", |f| {
+                f.faults[0].in_doubt_resolved_ms = Some(IN_DOUBT_LIMIT_MS + 1)
+            }),
+            ("no_prepared_left", |f| {
+                f.prepared_cleared_ms = Some(PREPARED_LIMIT_MS + 1)
+            }),
+            ("no_prepared_left", |f| {
+                f.audit.leftover_prepared = vec![("db1".into(), "twopc_c1_1_1".into())]
+            }),
+            ("nothing_left_open", |f| {
+                f.nothing_open = Ok(LEFTOVER_LIMIT_MS + 1)
+            }),
+            ("commits_resume", |f| {
+                f.faults[0].progress_ms = Some(PROGRESS_LIMIT_MS + 1)
+            }),
+            ("commits_resume", |f| {
+                f.healed_rate = f.baseline_rate * HEALED_RATE_FRACTION - 0.1
+            }),
             ("every_fault_recovered", |f| {
                 f.faults[0].in_doubt_resolved_ms = None
             }),
