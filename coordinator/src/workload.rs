@@ -59,6 +59,21 @@ pub struct WorkloadReport {
     pub latencies_us: Vec<u64>,
     pub expectation: Expectation,
     pub unknown_ids: Vec<String>,
+    /// The SQLSTATE codes of the error answers clients got (a failed statement of an
+    /// interactive transaction, an aborted one-shot), counted: a fault test proves its
+    /// fault hit transactions by the connection errors here (class 08).
+    pub error_codes: std::collections::BTreeMap<String, u64>,
+}
+
+impl WorkloadReport {
+    /// Error answers whose SQLSTATE is of `class` (e.g. "08", connection exceptions).
+    pub fn errors_of_class(&self, class: &str) -> u64 {
+        self.error_codes
+            .iter()
+            .filter(|(code, _)| code.starts_with(class))
+            .map(|(_, n)| n)
+            .sum()
+    }
 }
 
 impl WorkloadReport {
@@ -207,6 +222,8 @@ pub fn told_by(status: u16, v: &Value) -> Told {
 struct Client {
     http: reqwest::Client,
     config: Arc<WorkloadConfig>,
+    /// SQLSTATE of every error answer, counted (see `WorkloadReport::error_codes`).
+    error_codes: Arc<std::sync::Mutex<std::collections::BTreeMap<String, u64>>>,
 }
 
 impl Client {
@@ -219,7 +236,15 @@ impl Client {
             .await
             .ok()?;
         let status = resp.status().as_u16();
-        Some((status, resp.json().await.unwrap_or(Value::Null)))
+        let v = resp.json().await.unwrap_or(Value::Null);
+        if let Some(code) = v.pointer("/error/code").and_then(Value::as_str) {
+            let mut codes = self
+                .error_codes
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            *codes.entry(code.to_owned()).or_insert(0) += 1;
+        }
+        Some((status, v))
     }
 
     /// Asks the coordinator what happened to `txn_id` until it says (bounded).
@@ -334,6 +359,7 @@ pub async fn run(config: WorkloadConfig) -> anyhow::Result<WorkloadReport> {
         .pool_max_idle_per_host(config.clients)
         .build()?;
     let issued = Arc::new(AtomicU64::new(0));
+    let error_codes = Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::new()));
     let started = Instant::now();
     let deadline = started + config.duration;
     let config = Arc::new(config);
@@ -345,6 +371,7 @@ pub async fn run(config: WorkloadConfig) -> anyhow::Result<WorkloadReport> {
         let c = Client {
             http: http.clone(),
             config: config.clone(),
+            error_codes: error_codes.clone(),
         };
         tasks.push(tokio::spawn(async move {
             let config = &c.config;
@@ -423,5 +450,10 @@ pub async fn run(config: WorkloadConfig) -> anyhow::Result<WorkloadReport> {
     }
     report.elapsed = started.elapsed();
     report.expectation = Expectation { committed, aborted };
+    report.error_codes = std::mem::take(
+        &mut *error_codes
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()),
+    );
     Ok(report)
 }

@@ -116,6 +116,18 @@ const LEAVES_PREPARED: &[&str] = &[
 
 /// Crash the coordinator at `failpoint` (on its `hit`-th pass) under load, restart it,
 /// audit. Twice per failpoint.
+/// The fault cut transactions off: some client got no answer, or an answer saying a
+/// connection failed (SQLSTATE class 08: the agent or its database was gone) — not a
+/// run the fault missed.
+fn assert_fault_hit(report: &WorkloadReport, case: &str) {
+    let hit = report.unknown + report.errors_of_class("08");
+    assert!(
+        hit > 0,
+        "{case}: the fault hit no transaction (no unanswered request, no connection error; errors seen: {:?})",
+        report.error_codes
+    );
+}
+
 async fn coordinator_crash_case(h: &mut ProcHarness, failpoint: &str, hit: u32, round: u32) {
     let case = format!("{failpoint}@{hit} round {round}");
     h.reset_bank().await.unwrap();
@@ -274,6 +286,7 @@ async fn kill9_of_coordinator_and_agent_under_load() {
         tokio::time::sleep(Duration::from_millis(500)).await;
         h.start_agent(victim, "").await.unwrap();
         let report = wl.await.unwrap().unwrap();
+        assert_fault_hit(&report, &format!("kill -9 agent round {round}"));
         settle_and_audit(&h, &report, &format!("kill -9 agent round {round}")).await;
         h.stop_all();
     }
@@ -295,6 +308,7 @@ async fn postgres_immediate_stop_mid_load() {
             cluster.start_again().unwrap();
         });
         let report = wl.await.unwrap().unwrap();
+        assert_fault_hit(&report, &format!("postgres immediate stop round {round}"));
         settle_and_audit(
             &h,
             &report,
