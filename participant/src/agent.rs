@@ -48,7 +48,8 @@ use twopc_shared::msg::{
 use twopc_shared::sql::{starts_with_dml, transaction_control};
 use twopc_shared::{BUILD_VERSION, PROTOCOL_VERSION};
 
-use crate::convert::{check_columns, check_params, row_to_json, JsonParam};
+use crate::convert::{check_params, ConvertError, JsonParam};
+use crate::decode::{decode_row, resolve_pending, Plan};
 
 mod epochs;
 mod schema;
@@ -1051,12 +1052,8 @@ impl Agent {
                     err.statement_index = Some(index);
                     return Err(Response::Failed(err));
                 }
-                if let Err(e) = check_columns(st.columns()) {
-                    let mut err = AgentError::new(ErrorKind::BadRequest, e.to_string());
-                    err.statement_index = Some(index);
-                    return Err(Response::Failed(err));
-                }
-                prepared.push(st);
+                let plan = Plan::new(st.columns());
+                prepared.push((st, plan));
             }
             Ok(prepared)
         })
@@ -1088,7 +1085,7 @@ impl Agent {
         if let Some(sql) = idle_sql.as_deref() {
             steps.push(async move { Step::Done(client.batch_execute(sql).await) }.boxed());
         }
-        for (st, stmt) in prepared.iter().zip(&exec.statements) {
+        for ((st, plan), stmt) in prepared.iter().zip(&exec.statements) {
             steps.push(
                 async move {
                     let params: Vec<JsonParam<'_>> = stmt.params.iter().map(JsonParam).collect();
@@ -1101,13 +1098,23 @@ impl Agent {
                     };
                     futures::pin_mut!(stream);
                     let mut rows = Vec::new();
+                    // Values shown as the server's text output, asked for once every
+                    // row is read: (row, where in it, value).
+                    let mut pending = Vec::new();
+                    let mut row_pending = Vec::new();
                     loop {
                         match stream.try_next().await {
-                            Ok(Some(row)) => match row_to_json(&row) {
+                            Ok(Some(row)) => match decode_row(&row, plan, &mut row_pending) {
                                 Ok(obj) => {
                                     // Counted while read: the answer must fit in a frame,
-                                    // and memory must not hold more than that first.
-                                    let size = approx_json_bytes_of_row(&obj);
+                                    // and memory must not hold more than that first (a
+                                    // value still to be shown as text, at twice its bytes).
+                                    let size = approx_json_bytes_of_row(&obj)
+                                        + row_pending
+                                            .iter()
+                                            .map(|p| 2 * p.raw.len() as u64)
+                                            .sum::<u64>();
+                                    pending.extend(row_pending.drain(..).map(|p| (rows.len(), p)));
                                     let total =
                                         result_bytes.fetch_add(size, Ordering::Relaxed) + size;
                                     if total > max_result_bytes {
@@ -1118,13 +1125,28 @@ impl Agent {
                                     }
                                     rows.push(obj)
                                 }
-                                Err(e) => {
-                                    return Step::Rows(Err(StepError::Convert(e.to_string())))
+                                Err((i, e)) => {
+                                    let column = st.columns()[i].name().to_owned();
+                                    let err = ConvertError::Decode {
+                                        column,
+                                        message: e.to_string(),
+                                    };
+                                    return Step::Rows(Err(StepError::Convert(err.to_string())));
                                 }
                             },
                             Ok(None) => break,
                             Err(e) => return Step::Rows(Err(StepError::Sql(e))),
                         }
+                    }
+                    if !pending.is_empty() {
+                        if let Err(e) = resolve_pending(client, &mut rows, pending).await {
+                            return Step::Rows(Err(StepError::Convert(format!(
+                                "the text form of a value could not be had from the server: {e}"
+                            ))));
+                        }
+                    }
+                    if let Some(err) = too_deep(st.columns(), plan, &rows) {
+                        return Step::Rows(Err(StepError::Convert(err.to_string())));
                     }
                     let rows_affected = stream.rows_affected().unwrap_or(rows.len() as u64);
                     Step::Rows(Ok(StmtResult {
@@ -1960,6 +1982,30 @@ fn decision_outcome(outcomes: Vec<Step>, statements: usize) -> Result<Ran, Respo
             failed(ErrorKind::BadRequest, "commit_decision without a decision")
         })),
     }
+}
+
+/// The first column of `rows` nesting arrays and objects deeper than the protocol
+/// carries (see `MAX_VALUE_DEPTH`).
+fn too_deep(
+    columns: &[tokio_postgres::Column],
+    plan: &Plan,
+    rows: &[serde_json::Map<String, serde_json::Value>],
+) -> Option<ConvertError> {
+    let max = twopc_shared::msg::MAX_VALUE_DEPTH;
+    for row in rows {
+        for (i, (key, _)) in plan.columns.iter().enumerate() {
+            if row
+                .get(key)
+                .is_some_and(|v| twopc_shared::msg::value_depth(v) > max)
+            {
+                return Some(ConvertError::TooDeep {
+                    column: columns[i].name().to_owned(),
+                    max,
+                });
+            }
+        }
+    }
+    None
 }
 
 /// Runs `work` within `timeout` and answers `ok(value)`, its error, or `Timeout` with

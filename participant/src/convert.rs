@@ -5,20 +5,15 @@
 //! PostgreSQL itself parses it with the exact semantics of the type (numeric precision,
 //! timestamp formats, ...).
 //!
-//! Rows: binary results decoded per column type ([`row_to_json`]): `numeric` as an exact
-//! string, `int8` beyond 2^53 as a string, timestamps RFC 3339.
+//! Rows: see [`crate::decode`].
 
 use std::error::Error as StdError;
 
 use bytes::BytesMut;
-use chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime, Utc};
 use postgres_types::{Format, FromSql, IsNull, Kind, ToSql, Type};
-use serde_json::{Map, Number, Value};
+use serde_json::Value;
 
 type BoxError = Box<dyn StdError + Sync + Send>;
-
-/// Largest integer a JSON number carries exactly in common clients (2^53).
-const JSON_SAFE_INT: i64 = 1 << 53;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConvertError {
@@ -26,8 +21,6 @@ pub enum ConvertError {
     Param { index: usize, message: String },
     #[error("parameter count mismatch: statement takes {expected}, got {got}")]
     ParamCount { expected: usize, got: usize },
-    #[error("column {column}: unsupported type {type_name} (cast it, e.g. {column}::text)")]
-    Column { column: String, type_name: String },
     #[error("column {column}: {message}")]
     Decode { column: String, message: String },
     #[error(
@@ -206,7 +199,7 @@ pub fn check_params(types: &[Type], params: &[Value]) -> Result<(), ConvertError
 }
 
 /// PostgreSQL's binary `numeric`, kept as its exact decimal text.
-struct PgNumeric(String);
+pub(crate) struct PgNumeric(pub(crate) String);
 
 impl<'a> FromSql<'a> for PgNumeric {
     fn from_sql(_ty: &Type, raw: &'a [u8]) -> Result<Self, BoxError> {
@@ -278,224 +271,6 @@ impl<'a> FromSql<'a> for PgNumeric {
     fn accepts(ty: &Type) -> bool {
         *ty == Type::NUMERIC
     }
-}
-
-/// Any type, read as its raw text (for text-like types we do not know by OID).
-struct RawText(String);
-
-impl<'a> FromSql<'a> for RawText {
-    fn from_sql(_ty: &Type, raw: &'a [u8]) -> Result<Self, BoxError> {
-        Ok(RawText(std::str::from_utf8(raw)?.to_owned()))
-    }
-    fn accepts(_: &Type) -> bool {
-        true
-    }
-}
-
-fn float_json(f: f64) -> Value {
-    if f.is_nan() {
-        Value::String("NaN".into())
-    } else if f.is_infinite() {
-        Value::String(if f > 0.0 { "Infinity" } else { "-Infinity" }.into())
-    } else {
-        Number::from_f64(f).map_or(Value::Null, Value::Number)
-    }
-}
-
-fn frac_micros(fmt: &str, t: &str) -> String {
-    // chrono prints ".%6f" always; PostgreSQL omits a zero fraction.
-    t.strip_suffix(fmt).unwrap_or(t).to_owned()
-}
-
-fn column_value(row: &tokio_postgres::Row, i: usize, ty: &Type) -> Result<Value, BoxError> {
-    macro_rules! get {
-        ($t:ty) => {
-            row.try_get::<_, Option<$t>>(i)?
-        };
-    }
-    Ok(match *ty {
-        Type::BOOL => get!(bool).map_or(Value::Null, Value::Bool),
-        Type::INT2 => get!(i16).map_or(Value::Null, Value::from),
-        Type::INT4 => get!(i32).map_or(Value::Null, Value::from),
-        Type::OID => get!(u32).map_or(Value::Null, Value::from),
-        Type::INT8 => match get!(i64) {
-            None => Value::Null,
-            Some(n) if (-JSON_SAFE_INT..=JSON_SAFE_INT).contains(&n) => Value::from(n),
-            Some(n) => Value::String(n.to_string()),
-        },
-        Type::FLOAT4 => get!(f32).map_or(Value::Null, |f| float_json(f as f64)),
-        Type::FLOAT8 => get!(f64).map_or(Value::Null, float_json),
-        Type::NUMERIC => get!(PgNumeric).map_or(Value::Null, |n| Value::String(n.0)),
-        Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME | Type::UNKNOWN => {
-            get!(String).map_or(Value::Null, Value::String)
-        }
-        Type::CHAR => get!(i8).map_or(Value::Null, |c| {
-            Value::String(char::from(c as u8).to_string())
-        }),
-        Type::JSON | Type::JSONB => get!(Value).unwrap_or(Value::Null),
-        Type::UUID => get!(uuid::Uuid).map_or(Value::Null, |u| Value::String(u.to_string())),
-        Type::BYTEA => get!(Vec<u8>).map_or(Value::Null, |b| {
-            let mut s = String::with_capacity(2 + 2 * b.len());
-            s.push_str("\\x");
-            for byte in b {
-                s.push_str(&format!("{byte:02x}"));
-            }
-            Value::String(s)
-        }),
-        Type::TIMESTAMPTZ => get!(DateTime<Utc>).map_or(Value::Null, |t| {
-            Value::String(t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
-        }),
-        Type::TIMESTAMP => get!(NaiveDateTime).map_or(Value::Null, |t| {
-            Value::String(frac_micros(
-                ".000000",
-                &t.format("%Y-%m-%dT%H:%M:%S%.6f").to_string(),
-            ))
-        }),
-        Type::DATE => get!(NaiveDate).map_or(Value::Null, |d| {
-            Value::String(d.format("%Y-%m-%d").to_string())
-        }),
-        Type::TIME => get!(NaiveTime).map_or(Value::Null, |t| {
-            Value::String(frac_micros(
-                ".000000",
-                &t.format("%H:%M:%S%.6f").to_string(),
-            ))
-        }),
-        // Functions returning void (pg_sleep, ...): nothing to show.
-        Type::VOID => Value::Null,
-        _ => match ty.kind() {
-            // Enums travel as their label text.
-            Kind::Enum(_) => get!(RawText).map_or(Value::Null, |t| Value::String(t.0)),
-            Kind::Array(elem) => {
-                return array_value(row, i, elem);
-            }
-            _ => return Err(Box::new(Unsupported)),
-        },
-    })
-}
-
-fn array_value(row: &tokio_postgres::Row, i: usize, elem: &Type) -> Result<Value, BoxError> {
-    macro_rules! arr {
-        ($t:ty, $f:expr) => {
-            row.try_get::<_, Option<Vec<Option<$t>>>>(i)?
-                .map_or(Value::Null, |v| {
-                    Value::Array(v.into_iter().map(|x| x.map_or(Value::Null, $f)).collect())
-                })
-        };
-    }
-    Ok(match *elem {
-        Type::BOOL => arr!(bool, Value::Bool),
-        Type::INT2 => arr!(i16, Value::from),
-        Type::INT4 => arr!(i32, Value::from),
-        Type::INT8 => arr!(
-            i64,
-            |n: i64| if (-JSON_SAFE_INT..=JSON_SAFE_INT).contains(&n) {
-                Value::from(n)
-            } else {
-                Value::String(n.to_string())
-            }
-        ),
-        Type::FLOAT8 => arr!(f64, float_json),
-        Type::TEXT | Type::VARCHAR => arr!(String, Value::String),
-        Type::NUMERIC => arr!(PgNumeric, |n: PgNumeric| Value::String(n.0)),
-        _ => return Err(Box::new(Unsupported)),
-    })
-}
-
-/// The result types `row_to_json` converts (keep in step with `column_value` and
-/// `array_value`).
-fn supported(ty: &Type) -> bool {
-    match *ty {
-        Type::BOOL
-        | Type::INT2
-        | Type::INT4
-        | Type::OID
-        | Type::INT8
-        | Type::FLOAT4
-        | Type::FLOAT8
-        | Type::NUMERIC
-        | Type::TEXT
-        | Type::VARCHAR
-        | Type::BPCHAR
-        | Type::NAME
-        | Type::UNKNOWN
-        | Type::CHAR
-        | Type::JSON
-        | Type::JSONB
-        | Type::UUID
-        | Type::BYTEA
-        | Type::TIMESTAMPTZ
-        | Type::TIMESTAMP
-        | Type::DATE
-        | Type::TIME
-        | Type::VOID => true,
-        _ => match ty.kind() {
-            Kind::Enum(_) => true,
-            Kind::Array(elem) => matches!(
-                *elem,
-                Type::BOOL
-                    | Type::INT2
-                    | Type::INT4
-                    | Type::INT8
-                    | Type::FLOAT8
-                    | Type::TEXT
-                    | Type::VARCHAR
-                    | Type::NUMERIC
-            ),
-            _ => false,
-        },
-    }
-}
-
-/// Refuses, before anything runs, a statement whose result has a column `row_to_json`
-/// cannot convert: found after the statement ran, the error would come too late (its
-/// writes, even its commit, may already have happened).
-pub fn check_columns(columns: &[tokio_postgres::Column]) -> Result<(), ConvertError> {
-    match columns.iter().find(|c| !supported(c.type_())) {
-        None => Ok(()),
-        Some(c) => Err(ConvertError::Column {
-            column: c.name().to_owned(),
-            type_name: c.type_().name().to_owned(),
-        }),
-    }
-}
-
-#[derive(Debug)]
-struct Unsupported;
-
-impl std::fmt::Display for Unsupported {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("unsupported type")
-    }
-}
-
-impl StdError for Unsupported {}
-
-/// One row as a JSON object, column name → value, in column order.
-pub fn row_to_json(row: &tokio_postgres::Row) -> Result<Map<String, Value>, ConvertError> {
-    let mut out = Map::with_capacity(row.len());
-    for (i, col) in row.columns().iter().enumerate() {
-        let v = column_value(row, i, col.type_()).map_err(|e| {
-            if e.is::<Unsupported>() {
-                ConvertError::Column {
-                    column: col.name().to_owned(),
-                    type_name: col.type_().name().to_owned(),
-                }
-            } else {
-                ConvertError::Decode {
-                    column: col.name().to_owned(),
-                    message: e.to_string(),
-                }
-            }
-        })?;
-        if twopc_shared::msg::value_depth(&v) > twopc_shared::msg::MAX_VALUE_DEPTH {
-            return Err(ConvertError::TooDeep {
-                column: col.name().to_owned(),
-                max: twopc_shared::msg::MAX_VALUE_DEPTH,
-            });
-        }
-        out.insert(col.name().to_owned(), v);
-    }
-    Ok(out)
 }
 
 #[cfg(test)]

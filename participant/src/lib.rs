@@ -14,6 +14,7 @@ pub mod agent;
 pub mod auth;
 pub mod cli;
 pub mod convert;
+pub mod decode;
 pub mod failpoint;
 pub mod server;
 pub mod tls;
