@@ -1152,6 +1152,7 @@ impl Agent {
                     Step::Rows(Ok(StmtResult {
                         rows_affected,
                         rows,
+                        error: None,
                     }))
                 }
                 .boxed(),
@@ -1921,15 +1922,22 @@ fn decision_outcome(outcomes: Vec<Step>, statements: usize) -> Result<Ran, Respo
                 if e.as_db_error().is_none() {
                     return Err(unknown(&e));
                 }
-                results.push(StmtResult::default());
+                let failure = sql_failure(&e, Some(stmt_index));
+                results.push(StmtResult {
+                    error: Some(failure_text(&failure)),
+                    ..StmtResult::default()
+                });
                 stmt_index += 1;
-                Some(sql_failure(&e, Some(stmt_index - 1)))
+                Some(failure)
             }
             Step::Rows(Err(StepError::Convert(m))) => {
-                results.push(StmtResult::default());
-                stmt_index += 1;
+                results.push(StmtResult {
+                    error: Some(format!("its rows could not be returned: {m}")),
+                    ..StmtResult::default()
+                });
                 let mut err = AgentError::new(ErrorKind::BadRequest, m);
-                err.statement_index = Some(stmt_index - 1);
+                err.statement_index = Some(stmt_index);
+                stmt_index += 1;
                 Some(Response::Failed(err))
             }
             Step::Decision(r) => {
@@ -1956,7 +1964,7 @@ fn decision_outcome(outcomes: Vec<Step>, statements: usize) -> Result<Ran, Respo
         }
         (Some(Ok(rows)), Some(Ok(()))) => {
             if let Some(Response::Failed(e)) = &first_error {
-                warn!(error = %e, "a statement failed but the branch committed (a savepoint repaired it, or its rows could not be converted)");
+                warn!(error = %e, "a statement failed but the branch committed (a savepoint repaired it, or its rows could not be returned); its result says so");
             }
             let outcome = if rows == 0 {
                 BranchOutcome::ReadOnly
@@ -1981,6 +1989,14 @@ fn decision_outcome(outcomes: Vec<Step>, statements: usize) -> Result<Ran, Respo
         (None, _) => Err(first_error.unwrap_or_else(|| {
             failed(ErrorKind::BadRequest, "commit_decision without a decision")
         })),
+    }
+}
+
+/// The error a failed step's answer carries, as text for a statement's result.
+fn failure_text(r: &Response) -> String {
+    match r {
+        Response::Failed(e) => e.to_string(),
+        other => format!("{other:?}"),
     }
 }
 

@@ -228,6 +228,12 @@ pub struct StmtResult {
     pub rows_affected: u64,
     #[serde(default)]
     pub rows: Vec<serde_json::Map<String, serde_json::Value>>,
+    /// Why this statement has no rows although its transaction committed: it failed and
+    /// a later `ROLLBACK TO SAVEPOINT` repaired the transaction (PostgreSQL's error), or
+    /// its rows could not be returned (too many bytes, nested too deep). Never an empty
+    /// result without a word.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// Internally tagged like [`Request`], and deserialized by hand for the same reason.
@@ -797,6 +803,7 @@ mod tests {
                 results: vec![StmtResult {
                     rows_affected: 1,
                     rows: vec![serde_json::from_str(r#"{"k": 1, "s": "x"}"#).unwrap()],
+                    error: None,
                 }],
                 outcome: BranchOutcome::ReadOnly,
             },

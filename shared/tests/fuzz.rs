@@ -238,12 +238,15 @@ fn response() -> impl Strategy<Value = Response> {
     ]);
     let row = proptest::collection::btree_map("\\PC{0,6}", json_value(), 0..4)
         .prop_map(|m| m.into_iter().collect::<serde_json::Map<_, _>>());
-    let result =
-        (any::<u64>(), proptest::collection::vec(row, 0..3)).prop_map(|(rows_affected, rows)| {
-            StmtResult {
-                rows_affected,
-                rows,
-            }
+    let result = (
+        any::<u64>(),
+        proptest::collection::vec(row, 0..3),
+        proptest::option::of("\\PC{0,12}"),
+    )
+        .prop_map(|(rows_affected, rows, error)| StmtResult {
+            rows_affected,
+            rows,
+            error,
         });
     prop_oneof![
         Just(Response::Pong),

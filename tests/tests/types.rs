@@ -202,3 +202,67 @@ async fn values_round_trip_with_postgres_semantics() {
     assert_eq!(row["bounded"], json!("[0:1]={7,8}"));
     drop(cluster);
 }
+
+/// A statement whose rows cannot be returned (here: more bytes than the answer may
+/// carry) in a transaction that commits all the same says so in its result: before,
+/// its result was empty without a word, as if PostgreSQL had returned no row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_that_cannot_be_returned_after_a_commit_say_so() {
+    twopc_testkit::init_tracing();
+    let cluster =
+        tokio::task::spawn_blocking(|| PgCluster::start(ClusterOptions::new("types_after")))
+            .await
+            .unwrap()
+            .unwrap();
+    let url = cluster.url("postgres");
+    let (db, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    db.batch_execute("CREATE TABLE t (id int)").await.unwrap();
+    let mut config = AgentConfig::new("t", url);
+    config.max_result_bytes = 4 * 1024;
+    let agent = Agent::connect(config).await.unwrap();
+    let r = agent
+        .handle(
+            Request::Execute(ExecuteBranch {
+                gid: Gid::new("types", 2, 1).unwrap(),
+                isolation: Default::default(),
+                statements: vec![
+                    Statement {
+                        sql: "INSERT INTO t VALUES (1)".into(),
+                        params: vec![],
+                    },
+                    Statement {
+                        sql: "SELECT repeat('x', 10000) AS v".into(),
+                        params: vec![],
+                    },
+                ],
+                finish: Finish::Commit,
+                read_only_vote: false,
+                continues: false,
+                decision: None,
+                expires_in_ms: None,
+            }),
+            Duration::from_secs(10),
+        )
+        .await;
+    let n: i64 = db
+        .query_one("SELECT count(*) FROM t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    match r {
+        Response::Executed { results, outcome } => {
+            assert_eq!(outcome, twopc_shared::msg::BranchOutcome::Committed);
+            assert_eq!(n, 1, "the insert committed");
+            assert!(results[1].rows.is_empty());
+            let why = results[1].error.as_deref().unwrap_or("");
+            assert!(why.contains("could not be returned"), "{why:?}");
+        }
+        // Also honest: nothing committed, and the answer says why.
+        Response::Failed(e) => assert_eq!(n, 0, "failed ({e}) but the insert committed"),
+        other => panic!("unexpected {other:?}"),
+    }
+    drop(cluster);
+}
