@@ -36,24 +36,10 @@ pub struct JsonParam<'a>(pub &'a Value);
 
 impl ToSql for JsonParam<'_> {
     fn to_sql(&self, ty: &Type, out: &mut BytesMut) -> Result<IsNull, BoxError> {
-        match self.0 {
-            Value::Null => return Ok(IsNull::Yes),
-            Value::String(s) => out.extend_from_slice(s.as_bytes()),
-            Value::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
-            Value::Number(n) => out.extend_from_slice(n.to_string().as_bytes()),
-            v @ (Value::Array(_) | Value::Object(_)) => {
-                if matches!(ty.kind(), Kind::Array(_))
-                    && *ty != Type::JSON_ARRAY
-                    && *ty != Type::JSONB_ARRAY
-                {
-                    if let Value::Array(items) = v {
-                        out.extend_from_slice(array_literal(items).as_bytes());
-                        return Ok(IsNull::No);
-                    }
-                }
-                out.extend_from_slice(v.to_string().as_bytes())
-            }
+        if self.0.is_null() {
+            return Ok(IsNull::Yes);
         }
+        out.extend_from_slice(text_form(ty, self.0)?.as_bytes());
         Ok(IsNull::No)
     }
 
@@ -68,8 +54,43 @@ impl ToSql for JsonParam<'_> {
     postgres_types::to_sql_checked!();
 }
 
-/// A JSON array as a PostgreSQL array literal: `{"a","b",NULL}`.
-fn array_literal(items: &[Value]) -> String {
+/// The text a non-null JSON value gives the input function of `ty`: strings as they
+/// are, numbers and booleans as JSON prints them, an array bound to an array type as an
+/// array literal (`{"a","b",NULL}`), an object bound to a composite type as a record
+/// literal in field order (`("1","x y",)`, a missing field NULL); any other array or
+/// object as its JSON text (json, jsonb).
+fn text_form(ty: &Type, v: &Value) -> Result<String, String> {
+    Ok(match (v, ty.kind()) {
+        (Value::String(s), _) => s.clone(),
+        (Value::Bool(b), _) => b.to_string(),
+        (Value::Number(n), _) => n.to_string(),
+        (Value::Null, _) => String::new(),
+        (_, Kind::Domain(base)) => text_form(base, v)?,
+        (Value::Array(items), Kind::Array(elem))
+            if *ty != Type::JSON_ARRAY && *ty != Type::JSONB_ARRAY =>
+        {
+            array_literal(elem, items)?
+        }
+        (Value::Object(fields), Kind::Composite(declared)) => record_literal(declared, fields)?,
+        (other, _) => other.to_string(),
+    })
+}
+
+/// `text` in double quotes, `"` and `\` escaped (array and record literals alike).
+fn quoted(text: &str) -> String {
+    let mut s = String::with_capacity(text.len() + 2);
+    s.push('"');
+    for c in text.chars() {
+        if c == '"' || c == '\\' {
+            s.push('\\');
+        }
+        s.push(c);
+    }
+    s.push('"');
+    s
+}
+
+fn array_literal(elem: &Type, items: &[Value]) -> Result<String, String> {
     let mut s = String::from("{");
     for (i, v) in items.iter().enumerate() {
         if i > 0 {
@@ -77,25 +98,39 @@ fn array_literal(items: &[Value]) -> String {
         }
         match v {
             Value::Null => s.push_str("NULL"),
-            Value::Array(inner) => s.push_str(&array_literal(inner)),
-            other => {
-                let text = match other {
-                    Value::String(t) => t.clone(),
-                    o => o.to_string(),
-                };
-                s.push('"');
-                for c in text.chars() {
-                    if c == '"' || c == '\\' {
-                        s.push('\\');
-                    }
-                    s.push(c);
-                }
-                s.push('"');
+            // A nested array is the next dimension (PostgreSQL's arrays are rectangular).
+            Value::Array(inner) if !matches!(elem.kind(), Kind::Array(_)) => {
+                s.push_str(&array_literal(elem, inner)?)
             }
+            other => s.push_str(&quoted(&text_form(elem, other)?)),
         }
     }
     s.push('}');
-    s
+    Ok(s)
+}
+
+fn record_literal(
+    declared: &[postgres_types::Field],
+    given: &serde_json::Map<String, Value>,
+) -> Result<String, String> {
+    if let Some(unknown) = given
+        .keys()
+        .find(|k| !declared.iter().any(|f| f.name() == k.as_str()))
+    {
+        return Err(format!("the composite type has no field {unknown:?}"));
+    }
+    let mut s = String::from("(");
+    for (i, f) in declared.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        match given.get(f.name()) {
+            None | Some(Value::Null) => {}
+            Some(v) => s.push_str(&quoted(&text_form(f.type_(), v)?)),
+        }
+    }
+    s.push(')');
+    Ok(s)
 }
 
 fn describe(v: &Value) -> String {
@@ -184,7 +219,20 @@ pub fn check_params(types: &[Type], params: &[Value]) -> Result<(), ConvertError
                 .is_some_and(|s| uuid::Uuid::parse_str(s.trim()).is_ok()),
             Type::BYTEA => v.is_string(),
             _ => match ty.kind() {
-                Kind::Array(_) => v.is_array() || v.is_string(),
+                // The literal is built now so a value that cannot become one (an object
+                // naming a field the type lacks) is refused before anything runs.
+                Kind::Array(_) | Kind::Composite(_) | Kind::Domain(_)
+                    if v.is_array() || v.is_object() =>
+                {
+                    if let Err(message) = text_form(ty, v) {
+                        return Err(ConvertError::Param {
+                            index: i + 1,
+                            message,
+                        });
+                    }
+                    true
+                }
+                Kind::Array(_) => v.is_string(),
                 _ => v.is_string() || v.is_number() || v.is_boolean(),
             },
         };
@@ -376,8 +424,12 @@ mod tests {
     #[test]
     fn array_literals_escape() {
         assert_eq!(
-            array_literal(&[json!("a\"b"), Value::Null, json!(3)]),
+            array_literal(&Type::TEXT, &[json!("a\"b"), Value::Null, json!(3)]).unwrap(),
             r#"{"a\"b",NULL,"3"}"#
+        );
+        assert_eq!(
+            array_literal(&Type::INT4, &[json!([1, 2]), json!([3, null])]).unwrap(),
+            r#"{{"1","2"},{"3",NULL}}"#
         );
     }
 }

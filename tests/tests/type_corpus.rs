@@ -238,6 +238,45 @@ async fn every_catalogue_type_reads_and_binds() {
         }
     }
 
+    // Composites bound from their JSON form (and from text), alone and in an array; a
+    // field the type lacks is refused before anything runs.
+    let pair = json!({"a": 1, "b": "x \"y\" \\ z", "c": "1 day", "d": [[1, 2], [3, null]]});
+    for (sql, param, want) in [
+        ("SELECT $1::corpus_pair AS v", pair.clone(), pair.clone()),
+        (
+            "SELECT $1::corpus_pair AS v",
+            json!("(2,b,,)"),
+            json!({"a": 2, "b": "b", "c": null, "d": null}),
+        ),
+        (
+            "SELECT $1::corpus_pair[] AS v",
+            json!([pair.clone(), null, {"b": "only b"}]),
+            json!([pair.clone(), null, {"a": null, "b": "only b", "c": null, "d": null}]),
+        ),
+        ("SELECT $1::corpus_pos AS v", json!(7), json!(7)),
+        (
+            "SELECT $1::corpus_mood[] AS v",
+            json!(["sad"]),
+            json!(["sad"]),
+        ),
+    ] {
+        match query(&agent, next(), sql, vec![param.clone()]).await {
+            Ok(v) if v == want => {}
+            other => failures.push(format!("{sql} with {param}: {other:?}, want {want}")),
+        }
+    }
+    match query(
+        &agent,
+        next(),
+        "SELECT $1::corpus_pair AS v",
+        vec![json!({"zz": 1})],
+    )
+    .await
+    {
+        Err(e) if e.contains("no field \"zz\"") && e.contains("$1") => {}
+        other => failures.push(format!("an unknown field was not refused: {other:?}")),
+    }
+
     // Every range and multirange type, built from a sample of its subtype.
     let ranges = db
         .query(
