@@ -2899,7 +2899,8 @@ fn refused_before_commit(e: &AgentError) -> bool {
 fn agent_abort(participant: &str, txn_id: &str, e: AgentError) -> AbortInfo {
     let (code, client_fault) = match e.kind {
         ErrorKind::Sql => (e.sqlstate.clone().unwrap_or_else(|| "XX000".into()), false),
-        ErrorKind::BadParam => ("22023".to_owned(), true),
+        // PostgreSQL's code when its input function refused the value, else ours.
+        ErrorKind::BadParam => (e.sqlstate.clone().unwrap_or_else(|| "22023".into()), true),
         ErrorKind::Timeout => ("57014".to_owned(), false),
         ErrorKind::Unavailable => ("08006".to_owned(), false),
         ErrorKind::DatabaseUnreachable => ("08001".to_owned(), false),

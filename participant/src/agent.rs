@@ -2049,11 +2049,21 @@ fn sqlstate(e: &tokio_postgres::Error) -> Option<&str> {
 
 fn agent_error(e: &tokio_postgres::Error, statement_index: Option<usize>) -> AgentError {
     match e.as_db_error() {
-        Some(db) => AgentError {
-            kind: ErrorKind::Sql,
-            sqlstate: Some(db.code().code().to_owned()),
-            message: db.message().to_owned(),
-            statement_index,
+        Some(db) => match bound_parameter(db) {
+            // The type's input function refused a parameter while binding it: the
+            // client's value does not fit (a 400), with PostgreSQL's own SQLSTATE.
+            Some(n) => AgentError {
+                kind: ErrorKind::BadParam,
+                sqlstate: Some(db.code().code().to_owned()),
+                message: format!("parameter ${n}: {}", db.message()),
+                statement_index,
+            },
+            None => AgentError {
+                kind: ErrorKind::Sql,
+                sqlstate: Some(db.code().code().to_owned()),
+                message: db.message().to_owned(),
+                statement_index,
+            },
         },
         None => AgentError {
             kind: if e.is_closed() {
@@ -2066,6 +2076,26 @@ fn agent_error(e: &tokio_postgres::Error, statement_index: Option<usize>) -> Age
             statement_index,
         },
     }
+}
+
+/// The parameter PostgreSQL was converting when it raised `db`, if it was binding one:
+/// its error context then reads `unnamed portal parameter $N = '...'` (or `portal "p"
+/// parameter $N`).
+fn bound_parameter(db: &tokio_postgres::error::DbError) -> Option<u32> {
+    let context = db.where_()?;
+    let at = context
+        .find("portal parameter $")
+        .map(|i| i + 18)
+        .or_else(|| {
+            context
+                .find("portal \"")
+                .and_then(|i| context[i..].find(" parameter $").map(|j| i + j + 12))
+        })?;
+    let digits: String = context[at..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
 }
 
 fn sql_failure(e: &tokio_postgres::Error, statement_index: Option<usize>) -> Response {

@@ -163,10 +163,31 @@ async fn values_round_trip_with_postgres_semantics() {
             other => panic!("{v} accepted: {other:?}"),
         }
     }
-    // A value of the right JSON kind that PostgreSQL rejects is a SQL error.
-    match one(&agent, next(), "SELECT $1::date", vec![json!("2024-02-30")]).await {
-        Response::Failed(e) => assert_eq!(e.sqlstate.as_deref(), Some("22008"), "{e}"),
-        other => panic!("accepted: {other:?}"),
+    // A value of the right JSON kind that the type's input function rejects is a bad
+    // parameter too (a 400), named, with PostgreSQL's code; an error while the statement
+    // runs is not.
+    for (sql, v, code) in [
+        ("SELECT $1::date", json!("2024-02-30"), "22008"),
+        ("SELECT 1, $1::interval", json!("one day"), "22007"),
+        ("SELECT $1::int4range", json!("[5,1)"), "22000"),
+        ("SELECT $1::inet", json!("300.1.1.1"), "22P02"),
+    ] {
+        match one(&agent, next(), sql, vec![v.clone()]).await {
+            Response::Failed(e) => {
+                assert_eq!(e.kind, ErrorKind::BadParam, "{v}: {e}");
+                assert_eq!(e.sqlstate.as_deref(), Some(code), "{v}: {e}");
+                assert!(e.message.starts_with("parameter $1: "), "{}", e.message);
+            }
+            other => panic!("{v} accepted: {other:?}"),
+        }
+    }
+    match one(&agent, next(), "SELECT 1 / $1::int4", vec![json!(0)]).await {
+        Response::Failed(e) => assert_eq!(
+            (e.kind, e.sqlstate.as_deref()),
+            (ErrorKind::Sql, Some("22012")),
+            "{e}"
+        ),
+        other => panic!("divided by zero: {other:?}"),
     }
     // void (pg_sleep and friends) reads as null.
     let row = first_row(one(&agent, next(), "SELECT pg_sleep(0) AS s", vec![]).await);
