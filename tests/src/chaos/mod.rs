@@ -159,6 +159,11 @@ pub struct ReadAudits {
     pub inconsistent: u64,
     /// Could not complete (a fault was in the way, or a lock wait timed out).
     pub incomplete: u64,
+    /// What each audit's client was told of its own transaction (`committed`, or
+    /// `aborted` once its rollback was answered): `coordinator_agrees` asks about these
+    /// too.
+    #[serde(skip)]
+    pub told: Vec<(String, &'static str)>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -367,7 +372,7 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
                 }
                 let _quiet = quiet.lock().await;
                 out.attempted += 1;
-                match read_audit(&http, &url, &names, &initial).await {
+                match read_audit(&http, &url, &names, &initial, &mut out.told).await {
                     Ok(Ok(())) => out.consistent += 1,
                     Ok(Err(why)) => {
                         eprintln!("chaos: 2PC read audit INCONSISTENT: {why}");
@@ -529,13 +534,54 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
             }
         };
     }
+    let mid_run_consistent = read_audits_mid.consistent;
+    let mut read_audits = read_audits_mid;
+    read_audits.attempted += 1;
+    let mut final_told = Vec::new();
+    let final_read = match read_audit(
+        &http,
+        &config.coordinator_url,
+        &names,
+        &initial,
+        &mut final_told,
+    )
+    .await
+    {
+        Ok(Ok(())) => {
+            read_audits.consistent += 1;
+            FinalRead::Consistent
+        }
+        Ok(Err(why)) => {
+            read_audits.inconsistent += 1;
+            FinalRead::Inconsistent(why)
+        }
+        Err(e) => {
+            read_audits.incomplete += 1;
+            FinalRead::Incomplete(format!("{e:#}"))
+        }
+    };
     // The coordinator must still say what it told: `committed` for every acknowledged
     // commit, `aborted` for every acknowledged abort.
     let mut disagree = Vec::new();
     let mut asked = 0;
+    // The read audits' own transactions too (they write nothing, so the bank audit
+    // cannot check them; only the coordinator's answer can).
+    let audits_told = |outcome: &str| -> HashSet<String> {
+        read_audits
+            .told
+            .iter()
+            .chain(&final_told)
+            .filter(|(_, o)| *o == outcome)
+            .map(|(id, _)| id.clone())
+            .collect()
+    };
+    let (audits_committed, audits_aborted) = (audits_told("committed"), audits_told("aborted"));
+    let audits_asked = audits_committed.len() + audits_aborted.len();
     for (told, outcome) in [
         (&report.expectation.committed, "committed"),
         (&report.expectation.aborted, "aborted"),
+        (&audits_committed, "committed"),
+        (&audits_aborted, "aborted"),
     ] {
         let ids: Vec<String> = told.iter().cloned().collect();
         let answers = resolve_outcomes(&http, &config.coordinator_url, &ids).await;
@@ -565,23 +611,6 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
     let audit = bank::audit(&dbs, expected_total, &initial, "twopc_", Some(&expect))
         .await
         .context("audit the databases")?;
-    let mid_run_consistent = read_audits_mid.consistent;
-    let mut read_audits = read_audits_mid;
-    read_audits.attempted += 1;
-    let final_read = match read_audit(&http, &config.coordinator_url, &names, &initial).await {
-        Ok(Ok(())) => {
-            read_audits.consistent += 1;
-            FinalRead::Consistent
-        }
-        Ok(Err(why)) => {
-            read_audits.inconsistent += 1;
-            FinalRead::Inconsistent(why)
-        }
-        Err(e) => {
-            read_audits.incomplete += 1;
-            FinalRead::Incomplete(format!("{e:#}"))
-        }
-    };
     let audit_total = audit.total;
     let facts = Facts {
         expected_total,
@@ -594,6 +623,7 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
         unresolved: unresolved.clone(),
         disagree,
         asked,
+        audits_asked,
         prepared_cleared_ms,
         nothing_open,
         faults: faults.clone(),
@@ -895,6 +925,7 @@ async fn read_audit(
     base: &str,
     names: &[String],
     initial: &[(String, i64)],
+    told: &mut Vec<(String, &'static str)>,
 ) -> anyhow::Result<Result<(), String>> {
     let txn_id = format!("audit-{}", now_ms());
     let post = |path: String, body: Value| {
@@ -950,11 +981,17 @@ async fn read_audit(
     let sums = match reads {
         Ok(s) => s,
         Err(e) => {
-            let _ = post(format!("/v1/transactions/{txn_id}/rollback"), json!({})).await;
+            if post(format!("/v1/transactions/{txn_id}/rollback"), json!({}))
+                .await
+                .is_ok()
+            {
+                told.push((txn_id, "aborted"));
+            }
             return Err(e);
         }
     };
     post(format!("/v1/transactions/{txn_id}/commit"), json!({})).await?;
+    told.push((txn_id.clone(), "committed"));
     let mut total = 0i64;
     let mut expected = 0i64;
     let mut problems = Vec::new();

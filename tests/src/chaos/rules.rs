@@ -75,8 +75,11 @@ pub struct Facts {
     pub unresolved: Vec<String>,
     /// Acknowledged outcomes the coordinator's GET contradicts, as `id=answer`.
     pub disagree: Vec<String>,
-    /// Acknowledged outcomes asked about (commits and aborts).
+    /// Acknowledged outcomes asked about (commits and aborts, the read audits' own
+    /// included).
     pub asked: usize,
+    /// Of those, the read audits' own transactions.
+    pub audits_asked: usize,
     pub prepared_cleared_ms: Option<u64>,
     /// Ok(ms until nothing was open) or what was left open.
     pub nothing_open: Result<u64, Vec<String>>,
@@ -212,11 +215,13 @@ fn consistency_rules(f: &Facts) -> Vec<Rule> {
         },
         Rule {
             name: "coordinator_agrees",
-            pass: f.disagree.is_empty() && f.asked == f.told_committed.len() + f.told_aborted.len(),
+            pass: f.disagree.is_empty()
+                && f.asked == f.told_committed.len() + f.told_aborted.len() + f.audits_asked,
             detail: format!(
-                "{} acknowledged outcomes asked of {} (commits and aborts); disagreeing {}",
+                "{} acknowledged outcomes asked of {} (commits and aborts) and {} read audits; disagreeing {}",
                 f.asked,
                 f.told_committed.len() + f.told_aborted.len(),
+                f.audits_asked,
                 shown(&f.disagree)
             ),
         },
@@ -400,7 +405,8 @@ mod tests {
             },
             told_committed: ids(&["c1", "c2"]),
             told_aborted: ids(&["a1"]),
-            asked: 3,
+            asked: 4,
+            audits_asked: 1,
             prepared_cleared_ms: Some(10),
             nothing_open: Ok(10),
             faults: vec![fault()],
@@ -486,7 +492,10 @@ mod tests {
             ("coordinator_agrees", |f| {
                 f.disagree = vec!["a1=committed".into()]
             }),
-            ("coordinator_agrees", |f| f.asked = 2),
+            ("coordinator_agrees", |f| f.asked = 3),
+            ("coordinator_agrees", |f| {
+                f.disagree = vec!["audit-1=aborted".into()]
+            }),
             ("consistent_reads", |f| f.read_audits.inconsistent = 1),
             ("consistent_reads", |f| f.mid_run_consistent = 0),
             ("consistent_reads", |f| {
