@@ -959,3 +959,49 @@ async fn a_savepoint_repaired_error_in_a_one_phase_commit_is_reported_committed(
     assert_clean(&h).await;
     h.shutdown().await.unwrap();
 }
+
+/// Through the coordinator, one-shot and interactive alike: a 2-D array, an interval, a
+/// repeated column name and an infinite timestamp come back whole (issue 18), and a
+/// parameter its type refuses is a 400 naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_value_comes_back_through_the_coordinator() {
+    let h = Harness::start(2, AgentMode::Remote).await.unwrap();
+    let sql = "SELECT '{{1,2},{3,4}}'::int[] AS m, interval '1 day' AS iv, 1 AS x, 2 AS x, \
+               'infinity'::timestamptz AS t";
+    let want = json!([{"m": [[1, 2], [3, 4]], "iv": "1 day", "x": 1, "x_2": 2, "t": "infinity"}]);
+    let body = json!({"txn_id": "values-1", "branches": [
+        {"participant": "a", "statements": [{"sql": sql}]}]});
+    let (status, v) = h.post("/v1/transactions", &body).await.unwrap();
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["branches"][0]["results"][0]["rows"], want, "{v}");
+
+    let (status, v) = h
+        .post("/v1/transactions", &json!({"txn_id": "values-2"}))
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{v}");
+    let (status, v) = h
+        .post(
+            "/v1/transactions/values-2/statements",
+            &json!({"participant": "b", "sql": sql}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["rows"], want, "{v}");
+    let (status, v) = h
+        .post("/v1/transactions/values-2/commit", &json!({}))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{v}");
+
+    let body = json!({"txn_id": "values-3", "branches": [
+        {"participant": "a", "statements": [{"sql": "SELECT $1::interval AS v", "params": ["one day"]}]}]});
+    let (status, v) = h.post("/v1/transactions", &body).await.unwrap();
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(v["error"]["code"], "22007", "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap_or("").contains("$1"),
+        "{v}"
+    );
+}
