@@ -933,8 +933,17 @@ impl Agent {
 
         match result {
             Err(err) => {
-                // The branch is rolled back: a NO vote.
-                Box::pin(self.forget_branch(&exec.gid, session, MaybePrepared::No)).await;
+                // The branch is rolled back: a NO vote. Rows that could not be returned
+                // (BadRequest) fail after the pipeline's PREPARE ran: that is rolled back
+                // too.
+                let after_prepare =
+                    matches!(&err, Response::Failed(e) if e.kind == ErrorKind::BadRequest);
+                let maybe = if exec.finish == Finish::Prepare && after_prepare {
+                    MaybePrepared::Uncounted
+                } else {
+                    MaybePrepared::No
+                };
+                Box::pin(self.forget_branch(&exec.gid, session, maybe)).await;
                 err
             }
             Ok(ran) => {
@@ -1072,6 +1081,20 @@ impl Agent {
         };
         // Result bytes, shared by every statement of the request (their rows are read
         // concurrently).
+        // Values shown as the server's text output are asked for after their rows were
+        // read, so after the pipeline's PREPARE or COMMIT (and session reset) when the
+        // branch finishes here: then in a READ ONLY transaction rolled back at once, one
+        // statement at a time, so that nothing a type's input function runs (a domain's
+        // CHECK can call any function) writes or changes the pooled session.
+        let outside_transaction = exec.finish != Finish::Keep;
+        let text_lock = tokio::sync::Mutex::new(());
+        let text_lock = &text_lock;
+        // Set by the finishing step as it sends PREPARE or COMMIT (every step sends its
+        // request on its first poll, so before any row can be read): the read-only
+        // transaction above must never start inside the client's, whose ROLLBACK it would
+        // be.
+        let finish_sent_flag = std::sync::atomic::AtomicBool::new(false);
+        let finish_sent = &finish_sent_flag;
         let result_bytes_counter = AtomicU64::new(0);
         let result_bytes = &result_bytes_counter;
         let max_result_bytes = self.inner.config.max_result_bytes;
@@ -1139,9 +1162,21 @@ impl Agent {
                         }
                     }
                     if !pending.is_empty() {
-                        if let Err(e) = resolve_pending(client, &mut rows, pending).await {
+                        let _one_at_a_time = text_lock.lock().await;
+                        let resolved = if outside_transaction {
+                            if !finish_sent.load(Ordering::Acquire) {
+                                return Step::Rows(Err(StepError::Convert(
+                                    "the text form of a value was asked for before the branch finished (a bug); no value was returned".into(),
+                                )));
+                            }
+                            resolve_pending_read_only(client, &mut rows, pending).await
+                        } else {
+                            resolve_pending(client, &mut rows, pending).await
+                        };
+                        if let Err(e) = resolved {
+                            let why = e.as_db_error().map_or_else(|| e.to_string(), |d| d.message().to_owned());
                             return Step::Rows(Err(StepError::Convert(format!(
-                                "the text form of a value could not be had from the server: {e}"
+                                "the text form of a value could not be had from the server: {why}"
                             ))));
                         }
                     }
@@ -1196,7 +1231,13 @@ impl Agent {
                     .boxed(),
                 );
                 let sql = prepare_sql.as_str();
-                steps.push(async move { Step::Finish(client.batch_execute(sql).await) }.boxed());
+                steps.push(
+                    async move {
+                        finish_sent.store(true, Ordering::Release);
+                        Step::Finish(client.batch_execute(sql).await)
+                    }
+                    .boxed(),
+                );
             }
             Finish::Commit => {
                 steps.push(
@@ -1211,7 +1252,11 @@ impl Agent {
                     .boxed(),
                 );
                 steps.push(
-                    async move { Step::Finish(client.batch_execute("COMMIT").await) }.boxed(),
+                    async move {
+                        finish_sent.store(true, Ordering::Release);
+                        Step::Finish(client.batch_execute("COMMIT").await)
+                    }
+                    .boxed(),
                 );
             }
             Finish::CommitDecision => {
@@ -1258,7 +1303,11 @@ impl Agent {
                     );
                 }
                 steps.push(
-                    async move { Step::Finish(client.batch_execute("COMMIT").await) }.boxed(),
+                    async move {
+                        finish_sent.store(true, Ordering::Release);
+                        Step::Finish(client.batch_execute("COMMIT").await)
+                    }
+                    .boxed(),
                 );
             }
         }
@@ -1291,6 +1340,7 @@ impl Agent {
         let mut results = Vec::with_capacity(exec.statements.len());
         let mut read_only = false;
         let mut stmt_index = 0usize;
+        let mut unreturnable: Option<(String, usize)> = None;
         for step in outcomes {
             match step {
                 Step::Done(Err(e)) | Step::Decision(Err(e)) => {
@@ -1304,10 +1354,15 @@ impl Agent {
                 Step::Rows(Err(StepError::Sql(e))) => {
                     return (session.release(), Err(sql_failure(&e, Some(stmt_index))))
                 }
+                // Reported after the loop, unless a later step's SQL error explains it
+                // (a statement that failed aborted the transaction, so the server could
+                // not give an earlier value's text).
                 Step::Rows(Err(StepError::Convert(m))) => {
-                    let mut err = AgentError::new(ErrorKind::BadRequest, m);
-                    err.statement_index = Some(stmt_index);
-                    return (session.release(), Err(Response::Failed(err)));
+                    if unreturnable.is_none() {
+                        unreturnable = Some((m, stmt_index));
+                    }
+                    results.push(StmtResult::default());
+                    stmt_index += 1;
                 }
                 Step::ReadOnly(Ok(ro)) => read_only = ro,
                 Step::ReadOnly(Err(e)) => return (session.release(), Err(sql_failure(&e, None))),
@@ -1319,6 +1374,11 @@ impl Agent {
                 // Taken out of the outcomes above.
                 Step::Reset(_) => {}
             }
+        }
+        if let Some((m, index)) = unreturnable {
+            let mut err = AgentError::new(ErrorKind::BadRequest, m);
+            err.statement_index = Some(index);
+            return (session.release(), Err(Response::Failed(err)));
         }
         let outcome = match exec.finish {
             Finish::Keep => BranchOutcome::Active,
@@ -1992,6 +2052,19 @@ fn decision_outcome(outcomes: Vec<Step>, statements: usize) -> Result<Ran, Respo
     }
 }
 
+/// [`resolve_pending`] inside `BEGIN READ ONLY` ... `ROLLBACK` (the session is outside a
+/// transaction: the branch has finished).
+async fn resolve_pending_read_only(
+    client: &tokio_postgres::Client,
+    rows: &mut [serde_json::Map<String, serde_json::Value>],
+    pending: Vec<(usize, crate::decode::Pending)>,
+) -> Result<(), tokio_postgres::Error> {
+    client.batch_execute("BEGIN READ ONLY").await?;
+    let resolved = resolve_pending(client, rows, pending).await;
+    let rolled_back = client.batch_execute("ROLLBACK").await;
+    resolved.and(rolled_back)
+}
+
 /// The error a failed step's answer carries, as text for a statement's result.
 fn failure_text(r: &Response) -> String {
     match r {
@@ -2082,19 +2155,23 @@ fn agent_error(e: &tokio_postgres::Error, statement_index: Option<usize>) -> Age
 /// its error context then reads `unnamed portal parameter $N = '...'` (or `portal "p"
 /// parameter $N`).
 fn bound_parameter(db: &tokio_postgres::error::DbError) -> Option<u32> {
-    let context = db.where_()?;
-    let at = context
-        .find("portal parameter $")
-        .map(|i| i + 18)
-        .or_else(|| {
-            context
-                .find("portal \"")
-                .and_then(|i| context[i..].find(" parameter $").map(|j| i + j + 12))
-        })?;
-    let digits: String = context[at..]
-        .chars()
-        .take_while(char::is_ascii_digit)
-        .collect();
+    // A value that does not fit its type (data exceptions, a domain's CHECK), not a
+    // serialization failure or a timeout raised meanwhile (those are worth a retry).
+    let code = db.code().code();
+    if !(code.starts_with("22") || code == "23514") {
+        return None;
+    }
+    // The outermost context only (the last line), and only PostgreSQL's own wording: a
+    // portal line deeper down, or one a function printed, is a statement that ran.
+    let context = db.where_()?.lines().last()?.trim();
+    let rest = match context.strip_prefix("unnamed portal parameter $") {
+        Some(rest) => rest,
+        None => {
+            let named = context.strip_prefix("portal \"")?;
+            &named[named.find("\" parameter $")? + 13..]
+        }
+    };
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
     digits.parse().ok()
 }
 

@@ -221,6 +221,7 @@ pub fn check_params(types: &[Type], params: &[Value]) -> Result<(), ConvertError
             _ => match ty.kind() {
                 // The literal is built now so a value that cannot become one (an object
                 // naming a field the type lacks) is refused before anything runs.
+                Kind::Array(_) if v.is_object() => false,
                 Kind::Array(_) | Kind::Composite(_) | Kind::Domain(_)
                     if v.is_array() || v.is_object() =>
                 {
@@ -374,6 +375,9 @@ mod tests {
             assert!(msg.contains("$2"), "{msg}");
             assert!(msg.contains(ty.name()), "{msg}");
         }
+        // An object is no array (it would bind as a one-element array `{"x":"y"}`).
+        assert!(check_params(&[Type::INT4_ARRAY], &[json!({"x": "y"})]).is_err());
+        assert!(check_params(&[Type::INT4_ARRAY], &[json!([1, 2])]).is_ok());
         assert!(matches!(
             check_params(&[Type::INT4], &[]),
             Err(ConvertError::ParamCount {

@@ -53,7 +53,8 @@ pub enum Decoder {
     /// `anyarray` columns) by the element type the value names.
     Array(Option<Box<Decoder>>, Type),
     /// An object, field name → value.
-    Composite(Vec<(String, Decoder)>, Type),
+    /// Fields: name, the type's OID as planned, and decoder.
+    Composite(Vec<(String, u32, Decoder)>, Type),
     /// An anonymous record (`ROW(...)`): an array of its field values.
     Record,
     /// PostgreSQL's text output of the value.
@@ -105,6 +106,7 @@ impl Decoder {
                         .map(|f| {
                             (
                                 f.name().to_owned(),
+                                f.type_().oid(),
                                 Decoder::for_type_at(f.type_(), depth + 1),
                             )
                         })
@@ -286,6 +288,10 @@ fn decode(
             Some(s) => Value::String(s),
             None => server_text(&Type::DATE, raw, at, pending),
         },
+        // 24:00:00 is a valid time (chrono would wrap it to midnight).
+        Decoder::Time if i64::from_be_bytes(fixed(raw)?) == 86_400_000_000 => {
+            Value::String("24:00:00".into())
+        }
         Decoder::Time => {
             let micros = i64::from_be_bytes(fixed(raw)?);
             let t = NaiveTime::from_hms_opt(0, 0, 0).unwrap_or_default()
@@ -534,9 +540,10 @@ fn fields_of(raw: &[u8]) -> Result<Vec<Field<'_>>, BoxError> {
 }
 
 /// A composite as an object, field name → value. If the value's fields do not match the
-/// type's (the type changed since the statement was planned), the server's text.
+/// type's as planned, in number or in any field's type (the type was altered since the
+/// session learnt it: its field list is cached), the server's text, which is current.
 fn composite(
-    fields: &[(String, Decoder)],
+    fields: &[(String, u32, Decoder)],
     ty: &Type,
     raw: &[u8],
     at: &mut Pointer,
@@ -544,12 +551,17 @@ fn composite(
     depth: usize,
 ) -> Result<Value, BoxError> {
     let values = fields_of(raw)?;
-    if values.len() != fields.len() {
+    let as_planned = values.len() == fields.len()
+        && fields
+            .iter()
+            .zip(&values)
+            .all(|((_, oid, _), (got, _))| oid == got);
+    if !as_planned {
         return Ok(server_text(ty, raw, at, pending));
     }
     let mut out = Map::with_capacity(fields.len());
     let mark = at.0.len();
-    for ((name, decoder), (_, bytes)) in fields.iter().zip(values) {
+    for ((name, _, decoder), (_, bytes)) in fields.iter().zip(values) {
         at.push(name);
         let v = match bytes {
             None => Value::Null,
@@ -754,6 +766,49 @@ mod tests {
         assert_eq!(p.0, "/a~1b~0/f/1");
         *pointer_mut(&mut row, &p.0).unwrap() = json!("x");
         assert_eq!(row["a/b~"], json!({"f": [null, "x"]}));
+    }
+
+    fn record_bytes(fields: &[(u32, Option<&[u8]>)]) -> Vec<u8> {
+        let mut b = (fields.len() as i32).to_be_bytes().to_vec();
+        for (oid, v) in fields {
+            b.extend_from_slice(&oid.to_be_bytes());
+            match v {
+                None => b.extend_from_slice(&(-1i32).to_be_bytes()),
+                Some(x) => {
+                    b.extend_from_slice(&(x.len() as i32).to_be_bytes());
+                    b.extend_from_slice(x);
+                }
+            }
+        }
+        b
+    }
+
+    #[test]
+    fn a_composite_whose_fields_changed_is_the_servers_text() {
+        let ty = Type::new("pair".into(), 90_000, Kind::Simple, "public".into());
+        let d = Decoder::Composite(
+            vec![
+                ("a".into(), 23, Decoder::Int4),
+                ("b".into(), 25, Decoder::Text),
+            ],
+            ty,
+        );
+        let one = 1i32.to_be_bytes();
+        let (v, pending) = dec(&d, &record_bytes(&[(23, Some(&one)), (25, Some(b"x"))]));
+        assert_eq!((v, pending.len()), (json!({"a": 1, "b": "x"}), 0));
+        // Same count, but the second field is an int4 now (the session's cached layout is
+        // stale): never read its bytes as text.
+        let (v, pending) = dec(&d, &record_bytes(&[(23, Some(&one)), (23, Some(&one))]));
+        assert_eq!((v, pending.len()), (Value::Null, 1));
+        let (_, pending) = dec(&d, &record_bytes(&[(23, Some(&one))]));
+        assert_eq!(pending.len(), 1);
+    }
+
+    #[test]
+    fn twenty_four_hundred_is_not_midnight() {
+        let t = |m: i64| dec(&Decoder::Time, &m.to_be_bytes()).0;
+        assert_eq!(t(86_400_000_000), json!("24:00:00"));
+        assert_eq!(t(0), json!("00:00:00"));
     }
 
     #[test]

@@ -18,7 +18,10 @@ use tracing::{debug, info, warn, Instrument};
 use twopc_shared::auth::{valid_nonce, Role, Transcript};
 use twopc_shared::codec::{encode_payload, raw_codec, FrameCodec};
 use twopc_shared::gid::validate_coordinator_id;
-use twopc_shared::msg::{AgentError, ErrorKind, Request, RequestFrame, Response, ResponseFrame};
+use twopc_shared::msg::{
+    AgentError, BranchOutcome, ErrorKind, Request, RequestFrame, Response, ResponseFrame,
+    StmtResult,
+};
 use twopc_shared::PROTOCOL_VERSION;
 
 use crate::agent::Agent;
@@ -489,10 +492,40 @@ where
     SinkExt::<Bytes>::flush(sink).await
 }
 
-/// Serializes a response; one too large for a frame is replaced by a `Limit` error.
+/// Serializes a response; one too large for a frame is replaced by a `Limit` error —
+/// except the answer of a branch that committed: a `Limit` says nothing happened, so
+/// that answer keeps its outcome and each result says its rows could not be returned.
 fn encode_response(id: u64, body: Response, max_frame_bytes: usize) -> Bytes {
-    match encode_payload(&ResponseFrame { id, body }, max_frame_bytes) {
+    let committed = matches!(
+        &body,
+        Response::Executed {
+            outcome: BranchOutcome::Committed | BranchOutcome::ReadOnly,
+            ..
+        }
+    );
+    let rows_dropped = |body: &Response, why: &str| match body {
+        Response::Executed { results, outcome } => Response::Executed {
+            results: results
+                .iter()
+                .map(|r| StmtResult {
+                    rows_affected: r.rows_affected,
+                    rows: vec![],
+                    error: Some(format!("its rows could not be returned: {why}")),
+                })
+                .collect(),
+            outcome: *outcome,
+        },
+        other => other.clone(),
+    };
+    let frame = ResponseFrame { id, body };
+    match encode_payload(&frame, max_frame_bytes) {
         Ok(b) => b,
+        Err(e) if committed => {
+            warn!(id, error = %e, "a committed branch's rows do not fit in a frame; answering without them");
+            let why = format!("the answer does not fit in a frame ({e}); return fewer rows");
+            let body = rows_dropped(&frame.body, &why);
+            encode_payload(&ResponseFrame { id, body }, max_frame_bytes).unwrap_or_default()
+        }
         Err(e) => {
             warn!(id, error = %e, "response does not fit in a frame");
             let body = Response::Failed(AgentError::new(
@@ -508,6 +541,41 @@ fn encode_response(id: u64, body: Response, max_frame_bytes: usize) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A committed branch's answer that does not fit keeps its outcome (a `Limit` would
+    /// tell the coordinator nothing happened) and says its rows could not be returned.
+    #[test]
+    fn a_committed_answer_too_large_keeps_its_outcome() {
+        let big: serde_json::Map<String, serde_json::Value> =
+            [("v".to_owned(), serde_json::json!("x".repeat(10_000)))]
+                .into_iter()
+                .collect();
+        for (outcome, keeps) in [
+            (BranchOutcome::Committed, true),
+            (BranchOutcome::ReadOnly, true),
+            (BranchOutcome::Prepared, false),
+        ] {
+            let body = Response::Executed {
+                results: vec![StmtResult {
+                    rows_affected: 1,
+                    rows: vec![big.clone()],
+                    error: None,
+                }],
+                outcome,
+            };
+            let bytes = encode_response(7, body, 4096);
+            let text = String::from_utf8_lossy(&bytes);
+            if keeps {
+                assert!(
+                    text.contains("executed") && text.contains("could not be returned"),
+                    "{text}"
+                );
+                assert!(!text.contains("xxxx"), "{text}");
+            } else {
+                assert!(text.contains("limit"), "{text}");
+            }
+        }
+    }
     use tokio::io::AsyncReadExt;
 
     #[test]

@@ -287,3 +287,124 @@ async fn rows_that_cannot_be_returned_after_a_commit_say_so() {
     }
     drop(cluster);
 }
+
+async fn branch(agent: &Agent, seq: u64, sqls: &[&str], finish: Finish) -> Response {
+    agent
+        .handle(
+            Request::Execute(ExecuteBranch {
+                gid: Gid::new("types", 3, seq).unwrap(),
+                isolation: Default::default(),
+                statements: sqls
+                    .iter()
+                    .map(|s| Statement {
+                        sql: (*s).into(),
+                        params: vec![],
+                    })
+                    .collect(),
+                finish,
+                read_only_vote: false,
+                continues: false,
+                decision: None,
+                expires_in_ms: None,
+            }),
+            Duration::from_secs(10),
+        )
+        .await
+}
+
+/// Asking the server for a value's text runs the input function of its type, and a
+/// domain's CHECK can call any function: after the branch finished, that happens in a
+/// read-only transaction rolled back at once, so it neither writes nor changes the pooled
+/// session. And in an interactive request, a later statement's error is the answer, not
+/// the earlier value the aborted transaction could no longer show.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_output_after_the_commit_has_no_side_effects() {
+    twopc_testkit::init_tracing();
+    let cluster =
+        tokio::task::spawn_blocking(|| PgCluster::start(ClusterOptions::new("types_side")))
+            .await
+            .unwrap()
+            .unwrap();
+    let url = cluster.url("postgres");
+    let (db, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    db.batch_execute(
+        "CREATE TABLE side (n int);
+         CREATE FUNCTION writes(v int) RETURNS bool LANGUAGE plpgsql AS
+           $$ BEGIN INSERT INTO side VALUES (v); RETURN true; END $$;
+         CREATE FUNCTION moves(v int) RETURNS bool LANGUAGE plpgsql AS
+           $$ BEGIN PERFORM set_config('search_path', 'nowhere', false); RETURN true; END $$;
+         CREATE DOMAIN writing AS int CHECK (writes(VALUE));
+         CREATE DOMAIN moving AS int CHECK (moves(VALUE));",
+    )
+    .await
+    .unwrap();
+    let agent = Agent::connect(AgentConfig::new("t", url)).await.unwrap();
+    // A domain field of an anonymous record is shown as the server's text. Its CHECK
+    // changes the session's search_path: rolled back with the read-only transaction.
+    for (seq, finish) in [(1, Finish::Commit), (2, Finish::Prepare)] {
+        let r = branch(&agent, seq, &["SELECT ROW(42::moving, 'x') AS v"], finish).await;
+        match r {
+            Response::Executed { results, .. } => {
+                assert_eq!(results[0].rows[0]["v"], json!(["42", "x"]), "{finish:?}")
+            }
+            other => panic!("{finish:?}: {other:?}"),
+        }
+    }
+    let _ = db
+        .batch_execute(&format!(
+            "ROLLBACK PREPARED {}",
+            Gid::new("types", 3, 2).unwrap().sql_literal()
+        ))
+        .await;
+    // Its CHECK writes: refused in the read-only transaction, so that value cannot be
+    // shown (the result says so), and nothing but the client's own statement wrote.
+    match branch(&agent, 5, &["SELECT ROW(7::writing) AS v"], Finish::Commit).await {
+        Response::Executed { results, .. } => {
+            assert!(results[0].rows.is_empty());
+            let why = results[0].error.as_deref().unwrap_or("");
+            assert!(why.contains("read-only"), "{why}");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    let n: i64 = db
+        .query_one("SELECT count(*) FROM side", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1, "the text conversion's CHECK wrote a row of its own");
+    // Every pooled session's search_path is intact: a plain table still resolves.
+    for seq in 10..18 {
+        match branch(
+            &agent,
+            seq,
+            &["SELECT count(*) AS n FROM side"],
+            Finish::Commit,
+        )
+        .await
+        {
+            Response::Executed { results, .. } => assert_eq!(results[0].rows[0]["n"], json!(1)),
+            other => panic!("the pooled session changed: {other:?}"),
+        }
+    }
+
+    // Interactive: the value's text could not be had once a later statement aborted the
+    // transaction; that statement's error is the answer.
+    match branch(
+        &agent,
+        4,
+        &["SELECT interval '1 day' AS v", "SELECT 1 / 0"],
+        Finish::Keep,
+    )
+    .await
+    {
+        Response::Failed(e) => {
+            assert_eq!(e.sqlstate.as_deref(), Some("22012"), "{e}");
+            assert_eq!(e.statement_index, Some(1), "{e}");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    drop(cluster);
+}
