@@ -289,26 +289,9 @@ async fn rows_that_cannot_be_returned_after_a_commit_say_so() {
 }
 
 async fn branch(agent: &Agent, seq: u64, sqls: &[&str], finish: Finish) -> Response {
+    let exec = twopc_testkit::branch(Gid::new("types", 3, seq).unwrap(), sqls, finish, None);
     agent
-        .handle(
-            Request::Execute(ExecuteBranch {
-                gid: Gid::new("types", 3, seq).unwrap(),
-                isolation: Default::default(),
-                statements: sqls
-                    .iter()
-                    .map(|s| Statement {
-                        sql: (*s).into(),
-                        params: vec![],
-                    })
-                    .collect(),
-                finish,
-                read_only_vote: false,
-                continues: false,
-                decision: None,
-                expires_in_ms: None,
-            }),
-            Duration::from_secs(10),
-        )
+        .handle(Request::Execute(exec), Duration::from_secs(10))
         .await
 }
 
