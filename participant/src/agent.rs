@@ -1089,10 +1089,9 @@ impl Agent {
         let outside_transaction = exec.finish != Finish::Keep;
         let text_lock = tokio::sync::Mutex::new(());
         let text_lock = &text_lock;
-        // Set by the finishing step as it sends PREPARE or COMMIT (every step sends its
-        // request on its first poll, so before any row can be read): the read-only
-        // transaction above must never start inside the client's, whose ROLLBACK it would
-        // be.
+        // Set by the finishing step as it sends PREPARE or COMMIT (on its first poll):
+        // the read-only transaction above must never start inside the client's, whose
+        // ROLLBACK it would be.
         let finish_sent_flag = std::sync::atomic::AtomicBool::new(false);
         let finish_sent = &finish_sent_flag;
         let result_bytes_counter = AtomicU64::new(0);
@@ -1164,10 +1163,18 @@ impl Agent {
                     if !pending.is_empty() {
                         let _one_at_a_time = text_lock.lock().await;
                         let resolved = if outside_transaction {
-                            if !finish_sent.load(Ordering::Acquire) {
-                                return Step::Rows(Err(StepError::Convert(
-                                    "the text form of a value was asked for before the branch finished (a bug); no value was returned".into(),
-                                )));
+                            // This step's rows can all arrive before a later step had its
+                            // first poll (the connection runs on another thread): yield
+                            // until the finishing step was sent, bounded.
+                            let mut yields = 0u32;
+                            while !finish_sent.load(Ordering::Acquire) {
+                                if yields == FINISH_WAIT_YIELDS_MAX {
+                                    return Step::Rows(Err(StepError::Convert(
+                                        "the branch's finishing step was not sent; no value's text was asked for".into(),
+                                    )));
+                                }
+                                yields += 1;
+                                tokio::task::yield_now().await;
                             }
                             resolve_pending_read_only(client, &mut rows, pending).await
                         } else {
@@ -2051,6 +2058,10 @@ fn decision_outcome(outcomes: Vec<Step>, statements: usize) -> Result<Ran, Respo
         })),
     }
 }
+
+/// How many times a step waiting to ask for values' text yields for the finishing step
+/// to be sent (each yield lets every other step of the pipeline be polled once).
+const FINISH_WAIT_YIELDS_MAX: u32 = 10_000;
 
 /// [`resolve_pending`] inside `BEGIN READ ONLY` ... `ROLLBACK` (the session is outside a
 /// transaction: the branch has finished).
