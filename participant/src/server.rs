@@ -493,13 +493,14 @@ where
 }
 
 /// Serializes a response; one too large for a frame is replaced by a `Limit` error —
-/// except the answer of a branch that committed: a `Limit` says nothing happened, so
-/// that answer keeps its outcome and each result says its rows could not be returned.
+/// except the answer of a branch that committed writes: a `Limit` says nothing happened,
+/// so that answer keeps its outcome and each result says its rows could not be returned.
+/// (A read-only branch wrote nothing: the `Limit`, and the abort it leads to, are true.)
 fn encode_response(id: u64, body: Response, max_frame_bytes: usize) -> Bytes {
     let committed = matches!(
         &body,
         Response::Executed {
-            outcome: BranchOutcome::Committed | BranchOutcome::ReadOnly,
+            outcome: BranchOutcome::Committed,
             ..
         }
     );
@@ -552,7 +553,7 @@ mod tests {
                 .collect();
         for (outcome, keeps) in [
             (BranchOutcome::Committed, true),
-            (BranchOutcome::ReadOnly, true),
+            (BranchOutcome::ReadOnly, false),
             (BranchOutcome::Prepared, false),
         ] {
             let body = Response::Executed {
