@@ -1238,13 +1238,7 @@ impl Agent {
                     .boxed(),
                 );
                 let sql = prepare_sql.as_str();
-                steps.push(
-                    async move {
-                        finish_sent.store(true, Ordering::Release);
-                        Step::Finish(client.batch_execute(sql).await)
-                    }
-                    .boxed(),
-                );
+                steps.push(finishing_step(client, sql, finish_sent));
             }
             Finish::Commit => {
                 steps.push(
@@ -1258,13 +1252,7 @@ impl Agent {
                     }
                     .boxed(),
                 );
-                steps.push(
-                    async move {
-                        finish_sent.store(true, Ordering::Release);
-                        Step::Finish(client.batch_execute("COMMIT").await)
-                    }
-                    .boxed(),
-                );
+                steps.push(finishing_step(client, "COMMIT", finish_sent));
             }
             Finish::CommitDecision => {
                 // The decision must be durable whatever the database, the role or the
@@ -1309,13 +1297,7 @@ impl Agent {
                         .boxed(),
                     );
                 }
-                steps.push(
-                    async move {
-                        finish_sent.store(true, Ordering::Release);
-                        Step::Finish(client.batch_execute("COMMIT").await)
-                    }
-                    .boxed(),
-                );
+                steps.push(finishing_step(client, "COMMIT", finish_sent));
             }
         }
 
@@ -2057,6 +2039,20 @@ fn decision_outcome(outcomes: Vec<Step>, statements: usize) -> Result<Ran, Respo
             failed(ErrorKind::BadRequest, "commit_decision without a decision")
         })),
     }
+}
+
+/// The step that finishes a branch (`PREPARE TRANSACTION ...` or `COMMIT`), marking
+/// that it was sent (values' text is asked for outside the branch only after it).
+fn finishing_step<'a>(
+    client: &'a tokio_postgres::Client,
+    sql: &'a str,
+    sent: &'a std::sync::atomic::AtomicBool,
+) -> BoxFuture<'a, Step> {
+    async move {
+        sent.store(true, Ordering::Release);
+        Step::Finish(client.batch_execute(sql).await)
+    }
+    .boxed()
 }
 
 /// How many times a step waiting to ask for values' text yields for the finishing step

@@ -244,30 +244,13 @@ async fn rows_that_cannot_be_returned_after_a_commit_say_so() {
     let mut config = AgentConfig::new("t", url);
     config.max_result_bytes = 4 * 1024;
     let agent = Agent::connect(config).await.unwrap();
-    let r = agent
-        .handle(
-            Request::Execute(ExecuteBranch {
-                gid: Gid::new("types", 2, 1).unwrap(),
-                isolation: Default::default(),
-                statements: vec![
-                    Statement {
-                        sql: "INSERT INTO t VALUES (1)".into(),
-                        params: vec![],
-                    },
-                    Statement {
-                        sql: "SELECT repeat('x', 10000) AS v".into(),
-                        params: vec![],
-                    },
-                ],
-                finish: Finish::Commit,
-                read_only_vote: false,
-                continues: false,
-                decision: None,
-                expires_in_ms: None,
-            }),
-            Duration::from_secs(10),
-        )
-        .await;
+    let r = branch(
+        &agent,
+        100,
+        &["INSERT INTO t VALUES (1)", "SELECT repeat('x', 10000) AS v"],
+        Finish::Commit,
+    )
+    .await;
     let n: i64 = db
         .query_one("SELECT count(*) FROM t", &[])
         .await
