@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use twopc_participant::{Agent, AgentConfig};
 use twopc_shared::gid::Gid;
-use twopc_shared::msg::{ExecuteBranch, Finish, Request, Response, Statement};
+use twopc_shared::msg::{Finish, Request, Response};
 use twopc_testkit::{ClusterOptions, PgCluster};
 
 /// Literals tried, in order, as a sample of each type (the first its input accepts).
@@ -61,23 +61,15 @@ const CANDIDATES: &[&str] = &[
 ];
 
 async fn query(agent: &Agent, seq: u64, sql: &str, params: Vec<Value>) -> Result<Value, String> {
+    let mut exec = twopc_testkit::branch(
+        Gid::new("corpus", 1, seq).unwrap(),
+        &[sql],
+        Finish::Commit,
+        None,
+    );
+    exec.statements[0].params = params;
     let r = agent
-        .handle(
-            Request::Execute(ExecuteBranch {
-                gid: Gid::new("corpus", 1, seq).unwrap(),
-                isolation: Default::default(),
-                statements: vec![Statement {
-                    sql: sql.into(),
-                    params,
-                }],
-                finish: Finish::Commit,
-                read_only_vote: false,
-                continues: false,
-                decision: None,
-                expires_in_ms: None,
-            }),
-            Duration::from_secs(10),
-        )
+        .handle(Request::Execute(exec), Duration::from_secs(10))
         .await;
     match r {
         Response::Executed { mut results, .. } => {

@@ -6,28 +6,34 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use twopc_participant::{Agent, AgentConfig};
 use twopc_shared::gid::Gid;
-use twopc_shared::msg::{ErrorKind, ExecuteBranch, Finish, Request, Response, Statement};
+use twopc_shared::msg::{ErrorKind, Finish, Request, Response};
 use twopc_testkit::{ClusterOptions, PgCluster};
 
 async fn one(agent: &Agent, seq: u64, sql: &str, params: Vec<Value>) -> Response {
+    let mut exec = twopc_testkit::branch(
+        Gid::new("types", 1, seq).unwrap(),
+        &[sql],
+        Finish::Commit,
+        None,
+    );
+    exec.statements[0].params = params;
     agent
-        .handle(
-            Request::Execute(ExecuteBranch {
-                gid: Gid::new("types", 1, seq).unwrap(),
-                isolation: Default::default(),
-                statements: vec![Statement {
-                    sql: sql.into(),
-                    params,
-                }],
-                finish: Finish::Commit,
-                read_only_vote: false,
-                continues: false,
-                decision: None,
-                expires_in_ms: None,
-            }),
-            Duration::from_secs(10),
-        )
+        .handle(Request::Execute(exec), Duration::from_secs(10))
         .await
+}
+
+/// A cluster named `tag` and a superuser connection to its `postgres` database.
+async fn cluster_and_client(tag: &'static str) -> (PgCluster, tokio_postgres::Client, String) {
+    let cluster = tokio::task::spawn_blocking(move || PgCluster::start(ClusterOptions::new(tag)))
+        .await
+        .unwrap()
+        .unwrap();
+    let url = cluster.url("postgres");
+    let (db, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    (cluster, db, url)
 }
 
 fn first_row(r: Response) -> serde_json::Map<String, Value> {
@@ -230,16 +236,7 @@ async fn values_round_trip_with_postgres_semantics() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rows_that_cannot_be_returned_after_a_commit_say_so() {
     twopc_testkit::init_tracing();
-    let cluster =
-        tokio::task::spawn_blocking(|| PgCluster::start(ClusterOptions::new("types_after")))
-            .await
-            .unwrap()
-            .unwrap();
-    let url = cluster.url("postgres");
-    let (db, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let (cluster, db, url) = cluster_and_client("types_after").await;
     db.batch_execute("CREATE TABLE t (id int)").await.unwrap();
     let mut config = AgentConfig::new("t", url);
     config.max_result_bytes = 4 * 1024;
@@ -286,16 +283,7 @@ async fn branch(agent: &Agent, seq: u64, sqls: &[&str], finish: Finish) -> Respo
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn text_output_after_the_commit_has_no_side_effects() {
     twopc_testkit::init_tracing();
-    let cluster =
-        tokio::task::spawn_blocking(|| PgCluster::start(ClusterOptions::new("types_side")))
-            .await
-            .unwrap()
-            .unwrap();
-    let url = cluster.url("postgres");
-    let (db, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let (cluster, db, url) = cluster_and_client("types_side").await;
     db.batch_execute(
         "CREATE TABLE side (n int);
          CREATE FUNCTION writes(v int) RETURNS bool LANGUAGE plpgsql AS
