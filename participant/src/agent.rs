@@ -1082,11 +1082,17 @@ impl Agent {
         // Result bytes, shared by every statement of the request (their rows are read
         // concurrently).
         // Values shown as the server's text output are asked for after their rows were
-        // read, so after the pipeline's PREPARE or COMMIT (and session reset) when the
-        // branch finishes here: then in a READ ONLY transaction rolled back at once, one
-        // statement at a time, so that nothing a type's input function runs (a domain's
-        // CHECK can call any function) writes or changes the pooled session.
-        let outside_transaction = exec.finish != Finish::Keep;
+        // read, one statement at a time, in a read-only savepoint rolled back at once
+        // (`resolve_pending_in_transaction`): the text is the branch's own, and nothing
+        // a type's input function runs (a domain's CHECK can call any function) writes
+        // or stays. A branch that finishes here and has a column of such a type sends
+        // its finishing steps only once its statements' rows are complete (`split`: one
+        // more round trip). Rare values of other types (a timestamp outside years
+        // 1–9999, an array whose lower bound is not 1) come after the pipeline's
+        // PREPARE or COMMIT: in a READ ONLY transaction rolled back at once.
+        let split = exec.finish != Finish::Keep
+            && prepared.iter().any(|(_, plan)| plan.may_need_server_text());
+        let outside_transaction = exec.finish != Finish::Keep && !split;
         let text_lock = tokio::sync::Mutex::new(());
         let text_lock = &text_lock;
         // Set by the finishing step as it sends PREPARE or COMMIT (on its first poll):
@@ -1178,7 +1184,7 @@ impl Agent {
                             }
                             resolve_pending_read_only(client, &mut rows, pending).await
                         } else {
-                            resolve_pending(client, &mut rows, pending).await
+                            resolve_pending_in_transaction(client, &mut rows, pending).await
                         };
                         if let Err(e) = resolved {
                             let why = e.as_db_error().map_or_else(|| e.to_string(), |d| d.message().to_owned());
@@ -1200,6 +1206,7 @@ impl Agent {
                 .boxed(),
             );
         }
+        let statements_end = steps.len();
         if read_only_check {
             // Sent in order with the others, Parse included (no round trip first, so
             // PREPARE TRANSACTION cannot overtake it).
@@ -1308,8 +1315,23 @@ impl Agent {
         }
 
         // All steps are polled together: tokio-postgres writes their messages in order
-        // without waiting, so the whole branch costs one network round trip.
-        let mut outcomes = join_all(steps).await;
+        // without waiting, so the whole branch costs one network round trip (two when
+        // `split`: a value that cannot be returned then fails the branch before it
+        // prepares or commits).
+        let mut outcomes = if split {
+            let finishing = steps.split_off(statements_end);
+            let mut outcomes = join_all(steps).await;
+            if let Some(err) = unreturnable_before_finish(&outcomes) {
+                // The finishing steps were never polled, so never sent: the transaction
+                // is open, and rolled back with the session.
+                drop(finishing);
+                return (session.release(), Err(err));
+            }
+            outcomes.extend(join_all(finishing).await);
+            outcomes
+        } else {
+            join_all(steps).await
+        };
         let reset = match outcomes.last() {
             Some(Step::Reset(_)) => outcomes.pop(),
             _ => None,
@@ -2058,6 +2080,50 @@ fn finishing_step<'a>(
 /// How many times a step waiting to ask for values' text yields for the finishing step
 /// to be sent (each yield lets every other step of the pipeline be polled once).
 const FINISH_WAIT_YIELDS_MAX: u32 = 10_000;
+
+/// The answer of a branch whose statements all ran without an SQL error but one's rows
+/// cannot be returned (the first such): BadRequest naming the statement.
+fn unreturnable_before_finish(outcomes: &[Step]) -> Option<Response> {
+    let mut first = None;
+    let mut stmt_index = 0usize;
+    for step in outcomes {
+        match step {
+            Step::Done(Err(_)) | Step::Rows(Err(StepError::Sql(_))) => return None,
+            Step::Rows(Err(StepError::Convert(m))) => {
+                if first.is_none() {
+                    let mut err = AgentError::new(ErrorKind::BadRequest, m.clone());
+                    err.statement_index = Some(stmt_index);
+                    first = Some(Response::Failed(err));
+                }
+                stmt_index += 1;
+            }
+            Step::Rows(Ok(_)) => stmt_index += 1,
+            _ => {}
+        }
+    }
+    first
+}
+
+/// [`resolve_pending`] inside the branch's transaction, in a savepoint made read-only
+/// and rolled back at once: the text is what PostgreSQL prints there (the settings the
+/// branch made, the objects it created), and whatever a type's input function runs
+/// neither writes nor stays.
+async fn resolve_pending_in_transaction(
+    client: &tokio_postgres::Client,
+    rows: &mut [serde_json::Map<String, serde_json::Value>],
+    pending: Vec<(usize, crate::decode::Pending)>,
+) -> Result<(), tokio_postgres::Error> {
+    client.batch_execute(TEXT_SAVEPOINT).await?;
+    let resolved = resolve_pending(client, rows, pending).await;
+    let rolled_back = client.batch_execute(TEXT_SAVEPOINT_END).await;
+    resolved.and(rolled_back)
+}
+
+/// Around [`resolve_pending_in_transaction`]'s lookups. The innermost savepoint of a
+/// name is the one `ROLLBACK TO` and `RELEASE` act on, so a client's savepoint of the
+/// same name is untouched.
+const TEXT_SAVEPOINT: &str = "SAVEPOINT twopc_text; SET LOCAL transaction_read_only = on";
+const TEXT_SAVEPOINT_END: &str = "ROLLBACK TO SAVEPOINT twopc_text; RELEASE SAVEPOINT twopc_text";
 
 /// [`resolve_pending`] inside `BEGIN READ ONLY` ... `ROLLBACK` (the session is outside a
 /// transaction: the branch has finished).

@@ -119,6 +119,22 @@ impl Decoder {
     }
 }
 
+impl Decoder {
+    /// Whether every value of this type is shown as the server's text, or may be for a
+    /// reason the type alone tells: a record's or an `anyarray`'s elements of a type
+    /// named only by OID, a composite whose fields changed since the plan. (Rare values
+    /// of other types are too: a timestamp outside years 1–9999, an array whose lower
+    /// bound is not 1.)
+    fn may_need_server_text(&self) -> bool {
+        match self {
+            Decoder::Server(_) | Decoder::Record | Decoder::Composite(..) => true,
+            Decoder::Array(None, _) => true,
+            Decoder::Array(Some(elem), _) => elem.may_need_server_text(),
+            _ => false,
+        }
+    }
+}
+
 /// What a statement's rows become: each column's key in the row object and decoder.
 #[derive(Debug, Clone)]
 pub struct Plan {
@@ -126,6 +142,12 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// Whether a column's values will, or may by their type, be shown as the server's
+    /// text ([`resolve_pending`]): the branch then asks for it before it finishes.
+    pub fn may_need_server_text(&self) -> bool {
+        self.columns.iter().any(|(_, d)| d.may_need_server_text())
+    }
+
     pub fn new(columns: &[tokio_postgres::Column]) -> Plan {
         let names: Vec<&str> = columns.iter().map(|c| c.name()).collect();
         let keys = column_keys(&names);

@@ -276,9 +276,8 @@ async fn branch(agent: &Agent, seq: u64, sqls: &[&str], finish: Finish) -> Respo
 }
 
 /// Asking the server for a value's text runs the input function of its type, and a
-/// domain's CHECK can call any function: after the branch finished, that happens in a
-/// read-only transaction rolled back at once, so it neither writes nor changes the pooled
-/// session. And in an interactive request, a later statement's error is the answer, not
+/// domain's CHECK can call any function: that happens in a read-only savepoint rolled
+/// back at once, so it neither writes nor changes the pooled session. And in an interactive request, a later statement's error is the answer, not
 /// the earlier value the aborted transaction could no longer show.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn text_output_after_the_commit_has_no_side_effects() {
@@ -313,13 +312,14 @@ async fn text_output_after_the_commit_has_no_side_effects() {
             Gid::new("types", 3, 2).unwrap().sql_literal()
         ))
         .await;
-    // Its CHECK writes: refused in the read-only transaction, so that value cannot be
-    // shown (the result says so), and nothing but the client's own statement wrote.
+    // Its CHECK writes: refused in the read-only savepoint, so that value cannot be
+    // shown, and the branch fails before it commits (nothing written, not even the row
+    // the client's own cast wrote).
     match branch(&agent, 5, &["SELECT ROW(7::writing) AS v"], Finish::Commit).await {
-        Response::Executed { results, .. } => {
-            assert!(results[0].rows.is_empty());
-            let why = results[0].error.as_deref().unwrap_or("");
-            assert!(why.contains("read-only"), "{why}");
+        Response::Failed(e) => {
+            assert_eq!(e.kind, ErrorKind::BadRequest, "{e}");
+            assert_eq!(e.statement_index, Some(0), "{e}");
+            assert!(e.message.contains("read-only"), "{e}");
         }
         other => panic!("unexpected {other:?}"),
     }
@@ -328,7 +328,7 @@ async fn text_output_after_the_commit_has_no_side_effects() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(n, 1, "the text conversion's CHECK wrote a row of its own");
+    assert_eq!(n, 0, "a branch whose rows could not be returned committed");
     // Every pooled session's search_path is intact: a plain table still resolves.
     for seq in 10..18 {
         match branch(
@@ -339,7 +339,7 @@ async fn text_output_after_the_commit_has_no_side_effects() {
         )
         .await
         {
-            Response::Executed { results, .. } => assert_eq!(results[0].rows[0]["n"], json!(1)),
+            Response::Executed { results, .. } => assert_eq!(results[0].rows[0]["n"], json!(0)),
             other => panic!("the pooled session changed: {other:?}"),
         }
     }
@@ -360,5 +360,56 @@ async fn text_output_after_the_commit_has_no_side_effects() {
         }
         other => panic!("unexpected {other:?}"),
     }
+    drop(cluster);
+}
+
+/// A value shown as the server's text is what PostgreSQL prints inside the branch's own
+/// transaction: with the settings it made (`SET LOCAL IntervalStyle`, `search_path`)
+/// and the objects it created, also when the branch prepares or commits in the same
+/// request. Before, the text was asked for after the PREPARE or COMMIT, in another
+/// transaction: `1 day` instead of `P1D`, and a table the prepared branch created was
+/// an OID. (The table's name is cast when the statement runs: every statement of a
+/// request is parsed before the first runs.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_output_is_the_branchs_own() {
+    twopc_testkit::init_tracing();
+    let (cluster, db, url) = cluster_and_client("types_own").await;
+    db.batch_execute("CREATE SCHEMA app; CREATE TABLE app.acct (id int)")
+        .await
+        .unwrap();
+    let agent = Agent::connect(AgentConfig::new("t", url)).await.unwrap();
+    for (seq, finish) in [
+        (20, Finish::Commit),
+        (21, Finish::Prepare),
+        (22, Finish::Keep),
+    ] {
+        let table = format!("fresh_{seq}");
+        let create = format!("CREATE TABLE {table} (id int)");
+        let select = format!(
+            "SELECT interval '1 day 2 hours' AS i, 'app.acct'::regclass AS a, \
+             '{table}'::text::regclass AS f"
+        );
+        let sqls = [
+            "SET LOCAL IntervalStyle = 'iso_8601'",
+            "SET LOCAL search_path = app, public",
+            create.as_str(),
+            select.as_str(),
+        ];
+        match branch(&agent, seq, &sqls, finish).await {
+            Response::Executed { results, .. } => {
+                let row = &results[3].rows[0];
+                assert_eq!(row["i"], json!("P1DT2H"), "{finish:?}: {row:?}");
+                assert_eq!(row["a"], json!("acct"), "{finish:?}: {row:?}");
+                assert_eq!(row["f"], json!(table), "{finish:?}: {row:?}");
+            }
+            other => panic!("{finish:?}: {other:?}"),
+        }
+    }
+    let _ = db
+        .batch_execute(&format!(
+            "ROLLBACK PREPARED {}",
+            Gid::new("types", 3, 21).unwrap().sql_literal()
+        ))
+        .await;
     drop(cluster);
 }
