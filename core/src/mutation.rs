@@ -1,0 +1,80 @@
+//! Known bugs, compiled in only under the `mutations` feature: the simulator runs the
+//! core with one of them switched on and must report a broken invariant, which proves its
+//! oracle is not vacuous. Without the feature [`Mutations::none`] is the only value and
+//! every check is `false`.
+
+/// One deliberately broken behaviour of the core.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Mutation {
+    /// Sends COMMIT PREPARED as soon as the votes are in, with the forced append.
+    CommitBeforeDurable,
+    /// Never writes the COMMIT record: phase 2 starts on the votes alone.
+    SkipDecisionLog,
+    /// Tells the client `committed` before the decision is durable.
+    AnswerBeforeDurable,
+    /// Counts a vote whose answer was lost (the branch may or may not be prepared) as YES.
+    UnknownVoteIsYes,
+    /// Writes END after the first acknowledgement instead of the last.
+    EndBeforeAllAcks,
+    /// A restarted coordinator ignores the COMMIT records its log replays.
+    ReplayForgetsDecisions,
+    /// Recovery rolls back prepared branches of the current incarnation's live
+    /// transactions too.
+    RecoveryActsOnLiveEpoch,
+    /// Recovery rolls back a prepared branch whose transaction is decided commit and
+    /// still in phase 2 (presumed abort where a decision exists).
+    RecoveryIgnoresDecisions,
+}
+
+impl Mutation {
+    pub const ALL: [Mutation; 8] = [
+        Mutation::CommitBeforeDurable,
+        Mutation::SkipDecisionLog,
+        Mutation::AnswerBeforeDurable,
+        Mutation::UnknownVoteIsYes,
+        Mutation::EndBeforeAllAcks,
+        Mutation::ReplayForgetsDecisions,
+        Mutation::RecoveryActsOnLiveEpoch,
+        Mutation::RecoveryIgnoresDecisions,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Mutation::CommitBeforeDurable => "commit-before-durable",
+            Mutation::SkipDecisionLog => "skip-decision-log",
+            Mutation::AnswerBeforeDurable => "answer-before-durable",
+            Mutation::UnknownVoteIsYes => "unknown-vote-is-yes",
+            Mutation::EndBeforeAllAcks => "end-before-all-acks",
+            Mutation::ReplayForgetsDecisions => "replay-forgets-decisions",
+            Mutation::RecoveryActsOnLiveEpoch => "recovery-acts-on-live-epoch",
+            Mutation::RecoveryIgnoresDecisions => "recovery-ignores-decisions",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Mutation> {
+        Mutation::ALL.into_iter().find(|m| m.name() == name)
+    }
+}
+
+/// Which mutation (if any) a machine runs with.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Mutations(Option<Mutation>);
+
+impl Mutations {
+    /// The correct core.
+    pub const fn none() -> Mutations {
+        Mutations(None)
+    }
+
+    /// The core with `m` switched on.
+    #[cfg(feature = "mutations")]
+    pub const fn of(m: Mutation) -> Mutations {
+        Mutations(Some(m))
+    }
+
+    /// Whether `m` is switched on (never, without the `mutations` feature).
+    #[inline]
+    pub fn on(self, m: Mutation) -> bool {
+        cfg!(feature = "mutations") && self.0 == Some(m)
+    }
+}

@@ -1,0 +1,192 @@
+//! The oracle: DESIGN's invariants, checked at the moment an event could break them and
+//! once more when the healed world has settled. It sees what really happened in the
+//! simulated databases and log, and what each client was told, never the core's own
+//! state, so a broken core cannot talk it out of a violation.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use twopc_core::commit::Answer;
+use twopc_core::Participant;
+
+use crate::world::{Branch, Gid};
+
+/// An invariant that did not hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation {
+    /// DESIGN's number for it.
+    pub invariant: u8,
+    pub what: String,
+}
+
+impl std::fmt::Display for Violation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "invariant {} broken: {}", self.invariant, self.what)
+    }
+}
+
+fn broken(invariant: u8, what: String) -> Result<(), Violation> {
+    Err(Violation { invariant, what })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Told {
+    Committed,
+    Aborted,
+}
+
+#[derive(Debug, Default)]
+pub struct Oracle {
+    /// Each transaction's branches and whether each writes.
+    plans: BTreeMap<Gid, Vec<(Participant, bool)>>,
+    told: BTreeMap<Gid, Told>,
+    committed_on: BTreeMap<Gid, BTreeSet<Participant>>,
+}
+
+impl Oracle {
+    pub fn planned(&mut self, gid: Gid, plan: Vec<(Participant, bool)>) {
+        self.plans.insert(gid, plan);
+    }
+
+    fn writes(&self, gid: Gid, p: &str) -> bool {
+        self.plans
+            .get(&gid)
+            .is_some_and(|plan| plan.iter().any(|(q, w)| q == p && *w))
+    }
+
+    fn has_writer(&self, gid: Gid) -> bool {
+        self.plans
+            .get(&gid)
+            .is_some_and(|plan| plan.iter().any(|(_, w)| *w))
+    }
+
+    /// A prepared branch is about to commit. `durable`: the log holds its COMMIT.
+    pub fn commit_prepared(&mut self, gid: Gid, p: &str, durable: bool) -> Result<(), Violation> {
+        if !durable {
+            return broken(
+                1,
+                format!("{p} commits {gid} before its COMMIT decision is durable"),
+            );
+        }
+        if self.told.get(&gid) == Some(&Told::Aborted) {
+            return broken(
+                6,
+                format!("{p} commits {gid}, whose client was told aborted"),
+            );
+        }
+        self.committed_on
+            .entry(gid)
+            .or_default()
+            .insert(p.to_owned());
+        Ok(())
+    }
+
+    /// A branch was rolled back (or an abort left its tombstone).
+    pub fn rolled_back(&mut self, gid: Gid, p: &str) -> Result<(), Violation> {
+        if !self.writes(gid, p) {
+            return Ok(());
+        }
+        if self.told.get(&gid) == Some(&Told::Committed) {
+            return broken(
+                3,
+                format!("{p} rolls back {gid}, whose client was told committed"),
+            );
+        }
+        if let Some(on) = self.committed_on.get(&gid).filter(|s| !s.is_empty()) {
+            return broken(2, format!("{p} rolls back {gid}, committed on {on:?}"));
+        }
+        Ok(())
+    }
+
+    /// Recovery rolls back `gid` on `p`; `live`: a live transaction of the current
+    /// incarnation, still deciding.
+    pub fn recovery_rollback(&mut self, gid: Gid, p: &str, live: bool) -> Result<(), Violation> {
+        if live {
+            return broken(
+                5,
+                format!("recovery rolls back {gid} on {p} while it is live"),
+            );
+        }
+        Ok(())
+    }
+
+    /// The client of `gid` is told `answer`; `durable`: the log holds its COMMIT.
+    pub fn told(&mut self, gid: Gid, answer: &Answer, durable: bool) -> Result<(), Violation> {
+        match answer {
+            Answer::Committed { .. } => {
+                if !durable && self.has_writer(gid) {
+                    return broken(
+                        3,
+                        format!("client told {gid} committed before anything durable said so"),
+                    );
+                }
+                self.told.insert(gid, Told::Committed);
+            }
+            Answer::Aborted(why) => {
+                if let Some(on) = self.committed_on.get(&gid).filter(|s| !s.is_empty()) {
+                    return broken(
+                        6,
+                        format!("client told {gid} aborted ({why:?}), committed on {on:?}"),
+                    );
+                }
+                self.told.insert(gid, Told::Aborted);
+            }
+        }
+        Ok(())
+    }
+
+    /// The healed world has settled: nothing is left prepared or in doubt, every
+    /// transaction has one outcome, and every answer is true.
+    pub fn at_quiescence(
+        &self,
+        dbs: &[&BTreeMap<Gid, Branch>],
+        unfinished: usize,
+    ) -> Result<(), Violation> {
+        for (i, db) in dbs.iter().enumerate() {
+            if let Some((g, _)) = db.iter().find(|(_, b)| **b == Branch::Prepared) {
+                return broken(
+                    4,
+                    format!("a{i} still has {g} prepared after the world healed"),
+                );
+            }
+        }
+        if unfinished > 0 {
+            return broken(
+                4,
+                format!("{unfinished} transactions still unfinished after the world healed"),
+            );
+        }
+        for (gid, plan) in &self.plans {
+            let writers: Vec<&Participant> =
+                plan.iter().filter(|(_, w)| *w).map(|(p, _)| p).collect();
+            let committed: Vec<&&Participant> = writers
+                .iter()
+                .filter(|p| {
+                    let i: usize = p[1..].parse().unwrap_or(usize::MAX);
+                    dbs.get(i).and_then(|db| db.get(gid)) == Some(&Branch::Committed)
+                })
+                .collect();
+            let told = self.told.get(gid);
+            if !committed.is_empty() && committed.len() < writers.len() {
+                return broken(
+                    2,
+                    format!("{gid} committed on {committed:?} of its writers {writers:?}"),
+                );
+            }
+            if told == Some(&Told::Committed) && committed.len() < writers.len() {
+                return broken(
+                    3,
+                    format!(
+                        "{gid} was told committed but committed on {committed:?} of {writers:?}"
+                    ),
+                );
+            }
+            if told == Some(&Told::Aborted) && !committed.is_empty() {
+                return broken(
+                    6,
+                    format!("{gid} was told aborted but committed on {committed:?}"),
+                );
+            }
+        }
+        Ok(())
+    }
+}
