@@ -18,6 +18,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use futures::future::join_all;
 use serde::{Deserialize, Serialize};
 use tracing::{debug, error, info, warn, Instrument};
+use twopc_core::backoff::Backoff;
+use twopc_core::mutation::Mutations;
+use twopc_core::recovery::{
+    in_doubt_after_replay, prepared_branch_action, BranchAction, Incarnation, Known, Listed,
+    Replayed,
+};
 use twopc_shared::gid::{gid_prefix, validate_txn_id, Gid};
 use twopc_shared::msg::{
     AgentError, BranchOutcome, CommitAck, Decision, ErrorKind, ExecuteBranch, Finish, Isolation,
@@ -469,8 +475,10 @@ impl Engine {
     }
 
     fn load_replay(&self, replay: &Replay) {
-        let mut committed: HashMap<String, (String, Vec<String>, u64)> = HashMap::new();
-        let mut ended: HashSet<String> = HashSet::new();
+        // What recovery needs of each record, for the core's replay rule; the outcome
+        // index and the operator's aborts are filled in on the way.
+        let mut decided: HashMap<String, (String, u64)> = HashMap::new();
+        let mut replayed = Vec::with_capacity(replay.records.len());
         for rec in &replay.records {
             match rec {
                 Record::Commit {
@@ -479,33 +487,31 @@ impl Engine {
                     participants,
                     decided_at_ms,
                 } => {
-                    committed.insert(
-                        gid.clone(),
-                        (txn_id.clone(), participants.clone(), *decided_at_ms),
-                    );
+                    decided.insert(gid.clone(), (txn_id.clone(), *decided_at_ms));
                     self.remember(txn_id, gid, Outcome::Committed);
+                    replayed.push(Replayed::Commit {
+                        gid: gid.clone(),
+                        participants: participants.clone(),
+                    });
                 }
-                Record::End { gid } => {
-                    ended.insert(gid.clone());
-                }
+                Record::End { gid } => replayed.push(Replayed::End { gid: gid.clone() }),
                 Record::OnePhaseCommitted { gid, txn_id, .. } => {
                     self.remember(txn_id, gid, Outcome::Committed)
                 }
                 Record::Abort { gid, txn_id, .. } => {
-                    // An operator's forced resolution overrides an earlier decision.
-                    committed.remove(gid);
                     if let Ok(g) = Gid::parse(gid) {
                         lock(&self.inner.operator_aborted).insert(g);
                     }
-                    self.remember(txn_id, gid, Outcome::Aborted)
+                    self.remember(txn_id, gid, Outcome::Aborted);
+                    replayed.push(Replayed::OperatorAbort { gid: gid.clone() });
                 }
             }
         }
         let mut in_doubt = lock(&self.inner.in_doubt);
-        for (gid, (txn_id, participants, decided_at_ms)) in committed {
-            if ended.contains(&gid) || participants.is_empty() {
+        for (gid, participants) in in_doubt_after_replay(replayed, Mutations::none()) {
+            let Some((txn_id, decided_at_ms)) = decided.remove(&gid) else {
                 continue;
-            }
+            };
             let Ok(gid) = Gid::parse(&gid) else {
                 error!(%gid, "commit record with an invalid GID; ignoring it");
                 continue;
@@ -617,6 +623,10 @@ impl Engine {
         let prefix = self.gid_prefix();
         let timeout = Duration::from_millis(self.inner.config.call_timeout_ms);
         let mut report = RecoveryReport::default();
+        let me = Incarnation {
+            coordinator_id: &self.inner.config.coordinator_id,
+            epoch: self.inner.epoch,
+        };
         // Last-agent transactions of this incarnation whose outcome is still unknown.
         // One failed fence per last agent per pass: the rest would wait as long.
         let mut silent: HashSet<String> = HashSet::new();
@@ -677,49 +687,62 @@ impl Engine {
                     warn!(participant = p.name(), gid = %b.gid, "prepared transaction with our prefix but not our GID format; leaving it alone");
                     continue;
                 };
-                if gid.coordinator_id() != self.inner.config.coordinator_id {
+                let last_agent = gid.last_agent();
+                let listed = Listed {
+                    coordinator_id: gid.coordinator_id(),
+                    epoch: gid.epoch(),
+                    last_agent: last_agent.as_deref(),
+                };
+                let known = Known {
+                    live: self.is_live_gid(&gid),
+                    in_doubt: lock(&self.inner.in_doubt).contains_key(&gid),
+                    operator_aborted: lock(&self.inner.operator_aborted).contains(&gid),
+                };
+                let action = prepared_branch_action(me, listed, known, Mutations::none());
+                if action == BranchAction::NotOurs {
                     continue;
                 }
                 report.prepared_seen += 1;
-                if self.is_live_gid(&gid) {
-                    continue;
-                }
-                if lock(&self.inner.in_doubt).contains_key(&gid) {
-                    continue;
-                }
-                let operator_aborted = lock(&self.inner.operator_aborted).contains(&gid);
-                if let Some(last) = gid.last_agent().filter(|_| !operator_aborted) {
-                    // No presumption here: the last agent's row is the decision.
-                    let committed = match settled.get(&gid) {
-                        Some(c) => *c,
-                        None => {
-                            let c = match self.inner.participants.get(&last) {
-                                _ if silent.contains(&last) => None,
-                                Some(l) => self.settle(l, &gid, Duration::ZERO).await.map(|s| {
-                                    self.adopt(&gid, &s, &last);
-                                    s.committed
-                                }),
-                                None => {
-                                    error!(%gid, %last, "the last agent of a prepared branch is not configured; resolve it by hand");
-                                    None
+                match action {
+                    BranchAction::NotOurs
+                    | BranchAction::LeaveLive
+                    | BranchAction::LeaveToPhase2 => continue,
+                    BranchAction::RollBack => {}
+                    BranchAction::AskLastAgent(last) => {
+                        // No presumption here: the last agent's row is the decision.
+                        let committed = match settled.get(&gid) {
+                            Some(c) => *c,
+                            None => {
+                                let c = match self.inner.participants.get(&last) {
+                                    _ if silent.contains(&last) => None,
+                                    Some(l) => {
+                                        self.settle(l, &gid, Duration::ZERO).await.map(|s| {
+                                            self.adopt(&gid, &s, &last);
+                                            s.committed
+                                        })
+                                    }
+                                    None => {
+                                        error!(%gid, %last, "the last agent of a prepared branch is not configured; resolve it by hand");
+                                        None
+                                    }
+                                };
+                                if c.is_none() {
+                                    silent.insert(last.clone());
                                 }
-                            };
-                            if c.is_none() {
-                                silent.insert(last.clone());
+                                settled.insert(gid.clone(), c);
+                                c
                             }
-                            settled.insert(gid.clone(), c);
-                            c
-                        }
-                    };
-                    match committed {
-                        Some(false) => {}
-                        // Committed: phase 2 is driving it now.
-                        Some(true) => continue,
-                        None => {
-                            report
-                                .unreachable
-                                .push(format!("{last}: cannot settle {gid}"));
-                            continue;
+                        };
+                        match committed {
+                            Some(false) => {}
+                            // Committed: phase 2 is driving it now.
+                            Some(true) => continue,
+                            None => {
+                                report
+                                    .unreachable
+                                    .push(format!("{last}: cannot settle {gid}"));
+                                continue;
+                            }
                         }
                     }
                 }
@@ -888,6 +911,17 @@ impl Engine {
     }
 
     /// Sleeps `d`; false if the engine is shutting down.
+    /// The next wait of `backoff` (the core's one retry rule), jittered here: the core
+    /// draws no random numbers.
+    fn next_wait(backoff: &mut Backoff) -> Duration {
+        Duration::from_millis(backoff.next_delay_ms(rand::random()))
+    }
+
+    fn backoff(&self) -> Backoff {
+        let c = &self.inner.config;
+        Backoff::new(c.retry_min_ms, c.retry_max_ms)
+    }
+
     async fn pause(&self, d: Duration) -> bool {
         tokio::select! {
             _ = self.inner.shutdown.cancelled() => false,
@@ -1822,9 +1856,8 @@ impl Engine {
     async fn settle(&self, last: &Participant, gid: &Gid, budget: Duration) -> Option<Settled> {
         let deadline = Instant::now() + budget;
         let call_timeout = Duration::from_millis(self.inner.config.call_timeout_ms);
-        let mut backoff = Duration::from_millis(self.inner.config.retry_min_ms);
-        let max = Duration::from_millis(self.inner.config.retry_max_ms);
-        for attempt in 1u32.. {
+        let mut backoff = self.backoff();
+        loop {
             let timeout = call_timeout
                 .min(deadline.saturating_duration_since(Instant::now()))
                 .max(Duration::from_millis(500));
@@ -1845,17 +1878,17 @@ impl Engine {
                     });
                 }
                 other => {
-                    if attempt == 1 || attempt.is_power_of_two() {
+                    let wait = Engine::next_wait(&mut backoff);
+                    if backoff.worth_reporting() {
+                        let attempt = backoff.attempts();
                         warn!(%gid, participant = last.name(), attempt, result = ?other, "fence not answered");
+                    }
+                    if Instant::now() + wait >= deadline || !self.pause(wait).await {
+                        return None;
                     }
                 }
             }
-            if Instant::now() + backoff >= deadline || !self.pause(jitter(backoff)).await {
-                return None;
-            }
-            backoff = (backoff * 2).min(max);
         }
-        None
     }
 
     /// `name` may be the last agent of a new transaction: its agent keeps a decision
@@ -2102,9 +2135,7 @@ impl Engine {
                 return;
             };
             let timeout = Duration::from_millis(self.inner.config.call_timeout_ms);
-            let mut backoff = Duration::from_millis(self.inner.config.retry_min_ms);
-            let max = Duration::from_millis(self.inner.config.retry_max_ms);
-            let mut attempt = 0u64;
+            let mut backoff = self.backoff();
             loop {
                 let still_pending = lock(&self.inner.in_doubt)
                     .get(&gid)
@@ -2113,7 +2144,6 @@ impl Engine {
                     // Acknowledged by a concurrent driver, or resolved by an operator.
                     return;
                 }
-                attempt += 1;
                 let resp = p
                     .call(Request::CommitPrepared { gid: gid.clone() }, timeout)
                     .await;
@@ -2130,13 +2160,14 @@ impl Engine {
                     Err(e) => e.to_string(),
                 };
                 self.inner.counters.phase2_retries.fetch_add(1, Ordering::Relaxed);
-                if attempt == 1 || attempt.is_power_of_two() {
+                let wait = Engine::next_wait(&mut backoff);
+                if backoff.worth_reporting() {
+                    let attempt = backoff.attempts();
                     warn!(attempt, error = %problem, "COMMIT PREPARED not acknowledged; retrying");
                 }
-                if !self.pause(jitter(backoff)).await {
+                if !self.pause(wait).await {
                     return;
                 }
-                backoff = (backoff * 2).min(max);
             }
             self.acknowledged(&gid, &participant).await;
         }
@@ -2225,22 +2256,21 @@ impl Engine {
 
     async fn drive_abort(&self, p: Participant, gid: Gid) {
         let timeout = Duration::from_millis(self.inner.config.call_timeout_ms);
-        let mut backoff = Duration::from_millis(self.inner.config.retry_min_ms);
-        let max = Duration::from_millis(self.inner.config.retry_max_ms);
+        let mut backoff = self.backoff();
         // Bounded: after this, the branch (if it is prepared at all) is left to recovery.
-        for attempt in 1..=20u32 {
-            match p.call(Request::Abort { gid: gid.clone() }, timeout).await {
+        while backoff.attempts() < twopc_core::commit::ABORT_ATTEMPTS_MAX {
+            let other = match p.call(Request::Abort { gid: gid.clone() }, timeout).await {
                 Ok(Response::Aborted) => return,
-                other => {
-                    if attempt == 1 || attempt.is_power_of_two() {
-                        warn!(%gid, participant = p.name(), attempt, result = ?other.err(), "abort not acknowledged; retrying");
-                    }
-                }
+                other => other,
+            };
+            let wait = Engine::next_wait(&mut backoff);
+            if backoff.worth_reporting() {
+                let attempt = backoff.attempts();
+                warn!(%gid, participant = p.name(), attempt, result = ?other.err(), "abort not acknowledged; retrying");
             }
-            if !self.pause(jitter(backoff)).await {
+            if !self.pause(wait).await {
                 return;
             }
-            backoff = (backoff * 2).min(max);
         }
         error!(%gid, participant = p.name(), "abort still not acknowledged; leaving the branch to recovery");
     }
@@ -2794,11 +2824,6 @@ fn check_statement(stmt: &Statement) -> Result<(), TxnError> {
              the transaction itself (savepoints are allowed)"
         ))),
     }
-}
-
-fn jitter(d: Duration) -> Duration {
-    let ms = d.as_millis() as u64;
-    Duration::from_millis(ms / 2 + rand::random::<u64>() % (ms / 2 + 1))
 }
 
 fn abort_info(

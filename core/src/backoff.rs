@@ -33,11 +33,6 @@ impl Backoff {
         delay
     }
 
-    /// The step the next wait is drawn from (before jitter).
-    pub fn current_step_ms(&self) -> u64 {
-        self.next_ms
-    }
-
     /// How many waits were handed out (the attempts that failed).
     pub fn attempts(&self) -> u32 {
         self.attempts

@@ -17,12 +17,15 @@ pub enum Replayed<K> {
     },
     /// Every participant acknowledged.
     End { gid: K },
+    /// An operator resolved the transaction as aborted: it overrides an earlier COMMIT.
+    OperatorAbort { gid: K },
 }
 
 /// The transactions decided commit and not ended, by GID, with the participants phase 2
 /// must drive again. Records come in log order; an END before its COMMIT (it cannot be
 /// written before, but a torn or reordered log must not resurrect a finished
-/// transaction) ends it all the same.
+/// transaction) ends it all the same. A COMMIT naming no participant (every branch
+/// finished without phase 2) leaves nothing in doubt.
 pub fn in_doubt_after_replay<K: Ord + Clone>(
     records: impl IntoIterator<Item = Replayed<K>>,
     mutations: Mutations,
@@ -32,13 +35,17 @@ pub fn in_doubt_after_replay<K: Ord + Clone>(
     for r in records {
         match r {
             Replayed::Commit { gid, participants } => {
-                if !ended.contains(&gid) && !mutations.on(Mutation::ReplayForgetsDecisions) {
+                let forgotten = mutations.on(Mutation::ReplayForgetsDecisions);
+                if !ended.contains(&gid) && !participants.is_empty() && !forgotten {
                     in_doubt.insert(gid, participants);
                 }
             }
             Replayed::End { gid } => {
                 in_doubt.remove(&gid);
                 ended.insert(gid);
+            }
+            Replayed::OperatorAbort { gid } => {
+                in_doubt.remove(&gid);
             }
         }
     }
@@ -190,6 +197,15 @@ mod tests {
             Replayed::Commit {
                 gid: 3,
                 participants: vec!["b".into()],
+            },
+            Replayed::Commit {
+                gid: 4,
+                participants: vec!["b".into()],
+            },
+            Replayed::OperatorAbort { gid: 4 },
+            Replayed::Commit {
+                gid: 5,
+                participants: vec![],
             },
         ];
         let in_doubt = in_doubt_after_replay(records, Mutations::none());
