@@ -5,7 +5,8 @@
 //! ```text
 //!   Voting --every vote YES or READ-ONLY, one YES or more--> Deciding (COMMIT appended)
 //!     |                           |--durable--> Committing (answer; COMMIT PREPARED each)
-//!     |                           `--log failed--> Aborted (the decision was never made)
+//!     |                           `--log failed--> Unknown (the record may be on disk:
+//!     |                                             the process stops, recovery decides)
 //!     |--every vote READ-ONLY--> Ended (committed: nothing to commit)
 //!     `--a NO or an unknown vote--> Aborted (answer; Abort every branch that may be prepared)
 //!   Committing --every YES acknowledged--> Ended (END appended)
@@ -77,7 +78,8 @@ pub enum AbortCause {
     VotedNo(Participant),
     /// The vote was lost: presumed NO (the branch is rolled back).
     VoteUnknown(Participant),
-    /// The COMMIT record could not be made durable.
+    /// The COMMIT record could not be made durable (only the mutation
+    /// `log-failure-aborts` says so: the record may be on disk all the same).
     LogFailed,
 }
 
@@ -121,6 +123,10 @@ pub enum Phase {
     Committing,
     Aborted,
     Ended,
+    /// The forced append failed: whether the COMMIT record is on disk is unknown, so
+    /// nothing more is said or done here; the runtime stops and the next incarnation's
+    /// replay and recovery decide from what is durable.
+    Unknown,
 }
 
 #[derive(Debug, Clone)]
@@ -304,11 +310,18 @@ impl Commit {
         self.end_if_acknowledged(out);
     }
 
-    /// The COMMIT record could not be made durable: nothing was decided, so abort.
+    /// The forced append of the COMMIT record failed. The record may be on disk all the
+    /// same (a write that reached it before a failed fsync), so neither `aborted` nor a
+    /// rollback would be safe: the machine stops without an effect (the client hears
+    /// nothing definite; the runtime exits and recovery decides).
     pub fn on_log_failed(&mut self, out: &mut Vec<Effect>) {
-        if self.phase == Phase::Deciding {
-            self.abort(AbortCause::LogFailed, out);
+        if self.phase != Phase::Deciding {
+            return;
         }
+        if self.on(Mutation::LogFailureAborts) {
+            return self.abort(AbortCause::LogFailed, out);
+        }
+        self.phase = Phase::Unknown;
     }
 
     fn start_phase2(&mut self, out: &mut Vec<Effect>) {
@@ -466,7 +479,7 @@ impl Commit {
     /// given up on).
     pub fn finished(&self) -> bool {
         match self.phase {
-            Phase::Ended => true,
+            Phase::Ended | Phase::Unknown => true,
             Phase::Aborted => self.pending.is_empty(),
             _ => false,
         }
@@ -563,17 +576,17 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_log_aborts_before_anything_commits() {
+    fn a_failed_log_says_and_does_nothing_more() {
         let mut c = Commit::new(names(1), Config::new(AckMode::Durable));
         let mut out = vec![];
         c.on_vote("p0", Vote::Yes, &mut out);
         out.clear();
         c.on_log_failed(&mut out);
-        assert_eq!(
-            out[0],
-            Effect::Answer(Answer::Aborted(AbortCause::LogFailed))
-        );
-        assert!(sends(&out, Request::CommitPrepared).is_empty());
+        assert!(out.is_empty(), "{out:?}");
+        assert_eq!(c.phase(), Phase::Unknown);
+        c.on_durable(&mut out);
+        c.on_timer(&Timer::AckWait, &mut out);
+        assert!(out.is_empty(), "{out:?}");
     }
 
     #[test]

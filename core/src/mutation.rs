@@ -24,10 +24,13 @@ pub enum Mutation {
     /// Recovery rolls back a prepared branch whose transaction is decided commit and
     /// still in phase 2 (presumed abort where a decision exists).
     RecoveryIgnoresDecisions,
+    /// A failed forced append of the COMMIT record is taken as "not decided": the client
+    /// is told `aborted` and the branches rolled back, though the record may be on disk.
+    LogFailureAborts,
 }
 
 impl Mutation {
-    pub const ALL: [Mutation; 8] = [
+    pub const ALL: [Mutation; 9] = [
         Mutation::CommitBeforeDurable,
         Mutation::SkipDecisionLog,
         Mutation::AnswerBeforeDurable,
@@ -36,6 +39,7 @@ impl Mutation {
         Mutation::ReplayForgetsDecisions,
         Mutation::RecoveryActsOnLiveEpoch,
         Mutation::RecoveryIgnoresDecisions,
+        Mutation::LogFailureAborts,
     ];
 
     pub fn name(self) -> &'static str {
@@ -48,6 +52,7 @@ impl Mutation {
             Mutation::ReplayForgetsDecisions => "replay-forgets-decisions",
             Mutation::RecoveryActsOnLiveEpoch => "recovery-acts-on-live-epoch",
             Mutation::RecoveryIgnoresDecisions => "recovery-ignores-decisions",
+            Mutation::LogFailureAborts => "log-failure-aborts",
         }
     }
 

@@ -15,14 +15,15 @@
 //!   A partition makes new calls fail at once (nothing sent).
 //! - The decision log: a forced record is durable after a random fsync delay; a crash
 //!   before that keeps it or not (either may happen on a real disk). A lazy record is
-//!   written with the next flush and a crash may lose it.
+//!   written with the next flush and a crash may lose it. The device can fail an append,
+//!   which may have reached the disk all the same; the coordinator then exits.
 //! - A coordinator crash loses everything in memory; the restart takes the next epoch,
 //!   replays the log (`in_doubt_after_replay`) and drives the in-doubt transactions, and
 //!   recovery passes list every agent's prepared branches (`prepared_branch_action`).
 //!
 //! Not simulated yet (the runtime has them; the core does not): interactive
 //! transactions, one-phase and last-agent commits, `txn_id` retries and GET, operator
-//! resolve, a failing log device.
+//! resolve.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
@@ -127,6 +128,13 @@ enum Event {
         incarnation: u64,
         gid: Gid,
     },
+    /// The forced append of `gid`'s COMMIT failed (the record may be on disk).
+    AppendFailed {
+        incarnation: u64,
+        gid: Gid,
+    },
+    /// The log device fails the next forced append.
+    LogDeviceFails,
     LazyFlush {
         incarnation: u64,
     },
@@ -186,6 +194,8 @@ struct Agent {
 }
 
 struct Log {
+    /// The next forced append fails.
+    fail_next: bool,
     durable: Vec<Replayed<Gid>>,
     in_flight: Vec<Replayed<Gid>>,
     lazy: Vec<Replayed<Gid>>,
@@ -258,6 +268,7 @@ impl World {
             next_call: 0,
             agents,
             log: Log {
+                fail_next: false,
                 durable: vec![],
                 in_flight: vec![],
                 lazy: vec![],
@@ -358,6 +369,11 @@ impl World {
             Event::Reply { call, conn, reply } => self.deliver_reply(call, conn, reply)?,
             Event::CallFailed { call, sent } => self.call_failed(call, sent)?,
             Event::Durable { incarnation, gid } => self.durable(incarnation, gid)?,
+            Event::AppendFailed { incarnation, gid } => self.append_failed(incarnation, gid)?,
+            Event::LogDeviceFails => {
+                self.note("the log device will fail the next forced append".into());
+                self.log.fail_next = true;
+            }
             Event::LazyFlush { incarnation } => {
                 if incarnation == self.coord.incarnation && self.coord.up {
                     let lazy = std::mem::take(&mut self.log.lazy);
@@ -389,8 +405,9 @@ impl World {
     fn inject_fault(&mut self) {
         self.stats.faults += 1;
         let n = self.agents.len();
-        let fault = match self.rng.range(0, 9) {
+        let fault = match self.rng.range(0, 10) {
             0 | 1 if self.coord.up => Event::CrashCoordinator,
+            10 => Event::LogDeviceFails,
             2 | 3 => Event::CrashAgent(self.rng.range(0, n as u64 - 1) as usize),
             4..=6 => Event::BreakConnection(self.rng.range(0, n as u64 - 1) as usize),
             _ => Event::Partition {
@@ -687,12 +704,19 @@ impl World {
             self.note(format!("coordinator {gid}: {e:?}"));
             match e {
                 Effect::AppendCommit { participants } => {
-                    self.log
-                        .in_flight
-                        .push(Replayed::Commit { gid, participants });
+                    let record = Replayed::Commit { gid, participants };
                     let fsync = self.rng.range(100, 4_000);
                     let incarnation = self.coord.incarnation;
-                    self.schedule(fsync, Event::Durable { incarnation, gid });
+                    if std::mem::take(&mut self.log.fail_next) {
+                        // The write may have reached the disk before the failed fsync.
+                        if self.rng.chance(500) {
+                            self.log.durable.push(record);
+                        }
+                        self.schedule(fsync, Event::AppendFailed { incarnation, gid });
+                    } else {
+                        self.log.in_flight.push(record);
+                        self.schedule(fsync, Event::Durable { incarnation, gid });
+                    }
                 }
                 Effect::AppendEnd => {
                     self.log.lazy.push(Replayed::End { gid });
@@ -753,6 +777,27 @@ impl World {
             m.on_durable(&mut out);
         }
         self.carry_out(gid, out)
+    }
+
+    /// The coordinator learns its forced append failed: the core says what (if anything)
+    /// the client hears, and the process exits (as `twopc-coordinator` does), so nothing
+    /// else the core asked for happens.
+    fn append_failed(&mut self, incarnation: u64, gid: Gid) -> Result<(), Violation> {
+        if incarnation != self.coord.incarnation || !self.coord.up {
+            return Ok(());
+        }
+        let mut out = Vec::new();
+        if let Some(m) = self.coord.machines.get_mut(&gid) {
+            m.on_log_failed(&mut out);
+        }
+        let answers = out
+            .into_iter()
+            .filter(|e| matches!(e, Effect::Answer(_)))
+            .collect();
+        self.carry_out(gid, answers)?;
+        self.note("the coordinator exits: its decision log failed".into());
+        self.crash_coordinator();
+        Ok(())
     }
 
     fn timer(&mut self, incarnation: u64, gid: Gid, timer: Timer) -> Result<(), Violation> {
