@@ -1187,6 +1187,10 @@ impl Agent {
                             resolve_pending_in_transaction(client, &mut rows, pending).await
                         };
                         if let Err(e) = resolved {
+                            if e.as_db_error().is_none() {
+                                // The connection failed, not the value: say so (Unavailable).
+                                return Step::Rows(Err(StepError::Sql(e)));
+                            }
                             let why = e.as_db_error().map_or_else(|| e.to_string(), |d| d.message().to_owned());
                             return Step::Rows(Err(StepError::Convert(format!(
                                 "the text form of a value could not be had from the server: {why}"
@@ -1233,9 +1237,11 @@ impl Agent {
         match exec.finish {
             Finish::Keep => {}
             Finish::Prepare => {
+                // Its success also proves the transaction is not aborted, so that the
+                // PREPARE after it prepares (it would roll back an aborted one).
                 steps.push(
                     async move {
-                        Step::Done(
+                        Step::BeforePrepare(
                             client
                                 .query_typed(OWN_ROLE_BEFORE_PREPARE, &[])
                                 .await
@@ -1352,18 +1358,39 @@ impl Agent {
         let mut read_only = false;
         let mut stmt_index = 0usize;
         let mut unreturnable: Option<(String, usize)> = None;
+        // A statement's error in a branch that prepares: it may have been repaired by a
+        // later `ROLLBACK TO SAVEPOINT`, and then PREPARE prepared the transaction (the
+        // vote must say so, as a one-phase commit reports its commit); otherwise the
+        // transaction is aborted, PREPARE rolled it back, and this error is the answer.
+        let mut statement_error: Option<Response> = None;
+        let mut healthy_before_prepare = false;
         for step in outcomes {
-            match step {
-                Step::Done(Err(e)) | Step::Decision(Err(e)) => {
-                    return (session.release(), Err(sql_failure(&e, None)))
+            let failed = match step {
+                Step::Done(Err(e)) | Step::Decision(Err(e)) | Step::BeforePrepare(Err(e)) => {
+                    Some(sql_failure(&e, None))
                 }
-                Step::Done(Ok(())) | Step::Decision(Ok(_)) => {}
+                Step::Done(Ok(())) | Step::Decision(Ok(_)) => None,
+                Step::BeforePrepare(Ok(())) => {
+                    healthy_before_prepare = true;
+                    None
+                }
                 Step::Rows(Ok(r)) => {
                     results.push(r);
                     stmt_index += 1;
+                    None
                 }
                 Step::Rows(Err(StepError::Sql(e))) => {
-                    return (session.release(), Err(sql_failure(&e, Some(stmt_index))))
+                    let failure = sql_failure(&e, Some(stmt_index));
+                    if exec.finish != Finish::Prepare || e.as_db_error().is_none() {
+                        return (session.release(), Err(failure));
+                    }
+                    results.push(StmtResult {
+                        error: Some(failure_text(&failure)),
+                        ..StmtResult::default()
+                    });
+                    stmt_index += 1;
+                    statement_error.get_or_insert(failure);
+                    None
                 }
                 // Reported after the loop, unless a later step's SQL error explains it
                 // (a statement that failed aborted the transaction, so the server could
@@ -1374,17 +1401,30 @@ impl Agent {
                     }
                     results.push(StmtResult::default());
                     stmt_index += 1;
+                    None
                 }
-                Step::ReadOnly(Ok(ro)) => read_only = ro,
-                Step::ReadOnly(Err(e)) => return (session.release(), Err(sql_failure(&e, None))),
-                Step::Finish(Err(e)) => return (session.release(), Err(sql_failure(&e, None))),
-                // In an aborted transaction block PREPARE TRANSACTION and COMMIT do not
-                // fail (they roll back), but that only happens after a statement error,
-                // which returned above.
-                Step::Finish(Ok(())) => {}
+                Step::ReadOnly(Ok(ro)) => {
+                    read_only = ro;
+                    None
+                }
+                Step::ReadOnly(Err(e)) | Step::Finish(Err(e)) => Some(sql_failure(&e, None)),
+                // In an aborted transaction block PREPARE TRANSACTION does not fail (it
+                // rolls back); the step before it tells (`healthy_before_prepare`).
+                Step::Finish(Ok(())) => None,
                 // Taken out of the outcomes above.
-                Step::Reset(_) => {}
+                Step::Reset(_) => None,
+            };
+            if let Some(failure) = failed {
+                // A statement's error explains the failures after it (an aborted
+                // transaction fails them with 25P02).
+                return (session.release(), Err(statement_error.unwrap_or(failure)));
             }
+        }
+        if let Some(failure) = statement_error {
+            if !healthy_before_prepare {
+                return (session.release(), Err(failure));
+            }
+            warn!(error = %failure_text(&failure), "a statement failed but a savepoint repaired the branch and it prepared; its result says so");
         }
         if let Some((m, index)) = unreturnable {
             let mut err = AgentError::new(ErrorKind::BadRequest, m);
@@ -1882,6 +1922,9 @@ enum Step {
     Rows(Result<StmtResult, StepError>),
     ReadOnly(Result<bool, tokio_postgres::Error>),
     Finish(Result<(), tokio_postgres::Error>),
+    /// The step right before PREPARE TRANSACTION (the role back to the agent's own): its
+    /// success proves the transaction is not aborted.
+    BeforePrepare(Result<(), tokio_postgres::Error>),
     /// [`SESSION_RESET`] after the branch ended: whether the session is clean again.
     Reset(Result<bool, tokio_postgres::Error>),
 }
@@ -1975,8 +2018,8 @@ fn decision_outcome(outcomes: Vec<Step>, statements: usize) -> Result<Ran, Respo
     let mut stmt_index = 0usize;
     for step in outcomes {
         let error = match step {
-            Step::Done(Ok(())) | Step::ReadOnly(Ok(_)) => None,
-            Step::Done(Err(e)) | Step::ReadOnly(Err(e)) => {
+            Step::Done(Ok(())) | Step::ReadOnly(Ok(_)) | Step::BeforePrepare(Ok(())) => None,
+            Step::Done(Err(e)) | Step::ReadOnly(Err(e)) | Step::BeforePrepare(Err(e)) => {
                 // No database error: the connection broke, and what the server did with
                 // the rest of the pipeline is unknown.
                 if e.as_db_error().is_none() {

@@ -960,6 +960,53 @@ async fn a_savepoint_repaired_error_in_a_one_phase_commit_is_reported_committed(
     h.shutdown().await.unwrap();
 }
 
+/// The same repaired error in a two-phase transaction: PREPARE succeeds (the savepoint
+/// repaired the transaction), so the branch is prepared and the vote must say so. Before,
+/// the agent answered the statement's error (a NO vote) and left the branch prepared,
+/// uncounted, until the coordinator's abort came: 409 for a transaction PostgreSQL had
+/// prepared and would have committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_savepoint_repaired_error_in_a_prepared_branch_votes_yes() {
+    let h = Harness::start(2, AgentMode::InProcess).await.unwrap();
+    let body = json!({"txn_id": "twosp", "branches": [
+        {"participant": "a", "statements": [{"sql": "SAVEPOINT s"},
+                                             {"sql": "SELECT 1 / 0"},
+                                             {"sql": "ROLLBACK TO SAVEPOINT s"},
+                                             {"sql": "UPDATE acct SET bal = bal - 4 WHERE id = 14"},
+                                             {"sql": "UPDATE acct SET bal = bal + 4 WHERE id = 16"}]},
+        {"participant": "b", "statements": [
+            {"sql": "UPDATE acct SET bal = bal - 4 WHERE id = 14"},
+            {"sql": "UPDATE acct SET bal = bal + 4 WHERE id = 16"}]}]});
+    let (status, r) = h.post("/v1/transactions", &body).await.unwrap();
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["outcome"], "committed");
+    let failed = &r["branches"][0]["results"][1];
+    assert!(
+        failed["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("division by zero"),
+        "{r}"
+    );
+    assert_eq!(balance(&h, 0, 14).await, BALANCE - 4);
+    assert_eq!(balance(&h, 1, 16).await, BALANCE + 4);
+    let (_, st) = h.get("/v1/transactions/twosp").await.unwrap();
+    assert_eq!(st["outcome"], "committed", "{st}");
+    // Unrepaired, the error is a NO vote and nothing stays prepared.
+    let body = json!({"txn_id": "twofail", "branches": [
+        {"participant": "a", "statements": [{"sql": "UPDATE acct SET bal = bal - 4 WHERE id = 15"},
+                                             {"sql": "SELECT 1 / 0"}]},
+        {"participant": "b", "statements": [
+            {"sql": "UPDATE acct SET bal = bal + 4 WHERE id = 15"}]}]});
+    let (status, r) = h.post("/v1/transactions", &body).await.unwrap();
+    assert_eq!(status, 409, "{r}");
+    assert_eq!(r["error"]["code"], "22012", "{r}");
+    assert_eq!(balance(&h, 0, 15).await, BALANCE);
+    assert_eq!(balance(&h, 1, 15).await, BALANCE);
+    assert_clean(&h).await;
+    h.shutdown().await.unwrap();
+}
+
 /// Through the coordinator, one-shot and interactive alike: a 2-D array, an interval, a
 /// repeated column name and an infinite timestamp come back whole (issue 18), and a
 /// parameter its type refuses is a 400 naming it.
