@@ -174,9 +174,10 @@ impl Commit {
         Commit::with(config, Phase::Voting, votes)
     }
 
-    /// A commit the decision log replayed (COMMIT without END): phase 2 again for
-    /// `participants`; nobody is waiting for an answer.
-    pub fn recovered(
+    /// A commit decided and durable elsewhere — replayed from the log (COMMIT without
+    /// END), a last agent's local commit, an operator's resolve: phase 2 for
+    /// `participants`; nobody waits for this machine's answer.
+    pub fn decided(
         participants: impl IntoIterator<Item = Participant>,
         config: Config,
         out: &mut Vec<Effect>,
@@ -214,9 +215,23 @@ impl Commit {
         self.durable
     }
 
-    /// Participants still to acknowledge (phase 2) or to roll back (abort).
+    /// Participants still to acknowledge (phase 2) or to roll back (abort), in order.
     pub fn pending(&self) -> impl Iterator<Item = &Participant> {
         self.pending.iter()
+    }
+
+    pub fn is_pending(&self, participant: &str) -> bool {
+        self.pending.contains(participant)
+    }
+
+    /// Phase 2 also for `participant` (an operator's resolve found it prepared too).
+    pub fn also_commit(&mut self, participant: &str, out: &mut Vec<Effect>) {
+        if self.phase != Phase::Committing || self.pending.contains(participant) {
+            return;
+        }
+        self.votes.insert(participant.to_owned(), Some(Vote::Yes));
+        self.pending.insert(participant.to_owned());
+        self.send(participant.to_owned(), Request::CommitPrepared, out);
     }
 
     fn on(&self, m: Mutation) -> bool {
@@ -614,7 +629,7 @@ mod tests {
     #[test]
     fn a_replayed_commit_drives_phase2_without_answering() {
         let mut out = vec![];
-        let mut c = Commit::recovered(names(2), Config::new(AckMode::Applied), &mut out);
+        let mut c = Commit::decided(names(2), Config::new(AckMode::Applied), &mut out);
         assert_eq!(sends(&out, Request::CommitPrepared), vec!["p0", "p1"]);
         out.clear();
         c.on_commit_answer("p0", CommitAnswer::Committed, 0, &mut out);

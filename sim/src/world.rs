@@ -857,7 +857,7 @@ impl World {
             config.retry_max_ms = 50;
             config.mutations = self.settings.mutations;
             let mut out = Vec::new();
-            let m = commit::Commit::recovered(participants, config, &mut out);
+            let m = commit::Commit::decided(participants, config, &mut out);
             self.coord.machines.insert(gid, m);
             // Sends only (a replayed commit answers nobody): cannot break an invariant.
             let _ = self.carry_out(gid, out);
