@@ -19,6 +19,7 @@ use futures::future::join_all;
 use serde::{Deserialize, Serialize};
 use tracing::{debug, error, info, warn, Instrument};
 use twopc_core::backoff::Backoff;
+use twopc_core::commit::{self, Commit, CommitAnswer, Effect, Timer, Vote};
 use twopc_core::mutation::Mutations;
 use twopc_core::recovery::{
     in_doubt_after_replay, prepared_branch_action, BranchAction, Incarnation, Known, Listed,
@@ -293,16 +294,15 @@ const FORGET_QUEUE_MAX: usize = 1_000_000;
 
 struct InDoubt {
     txn_id: String,
-    pending: HashSet<String>,
+    /// Phase 2: the core's machine (`twopc_core::commit`), its decision durable.
+    phase2: Commit,
     decided_at: SystemTime,
 }
 
 impl InDoubt {
     /// The participants still to acknowledge, in a stable order for answers.
     fn pending_sorted(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.pending.iter().cloned().collect();
-        v.sort();
-        v
+        self.phase2.pending().cloned().collect()
     }
 }
 
@@ -516,11 +516,12 @@ impl Engine {
                 error!(%gid, "commit record with an invalid GID; ignoring it");
                 continue;
             };
+            let phase2 = self.decided(&participants);
             in_doubt.insert(
                 gid,
                 InDoubt {
                     txn_id,
-                    pending: participants.into_iter().collect(),
+                    phase2,
                     decided_at: UNIX_EPOCH + Duration::from_millis(decided_at_ms),
                 },
             );
@@ -537,7 +538,7 @@ impl Engine {
     pub fn spawn_background(&self) {
         let pending: Vec<(Gid, Vec<String>)> = lock(&self.inner.in_doubt)
             .iter()
-            .map(|(g, d)| (g.clone(), d.pending.iter().cloned().collect()))
+            .map(|(g, d)| (g.clone(), d.pending_sorted()))
             .collect();
         // `skip` here builds a deliberately broken recovery (it rolls back the branches
         // of committed transactions) for the chaos driver's can-it-tell run.
@@ -551,7 +552,10 @@ impl Engine {
                     Some(participant) if roll_back => {
                         tokio::spawn(async move {
                             engine.drive_abort(participant, gid.clone()).await;
-                            engine.acknowledged(&gid, &p).await;
+                            // The broken build's lie: counted as committed.
+                            engine
+                                .phase2_answer(&gid, &p, CommitAnswer::Committed)
+                                .await;
                         });
                     }
                     _ => {
@@ -915,6 +919,46 @@ impl Engine {
     /// draws no random numbers.
     fn next_wait(backoff: &mut Backoff) -> Duration {
         Duration::from_millis(backoff.next_delay_ms(rand::random()))
+    }
+
+    /// The core's commit machine configured from ours.
+    fn commit_config(&self, ack: AckMode) -> commit::Config {
+        let c = &self.inner.config;
+        let mut config = commit::Config::new(match ack {
+            AckMode::Applied => commit::AckMode::Applied,
+            AckMode::Durable => commit::AckMode::Durable,
+        });
+        config.ack_wait_ms = c.commit_wait_ms;
+        config.retry_min_ms = c.retry_min_ms;
+        config.retry_max_ms = c.retry_max_ms;
+        config
+    }
+
+    /// Phase 2 of a commit decided and durable elsewhere (the log's replay, a last
+    /// agent's commit, an operator): the machine; its sends are carried out by the
+    /// `drive_commit` tasks the caller spawns for `participants`.
+    fn decided(&self, participants: &[String]) -> Commit {
+        let config = self.commit_config(AckMode::Durable);
+        Commit::decided(participants.iter().cloned(), config, &mut Vec::new())
+    }
+
+    /// Feeds `gid`'s phase-2 machine one input; its effects, and whether it finished
+    /// (then it leaves `in_doubt`). None if it is not in doubt any more (finished, or
+    /// resolved by an operator).
+    fn phase2_input(
+        &self,
+        gid: &Gid,
+        input: impl FnOnce(&mut Commit, &mut Vec<Effect>),
+    ) -> Option<(Vec<Effect>, bool)> {
+        let mut in_doubt = lock(&self.inner.in_doubt);
+        let entry = in_doubt.get_mut(gid)?;
+        let mut out = Vec::new();
+        input(&mut entry.phase2, &mut out);
+        let finished = entry.phase2.finished();
+        if finished {
+            in_doubt.remove(gid);
+        }
+        Some((out, finished))
     }
 
     fn backoff(&self) -> Backoff {
@@ -1457,12 +1501,29 @@ impl Engine {
         }
         // Two-phase commit. With one participant this is also the path for an agent
         // that keeps no decision table: its plain COMMIT would leave nothing to ask if
-        // the answer were lost.
-        let votes = self
+        // the answer were lost. The votes go to the core's machine, which decides.
+        let names: Vec<String> = plan.iter().map(|(n, _)| n.clone()).collect();
+        let answers = self
             .fan_out(txn, plan, continues, Finish::Prepare, remaining)
             .await;
-        let (branches, yes, failure) = self.tally(txn, votes);
-        if let Some(info) = failure {
+        let (branches, votes, failure) = self.tally(txn, answers);
+        let mut machine = Commit::new(names.iter().cloned(), self.commit_config(ack));
+        let mut decided = Vec::new();
+        for name in &names {
+            // No answer: the sequential fan-out stopped before this branch was sent.
+            let vote = votes.get(name).copied().unwrap_or(Vote::No);
+            machine.on_vote(name, vote, &mut decided);
+        }
+        let aborted = decided
+            .iter()
+            .any(|e| matches!(e, Effect::Answer(commit::Answer::Aborted(_))));
+        // A failed branch is a NO vote (`tally`), so the machine aborted; checked again
+        // here all the same, in every build.
+        if aborted || failure.is_some() {
+            let info = failure.unwrap_or_else(|| {
+                abort_info(&txn.txn_id, None, "XX000", "a branch voted no", false)
+            });
+            // Rolls back every branch, those the machine names and the rest.
             self.abort_txn(txn, state).await;
             return Err(TxnError::Aborted(info));
         }
@@ -1470,7 +1531,7 @@ impl Engine {
 
         state.finished = true;
         self.set_phase(txn, Phase::Committing);
-        let pending = self.decide_and_commit(txn, yes, ack).await?;
+        let pending = self.decide_and_commit(txn, machine, decided).await?;
         Ok(Committed {
             txn_id: txn.txn_id.clone(),
             outcome: "committed",
@@ -1552,35 +1613,43 @@ impl Engine {
         v
     }
 
-    /// Counts the votes: each branch's results, the participants that voted YES
-    /// (prepared), and the first failure (in plan order), if any.
+    /// Counts the answers to PREPARE: each branch's results, each participant's vote
+    /// for the core's machine, and the first failure (in plan order), if any.
     fn tally(
         &self,
         txn: &LiveTxn,
-        votes: Vec<(String, Result<Response, CallError>)>,
-    ) -> (Vec<BranchResults>, Vec<String>, Option<AbortInfo>) {
-        let mut branches = Vec::with_capacity(votes.len());
-        let mut yes = Vec::new();
+        answers: Vec<(String, Result<Response, CallError>)>,
+    ) -> (Vec<BranchResults>, HashMap<String, Vote>, Option<AbortInfo>) {
+        let mut branches = Vec::with_capacity(answers.len());
+        let mut votes = HashMap::with_capacity(answers.len());
         let mut failure: Option<AbortInfo> = None;
-        for (name, resp) in votes {
+        for (name, resp) in answers {
+            // A PREPARE whose answer was lost may have prepared.
+            let unknown = commit_may_have_happened(&resp);
             match classify(&name, &txn.txn_id, resp) {
                 Ok((results, outcome)) => {
-                    match outcome {
-                        BranchOutcome::Prepared => yes.push(name.clone()),
+                    let vote = match outcome {
+                        BranchOutcome::Prepared => Vote::Yes,
                         BranchOutcome::ReadOnly => {
                             self.inner
                                 .counters
                                 .read_only_branches
                                 .fetch_add(1, Ordering::Relaxed);
+                            Vote::ReadOnly
                         }
-                        BranchOutcome::Committed | BranchOutcome::Active => {}
-                    }
+                        // Not an answer to PREPARE (the agent never gives it): nothing
+                        // prepared, out of phase 2, as a finished branch is.
+                        BranchOutcome::Committed | BranchOutcome::Active => Vote::ReadOnly,
+                    };
+                    // A failure of the same name (never in a plan today) stays.
+                    votes.entry(name.clone()).or_insert(vote);
                     branches.push(BranchResults {
                         participant: name,
                         results,
                     });
                 }
                 Err(info) => {
+                    votes.insert(name, if unknown { Vote::Unknown } else { Vote::No });
                     // Branches run independently, so every failure is a participant's
                     // own; report the first (in plan order).
                     if failure.is_none() {
@@ -1589,7 +1658,7 @@ impl Engine {
                 }
             }
         }
-        (branches, yes, failure)
+        (branches, votes, failure)
     }
 
     /// Last-agent commit (ARCHITECTURE, "Last-agent commit"): every branch but `last`
@@ -1610,10 +1679,15 @@ impl Engine {
     ) -> Result<Committed, TxnError> {
         let one_phase = others.is_empty();
         let remaining = txn.deadline.saturating_duration_since(Instant::now());
-        let votes = self
+        let names: Vec<String> = others.iter().map(|(n, _)| n.clone()).collect();
+        let answers = self
             .fan_out(txn, others, false, Finish::Prepare, remaining)
             .await;
-        let (mut branches, yes, failure) = self.tally(txn, votes);
+        let (mut branches, votes, failure) = self.tally(txn, answers);
+        let yes: Vec<String> = names
+            .into_iter()
+            .filter(|n| votes.get(n) == Some(&Vote::Yes))
+            .collect();
         if let Some(info) = failure {
             self.abort_txn(txn, state).await;
             return Err(TxnError::Aborted(info));
@@ -1748,8 +1822,12 @@ impl Engine {
         let pending = self
             .record_last_agent_commit(&txn.gid, &txn.txn_id, &name, yes)
             .await;
+        let wait_ms = match ack {
+            AckMode::Applied => self.inner.config.commit_wait_ms,
+            AckMode::Durable => 0,
+        };
         let pending = match pending {
-            Some(handles) => self.await_acks(txn, handles, ack).await,
+            Some(handles) => self.await_acks(txn, handles, wait_ms).await,
             None => vec![],
         };
         Ok(Committed {
@@ -1803,7 +1881,7 @@ impl Engine {
 
     /// Phase 2 of a last-agent transaction that committed: the prepared participants
     /// get COMMIT PREPARED (the decision row is forgotten once they all acknowledged,
-    /// in `acknowledged`). `prepared` is not empty. `None` if another driver has it.
+    /// in `append_end`). `prepared` is not empty. `None` if another driver has it.
     fn commit_others(
         &self,
         gid: &Gid,
@@ -1819,7 +1897,7 @@ impl Engine {
                 gid.clone(),
                 InDoubt {
                     txn_id: txn_id.to_owned(),
-                    pending: prepared.iter().cloned().collect(),
+                    phase2: self.decided(&prepared),
                     decided_at: SystemTime::now(),
                 },
             );
@@ -1994,16 +2072,22 @@ impl Engine {
         }
     }
 
-    /// Every vote was YES or READ-ONLY: log the decision (forced) and run phase 2.
-    /// Returns the participants that have not acknowledged when the client is answered.
+    /// Every vote was YES or READ-ONLY and `machine` decided commit (`decided`: its
+    /// effects): log the decision (forced) and run phase 2. Returns the participants
+    /// that have not acknowledged when the client is answered.
     async fn decide_and_commit(
         &self,
         txn: &LiveTxn,
-        yes: Vec<String>,
-        ack: AckMode,
+        mut machine: Commit,
+        decided: Vec<Effect>,
     ) -> Result<Vec<String>, TxnError> {
-        if yes.is_empty() {
-            // Every branch was read-only and is finished already.
+        let yes = decided.into_iter().find_map(|e| match e {
+            Effect::AppendCommit { participants } => Some(participants),
+            _ => None,
+        });
+        let Some(yes) = yes else {
+            // Every branch was read-only and is finished already: the machine answered
+            // `committed` with nothing to log.
             self.record_read_only(txn, "").await?;
             self.inner
                 .counters
@@ -2011,7 +2095,7 @@ impl Engine {
                 .fetch_add(1, Ordering::Relaxed);
             self.remember(&txn.txn_id, txn.gid.as_str(), Outcome::Committed);
             return Ok(vec![]);
-        }
+        };
         // Forced even when only one branch wrote (the others voted READ-ONLY): the client
         // is told `committed`, and recovery and `GET` after a crash must know it. The
         // writer's COMMIT PREPARED alone would decide, but nothing durable of ours would
@@ -2031,11 +2115,15 @@ impl Engine {
         }
         if !broken("coordinator.skip_decision_log") {
             if let Err(e) = self.inner.log.append_forced(record).await {
+                // The machine stops without an effect (the record may be on disk).
+                machine.on_log_failed(&mut Vec::new());
                 return Err(forced_log_error(&e));
             }
         }
         twopc_participant::failpoint!("coordinator.after_decision");
         // The decision is durable: from here on the transaction is committed.
+        let mut effects = Vec::new();
+        machine.on_durable(&mut effects);
         self.inner
             .counters
             .committed
@@ -2045,12 +2133,30 @@ impl Engine {
             txn.gid.clone(),
             InDoubt {
                 txn_id: txn.txn_id.clone(),
-                pending: yes.iter().cloned().collect(),
+                phase2: machine,
                 decided_at: SystemTime::now(),
             },
         );
-        let handles = self.spawn_phase2(&txn.gid, yes);
-        Ok(self.await_acks(txn, handles, ack).await)
+        let mut sends = Vec::new();
+        let mut answer = None;
+        let mut ack_wait_ms = None;
+        for e in effects {
+            match e {
+                Effect::Send { to, .. } => sends.push(to),
+                Effect::Answer(commit::Answer::Committed { pending }) => answer = Some(pending),
+                Effect::SetTimer {
+                    timer: Timer::AckWait,
+                    after_ms,
+                } => ack_wait_ms = Some(after_ms),
+                other => debug!(effect = ?other, "unexpected effect of a durable decision"),
+            }
+        }
+        let handles = self.spawn_phase2(&txn.gid, sends);
+        match (answer, ack_wait_ms) {
+            (Some(pending), _) => Ok(pending),
+            (None, Some(ms)) => Ok(self.await_acks(txn, handles, ms).await),
+            (None, None) => Ok(self.still_pending(&txn.gid)),
+        }
     }
 
     /// The broken build `coordinator.answer_before_durable`: counts the transaction
@@ -2080,7 +2186,7 @@ impl Engine {
                 gid.clone(),
                 InDoubt {
                     txn_id,
-                    pending: yes.iter().cloned().collect(),
+                    phase2: engine.decided(&yes),
                     decided_at: SystemTime::now(),
                 },
             );
@@ -2110,23 +2216,38 @@ impl Engine {
             .map_err(|e| forced_log_error(&e))
     }
 
+    /// Applied mode: waits up to `wait_ms` for phase 2, then the machine's ack-wait
+    /// timer fires and it answers with whatever is still pending (nothing, once every
+    /// participant acknowledged and it left `in_doubt`).
     async fn await_acks(
         &self,
         txn: &LiveTxn,
         handles: Vec<tokio::task::JoinHandle<()>>,
-        ack: AckMode,
+        wait_ms: u64,
     ) -> Vec<String> {
-        if ack == AckMode::Applied {
-            let wait = Duration::from_millis(self.inner.config.commit_wait_ms);
-            let _ = tokio::time::timeout(wait, join_all(handles)).await;
-        }
+        let wait = Duration::from_millis(wait_ms);
+        let _ = tokio::time::timeout(wait, join_all(handles)).await;
+        let answered = self.phase2_input(&txn.gid, |m, out| m.on_timer(&Timer::AckWait, out));
+        let pending = answered.and_then(|(effects, _)| {
+            effects.into_iter().find_map(|e| match e {
+                Effect::Answer(commit::Answer::Committed { pending }) => Some(pending),
+                _ => None,
+            })
+        });
+        pending.unwrap_or_else(|| self.still_pending(&txn.gid))
+    }
+
+    /// The participants of `gid` that have not acknowledged COMMIT PREPARED.
+    fn still_pending(&self, gid: &Gid) -> Vec<String> {
         lock(&self.inner.in_doubt)
-            .get(&txn.gid)
+            .get(gid)
             .map(InDoubt::pending_sorted)
             .unwrap_or_default()
     }
 
-    /// Phase 2 for one participant: COMMIT PREPARED until it is acknowledged.
+    /// Phase 2 for one participant: carries out the machine's `Send { CommitPrepared }`
+    /// to it, feeds the answer back, and waits its retry timer, until the participant
+    /// is acknowledged (or the transaction resolved by an operator).
     async fn drive_commit(&self, gid: Gid, participant: String) {
         let span = tracing::info_span!("phase2", %gid, %participant);
         async {
@@ -2135,94 +2256,107 @@ impl Engine {
                 return;
             };
             let timeout = Duration::from_millis(self.inner.config.call_timeout_ms);
-            let mut backoff = self.backoff();
+            let mut attempt = 0u64;
             loop {
                 let still_pending = lock(&self.inner.in_doubt)
                     .get(&gid)
-                    .is_some_and(|d| d.pending.contains(&participant));
+                    .is_some_and(|d| d.phase2.is_pending(&participant));
                 if !still_pending {
                     // Acknowledged by a concurrent driver, or resolved by an operator.
                     return;
                 }
+                attempt += 1;
                 let resp = p
                     .call(Request::CommitPrepared { gid: gid.clone() }, timeout)
                     .await;
-                let problem = match resp {
-                    Ok(Response::CommitPrepared(CommitAck::Committed)) => break,
+                let (answer, problem) = match resp {
+                    Ok(Response::CommitPrepared(CommitAck::Committed)) => {
+                        (CommitAnswer::Committed, None)
+                    }
                     Ok(Response::CommitPrepared(CommitAck::NotPrepared)) => {
                         // Our log says commit, so the branch was committed by an earlier
                         // attempt whose acknowledgement got lost.
                         debug!("branch no longer prepared: already committed");
-                        break;
+                        (CommitAnswer::NotPrepared, None)
                     }
-                    Ok(Response::Failed(e)) => e.to_string(),
-                    Ok(other) => format!("unexpected answer {other:?}"),
-                    Err(e) => e.to_string(),
+                    Ok(Response::Failed(e)) => (CommitAnswer::Failed, Some(e.to_string())),
+                    Ok(other) => (CommitAnswer::Failed, Some(format!("unexpected answer {other:?}"))),
+                    Err(e) => (CommitAnswer::Failed, Some(e.to_string())),
+                };
+                let Some(retry_ms) = self.phase2_answer(&gid, &participant, answer).await else {
+                    return;
                 };
                 self.inner.counters.phase2_retries.fetch_add(1, Ordering::Relaxed);
-                let wait = Engine::next_wait(&mut backoff);
-                if backoff.worth_reporting() {
-                    let attempt = backoff.attempts();
-                    warn!(attempt, error = %problem, "COMMIT PREPARED not acknowledged; retrying");
+                if attempt == 1 || attempt.is_power_of_two() {
+                    let error = problem.unwrap_or_default();
+                    warn!(attempt, %error, "COMMIT PREPARED not acknowledged; retrying");
                 }
-                if !self.pause(wait).await {
+                if !self.pause(Duration::from_millis(retry_ms)).await {
                     return;
                 }
+                // The retry timer fired: the machine sends again unless the participant
+                // was acknowledged meanwhile (the loop's check above).
+                let _ = self.phase2_input(&gid, |m, out| {
+                    m.on_timer(&Timer::Retry(participant.clone()), out)
+                });
             }
-            self.acknowledged(&gid, &participant).await;
         }
         .instrument(span)
         .await
     }
 
-    /// Records one participant's acknowledgement; the last one writes the END record.
-    async fn acknowledged(&self, gid: &Gid, participant: &str) {
-        let (done, others_pending) = {
-            let mut in_doubt = lock(&self.inner.in_doubt);
-            match in_doubt.get_mut(gid) {
-                Some(d) => {
-                    d.pending.remove(participant);
-                    if d.pending.is_empty() {
-                        in_doubt.remove(gid);
-                        (true, false)
-                    } else {
-                        (false, true)
-                    }
-                }
-                None => (false, false),
+    /// Feeds `participant`'s answer to COMMIT PREPARED to `gid`'s machine and carries
+    /// out its effects: the END record when every participant acknowledged. Returns the
+    /// retry delay if the machine wants another attempt.
+    async fn phase2_answer(
+        &self,
+        gid: &Gid,
+        participant: &str,
+        answer: CommitAnswer,
+    ) -> Option<u64> {
+        let (effects, finished) = self.phase2_input(gid, |m, out| {
+            m.on_commit_answer(participant, answer, rand::random(), out)
+        })?;
+        let mut retry_ms = None;
+        for e in effects {
+            match e {
+                Effect::SetTimer {
+                    timer: Timer::Retry(_),
+                    after_ms,
+                } => retry_ms = Some(after_ms),
+                Effect::AppendEnd => self.append_end(gid).await,
+                // The committing request answers from what is pending (`await_acks`).
+                _ => {}
             }
-        };
-        if others_pending {
+        }
+        if answer != CommitAnswer::Failed && !finished {
             // One participant committed, another has not yet.
             twopc_participant::failpoint!("coordinator.mid_commit");
         }
-        if done {
-            debug!(%gid, "every participant acknowledged");
-            if let Some(last) = gid.last_agent() {
-                // The decision row may go once the log has the outcome for good (END
-                // durable, hence the COMMIT before it too). Off the caller's path.
-                let (engine, gid) = (self.clone(), gid.clone());
-                tokio::spawn(async move {
-                    let end = Record::End {
-                        gid: gid.to_string(),
-                    };
-                    match engine.inner.log.append_forced(end).await {
-                        Ok(()) => engine.queue_forget(last, gid),
-                        Err(e) => lazy_log_error(&e),
-                    }
-                });
-                return;
-            }
-            if let Err(e) = self
-                .inner
-                .log
-                .append_lazy(Record::End {
-                    gid: gid.to_string(),
-                })
-                .await
-            {
-                lazy_log_error(&e);
-            }
+        retry_ms
+    }
+
+    /// Every participant acknowledged: the END record (lazy), or for a last-agent
+    /// transaction forced, then its decision row may go.
+    async fn append_end(&self, gid: &Gid) {
+        debug!(%gid, "every participant acknowledged");
+        let end = Record::End {
+            gid: gid.to_string(),
+        };
+        if let Some(last) = gid.last_agent() {
+            // The decision row may go once the log has the outcome for good (END
+            // durable, hence the COMMIT before it too). Off the caller's path.
+            let (engine, gid) = (self.clone(), gid.clone());
+            tokio::spawn(async move {
+                match engine.inner.log.append_forced(end).await {
+                    Ok(()) => engine.queue_forget(last, gid),
+                    Err(e) => lazy_log_error(&e),
+                }
+            });
+            return;
+        }
+        if let Err(e) = self.inner.log.append_lazy(end).await {
+            lazy_log_error(&e);
         }
     }
 
@@ -2708,15 +2842,24 @@ impl Engine {
                 }
                 warn!(%gid, %txn_id, ?pending, "operator resolved: COMMIT");
                 self.remember(&txn_id, gid.as_str(), Outcome::Committed);
-                lock(&self.inner.in_doubt)
-                    .entry(gid.clone())
-                    .or_insert_with(|| InDoubt {
-                        txn_id: txn_id.clone(),
-                        pending: HashSet::new(),
-                        decided_at: SystemTime::now(),
-                    })
-                    .pending
-                    .extend(pending.iter().cloned());
+                {
+                    let mut in_doubt = lock(&self.inner.in_doubt);
+                    match in_doubt.get_mut(&gid) {
+                        Some(d) => {
+                            for p in &pending {
+                                d.phase2.also_commit(p, &mut Vec::new());
+                            }
+                        }
+                        None => {
+                            let entry = InDoubt {
+                                txn_id: txn_id.clone(),
+                                phase2: self.decided(&pending),
+                                decided_at: SystemTime::now(),
+                            };
+                            in_doubt.insert(gid.clone(), entry);
+                        }
+                    }
+                }
                 let wait = Duration::from_millis(self.inner.config.commit_wait_ms);
                 let drivers = pending.into_iter().map(|p| {
                     let engine = self.clone();

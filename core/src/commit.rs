@@ -26,7 +26,7 @@ use crate::Participant;
 pub const ABORT_ATTEMPTS_MAX: u32 = 20;
 
 /// A branch's answer to its PREPARE.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Vote {
     /// Prepared.
     Yes,
@@ -39,7 +39,7 @@ pub enum Vote {
 }
 
 /// An agent's answer to COMMIT PREPARED.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum CommitAnswer {
     Committed,
     /// The GID is not prepared: with our decision durable, an earlier attempt whose
@@ -190,6 +190,12 @@ impl Commit {
         c.durable = true;
         c.answered = true;
         c.start_phase2(out);
+        if c.pending.is_empty() {
+            // Nobody to drive (a COMMIT naming no participant): finished, nothing to
+            // end either.
+            c.phase = Phase::Ended;
+            c.end_appended = true;
+        }
         c
     }
 
@@ -624,6 +630,14 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_decision_naming_nobody_is_finished_at_once() {
+        let mut out = vec![];
+        let c = Commit::decided(Vec::new(), Config::new(AckMode::Durable), &mut out);
+        assert!(out.is_empty());
+        assert!(c.finished());
     }
 
     #[test]

@@ -8,7 +8,7 @@ use crate::mutation::{Mutation, Mutations};
 use crate::Participant;
 
 /// A record of the decision log, as replayed (only what recovery needs).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Replayed<K> {
     /// The COMMIT decision naming the participants that voted YES.
     Commit {

@@ -3,6 +3,7 @@
 //! agents, databases, network, decision log and crashes, one seed at a time; [`oracle`]
 //! checks the invariants after every event and at quiescence.
 
+pub mod model;
 pub mod oracle;
 pub mod rng;
 pub mod world;

@@ -29,6 +29,11 @@ struct Cli {
     /// List the mutations and exit.
     #[arg(long)]
     list_mutations: bool,
+    /// Explore every interleaving of a small configuration (2 participants, 2
+    /// transactions, a coordinator crash and a lost message on any path) instead of
+    /// running seeds.
+    #[arg(long)]
+    model_check: bool,
 }
 
 fn main() -> ExitCode {
@@ -48,6 +53,9 @@ fn main() -> ExitCode {
         }
     };
     let mutations = mutation.map_or(Mutations::none(), Mutations::of);
+    if cli.model_check {
+        return model_check(mutation, mutations);
+    }
     let mut totals = twopc_sim::Stats::default();
     for seed in cli.seed..cli.seed.saturating_add(cli.seeds) {
         let run = run_seed(seed, cli.steps, mutations);
@@ -80,6 +88,46 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS
+}
+
+fn model_check(mutation: Option<Mutation>, mutations: Mutations) -> ExitCode {
+    let bounds = twopc_sim::model::Bounds::small();
+    let started = std::time::Instant::now();
+    let r = twopc_sim::model::check(bounds, mutations);
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "model check ({} participants, {} transactions, {} crash, {} lost message): {} states, {} transitions, {} end states, {secs:.1} s{}",
+        bounds.participants,
+        bounds.txns,
+        bounds.crashes,
+        bounds.losses,
+        r.states,
+        r.transitions,
+        r.terminal,
+        if r.truncated { " (stopped at the state limit: incomplete)" } else { "" }
+    );
+    match (&r.violation, mutation) {
+        (Some((v, path)), _) => {
+            println!("{v}\npath ({} steps):", path.len());
+            for step in path {
+                println!("  {step}");
+            }
+            if let Some(m) = mutation {
+                println!("mutation {} caught", m.name());
+                return ExitCode::SUCCESS;
+            }
+            ExitCode::FAILURE
+        }
+        (None, Some(m)) => {
+            println!("mutation {} NOT caught", m.name());
+            ExitCode::FAILURE
+        }
+        (None, None) if r.truncated => ExitCode::FAILURE,
+        (None, None) => {
+            println!("every invariant held in every state");
+            ExitCode::SUCCESS
+        }
+    }
 }
 
 fn add(t: &mut twopc_sim::Stats, run: &SeedRun) {

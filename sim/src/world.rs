@@ -59,7 +59,7 @@ impl std::fmt::Display for Gid {
 }
 
 /// A branch in a simulated database.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Branch {
     Prepared,
     Committed,

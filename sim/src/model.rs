@@ -1,0 +1,621 @@
+//! Model checking: every interleaving of a small configuration, explored exhaustively
+//! over the same core (`twopc_core::commit`, `twopc_core::recovery`) the coordinator
+//! runs. Time is abstracted away: a message in flight can be delivered or lost at any
+//! point, a forced append can become durable at any point, a retry timer can fire at
+//! any point, a recovery pass can run at any point, and the coordinator can crash at any
+//! point (its forced appends in flight then reach the disk or not: both are explored).
+//! Each distinct state is visited once; the oracle's invariants are checked on every
+//! transition and on every state where nothing is left to happen.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+
+use twopc_core::commit::{self, AckMode, CommitAnswer, Effect, Request, Timer, Vote};
+use twopc_core::mutation::Mutations;
+use twopc_core::recovery::{self, BranchAction, Incarnation, Known, Listed, Replayed};
+
+use crate::world::Branch;
+
+/// How big the explored world is.
+#[derive(Debug, Clone, Copy)]
+pub struct Bounds {
+    pub participants: usize,
+    pub txns: usize,
+    /// Coordinator crashes along one path.
+    pub crashes: u8,
+    /// Messages lost along one path.
+    pub losses: u8,
+    /// States explored at most (the search stops and says so beyond it).
+    pub states_max: usize,
+}
+
+impl Bounds {
+    /// Two participants, two transactions on both, one crash and one lost message on any
+    /// path.
+    pub fn small() -> Bounds {
+        Bounds {
+            participants: 2,
+            txns: 2,
+            crashes: 1,
+            losses: 1,
+            states_max: 20_000_000,
+        }
+    }
+}
+
+/// What the exploration found.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub states: usize,
+    pub transitions: u64,
+    pub terminal: usize,
+    /// The first violation and the path (transition labels) that leads to it.
+    pub violation: Option<(String, Vec<String>)>,
+    /// The search stopped at `states_max` before it was complete.
+    pub truncated: bool,
+}
+
+/// A transaction's GID in the model: the epoch it began in, its number.
+type Txn = (u64, u8);
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Msg {
+    /// To participant `p`: run the branch and PREPARE.
+    Prepare(usize, Txn),
+    /// Sent by the incarnation of the given epoch (only it hears the answer).
+    CommitPrepared(usize, Txn, u64),
+    /// `true`: a recovery pass's rollback, which nobody awaits; else the transaction's
+    /// own, sent by the incarnation of the given epoch.
+    Abort(usize, Txn, bool, u64),
+    /// To the coordinator: `p`'s answer, or the call failed (`None`; the request may
+    /// have been applied).
+    Vote(usize, Txn, Option<Vote>),
+    Committed(usize, Txn, Option<CommitAnswer>),
+    Aborted(usize, Txn, bool),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Told {
+    Committed,
+    Aborted,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct State {
+    epoch: u64,
+    started: u8,
+    machines: BTreeMap<Txn, MachineKey>,
+    /// Messages in flight (a multiset, kept sorted).
+    net: Vec<Msg>,
+    durable: Vec<Replayed<Txn>>,
+    in_flight: BTreeSet<Txn>,
+    retry_timers: BTreeSet<(Txn, usize)>,
+    dbs: Vec<BTreeMap<Txn, Branch>>,
+    told: BTreeMap<Txn, Told>,
+    crashes_left: u8,
+    losses_left: u8,
+}
+
+/// A machine and a canonical form of it for hashing (its Debug text: the machine holds
+/// only ordered collections, so equal machines print alike).
+#[derive(Debug, Clone)]
+struct MachineKey(commit::Commit, String);
+
+impl PartialEq for MachineKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.1 == other.1
+    }
+}
+impl Eq for MachineKey {}
+impl std::hash::Hash for MachineKey {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.1.hash(h)
+    }
+}
+
+impl MachineKey {
+    fn new(m: commit::Commit) -> MachineKey {
+        let key = format!("{m:?}");
+        MachineKey(m, key)
+    }
+}
+
+fn name(p: usize) -> String {
+    format!("a{p}")
+}
+
+/// The exploration over `bounds` with `mutations`.
+pub fn check(bounds: Bounds, mutations: Mutations) -> Report {
+    let start = State {
+        epoch: 1,
+        started: 0,
+        machines: BTreeMap::new(),
+        net: vec![],
+        durable: vec![],
+        in_flight: BTreeSet::new(),
+        retry_timers: BTreeSet::new(),
+        dbs: vec![BTreeMap::new(); bounds.participants],
+        told: BTreeMap::new(),
+        crashes_left: bounds.crashes,
+        losses_left: bounds.losses,
+    };
+    let mut report = Report {
+        states: 0,
+        transitions: 0,
+        terminal: 0,
+        violation: None,
+        truncated: false,
+    };
+    let mut seen: HashSet<State> = HashSet::new();
+    // Depth-first, with the path to each state for the report.
+    let mut stack: Vec<(State, Vec<String>)> = vec![(start.clone(), vec![])];
+    seen.insert(start);
+    let m = Model { bounds, mutations };
+    while let Some((state, path)) = stack.pop() {
+        report.states += 1;
+        if report.states >= bounds.states_max {
+            report.truncated = true;
+            break;
+        }
+        let next = m.successors(&state);
+        if next.is_empty() {
+            report.terminal += 1;
+            if let Err(v) = m.at_quiescence(&state) {
+                report.violation = Some((v, path));
+                return report;
+            }
+        }
+        for (label, result) in next {
+            report.transitions += 1;
+            match result {
+                Err(v) => {
+                    let mut p = path.clone();
+                    p.push(label);
+                    report.violation = Some((v, p));
+                    return report;
+                }
+                Ok(s) => {
+                    if !seen.contains(&s) {
+                        seen.insert(s.clone());
+                        let mut p = path.clone();
+                        p.push(label);
+                        stack.push((s, p));
+                    }
+                }
+            }
+        }
+    }
+    report
+}
+
+struct Model {
+    bounds: Bounds,
+    mutations: Mutations,
+}
+
+type Step = (String, Result<State, String>);
+
+impl Model {
+    fn config(&self, ack: AckMode) -> commit::Config {
+        let mut c = commit::Config::new(ack);
+        c.mutations = self.mutations;
+        c
+    }
+
+    /// Every transition enabled in `s`, each with its label and the state it leads to
+    /// (or the invariant it breaks).
+    fn successors(&self, s: &State) -> Vec<Step> {
+        let mut out = Vec::new();
+        if (s.started as usize) < self.bounds.txns {
+            out.push(("client begins a transaction".to_owned(), self.begin(s)));
+        }
+        let mut delivered = BTreeSet::new();
+        for (i, msg) in s.net.iter().enumerate() {
+            if !delivered.insert(msg.clone()) {
+                continue; // the same message twice: one successor is enough
+            }
+            out.push((format!("deliver {msg:?}"), self.deliver(s, i)));
+            if s.losses_left > 0 {
+                if let Some(r) = self.lose(s, i) {
+                    out.push((format!("lose {msg:?}"), r));
+                }
+            }
+        }
+        for t in &s.in_flight {
+            out.push((format!("log: COMMIT {t:?} durable"), self.durable(s, *t)));
+            if s.crashes_left > 0 {
+                for on_disk in [false, true] {
+                    let label = format!("log: COMMIT {t:?} append fails (on disk: {on_disk}); the coordinator exits");
+                    out.push((label, self.append_fails(s, *t, on_disk)));
+                }
+            }
+        }
+        for (t, p) in &s.retry_timers {
+            out.push((format!("retry timer {t:?} a{p}"), self.retry(s, *t, *p)));
+        }
+        for p in 0..self.bounds.participants {
+            if let Some(r) = self.recovery_pass(s, p) {
+                out.push((format!("recovery pass lists a{p}"), r));
+            }
+        }
+        if s.crashes_left > 0 && !s.machines.is_empty() {
+            for keep in [false, true] {
+                let label = format!("coordinator crashes (in-flight appends kept: {keep})");
+                out.push((label, Ok(self.crash(s, keep))));
+            }
+        }
+        out
+    }
+
+    fn begin(&self, s: &State) -> Result<State, String> {
+        let mut n = s.clone();
+        let txn = (n.epoch, n.started);
+        n.started += 1;
+        let ack = if txn.1 % 2 == 0 {
+            AckMode::Durable
+        } else {
+            AckMode::Applied
+        };
+        let m = commit::Commit::new((0..self.bounds.participants).map(name), self.config(ack));
+        n.machines.insert(txn, MachineKey::new(m));
+        for p in 0..self.bounds.participants {
+            n.net.push(Msg::Prepare(p, txn));
+        }
+        n.net.sort();
+        Ok(n)
+    }
+
+    fn lose(&self, s: &State, i: usize) -> Option<Result<State, String>> {
+        let mut n = s.clone();
+        let msg = n.net.remove(i);
+        n.losses_left -= 1;
+        // A lost request or answer: the caller's call fails (it cannot tell which).
+        let failed = match msg {
+            Msg::Prepare(p, t) => Msg::Vote(p, t, None),
+            Msg::CommitPrepared(p, t, _) => Msg::Committed(p, t, None),
+            Msg::Abort(p, t, false, _) => Msg::Aborted(p, t, false),
+            Msg::Vote(p, t, Some(_)) => Msg::Vote(p, t, None),
+            Msg::Committed(p, t, Some(_)) => Msg::Committed(p, t, None),
+            Msg::Aborted(p, t, true) => Msg::Aborted(p, t, false),
+            // A recovery rollback: nothing waits for it.
+            Msg::Abort(_, _, true, _) => {
+                n.net.sort();
+                return Some(Ok(n));
+            }
+            // A failure is the caller's own timeout: it cannot be lost.
+            _ => return None,
+        };
+        n.net.push(failed);
+        n.net.sort();
+        Some(Ok(n))
+    }
+
+    fn deliver(&self, s: &State, i: usize) -> Result<State, String> {
+        let mut n = s.clone();
+        let msg = n.net.remove(i);
+        match msg {
+            Msg::Prepare(p, t) => {
+                let db = &mut n.dbs[p];
+                let vote = if db.contains_key(&t) {
+                    Vote::No // aborted first: the tombstone refuses it
+                } else {
+                    db.insert(t, Branch::Prepared);
+                    Vote::Yes
+                };
+                if t.0 == n.epoch {
+                    n.net.push(Msg::Vote(p, t, Some(vote)));
+                }
+            }
+            Msg::CommitPrepared(p, t, sender) => {
+                let answer = if n.dbs[p].get(&t) == Some(&Branch::Prepared) {
+                    let durable = says_commit(&n.durable, t);
+                    if !durable {
+                        return Err(format!(
+                            "invariant 1: a{p} commits {t:?} before its decision is durable"
+                        ));
+                    }
+                    if n.told.get(&t) == Some(&Told::Aborted) {
+                        return Err(format!("invariant 6: a{p} commits {t:?}, told aborted"));
+                    }
+                    n.dbs[p].insert(t, Branch::Committed);
+                    CommitAnswer::Committed
+                } else {
+                    CommitAnswer::NotPrepared
+                };
+                if sender == n.epoch {
+                    n.net.push(Msg::Committed(p, t, Some(answer)));
+                }
+            }
+            Msg::Abort(p, t, recovery, sender) => {
+                if recovery {
+                    let live = n.machines.get(&t).is_some_and(|m| {
+                        matches!(m.0.phase(), commit::Phase::Voting | commit::Phase::Deciding)
+                    });
+                    if live && t.0 == n.epoch {
+                        return Err(format!(
+                            "invariant 5: recovery rolls back {t:?} on a{p} while it is live"
+                        ));
+                    }
+                }
+                if matches!(n.dbs[p].get(&t), Some(Branch::Prepared) | None) {
+                    n.dbs[p].insert(t, Branch::RolledBack);
+                    if n.told.get(&t) == Some(&Told::Committed) {
+                        return Err(format!(
+                            "invariant 3: a{p} rolls back {t:?}, told committed"
+                        ));
+                    }
+                    if n.dbs
+                        .iter()
+                        .any(|db| db.get(&t) == Some(&Branch::Committed))
+                    {
+                        return Err(format!(
+                            "invariant 2: a{p} rolls back {t:?}, committed elsewhere"
+                        ));
+                    }
+                }
+                if !recovery && sender == n.epoch {
+                    n.net.push(Msg::Aborted(p, t, true));
+                }
+            }
+            Msg::Vote(p, t, v) => {
+                let vote = v.unwrap_or(Vote::Unknown);
+                self.feed(&mut n, t, |m, out| m.on_vote(&name(p), vote, out))?;
+            }
+            Msg::Committed(p, t, a) => {
+                let answer = a.unwrap_or(CommitAnswer::Failed);
+                self.feed(&mut n, t, |m, out| {
+                    m.on_commit_answer(&name(p), answer, 0, out)
+                })?;
+            }
+            Msg::Aborted(p, t, ok) => {
+                self.feed(&mut n, t, |m, out| m.on_abort_answer(&name(p), ok, 0, out))?;
+            }
+        }
+        n.net.sort();
+        Ok(n)
+    }
+
+    fn durable(&self, s: &State, t: Txn) -> Result<State, String> {
+        let mut n = s.clone();
+        n.in_flight.remove(&t);
+        let participants = self.yes_of(&n, t);
+        n.durable.push(Replayed::Commit {
+            gid: t,
+            participants,
+        });
+        self.feed(&mut n, t, |m, out| m.on_durable(out))?;
+        n.net.sort();
+        Ok(n)
+    }
+
+    /// The forced append of `t`'s COMMIT fails; it reached the disk or not. The machine
+    /// says what the client hears; the coordinator exits (nothing else it asked for
+    /// happens) and restarts.
+    fn append_fails(&self, s: &State, t: Txn, on_disk: bool) -> Result<State, String> {
+        let mut n = s.clone();
+        n.in_flight.remove(&t);
+        if on_disk {
+            let participants = self.yes_of(&n, t);
+            n.durable.push(Replayed::Commit {
+                gid: t,
+                participants,
+            });
+        }
+        if let Some(mut key) = n.machines.remove(&t) {
+            let mut out = Vec::new();
+            key.0.on_log_failed(&mut out);
+            for e in out {
+                if let Effect::Answer(a) = e {
+                    self.told(&mut n, t, &a)?;
+                }
+            }
+        }
+        Ok(self.crash(&n, false))
+    }
+
+    fn yes_of(&self, n: &State, t: Txn) -> Vec<String> {
+        // The participants the machine's COMMIT record names: those it will drive.
+        n.machines
+            .get(&t)
+            .map(|m| m.0.pending().cloned().collect::<Vec<_>>())
+            .filter(|v| !v.is_empty())
+            .unwrap_or_else(|| (0..self.bounds.participants).map(name).collect())
+    }
+
+    fn retry(&self, s: &State, t: Txn, p: usize) -> Result<State, String> {
+        let mut n = s.clone();
+        n.retry_timers.remove(&(t, p));
+        self.feed(&mut n, t, |m, out| m.on_timer(&Timer::Retry(name(p)), out))?;
+        n.net.sort();
+        Ok(n)
+    }
+
+    /// Feeds `t`'s machine one input and carries out its effects on `n`.
+    fn feed(
+        &self,
+        n: &mut State,
+        t: Txn,
+        input: impl FnOnce(&mut commit::Commit, &mut Vec<Effect>),
+    ) -> Result<(), String> {
+        let Some(mut key) = n.machines.remove(&t) else {
+            return Ok(());
+        };
+        let mut out = Vec::new();
+        input(&mut key.0, &mut out);
+        for e in out {
+            match e {
+                Effect::AppendCommit { .. } => {
+                    n.in_flight.insert(t);
+                }
+                Effect::AppendEnd => n.durable.push(Replayed::End { gid: t }),
+                Effect::Send { to, request } => {
+                    let p: usize = to[1..].parse().unwrap_or(0);
+                    n.net.push(match request {
+                        Request::CommitPrepared => Msg::CommitPrepared(p, t, n.epoch),
+                        Request::Abort => Msg::Abort(p, t, false, n.epoch),
+                    });
+                }
+                Effect::SetTimer {
+                    timer: Timer::Retry(to),
+                    ..
+                } => {
+                    let p: usize = to[1..].parse().unwrap_or(0);
+                    n.retry_timers.insert((t, p));
+                }
+                // Applied mode's ack wait: the answer comes when every acknowledgement
+                // is in, or (here) never; time is not modelled.
+                Effect::SetTimer { .. } => {}
+                Effect::Answer(a) => self.told(n, t, &a)?,
+            }
+        }
+        if !key.0.finished() {
+            n.machines.insert(t, MachineKey::new(key.0));
+        }
+        Ok(())
+    }
+
+    fn told(&self, n: &mut State, t: Txn, a: &commit::Answer) -> Result<(), String> {
+        match a {
+            commit::Answer::Committed { .. } => {
+                if !says_commit(&n.durable, t) {
+                    return Err(format!(
+                        "invariant 3: told {t:?} committed before it was durable"
+                    ));
+                }
+                n.told.insert(t, Told::Committed);
+            }
+            commit::Answer::Aborted(_) => {
+                if n.dbs
+                    .iter()
+                    .any(|db| db.get(&t) == Some(&Branch::Committed))
+                {
+                    return Err(format!(
+                        "invariant 6: told {t:?} aborted, committed somewhere"
+                    ));
+                }
+                n.told.insert(t, Told::Aborted);
+            }
+        }
+        Ok(())
+    }
+
+    /// A recovery pass over participant `p`'s prepared branches: enabled only when it
+    /// would roll back something not already being rolled back.
+    fn recovery_pass(&self, s: &State, p: usize) -> Option<Result<State, String>> {
+        let me = Incarnation {
+            coordinator_id: "m",
+            epoch: s.epoch,
+        };
+        let mut n = s.clone();
+        let mut sent = false;
+        for (t, b) in &s.dbs[p] {
+            if *b != Branch::Prepared || s.net.contains(&Msg::Abort(p, *t, true, s.epoch)) {
+                continue;
+            }
+            let machine = s.machines.get(t);
+            let known = Known {
+                live: machine.is_some_and(|m| {
+                    matches!(m.0.phase(), commit::Phase::Voting | commit::Phase::Deciding)
+                }),
+                in_doubt: machine.is_some_and(|m| m.0.decided_commit()),
+                operator_aborted: false,
+            };
+            let listed = Listed {
+                coordinator_id: "m",
+                epoch: t.0,
+                last_agent: None,
+            };
+            if recovery::prepared_branch_action(me, listed, known, self.mutations)
+                == BranchAction::RollBack
+            {
+                n.net.push(Msg::Abort(p, *t, true, s.epoch));
+                sent = true;
+            }
+        }
+        n.net.sort();
+        sent.then_some(Ok(n))
+    }
+
+    /// The coordinator crashes and restarts at once with the next epoch: machines,
+    /// timers and every message to or from it are gone; appends in flight reach the
+    /// disk (`keep`) or not; the log replays.
+    fn crash(&self, s: &State, keep: bool) -> State {
+        let mut n = s.clone();
+        n.crashes_left -= 1;
+        if keep {
+            for t in std::mem::take(&mut n.in_flight) {
+                let participants = self.yes_of(&n, t);
+                n.durable.push(Replayed::Commit {
+                    gid: t,
+                    participants,
+                });
+            }
+        }
+        n.in_flight.clear();
+        n.machines.clear();
+        n.retry_timers.clear();
+        // Requests already sent may still arrive (their answers go nowhere: they name
+        // the old epoch); answers in flight have nobody to go to.
+        n.net.retain(|m| {
+            matches!(
+                m,
+                Msg::Prepare(..) | Msg::CommitPrepared(..) | Msg::Abort(..)
+            )
+        });
+        n.epoch += 1;
+        let in_doubt = recovery::in_doubt_after_replay(n.durable.iter().cloned(), self.mutations);
+        for (t, participants) in in_doubt {
+            let mut out = Vec::new();
+            let m = commit::Commit::decided(participants, self.config(AckMode::Durable), &mut out);
+            n.machines.insert(t, MachineKey::new(m));
+            for e in out {
+                if let Effect::Send { to, .. } = e {
+                    let p: usize = to[1..].parse().unwrap_or(0);
+                    n.net.push(Msg::CommitPrepared(p, t, n.epoch));
+                }
+            }
+        }
+        n.net.sort();
+        n
+    }
+
+    /// Nothing is left to happen: nothing prepared, every transaction one outcome, every
+    /// answer true.
+    fn at_quiescence(&self, s: &State) -> Result<(), String> {
+        for (p, db) in s.dbs.iter().enumerate() {
+            if let Some((t, _)) = db.iter().find(|(_, b)| **b == Branch::Prepared) {
+                return Err(format!("invariant 4: a{p} still has {t:?} prepared"));
+            }
+        }
+        let txns: BTreeSet<Txn> = s.dbs.iter().flat_map(|db| db.keys().copied()).collect();
+        for t in txns {
+            let states: Vec<Option<&Branch>> = s.dbs.iter().map(|db| db.get(&t)).collect();
+            let committed = states
+                .iter()
+                .filter(|b| **b == Some(&Branch::Committed))
+                .count();
+            if committed > 0 && committed < states.len() {
+                return Err(format!("invariant 2: {t:?} ends as {states:?}"));
+            }
+            match s.told.get(&t) {
+                Some(Told::Committed) if committed < states.len() => {
+                    return Err(format!(
+                        "invariant 3: {t:?} told committed, ends as {states:?}"
+                    ))
+                }
+                Some(Told::Aborted) if committed > 0 => {
+                    return Err(format!(
+                        "invariant 6: {t:?} told aborted, ends as {states:?}"
+                    ))
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+fn says_commit(durable: &[Replayed<Txn>], t: Txn) -> bool {
+    durable
+        .iter()
+        .any(|r| matches!(r, Replayed::Commit { gid, .. } if *gid == t))
+}
