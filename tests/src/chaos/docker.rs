@@ -24,6 +24,14 @@ pub struct Docker {
     pub project: String,
 }
 
+/// Attempts at `docker pause` and the wait between them (see [`Docker::pause`]).
+const PAUSE_ATTEMPTS_MAX: u32 = 5;
+const PAUSE_RETRY_MS: u64 = 200;
+
+fn is_freeze_timeout(e: &anyhow::Error) -> bool {
+    e.to_string().contains("unable to freeze")
+}
+
 async fn run(program: &str, args: &[&str]) -> anyhow::Result<String> {
     let mut cmd = Command::new(program);
     cmd.args(args).kill_on_drop(true);
@@ -108,8 +116,22 @@ impl Docker {
         run("docker", &["start", &c.id]).await.map(drop)
     }
 
+    /// `docker pause`, tried again while the cgroup freezer gives up ("unable to
+    /// freeze": a process of the container was in uninterruptible sleep, PostgreSQL in
+    /// an fsync; runc thaws it and a moment later the freeze succeeds). Seen once in 20
+    /// pauses of PostgreSQL; it failed the run's `faults_injected` rule.
     pub async fn pause(&self, c: &Container) -> anyhow::Result<()> {
-        run("docker", &["pause", &c.id]).await.map(drop)
+        let mut attempt = 1;
+        loop {
+            match run("docker", &["pause", &c.id]).await {
+                Ok(_) => return Ok(()),
+                Err(e) if attempt < PAUSE_ATTEMPTS_MAX && is_freeze_timeout(&e) => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(PAUSE_RETRY_MS)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     pub async fn unpause(&self, c: &Container) -> anyhow::Result<()> {
