@@ -250,7 +250,7 @@ impl Model {
         let mut n = s.clone();
         let txn = (n.epoch, n.started);
         n.started += 1;
-        let ack = if txn.1 % 2 == 0 {
+        let ack = if txn.1.is_multiple_of(2) {
             AckMode::Durable
         } else {
             AckMode::Applied
@@ -294,12 +294,13 @@ impl Model {
         let msg = n.net.remove(i);
         match msg {
             Msg::Prepare(p, t) => {
-                let db = &mut n.dbs[p];
-                let vote = if db.contains_key(&t) {
-                    Vote::No // aborted first: the tombstone refuses it
-                } else {
-                    db.insert(t, Branch::Prepared);
-                    Vote::Yes
+                let vote = match n.dbs[p].entry(t) {
+                    // Aborted first: the tombstone refuses it.
+                    std::collections::btree_map::Entry::Occupied(_) => Vote::No,
+                    std::collections::btree_map::Entry::Vacant(slot) => {
+                        slot.insert(Branch::Prepared);
+                        Vote::Yes
+                    }
                 };
                 if t.0 == n.epoch {
                     n.net.push(Msg::Vote(p, t, Some(vote)));
