@@ -30,8 +30,8 @@ struct Cli {
     #[arg(long)]
     list_mutations: bool,
     /// Explore every interleaving of a small configuration (2 participants, 2
-    /// transactions, a coordinator crash and a lost message on any path) instead of
-    /// running seeds.
+    /// transactions, a coordinator crash, a lost message and a failing branch on any
+    /// path) instead of running seeds.
     #[arg(long)]
     model_check: bool,
 }
@@ -96,11 +96,12 @@ fn model_check(mutation: Option<Mutation>, mutations: Mutations) -> ExitCode {
     let r = twopc_sim::model::check(bounds, mutations);
     let secs = started.elapsed().as_secs_f64();
     println!(
-        "model check ({} participants, {} transactions, {} crash, {} lost message): {} states, {} transitions, {} end states, {secs:.1} s{}",
+        "model check ({} participants, {} transactions, {} crash, {} lost message, {} failing branch): {} states, {} transitions, {} end states, {secs:.1} s{}",
         bounds.participants,
         bounds.txns,
         bounds.crashes,
         bounds.losses,
+        bounds.failures,
         r.states,
         r.transitions,
         r.terminal,

@@ -3,7 +3,8 @@
 //! runs. Time is abstracted away: a message in flight can be delivered or lost at any
 //! point, a forced append can become durable at any point, a retry timer can fire at
 //! any point, a recovery pass can run at any point, and the coordinator can crash at any
-//! point (its forced appends in flight then reach the disk or not: both are explored).
+//! point (its forced appends in flight then reach the disk or not: both are explored),
+//! a branch can fail when it runs (a NO vote).
 //! Each distinct state is visited once; the oracle's invariants are checked on every
 //! transition and on every state where nothing is left to happen.
 
@@ -24,19 +25,22 @@ pub struct Bounds {
     pub crashes: u8,
     /// Messages lost along one path.
     pub losses: u8,
+    /// Branches that fail (vote NO) along one path.
+    pub failures: u8,
     /// States explored at most (the search stops and says so beyond it).
     pub states_max: usize,
 }
 
 impl Bounds {
-    /// Two participants, two transactions on both, one crash and one lost message on any
-    /// path.
+    /// Two participants, two transactions on both (the second's last branch only
+    /// reads), one crash, one lost message and one failing branch on any path.
     pub fn small() -> Bounds {
         Bounds {
             participants: 2,
             txns: 2,
             crashes: 1,
             losses: 1,
+            failures: 1,
             states_max: 20_000_000,
         }
     }
@@ -87,12 +91,14 @@ struct State {
     /// Messages in flight (a multiset, kept sorted).
     net: Vec<Msg>,
     durable: Vec<Replayed<Txn>>,
-    in_flight: BTreeSet<Txn>,
+    /// Forced COMMIT appends in flight, with the participants they name.
+    in_flight: BTreeMap<Txn, Vec<String>>,
     retry_timers: BTreeSet<(Txn, usize)>,
     dbs: Vec<BTreeMap<Txn, Branch>>,
     told: BTreeMap<Txn, Told>,
     crashes_left: u8,
     losses_left: u8,
+    failures_left: u8,
 }
 
 /// A machine and a canonical form of it for hashing (its Debug text: the machine holds
@@ -131,12 +137,13 @@ pub fn check(bounds: Bounds, mutations: Mutations) -> Report {
         machines: BTreeMap::new(),
         net: vec![],
         durable: vec![],
-        in_flight: BTreeSet::new(),
+        in_flight: BTreeMap::new(),
         retry_timers: BTreeSet::new(),
         dbs: vec![BTreeMap::new(); bounds.participants],
         told: BTreeMap::new(),
         crashes_left: bounds.crashes,
         losses_left: bounds.losses,
+        failures_left: bounds.failures,
     };
     let mut report = Report {
         states: 0,
@@ -214,13 +221,19 @@ impl Model {
                 continue; // the same message twice: one successor is enough
             }
             out.push((format!("deliver {msg:?}"), self.deliver(s, i)));
+            if let Msg::Prepare(p, t) = msg {
+                if s.failures_left > 0 {
+                    let label = format!("deliver {msg:?}: the branch fails");
+                    out.push((label, self.prepare_fails(s, i, *p, *t)));
+                }
+            }
             if s.losses_left > 0 {
                 if let Some(r) = self.lose(s, i) {
                     out.push((format!("lose {msg:?}"), r));
                 }
             }
         }
-        for t in &s.in_flight {
+        for t in s.in_flight.keys() {
             out.push((format!("log: COMMIT {t:?} durable"), self.durable(s, *t)));
             if s.crashes_left > 0 {
                 for on_disk in [false, true] {
@@ -294,12 +307,17 @@ impl Model {
         let msg = n.net.remove(i);
         match msg {
             Msg::Prepare(p, t) => {
+                let writes = self.writes(p, t);
                 let vote = match n.dbs[p].entry(t) {
                     // Aborted first: the tombstone refuses it.
                     std::collections::btree_map::Entry::Occupied(_) => Vote::No,
-                    std::collections::btree_map::Entry::Vacant(slot) => {
+                    std::collections::btree_map::Entry::Vacant(slot) if writes => {
                         slot.insert(Branch::Prepared);
                         Vote::Yes
+                    }
+                    std::collections::btree_map::Entry::Vacant(slot) => {
+                        slot.insert(Branch::ReadOnlyDone);
+                        Vote::ReadOnly
                     }
                 };
                 if t.0 == n.epoch {
@@ -375,10 +393,35 @@ impl Model {
         Ok(n)
     }
 
+    /// `p` runs `t`'s branch and it fails (a constraint, a serialization failure): the
+    /// agent rolls it back and votes NO.
+    fn prepare_fails(&self, s: &State, i: usize, p: usize, t: Txn) -> Result<State, String> {
+        let mut n = s.clone();
+        n.net.remove(i);
+        n.failures_left -= 1;
+        let vote = match n.dbs[p].entry(t) {
+            std::collections::btree_map::Entry::Occupied(_) => Vote::No,
+            std::collections::btree_map::Entry::Vacant(slot) => {
+                slot.insert(Branch::RolledBack);
+                Vote::No
+            }
+        };
+        if t.0 == n.epoch {
+            n.net.push(Msg::Vote(p, t, Some(vote)));
+        }
+        n.net.sort();
+        Ok(n)
+    }
+
+    /// Whether `p`'s branch of `t` writes: the second transaction's last participant only
+    /// reads (it votes READ-ONLY).
+    fn writes(&self, p: usize, t: Txn) -> bool {
+        !(t.1 == 1 && p + 1 == self.bounds.participants)
+    }
+
     fn durable(&self, s: &State, t: Txn) -> Result<State, String> {
         let mut n = s.clone();
-        n.in_flight.remove(&t);
-        let participants = self.yes_of(&n, t);
+        let participants = n.in_flight.remove(&t).unwrap_or_default();
         n.durable.push(Replayed::Commit {
             gid: t,
             participants,
@@ -393,9 +436,8 @@ impl Model {
     /// happens) and restarts.
     fn append_fails(&self, s: &State, t: Txn, on_disk: bool) -> Result<State, String> {
         let mut n = s.clone();
-        n.in_flight.remove(&t);
+        let participants = n.in_flight.remove(&t).unwrap_or_default();
         if on_disk {
-            let participants = self.yes_of(&n, t);
             n.durable.push(Replayed::Commit {
                 gid: t,
                 participants,
@@ -411,15 +453,6 @@ impl Model {
             }
         }
         Ok(self.crash(&n, false))
-    }
-
-    fn yes_of(&self, n: &State, t: Txn) -> Vec<String> {
-        // The participants the machine's COMMIT record names: those it will drive.
-        n.machines
-            .get(&t)
-            .map(|m| m.0.pending().cloned().collect::<Vec<_>>())
-            .filter(|v| !v.is_empty())
-            .unwrap_or_else(|| (0..self.bounds.participants).map(name).collect())
     }
 
     fn retry(&self, s: &State, t: Txn, p: usize) -> Result<State, String> {
@@ -444,8 +477,8 @@ impl Model {
         input(&mut key.0, &mut out);
         for e in out {
             match e {
-                Effect::AppendCommit { .. } => {
-                    n.in_flight.insert(t);
+                Effect::AppendCommit { participants } => {
+                    n.in_flight.insert(t, participants);
                 }
                 Effect::AppendEnd => n.durable.push(Replayed::End { gid: t }),
                 Effect::Send { to, request } => {
@@ -543,8 +576,7 @@ impl Model {
         let mut n = s.clone();
         n.crashes_left -= 1;
         if keep {
-            for t in std::mem::take(&mut n.in_flight) {
-                let participants = self.yes_of(&n, t);
+            for (t, participants) in std::mem::take(&mut n.in_flight) {
                 n.durable.push(Replayed::Commit {
                     gid: t,
                     participants,
@@ -590,15 +622,16 @@ impl Model {
         let txns: BTreeSet<Txn> = s.dbs.iter().flat_map(|db| db.keys().copied()).collect();
         for t in txns {
             let states: Vec<Option<&Branch>> = s.dbs.iter().map(|db| db.get(&t)).collect();
+            let writers = (0..states.len()).filter(|p| self.writes(*p, t)).count();
             let committed = states
                 .iter()
                 .filter(|b| **b == Some(&Branch::Committed))
                 .count();
-            if committed > 0 && committed < states.len() {
+            if committed > 0 && committed < writers {
                 return Err(format!("invariant 2: {t:?} ends as {states:?}"));
             }
             match s.told.get(&t) {
-                Some(Told::Committed) if committed < states.len() => {
+                Some(Told::Committed) if committed < writers => {
                     return Err(format!(
                         "invariant 3: {t:?} told committed, ends as {states:?}"
                     ))
