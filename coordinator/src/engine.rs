@@ -914,7 +914,6 @@ impl Engine {
         }
     }
 
-    /// Sleeps `d`; false if the engine is shutting down.
     /// The next wait of `backoff` (the core's one retry rule), jittered here: the core
     /// draws no random numbers.
     fn next_wait(backoff: &mut Backoff) -> Duration {
@@ -966,6 +965,7 @@ impl Engine {
         Backoff::new(c.retry_min_ms, c.retry_max_ms)
     }
 
+    /// Sleeps `d`; false if the engine is shutting down.
     async fn pause(&self, d: Duration) -> bool {
         tokio::select! {
             _ = self.inner.shutdown.cancelled() => false,

@@ -221,6 +221,12 @@ impl Commit {
         self.durable
     }
 
+    /// Whether the transaction is still being decided (votes or the forced append
+    /// outstanding): recovery must leave its prepared branches alone.
+    pub fn deciding(&self) -> bool {
+        matches!(self.phase, Phase::Voting | Phase::Deciding)
+    }
+
     /// Participants still to acknowledge (phase 2) or to roll back (abort), in order.
     pub fn pending(&self) -> impl Iterator<Item = &Participant> {
         self.pending.iter()

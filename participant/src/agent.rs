@@ -1187,11 +1187,11 @@ impl Agent {
                             resolve_pending_in_transaction(client, &mut rows, pending).await
                         };
                         if let Err(e) = resolved {
-                            if e.as_db_error().is_none() {
+                            let why = match e.as_db_error() {
+                                Some(d) => d.message().to_owned(),
                                 // The connection failed, not the value: say so (Unavailable).
-                                return Step::Rows(Err(StepError::Sql(e)));
-                            }
-                            let why = e.as_db_error().map_or_else(|| e.to_string(), |d| d.message().to_owned());
+                                None => return Step::Rows(Err(StepError::Sql(e))),
+                            };
                             return Step::Rows(Err(StepError::Convert(format!(
                                 "the text form of a value could not be had from the server: {why}"
                             ))));

@@ -11,6 +11,38 @@ pub mod world;
 use twopc_core::mutation::Mutations;
 
 pub use oracle::Violation;
+
+use twopc_core::commit::Commit;
+use twopc_core::recovery::{self, BranchAction, Incarnation, Known, Listed};
+
+/// The coordinator id in the simulated GIDs.
+pub const COORDINATOR_ID: &str = "sim";
+
+/// Recovery's action for a listed prepared branch of epoch `branch_epoch`, seen by the
+/// incarnation of `epoch` holding `machine` for it (if any): the core's rule, with what
+/// a simulated coordinator knows.
+pub fn recovery_action(
+    epoch: u64,
+    branch_epoch: u64,
+    machine: Option<&Commit>,
+    mutations: Mutations,
+) -> BranchAction {
+    let me = Incarnation {
+        coordinator_id: COORDINATOR_ID,
+        epoch,
+    };
+    let known = Known {
+        live: machine.is_some_and(Commit::deciding),
+        in_doubt: machine.is_some_and(Commit::decided_commit),
+        operator_aborted: false,
+    };
+    let listed = Listed {
+        coordinator_id: COORDINATOR_ID,
+        epoch: branch_epoch,
+        last_agent: None,
+    };
+    recovery::prepared_branch_action(me, listed, known, mutations)
+}
 pub use world::{Settings, Stats, World};
 
 /// What one seed did.

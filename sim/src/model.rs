@@ -12,8 +12,9 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use twopc_core::commit::{self, AckMode, CommitAnswer, Effect, Request, Timer, Vote};
 use twopc_core::mutation::Mutations;
-use twopc_core::recovery::{self, BranchAction, Incarnation, Known, Listed, Replayed};
+use twopc_core::recovery::{self, BranchAction, Replayed};
 
+use crate::recovery_action;
 use crate::world::Branch;
 
 /// How big the explored world is.
@@ -346,9 +347,7 @@ impl Model {
             }
             Msg::Abort(p, t, recovery, sender) => {
                 if recovery {
-                    let live = n.machines.get(&t).is_some_and(|m| {
-                        matches!(m.0.phase(), commit::Phase::Voting | commit::Phase::Deciding)
-                    });
+                    let live = n.machines.get(&t).is_some_and(|m| m.0.deciding());
                     if live && t.0 == n.epoch {
                         return Err(format!(
                             "invariant 5: recovery rolls back {t:?} on a{p} while it is live"
@@ -535,32 +534,14 @@ impl Model {
     /// A recovery pass over participant `p`'s prepared branches: enabled only when it
     /// would roll back something not already being rolled back.
     fn recovery_pass(&self, s: &State, p: usize) -> Option<Result<State, String>> {
-        let me = Incarnation {
-            coordinator_id: "m",
-            epoch: s.epoch,
-        };
         let mut n = s.clone();
         let mut sent = false;
         for (t, b) in &s.dbs[p] {
             if *b != Branch::Prepared || s.net.contains(&Msg::Abort(p, *t, true, s.epoch)) {
                 continue;
             }
-            let machine = s.machines.get(t);
-            let known = Known {
-                live: machine.is_some_and(|m| {
-                    matches!(m.0.phase(), commit::Phase::Voting | commit::Phase::Deciding)
-                }),
-                in_doubt: machine.is_some_and(|m| m.0.decided_commit()),
-                operator_aborted: false,
-            };
-            let listed = Listed {
-                coordinator_id: "m",
-                epoch: t.0,
-                last_agent: None,
-            };
-            if recovery::prepared_branch_action(me, listed, known, self.mutations)
-                == BranchAction::RollBack
-            {
+            let machine = s.machines.get(t).map(|m| &m.0);
+            if recovery_action(s.epoch, t.0, machine, self.mutations) == BranchAction::RollBack {
                 n.net.push(Msg::Abort(p, *t, true, s.epoch));
                 sent = true;
             }

@@ -30,16 +30,16 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 
 use twopc_core::commit::{self, AckMode, CommitAnswer, Effect, Request, Timer, Vote};
 use twopc_core::mutation::Mutations;
-use twopc_core::recovery::{self, BranchAction, Incarnation, Known, Listed, Replayed};
+use twopc_core::recovery::{self, BranchAction, Replayed};
 use twopc_core::Participant;
 
 use crate::oracle::{Oracle, Violation};
+use crate::recovery_action;
 use crate::rng::Rng;
 
 /// Simulated time, in microseconds.
 pub type Micros = u64;
 
-const COORDINATOR_ID: &str = "sim";
 /// The lines of trace kept for a failing seed's report.
 const TRACE_LINES_MAX: usize = 400;
 /// Transactions open at once, at most (the coordinator's limit).
@@ -594,9 +594,11 @@ impl World {
             }
             (AgentRequest::Abort, Some(g)) => {
                 if purpose == Purpose::Recovery {
-                    let live = self.coord.machines.get(&g).is_some_and(|m| {
-                        matches!(m.phase(), commit::Phase::Voting | commit::Phase::Deciding)
-                    });
+                    let live = self
+                        .coord
+                        .machines
+                        .get(&g)
+                        .is_some_and(commit::Commit::deciding);
                     self.oracle
                         .recovery_rollback(g, &a, live && g.epoch == self.coord.epoch)?;
                 }
@@ -878,26 +880,10 @@ impl World {
     }
 
     fn recover_listed(&mut self, agent: usize, gids: Vec<Gid>) {
-        let me = Incarnation {
-            coordinator_id: COORDINATOR_ID,
-            epoch: self.coord.epoch,
-        };
         for g in gids {
             let machine = self.coord.machines.get(&g);
-            let known = Known {
-                live: machine.is_some_and(|m| {
-                    matches!(m.phase(), commit::Phase::Voting | commit::Phase::Deciding)
-                }),
-                in_doubt: machine.is_some_and(|m| m.decided_commit()),
-                operator_aborted: false,
-            };
-            let listed = Listed {
-                coordinator_id: COORDINATOR_ID,
-                epoch: g.epoch,
-                last_agent: None,
-            };
             let action =
-                recovery::prepared_branch_action(me, listed, known, self.settings.mutations);
+                recovery_action(self.coord.epoch, g.epoch, machine, self.settings.mutations);
             if action == BranchAction::RollBack {
                 self.note(format!(
                     "recovery rolls back {g} on {} (presumed abort)",

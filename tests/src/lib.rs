@@ -438,6 +438,23 @@ pub fn stmts(v: Vec<(String, Vec<Value>)>) -> Value {
     )
 }
 
+/// One statement with `params`, run straight on `agent` as a whole branch that commits.
+pub async fn commit_one(
+    agent: &Agent,
+    gid: twopc_shared::gid::Gid,
+    sql: &str,
+    params: Vec<Value>,
+) -> twopc_shared::msg::Response {
+    let mut exec = branch(gid, &[sql], twopc_shared::msg::Finish::Commit, None);
+    exec.statements[0].params = params;
+    agent
+        .handle(
+            twopc_shared::msg::Request::Execute(exec),
+            Duration::from_secs(10),
+        )
+        .await
+}
+
 /// An `Execute` of `sqls` (no parameters) as one whole branch ending with `finish`.
 pub fn branch(
     gid: twopc_shared::gid::Gid,

@@ -6,12 +6,10 @@
 //! PostgreSQL's own text output for every type without a JSON form of its own — and bound
 //! as a parameter, that JSON must give PostgreSQL the same value again.
 
-use std::time::Duration;
-
 use serde_json::{json, Value};
 use twopc_participant::{Agent, AgentConfig};
 use twopc_shared::gid::Gid;
-use twopc_shared::msg::{Finish, Request, Response};
+use twopc_shared::msg::Response;
 use twopc_testkit::{ClusterOptions, PgCluster};
 
 /// Literals tried, in order, as a sample of each type (the first its input accepts).
@@ -61,16 +59,8 @@ const CANDIDATES: &[&str] = &[
 ];
 
 async fn query(agent: &Agent, seq: u64, sql: &str, params: Vec<Value>) -> Result<Value, String> {
-    let mut exec = twopc_testkit::branch(
-        Gid::new("corpus", 1, seq).unwrap(),
-        &[sql],
-        Finish::Commit,
-        None,
-    );
-    exec.statements[0].params = params;
-    let r = agent
-        .handle(Request::Execute(exec), Duration::from_secs(10))
-        .await;
+    let r =
+        twopc_testkit::commit_one(agent, Gid::new("corpus", 1, seq).unwrap(), sql, params).await;
     match r {
         Response::Executed { mut results, .. } => {
             let mut rows = results.remove(0).rows;

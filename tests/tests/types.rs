@@ -10,16 +10,7 @@ use twopc_shared::msg::{ErrorKind, Finish, Request, Response};
 use twopc_testkit::{ClusterOptions, PgCluster};
 
 async fn one(agent: &Agent, seq: u64, sql: &str, params: Vec<Value>) -> Response {
-    let mut exec = twopc_testkit::branch(
-        Gid::new("types", 1, seq).unwrap(),
-        &[sql],
-        Finish::Commit,
-        None,
-    );
-    exec.statements[0].params = params;
-    agent
-        .handle(Request::Execute(exec), Duration::from_secs(10))
-        .await
+    twopc_testkit::commit_one(agent, Gid::new("types", 1, seq).unwrap(), sql, params).await
 }
 
 /// A cluster named `tag` and a superuser connection to its `postgres` database.
@@ -280,7 +271,7 @@ async fn branch(agent: &Agent, seq: u64, sqls: &[&str], finish: Finish) -> Respo
 /// back at once, so it neither writes nor changes the pooled session. And in an interactive request, a later statement's error is the answer, not
 /// the earlier value the aborted transaction could no longer show.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn text_output_after_the_commit_has_no_side_effects() {
+async fn text_output_has_no_side_effects() {
     twopc_testkit::init_tracing();
     let (cluster, db, url) = cluster_and_client("types_side").await;
     db.batch_execute(
