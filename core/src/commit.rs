@@ -285,7 +285,10 @@ impl Commit {
             return;
         }
         self.phase = Phase::Deciding;
-        if self.on(Mutation::SkipDecisionLog) {
+        let single_writer = yes.len() == 1 && self.votes.len() > 1;
+        if self.on(Mutation::SkipDecisionLog)
+            || (single_writer && self.on(Mutation::SingleWriterUnlogged))
+        {
             return self.on_durable(out);
         }
         out.push(Effect::AppendCommit {

@@ -10,6 +10,8 @@
 //! checking").
 //!
 //! - [`commit`]: one transaction's two-phase commit, from the votes to the END record.
+//! - [`last_agent`]: a last-agent or one-phase commit, whose decision is the last
+//!   agent's local commit of its decision row.
 //! - [`recovery`]: what recovery does with a prepared branch an agent lists.
 //! - [`backoff`]: the one retry rule (doubling, bounded, jittered by a value handed in).
 //! - [`mutation`]: known bugs compiled in under the `mutations` feature, for the
@@ -17,6 +19,7 @@
 
 pub mod backoff;
 pub mod commit;
+pub mod last_agent;
 pub mod mutation;
 pub mod recovery;
 

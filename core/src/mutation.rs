@@ -27,10 +27,19 @@ pub enum Mutation {
     /// A failed forced append of the COMMIT record is taken as "not decided": the client
     /// is told `aborted` and the branches rolled back, though the record may be on disk.
     LogFailureAborts,
+    /// Issue 14, defect 1: a transaction with one writer and read-only others commits
+    /// that writer with nothing logged (its COMMIT PREPARED alone decides).
+    SingleWriterUnlogged,
+    /// Issue 14, defect 4: a last-agent or one-phase commit whose answer was lost is
+    /// taken as not committed (aborted), without asking the last agent.
+    UncertainLastCommitAborts,
+    /// Recovery presumes abort for a prepared branch of a last-agent transaction instead
+    /// of asking the last agent, whose decision row may say committed.
+    PresumedAbortOfLastAgent,
 }
 
 impl Mutation {
-    pub const ALL: [Mutation; 9] = [
+    pub const ALL: [Mutation; 12] = [
         Mutation::CommitBeforeDurable,
         Mutation::SkipDecisionLog,
         Mutation::AnswerBeforeDurable,
@@ -40,6 +49,9 @@ impl Mutation {
         Mutation::RecoveryActsOnLiveEpoch,
         Mutation::RecoveryIgnoresDecisions,
         Mutation::LogFailureAborts,
+        Mutation::SingleWriterUnlogged,
+        Mutation::UncertainLastCommitAborts,
+        Mutation::PresumedAbortOfLastAgent,
     ];
 
     pub fn name(self) -> &'static str {
@@ -53,6 +65,9 @@ impl Mutation {
             Mutation::RecoveryActsOnLiveEpoch => "recovery-acts-on-live-epoch",
             Mutation::RecoveryIgnoresDecisions => "recovery-ignores-decisions",
             Mutation::LogFailureAborts => "log-failure-aborts",
+            Mutation::SingleWriterUnlogged => "single-writer-unlogged",
+            Mutation::UncertainLastCommitAborts => "uncertain-last-commit-aborts",
+            Mutation::PresumedAbortOfLastAgent => "presumed-abort-of-last-agent",
         }
     }
 

@@ -114,7 +114,11 @@ pub fn prepared_branch_action(
         return BranchAction::LeaveToPhase2;
     }
     match branch.last_agent {
-        Some(last) if !known.operator_aborted => BranchAction::AskLastAgent(last.to_owned()),
+        Some(last)
+            if !known.operator_aborted && !mutations.on(Mutation::PresumedAbortOfLastAgent) =>
+        {
+            BranchAction::AskLastAgent(last.to_owned())
+        }
         _ => BranchAction::RollBack,
     }
 }

@@ -18,28 +18,34 @@ use twopc_core::recovery::{self, BranchAction, Incarnation, Known, Listed};
 /// The coordinator id in the simulated GIDs.
 pub const COORDINATOR_ID: &str = "sim";
 
-/// Recovery's action for a listed prepared branch of epoch `branch_epoch`, seen by the
-/// incarnation of `epoch` holding `machine` for it (if any): the core's rule, with what
-/// a simulated coordinator knows.
+/// What a simulated coordinator knows of a transaction whose two-phase machine (if any)
+/// is `machine`; `last_live`: a last-agent machine of it is still deciding.
+pub fn known(machine: Option<&Commit>, last_live: bool) -> Known {
+    Known {
+        live: machine.is_some_and(Commit::deciding) || last_live,
+        in_doubt: machine.is_some_and(Commit::decided_commit),
+        operator_aborted: false,
+    }
+}
+
+/// Recovery's action for a listed prepared branch of epoch `branch_epoch` whose GID
+/// names `last_agent` (if any), seen by the incarnation of `epoch` that knows `known`:
+/// the core's rule.
 pub fn recovery_action(
     epoch: u64,
     branch_epoch: u64,
-    machine: Option<&Commit>,
+    last_agent: Option<&str>,
+    known: Known,
     mutations: Mutations,
 ) -> BranchAction {
     let me = Incarnation {
         coordinator_id: COORDINATOR_ID,
         epoch,
     };
-    let known = Known {
-        live: machine.is_some_and(Commit::deciding),
-        in_doubt: machine.is_some_and(Commit::decided_commit),
-        operator_aborted: false,
-    };
     let listed = Listed {
         coordinator_id: COORDINATOR_ID,
         epoch: branch_epoch,
-        last_agent: None,
+        last_agent,
     };
     recovery::prepared_branch_action(me, listed, known, mutations)
 }

@@ -80,6 +80,34 @@ impl Oracle {
         Ok(())
     }
 
+    /// A last agent committed `gid` with its decision row: the decision is commit.
+    pub fn last_committed(&mut self, gid: Gid, p: &str) -> Result<(), Violation> {
+        if self.told.get(&gid) == Some(&Told::Aborted) {
+            return broken(
+                6,
+                format!("{p} commits {gid} as its last agent, whose client was told aborted"),
+            );
+        }
+        self.committed_on
+            .entry(gid)
+            .or_default()
+            .insert(p.to_owned());
+        Ok(())
+    }
+
+    /// `gid`'s committed decision row is deleted; `logged`: the log durably holds its
+    /// COMMIT. Without it nothing durable would say committed (recovery and `GET` would
+    /// presume abort).
+    pub fn row_forgotten(&mut self, gid: Gid, logged: bool) -> Result<(), Violation> {
+        if !logged {
+            return broken(
+                3,
+                format!("{gid}'s decision row is forgotten while the log does not hold its commit"),
+            );
+        }
+        Ok(())
+    }
+
     /// A branch was rolled back (or an abort left its tombstone).
     pub fn rolled_back(&mut self, gid: Gid, p: &str) -> Result<(), Violation> {
         if !self.writes(gid, p) {

@@ -13,29 +13,36 @@
 //!   message after a random delay. It breaks (a fault, or either end crashing): every
 //!   call in flight on it fails, and the caller cannot tell whether the request arrived.
 //!   A partition makes new calls fail at once (nothing sent).
-//! - The decision log: a forced record is durable after a random fsync delay; a crash
-//!   before that keeps it or not (either may happen on a real disk). A lazy record is
-//!   written with the next flush and a crash may lose it. The device can fail an append,
-//!   which may have reached the disk all the same; the coordinator then exits.
+//! - The decision log is one file appended in order: a forced record is durable, with
+//!   every record before it, after a random fsync delay; a lazy record is written with
+//!   the next flush. A crash keeps a prefix of what was not yet synced (any length, so
+//!   a forced record in flight may survive and lazy ones may be lost, never a record
+//!   without those before it). The device can fail an append, which may have reached
+//!   the disk all the same; the coordinator then exits.
 //! - A coordinator crash loses everything in memory; the restart takes the next epoch,
 //!   replays the log (`in_doubt_after_replay`) and drives the in-doubt transactions, and
 //!   recovery passes list every agent's prepared branches (`prepared_branch_action`).
 //!
+//! - Last-agent and one-phase commits (`twopc_core::last_agent`): the last agent
+//!   commits its statements with the transaction's decision row in one step; a fence
+//!   inserts an aborted row unless a committed one exists; committed rows are listed
+//!   for recovery and forgotten once the log knows the outcome.
+//!
 //! Not simulated yet (the runtime has them; the core does not): interactive
-//! transactions, one-phase and last-agent commits, `txn_id` retries and GET, operator
-//! resolve.
+//! transactions, `txn_id` retries and GET, operator resolve.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 
 use twopc_core::commit::{self, AckMode, CommitAnswer, Effect, Request, Timer, Vote};
+use twopc_core::last_agent::{self, LastAgent, LastAnswer, Settled, SettledAction};
 use twopc_core::mutation::Mutations;
 use twopc_core::recovery::{self, BranchAction, Replayed};
 use twopc_core::Participant;
 
 use crate::oracle::{Oracle, Violation};
-use crate::recovery_action;
 use crate::rng::Rng;
+use crate::{known, recovery_action};
 
 /// Simulated time, in microseconds.
 pub type Micros = u64;
@@ -45,17 +52,32 @@ const TRACE_LINES_MAX: usize = 400;
 /// Transactions open at once, at most (the coordinator's limit).
 const OPEN_TXNS_MAX: usize = 8;
 
-/// A transaction's GID: the coordinator's epoch and a sequence number.
+/// A transaction's GID: the coordinator's epoch, a sequence number and, for a
+/// last-agent or one-phase commit, the last agent (as the real GID names it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Gid {
     pub epoch: u64,
     pub seq: u64,
+    pub last: Option<usize>,
 }
 
 impl std::fmt::Display for Gid {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "g{}.{}", self.epoch, self.seq)
+        write!(f, "g{}.{}", self.epoch, self.seq)?;
+        match self.last {
+            Some(l) => write!(f, "@a{l}"),
+            None => Ok(()),
+        }
     }
+}
+
+/// A row of an agent's decision table.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Row {
+    /// Committed with the last agent's branch; names the prepared participants.
+    Committed(Vec<Participant>),
+    /// Inserted by a fence: a later commit of the GID fails on the key.
+    Aborted,
 }
 
 /// A branch in a simulated database.
@@ -68,7 +90,7 @@ pub enum Branch {
     RolledBack,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum AgentRequest {
     /// The branch's statements, then PREPARE TRANSACTION (one pipelined request).
     Prepare {
@@ -78,6 +100,18 @@ enum AgentRequest {
     CommitPrepared,
     Abort,
     ListPrepared,
+    /// The last agent's statements, then COMMIT with the decision row naming `prepared`
+    /// (the row only if something was written or prepared).
+    CommitLast {
+        writes: bool,
+        fails: bool,
+        prepared: Vec<Participant>,
+    },
+    /// Settle the decision row: an aborted one goes in unless a committed one exists.
+    Fence,
+    /// Delete a committed decision row.
+    Forget,
+    ListDecisions,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,6 +120,19 @@ enum AgentReply {
     Commit(CommitAnswer),
     Aborted,
     Prepared(Vec<Gid>),
+    Last(LastAnswer),
+    Row(Settled),
+    Forgotten,
+    Decisions(Vec<(Gid, Vec<Participant>)>),
+}
+
+/// What a forced append is for, once durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Then {
+    /// The transaction's COMMIT: tell its machine.
+    Machine,
+    /// A last-agent transaction's END or one-phase record: forget its decision row.
+    Forget,
 }
 
 /// Why a call was made, to route its answer.
@@ -104,6 +151,8 @@ struct Call {
     request: AgentRequest,
     purpose: Purpose,
     incarnation: u64,
+    /// A recovery fence: the agent that listed the branch prepared.
+    listed_on: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -126,12 +175,14 @@ enum Event {
     },
     Durable {
         incarnation: u64,
-        gid: Gid,
+        record: Replayed<Gid>,
+        then: Then,
     },
-    /// The forced append of `gid`'s COMMIT failed (the record may be on disk).
+    /// A forced append for `gid` failed (the record may be on disk).
     AppendFailed {
         incarnation: u64,
         gid: Gid,
+        then: Then,
     },
     /// The log device fails the next forced append.
     LogDeviceFails,
@@ -190,6 +241,8 @@ struct Agent {
     /// The time the last message on the current connection arrives (in order).
     last_delivery: Micros,
     db: BTreeMap<Gid, Branch>,
+    /// The decision table (in the database: survives a crash).
+    rows: BTreeMap<Gid, Row>,
     tombstones: BTreeSet<Gid>,
 }
 
@@ -197,8 +250,25 @@ struct Log {
     /// The next forced append fails.
     fail_next: bool,
     durable: Vec<Replayed<Gid>>,
-    in_flight: Vec<Replayed<Gid>>,
-    lazy: Vec<Replayed<Gid>>,
+    /// Appended, not yet synced, in append order.
+    unsynced: Vec<Replayed<Gid>>,
+}
+
+impl Log {
+    /// Syncs every record up to `record` (all of them if it is not there).
+    fn sync_through(&mut self, record: Option<&Replayed<Gid>>) {
+        let end = record
+            .and_then(|r| self.unsynced.iter().position(|u| u == r))
+            .map_or(self.unsynced.len(), |pos| pos + 1);
+        self.durable.extend(self.unsynced.drain(..end));
+    }
+}
+
+/// A last-agent transaction: its machine and the last agent's work.
+struct LastTxn {
+    machine: LastAgent,
+    writes: bool,
+    fails: bool,
 }
 
 struct Coordinator {
@@ -207,6 +277,9 @@ struct Coordinator {
     incarnation: u64,
     next_seq: u64,
     machines: BTreeMap<Gid, commit::Commit>,
+    lasts: BTreeMap<Gid, LastTxn>,
+    /// Last-agent transactions whose END or one-phase record is being forced.
+    appending: BTreeSet<Gid>,
     calls: BTreeMap<u64, Call>,
 }
 
@@ -218,6 +291,8 @@ pub struct Stats {
     pub txns: u64,
     pub told_committed: u64,
     pub told_aborted: u64,
+    pub told_unknown: u64,
+    pub last_agent_txns: u64,
     pub recovery_rollbacks: u64,
 }
 
@@ -255,6 +330,7 @@ impl World {
                 partitioned_until: 0,
                 last_delivery: 0,
                 db: BTreeMap::new(),
+                rows: BTreeMap::new(),
                 tombstones: BTreeSet::new(),
             })
             .collect();
@@ -270,8 +346,7 @@ impl World {
             log: Log {
                 fail_next: false,
                 durable: vec![],
-                in_flight: vec![],
-                lazy: vec![],
+                unsynced: vec![],
             },
             coord: Coordinator {
                 up: false,
@@ -279,6 +354,8 @@ impl World {
                 incarnation: 0,
                 next_seq: 0,
                 machines: BTreeMap::new(),
+                lasts: BTreeMap::new(),
+                appending: BTreeSet::new(),
                 calls: BTreeMap::new(),
             },
             oracle: Oracle::default(),
@@ -328,7 +405,18 @@ impl World {
             self.step()?;
         }
         let dbs: Vec<&BTreeMap<Gid, Branch>> = self.agents.iter().map(|a| &a.db).collect();
-        self.oracle.at_quiescence(&dbs, self.coord.machines.len())
+        let unfinished = self.coord.machines.len() + self.coord.lasts.len();
+        self.oracle.at_quiescence(&dbs, unfinished)?;
+        for (i, a) in self.agents.iter().enumerate() {
+            let left = a.rows.iter().find(|(_, r)| matches!(r, Row::Committed(_)));
+            if let Some((g, _)) = left {
+                return Err(Violation {
+                    invariant: 8,
+                    what: format!("a{i} keeps {g}'s decision row after the world healed"),
+                });
+            }
+        }
+        Ok(())
     }
 
     fn heal(&mut self) {
@@ -368,16 +456,23 @@ impl World {
             Event::Request { call, conn } => self.deliver_request(call, conn)?,
             Event::Reply { call, conn, reply } => self.deliver_reply(call, conn, reply)?,
             Event::CallFailed { call, sent } => self.call_failed(call, sent)?,
-            Event::Durable { incarnation, gid } => self.durable(incarnation, gid)?,
-            Event::AppendFailed { incarnation, gid } => self.append_failed(incarnation, gid)?,
+            Event::Durable {
+                incarnation,
+                record,
+                then,
+            } => self.durable(incarnation, record, then)?,
+            Event::AppendFailed {
+                incarnation,
+                gid,
+                then,
+            } => self.append_failed(incarnation, gid, then)?,
             Event::LogDeviceFails => {
                 self.note("the log device will fail the next forced append".into());
                 self.log.fail_next = true;
             }
             Event::LazyFlush { incarnation } => {
                 if incarnation == self.coord.incarnation && self.coord.up {
-                    let lazy = std::mem::take(&mut self.log.lazy);
-                    self.log.durable.extend(lazy);
+                    self.log.sync_through(None);
                 }
             }
             Event::Timer {
@@ -426,7 +521,8 @@ impl World {
             let gap = self.rng.range(200, 3_000);
             self.schedule(gap, Event::ClientArrives);
         }
-        if !self.coord.up || self.coord.machines.len() >= OPEN_TXNS_MAX {
+        let open = self.coord.machines.len() + self.coord.lasts.len();
+        if !self.coord.up || open >= OPEN_TXNS_MAX {
             return;
         }
         let n = self.agents.len() as u64;
@@ -435,12 +531,36 @@ impl World {
         while chosen.len() < count {
             chosen.insert(self.rng.range(0, n - 1) as usize);
         }
+        // One branch: one-phase (a last agent with nobody else) or 2PC; several: a
+        // last-agent commit now and then.
+        let last_agent = self.rng.chance(if count == 1 { 700 } else { 350 });
+        let last = last_agent.then(|| {
+            let pick = self.rng.range(0, count as u64 - 1) as usize;
+            *chosen.iter().nth(pick).expect("chosen has count agents")
+        });
         self.coord.next_seq += 1;
         let gid = Gid {
             epoch: self.coord.epoch,
             seq: self.coord.next_seq,
+            last,
         };
         self.stats.txns += 1;
+        let plan: Vec<(usize, bool, bool)> = chosen
+            .iter()
+            .map(|i| (*i, self.rng.chance(800), self.rng.chance(30)))
+            .collect();
+        self.note(format!(
+            "client begins {gid} on {plan:?} (agent, writes, fails)"
+        ));
+        self.oracle
+            .planned(gid, plan.iter().map(|(i, w, _)| (name(*i), *w)).collect());
+        match last {
+            Some(l) => self.begin_last_agent(gid, l, plan),
+            None => self.begin_two_phase(gid, plan),
+        }
+    }
+
+    fn begin_two_phase(&mut self, gid: Gid, plan: Vec<(usize, bool, bool)>) {
         let mut config = commit::Config::new(if self.rng.chance(500) {
             AckMode::Applied
         } else {
@@ -450,27 +570,56 @@ impl World {
         config.retry_min_ms = 1;
         config.retry_max_ms = 50;
         config.mutations = self.settings.mutations;
-        let machine = commit::Commit::new(chosen.iter().map(|i| name(*i)), config);
+        let machine = commit::Commit::new(plan.iter().map(|(i, _, _)| name(*i)), config);
         self.coord.machines.insert(gid, machine);
-        let mut plan = Vec::new();
-        for i in chosen {
-            let writes = self.rng.chance(800);
-            let fails = self.rng.chance(30);
-            plan.push((name(i), writes));
-            self.call(
-                i,
-                Some(gid),
-                AgentRequest::Prepare { writes, fails },
-                Purpose::Txn,
-            );
+        for (i, writes, fails) in plan {
+            let request = AgentRequest::Prepare { writes, fails };
+            self.call(i, Some(gid), request, Purpose::Txn);
         }
-        self.note(format!("client begins {gid} on {plan:?}"));
-        self.oracle.planned(gid, plan);
+    }
+
+    fn begin_last_agent(&mut self, gid: Gid, last: usize, plan: Vec<(usize, bool, bool)>) {
+        self.stats.last_agent_txns += 1;
+        let others: Vec<(usize, bool, bool)> = plan
+            .iter()
+            .copied()
+            .filter(|(i, _, _)| *i != last)
+            .collect();
+        let (_, writes, fails) = plan
+            .into_iter()
+            .find(|(i, _, _)| *i == last)
+            .expect("the last agent is in the plan");
+        let mut out = Vec::new();
+        let names = others.iter().map(|(i, _, _)| name(*i));
+        let machine = LastAgent::new(names, name(last), self.settings.mutations, &mut out);
+        let txn = LastTxn {
+            machine,
+            writes,
+            fails,
+        };
+        self.coord.lasts.insert(gid, txn);
+        for (i, writes, fails) in others {
+            let request = AgentRequest::Prepare { writes, fails };
+            self.call(i, Some(gid), request, Purpose::Txn);
+        }
+        // A one-phase commit's CommitLast: nothing the oracle checks yet.
+        let _ = self.carry_out_last(gid, out);
     }
 
     // ---- the network ----
 
     fn call(&mut self, agent: usize, gid: Option<Gid>, request: AgentRequest, purpose: Purpose) {
+        self.call_for(agent, gid, request, purpose, None);
+    }
+
+    fn call_for(
+        &mut self,
+        agent: usize,
+        gid: Option<Gid>,
+        request: AgentRequest,
+        purpose: Purpose,
+        listed_on: Option<usize>,
+    ) {
         self.next_call += 1;
         let id = self.next_call;
         self.coord.calls.insert(
@@ -481,6 +630,7 @@ impl World {
                 request,
                 purpose,
                 incarnation: self.coord.incarnation,
+                listed_on,
             },
         );
         let a = &self.agents[agent];
@@ -516,7 +666,7 @@ impl World {
         if !self.agents[i].up || self.agents[i].conn != conn {
             return Ok(());
         }
-        let reply = self.agent_handles(i, c.gid, c.request, c.purpose)?;
+        let reply = self.agent_handles(i, c.gid, &c.request, c.purpose)?;
         let at = self.delivery_time(i);
         self.schedule(at - self.now, Event::Reply { call, conn, reply });
         Ok(())
@@ -568,7 +718,7 @@ impl World {
         &mut self,
         i: usize,
         gid: Option<Gid>,
-        request: AgentRequest,
+        request: &AgentRequest,
         purpose: Purpose,
     ) -> Result<AgentReply, Violation> {
         let a = name(i);
@@ -581,10 +731,48 @@ impl World {
                     .map(|(g, _)| *g)
                     .collect(),
             ),
-            (AgentRequest::Prepare { writes, fails }, Some(g)) => self.prepare(i, g, writes, fails),
+            (AgentRequest::ListDecisions, _) => AgentReply::Decisions(
+                self.agents[i]
+                    .rows
+                    .iter()
+                    .filter_map(|(g, r)| match r {
+                        Row::Committed(ps) => Some((*g, ps.clone())),
+                        Row::Aborted => None,
+                    })
+                    .collect(),
+            ),
+            (AgentRequest::Prepare { writes, fails }, Some(g)) => {
+                self.prepare(i, g, *writes, *fails)
+            }
+            (
+                AgentRequest::CommitLast {
+                    writes,
+                    fails,
+                    prepared,
+                },
+                Some(g),
+            ) => self.commit_last(i, g, *writes, *fails, prepared.clone())?,
+            (AgentRequest::Fence, Some(g)) => {
+                self.agents[i].tombstones.insert(g);
+                let row = self.agents[i].rows.entry(g).or_insert(Row::Aborted);
+                AgentReply::Row(match row {
+                    Row::Committed(ps) => Settled::Committed {
+                        participants: ps.clone(),
+                    },
+                    Row::Aborted => Settled::Aborted,
+                })
+            }
+            (AgentRequest::Forget, Some(g)) => {
+                if matches!(self.agents[i].rows.get(&g), Some(Row::Committed(_))) {
+                    let known = self.log_says_commit(g);
+                    self.oracle.row_forgotten(g, known)?;
+                    self.agents[i].rows.remove(&g);
+                }
+                AgentReply::Forgotten
+            }
             (AgentRequest::CommitPrepared, Some(g)) => {
                 if self.agents[i].db.get(&g) == Some(&Branch::Prepared) {
-                    let durable = self.log_says_commit(g);
+                    let durable = self.decision_durable(g);
                     self.oracle.commit_prepared(g, &a, durable)?;
                     self.agents[i].db.insert(g, Branch::Committed);
                     AgentReply::Commit(CommitAnswer::Committed)
@@ -598,7 +786,12 @@ impl World {
                         .coord
                         .machines
                         .get(&g)
-                        .is_some_and(commit::Commit::deciding);
+                        .is_some_and(commit::Commit::deciding)
+                        || self
+                            .coord
+                            .lasts
+                            .get(&g)
+                            .is_some_and(|t| t.machine.deciding());
                     self.oracle
                         .recovery_rollback(g, &a, live && g.epoch == self.coord.epoch)?;
                 }
@@ -632,11 +825,64 @@ impl World {
         AgentReply::Vote(vote)
     }
 
+    /// The last agent's statements, COMMIT and decision row, as one local transaction.
+    fn commit_last(
+        &mut self,
+        i: usize,
+        g: Gid,
+        writes: bool,
+        fails: bool,
+        prepared: Vec<Participant>,
+    ) -> Result<AgentReply, Violation> {
+        let agent = &mut self.agents[i];
+        let seen = agent.db.contains_key(&g) || agent.rows.contains_key(&g);
+        if agent.tombstones.contains(&g) || seen {
+            // Refused before it ran, or (a fence's row) failed on the key.
+            return Ok(AgentReply::Last(LastAnswer::DidNotCommit));
+        }
+        if fails {
+            agent.db.insert(g, Branch::RolledBack);
+            return Ok(AgentReply::Last(LastAnswer::DidNotCommit));
+        }
+        if !writes && prepared.is_empty() {
+            agent.db.insert(g, Branch::ReadOnlyDone);
+            return Ok(AgentReply::Last(LastAnswer::ReadOnly));
+        }
+        let branch = if writes {
+            Branch::Committed
+        } else {
+            Branch::ReadOnlyDone
+        };
+        agent.db.insert(g, branch);
+        agent.rows.insert(g, Row::Committed(prepared));
+        self.oracle.last_committed(g, &name(i))?;
+        Ok(AgentReply::Last(LastAnswer::Committed))
+    }
+
+    /// The log durably holds `g`'s COMMIT (or one-phase) record.
     fn log_says_commit(&self, g: Gid) -> bool {
         self.log
             .durable
             .iter()
             .any(|r| matches!(r, Replayed::Commit { gid, .. } if *gid == g))
+    }
+
+    /// The log durably knows `g` is finished: END, or a one-phase record.
+    fn log_says_finished(&self, g: Gid) -> bool {
+        self.log.durable.iter().any(|r| match r {
+            Replayed::End { gid } => *gid == g,
+            Replayed::Commit { gid, participants } => *gid == g && participants.is_empty(),
+            Replayed::OperatorAbort { .. } => false,
+        })
+    }
+
+    /// Something durable says `g` committed: its COMMIT record, or its last agent's
+    /// committed decision row.
+    fn decision_durable(&self, g: Gid) -> bool {
+        let row = g
+            .last
+            .is_some_and(|l| matches!(self.agents[l].rows.get(&g), Some(Row::Committed(_))));
+        row || self.log_says_commit(g)
     }
 
     fn crash_agent(&mut self, i: usize) {
@@ -669,12 +915,12 @@ impl World {
             return Ok(());
         }
         if c.purpose == Purpose::Recovery {
-            if let Ok(AgentReply::Prepared(gids)) = result {
-                self.recover_listed(c.participant, gids);
-            }
-            return Ok(());
+            return self.recovery_answer(c, result);
         }
         let Some(gid) = c.gid else { return Ok(()) };
+        if self.coord.lasts.contains_key(&gid) && !self.coord.machines.contains_key(&gid) {
+            return self.last_answer(gid, &c, result);
+        }
         let p = name(c.participant);
         let jitter = self.rng.next_u64();
         let mut out = Vec::new();
@@ -683,10 +929,7 @@ impl World {
         };
         match (c.request, result) {
             (AgentRequest::Prepare { .. }, Ok(AgentReply::Vote(v))) => m.on_vote(&p, v, &mut out),
-            (AgentRequest::Prepare { .. }, Err(sent)) => {
-                let v = if sent { Vote::Unknown } else { Vote::No };
-                m.on_vote(&p, v, &mut out)
-            }
+            (AgentRequest::Prepare { .. }, Err(sent)) => m.on_vote(&p, lost_vote(sent), &mut out),
             (AgentRequest::CommitPrepared, Ok(AgentReply::Commit(a))) => {
                 m.on_commit_answer(&p, a, jitter, &mut out)
             }
@@ -701,27 +944,183 @@ impl World {
         self.carry_out(gid, out)
     }
 
+    /// An answer for a last-agent transaction's machine.
+    fn last_answer(
+        &mut self,
+        gid: Gid,
+        c: &Call,
+        result: Result<AgentReply, bool>,
+    ) -> Result<(), Violation> {
+        let p = name(c.participant);
+        let mut out = Vec::new();
+        let Some(t) = self.coord.lasts.get_mut(&gid) else {
+            return Ok(());
+        };
+        let m = &mut t.machine;
+        match (&c.request, result) {
+            (AgentRequest::Prepare { .. }, Ok(AgentReply::Vote(v))) => m.on_vote(&p, v, &mut out),
+            (AgentRequest::Prepare { .. }, Err(sent)) => m.on_vote(&p, lost_vote(sent), &mut out),
+            (AgentRequest::CommitLast { .. }, Ok(AgentReply::Last(a))) => {
+                m.on_last_answer(a, &mut out)
+            }
+            (AgentRequest::CommitLast { .. }, Err(sent)) => {
+                let a = if sent {
+                    LastAnswer::Uncertain
+                } else {
+                    LastAnswer::DidNotCommit
+                };
+                m.on_last_answer(a, &mut out)
+            }
+            (AgentRequest::Fence, Ok(AgentReply::Row(settled))) => {
+                m.on_fence_answer(Some(settled), &mut out)
+            }
+            (AgentRequest::Fence, Err(_)) => m.on_fence_answer(None, &mut out),
+            // Rollbacks are tried once; what stays prepared, recovery settles.
+            _ => {}
+        }
+        self.carry_out_last(gid, out)
+    }
+
+    fn carry_out_last(
+        &mut self,
+        gid: Gid,
+        effects: Vec<last_agent::Effect>,
+    ) -> Result<(), Violation> {
+        use last_agent::Effect as E;
+        let Some(last) = gid.last else { return Ok(()) };
+        for e in effects {
+            self.note(format!("coordinator {gid}: {e:?}"));
+            match e {
+                E::CommitLast { prepared } => {
+                    let t = &self.coord.lasts[&gid];
+                    let request = AgentRequest::CommitLast {
+                        writes: t.writes,
+                        fails: t.fails,
+                        prepared,
+                    };
+                    self.call(last, Some(gid), request, Purpose::Txn);
+                }
+                E::Fence => self.call(last, Some(gid), AgentRequest::Fence, Purpose::Txn),
+                E::Abort(p) => self.call(index(&p), Some(gid), AgentRequest::Abort, Purpose::Txn),
+                E::AppendOnePhase => self.append_one_phase(gid),
+                E::Phase2 { prepared } => self.start_phase2(gid, prepared)?,
+                E::Answer(a) => {
+                    let told = match a {
+                        last_agent::Answer::Committed => {
+                            commit::Answer::Committed { pending: vec![] }
+                        }
+                        last_agent::Answer::Aborted(cause) => commit::Answer::Aborted(cause),
+                        last_agent::Answer::Unknown => {
+                            self.stats.told_unknown += 1;
+                            continue;
+                        }
+                    };
+                    self.tell(gid, &told)?;
+                }
+            }
+        }
+        if self
+            .coord
+            .lasts
+            .get(&gid)
+            .is_some_and(|t| t.machine.finished())
+        {
+            self.coord.lasts.remove(&gid);
+        }
+        Ok(())
+    }
+
+    /// A last-agent commit with nobody prepared: its one-phase record (a COMMIT naming
+    /// nobody), forced, then the row is forgotten.
+    fn append_one_phase(&mut self, gid: Gid) {
+        if self.coord.appending.insert(gid) {
+            let record = Replayed::Commit {
+                gid,
+                participants: vec![],
+            };
+            self.append_forced(gid, record, Then::Forget);
+        }
+    }
+
+    /// A last-agent commit with `prepared` participants: the COMMIT record, lazily (the
+    /// row is the decision), and phase 2 on a decided machine.
+    fn start_phase2(&mut self, gid: Gid, prepared: Vec<Participant>) -> Result<(), Violation> {
+        if self.coord.machines.contains_key(&gid) {
+            return Ok(());
+        }
+        self.log.unsynced.push(Replayed::Commit {
+            gid,
+            participants: prepared.clone(),
+        });
+        let flush = self.rng.range(1_000, 20_000);
+        let incarnation = self.coord.incarnation;
+        self.schedule(flush, Event::LazyFlush { incarnation });
+        let mut out = Vec::new();
+        let m = commit::Commit::decided(prepared, self.phase2_config(), &mut out);
+        self.coord.machines.insert(gid, m);
+        self.carry_out(gid, out)
+    }
+
+    fn phase2_config(&self) -> commit::Config {
+        let mut config = commit::Config::new(AckMode::Durable);
+        config.retry_min_ms = 1;
+        config.retry_max_ms = 50;
+        config.mutations = self.settings.mutations;
+        config
+    }
+
+    /// A forced append: durable after an fsync delay, or failed (the device's fault).
+    fn append_forced(&mut self, gid: Gid, record: Replayed<Gid>, then: Then) {
+        let fsync = self.rng.range(100, 4_000);
+        let incarnation = self.coord.incarnation;
+        if std::mem::take(&mut self.log.fail_next) {
+            // The write may have reached the disk before the failed fsync.
+            if self.rng.chance(500) {
+                self.log.unsynced.push(record);
+            }
+            let ev = Event::AppendFailed {
+                incarnation,
+                gid,
+                then,
+            };
+            self.schedule(fsync, ev);
+        } else {
+            self.log.unsynced.push(record.clone());
+            let ev = Event::Durable {
+                incarnation,
+                record,
+                then,
+            };
+            self.schedule(fsync, ev);
+        }
+    }
+
+    /// The client of `gid` is told `answer`; the oracle checks it is true.
+    fn tell(&mut self, gid: Gid, answer: &commit::Answer) -> Result<(), Violation> {
+        match answer {
+            commit::Answer::Committed { .. } => self.stats.told_committed += 1,
+            commit::Answer::Aborted(_) => self.stats.told_aborted += 1,
+        }
+        let durable = self.decision_durable(gid);
+        self.oracle.told(gid, answer, durable)
+    }
+
     fn carry_out(&mut self, gid: Gid, effects: Vec<Effect>) -> Result<(), Violation> {
         for e in effects {
             self.note(format!("coordinator {gid}: {e:?}"));
             match e {
                 Effect::AppendCommit { participants } => {
                     let record = Replayed::Commit { gid, participants };
-                    let fsync = self.rng.range(100, 4_000);
-                    let incarnation = self.coord.incarnation;
-                    if std::mem::take(&mut self.log.fail_next) {
-                        // The write may have reached the disk before the failed fsync.
-                        if self.rng.chance(500) {
-                            self.log.durable.push(record);
-                        }
-                        self.schedule(fsync, Event::AppendFailed { incarnation, gid });
-                    } else {
-                        self.log.in_flight.push(record);
-                        self.schedule(fsync, Event::Durable { incarnation, gid });
+                    self.append_forced(gid, record, Then::Machine);
+                }
+                // A last-agent transaction's END is forced: then its row may go.
+                Effect::AppendEnd if gid.last.is_some() => {
+                    if self.coord.appending.insert(gid) {
+                        self.append_forced(gid, Replayed::End { gid }, Then::Forget);
                     }
                 }
                 Effect::AppendEnd => {
-                    self.log.lazy.push(Replayed::End { gid });
+                    self.log.unsynced.push(Replayed::End { gid });
                     let flush = self.rng.range(1_000, 20_000);
                     let incarnation = self.coord.incarnation;
                     self.schedule(flush, Event::LazyFlush { incarnation });
@@ -742,14 +1141,7 @@ impl World {
                     };
                     self.schedule(after_ms * 1_000, ev);
                 }
-                Effect::Answer(a) => {
-                    let durable = self.log_says_commit(gid);
-                    match &a {
-                        commit::Answer::Committed { .. } => self.stats.told_committed += 1,
-                        commit::Answer::Aborted(_) => self.stats.told_aborted += 1,
-                    }
-                    self.oracle.told(gid, &a, durable)?;
-                }
+                Effect::Answer(a) => self.tell(gid, &a)?,
             }
         }
         if self.coord.machines.get(&gid).is_some_and(|m| m.finished()) {
@@ -758,38 +1150,50 @@ impl World {
         Ok(())
     }
 
-    fn durable(&mut self, incarnation: u64, gid: Gid) -> Result<(), Violation> {
+    fn durable(
+        &mut self,
+        incarnation: u64,
+        record: Replayed<Gid>,
+        then: Then,
+    ) -> Result<(), Violation> {
         if incarnation != self.coord.incarnation || !self.coord.up {
             return Ok(());
         }
-        // The commit record, and the lazy records before it (one write).
-        if let Some(pos) = self
-            .log
-            .in_flight
-            .iter()
-            .position(|r| matches!(r, Replayed::Commit { gid: g, .. } if *g == gid))
-        {
-            let lazy = std::mem::take(&mut self.log.lazy);
-            self.log.durable.extend(lazy);
-            let r = self.log.in_flight.remove(pos);
-            self.log.durable.push(r);
+        // The record, and the lazy records before it (one write).
+        if self.log.unsynced.contains(&record) {
+            self.log.sync_through(Some(&record));
         }
-        let mut out = Vec::new();
-        if let Some(m) = self.coord.machines.get_mut(&gid) {
-            m.on_durable(&mut out);
+        let gid = match record {
+            Replayed::Commit { gid, .. } | Replayed::End { gid } => gid,
+            Replayed::OperatorAbort { gid } => gid,
+        };
+        match then {
+            Then::Machine => {
+                let mut out = Vec::new();
+                if let Some(m) = self.coord.machines.get_mut(&gid) {
+                    m.on_durable(&mut out);
+                }
+                self.carry_out(gid, out)
+            }
+            Then::Forget => {
+                self.coord.appending.remove(&gid);
+                if let Some(last) = gid.last {
+                    self.call(last, Some(gid), AgentRequest::Forget, Purpose::Recovery);
+                }
+                Ok(())
+            }
         }
-        self.carry_out(gid, out)
     }
 
-    /// The coordinator learns its forced append failed: the core says what (if anything)
-    /// the client hears, and the process exits (as `twopc-coordinator` does), so nothing
-    /// else the core asked for happens.
-    fn append_failed(&mut self, incarnation: u64, gid: Gid) -> Result<(), Violation> {
+    /// The coordinator learns a forced append failed: for a COMMIT the core says what
+    /// (if anything) the client hears; then the process exits (as `twopc-coordinator`
+    /// does), so nothing else the core asked for happens.
+    fn append_failed(&mut self, incarnation: u64, gid: Gid, then: Then) -> Result<(), Violation> {
         if incarnation != self.coord.incarnation || !self.coord.up {
             return Ok(());
         }
         let mut out = Vec::new();
-        if let Some(m) = self.coord.machines.get_mut(&gid) {
+        if let (Then::Machine, Some(m)) = (then, self.coord.machines.get_mut(&gid)) {
             m.on_log_failed(&mut out);
         }
         let answers = out
@@ -820,15 +1224,13 @@ impl World {
         self.note("coordinator crashes".into());
         self.coord.up = false;
         self.coord.machines.clear();
+        self.coord.lasts.clear();
+        self.coord.appending.clear();
         self.coord.calls.clear();
-        // A forced write in flight may or may not have reached the disk; so may a lazy one.
-        let in_flight = std::mem::take(&mut self.log.in_flight);
-        let lazy = std::mem::take(&mut self.log.lazy);
-        for r in in_flight.into_iter().chain(lazy) {
-            if self.rng.chance(500) {
-                self.log.durable.push(r);
-            }
-        }
+        // What was not synced reached the disk up to some point (a torn tail is cut).
+        let kept = self.rng.range(0, self.log.unsynced.len() as u64) as usize;
+        self.log.unsynced.truncate(kept);
+        self.log.sync_through(None);
         for i in 0..self.agents.len() {
             self.break_connection(i);
         }
@@ -854,12 +1256,8 @@ impl World {
             in_doubt.len()
         ));
         for (gid, participants) in in_doubt {
-            let mut config = commit::Config::new(AckMode::Durable);
-            config.retry_min_ms = 1;
-            config.retry_max_ms = 50;
-            config.mutations = self.settings.mutations;
             let mut out = Vec::new();
-            let m = commit::Commit::decided(participants, config, &mut out);
+            let m = commit::Commit::decided(participants, self.phase2_config(), &mut out);
             self.coord.machines.insert(gid, m);
             // Sends only (a replayed commit answers nobody): cannot break an invariant.
             let _ = self.carry_out(gid, out);
@@ -874,24 +1272,153 @@ impl World {
         }
         for i in 0..self.agents.len() {
             self.call(i, None, AgentRequest::ListPrepared, Purpose::Recovery);
+            self.call(i, None, AgentRequest::ListDecisions, Purpose::Recovery);
+        }
+        // Transactions told `unknown`: their last agent is asked again.
+        let unsettled: Vec<Gid> = self
+            .coord
+            .lasts
+            .iter()
+            .filter(|(_, t)| t.machine.unsettled())
+            .map(|(g, _)| *g)
+            .collect();
+        for g in unsettled {
+            if let Some(last) = g.last {
+                self.call(last, Some(g), AgentRequest::Fence, Purpose::Recovery);
+            }
         }
         let every = self.rng.range(5_000, 20_000);
         self.schedule(every, Event::RecoveryPass { incarnation });
     }
 
+    fn recovery_answer(
+        &mut self,
+        c: Call,
+        result: Result<AgentReply, bool>,
+    ) -> Result<(), Violation> {
+        match (c.request, result, c.gid) {
+            (AgentRequest::ListPrepared, Ok(AgentReply::Prepared(gids)), _) => {
+                self.recover_listed(c.participant, gids);
+                Ok(())
+            }
+            (AgentRequest::ListDecisions, Ok(AgentReply::Decisions(rows)), _) => {
+                self.complete_rows(c.participant, rows)
+            }
+            (AgentRequest::Fence, Ok(AgentReply::Row(settled)), Some(g)) => {
+                self.recovery_settled(g, c.listed_on, settled)
+            }
+            // Anything else: the next pass tries again.
+            _ => Ok(()),
+        }
+    }
+
     fn recover_listed(&mut self, agent: usize, gids: Vec<Gid>) {
         for g in gids {
-            let machine = self.coord.machines.get(&g);
-            let action =
-                recovery_action(self.coord.epoch, g.epoch, machine, self.settings.mutations);
-            if action == BranchAction::RollBack {
-                self.note(format!(
-                    "recovery rolls back {g} on {} (presumed abort)",
-                    name(agent)
-                ));
-                self.stats.recovery_rollbacks += 1;
-                self.call(agent, Some(g), AgentRequest::Abort, Purpose::Recovery);
+            let last_live = self
+                .coord
+                .lasts
+                .get(&g)
+                .is_some_and(|t| t.machine.deciding());
+            let known = known(self.coord.machines.get(&g), last_live);
+            let last = g.last.map(name);
+            let action = recovery_action(
+                self.coord.epoch,
+                g.epoch,
+                last.as_deref(),
+                known,
+                self.settings.mutations,
+            );
+            match action {
+                BranchAction::RollBack => {
+                    self.note(format!(
+                        "recovery rolls back {g} on {} (presumed abort)",
+                        name(agent)
+                    ));
+                    self.stats.recovery_rollbacks += 1;
+                    self.call(agent, Some(g), AgentRequest::Abort, Purpose::Recovery);
+                }
+                BranchAction::AskLastAgent(l) => {
+                    let request = AgentRequest::Fence;
+                    self.call_for(index(&l), Some(g), request, Purpose::Recovery, Some(agent));
+                }
+                BranchAction::NotOurs | BranchAction::LeaveLive | BranchAction::LeaveToPhase2 => {}
             }
         }
+    }
+
+    /// A last agent's settled row, asked by recovery: an unsettled machine ends with
+    /// it; then the core's rule for a settled outcome.
+    fn recovery_settled(
+        &mut self,
+        g: Gid,
+        listed_on: Option<usize>,
+        settled: Settled,
+    ) -> Result<(), Violation> {
+        if let Some(t) = self.coord.lasts.get_mut(&g) {
+            if t.machine.unsettled() {
+                let mut out = Vec::new();
+                t.machine.on_fence_answer(Some(settled.clone()), &mut out);
+                self.carry_out_last(g, out)?;
+            }
+        }
+        let in_doubt = self
+            .coord
+            .machines
+            .get(&g)
+            .is_some_and(commit::Commit::decided_commit);
+        match last_agent::settled_action(&settled, in_doubt, false) {
+            SettledAction::RollBack => {
+                if let Some(agent) = listed_on {
+                    self.note(format!(
+                        "recovery rolls back {g} on {}: its row says aborted",
+                        name(agent)
+                    ));
+                    self.stats.recovery_rollbacks += 1;
+                    self.call(agent, Some(g), AgentRequest::Abort, Purpose::Recovery);
+                }
+                Ok(())
+            }
+            SettledAction::Phase2(prepared) => self.start_phase2(g, prepared),
+            SettledAction::AppendOnePhase => {
+                self.append_one_phase(g);
+                Ok(())
+            }
+            SettledAction::Forget | SettledAction::Nothing => Ok(()),
+        }
+    }
+
+    /// Committed decision rows `agent` lists: forgotten if the log knows the outcome,
+    /// completed (one-phase record, or phase 2) if nobody drives them.
+    fn complete_rows(
+        &mut self,
+        agent: usize,
+        rows: Vec<(Gid, Vec<Participant>)>,
+    ) -> Result<(), Violation> {
+        for (g, participants) in rows {
+            if self.log_says_finished(g) {
+                self.call(agent, Some(g), AgentRequest::Forget, Purpose::Recovery);
+                continue;
+            }
+            let c = &self.coord;
+            if c.machines.contains_key(&g) || c.lasts.contains_key(&g) || c.appending.contains(&g) {
+                continue;
+            }
+            let settled = Settled::Committed { participants };
+            match last_agent::settled_action(&settled, false, false) {
+                SettledAction::Phase2(prepared) => self.start_phase2(g, prepared)?,
+                SettledAction::AppendOnePhase => self.append_one_phase(g),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+fn lost_vote(sent: bool) -> Vote {
+    // Sent: the branch may be prepared. Not sent: it never ran.
+    if sent {
+        Vote::Unknown
+    } else {
+        Vote::No
     }
 }
