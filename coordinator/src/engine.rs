@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, error, info, warn, Instrument};
 use twopc_core::backoff::Backoff;
 use twopc_core::commit::{self, Commit, CommitAnswer, Effect, Timer, Vote};
+use twopc_core::last_agent::{self, LastAgent, LastAnswer, SettledAction};
 use twopc_core::mutation::Mutations;
 use twopc_core::recovery::{
     in_doubt_after_replay, prepared_branch_action, BranchAction, Incarnation, Known, Listed,
@@ -279,6 +280,19 @@ struct Settled {
     committed: bool,
     txn_id: String,
     participants: Vec<String>,
+}
+
+impl Settled {
+    /// What the core's machine is told of it.
+    fn row(self) -> last_agent::Settled {
+        if self.committed {
+            last_agent::Settled::Committed {
+                participants: self.participants,
+            }
+        } else {
+            last_agent::Settled::Aborted
+        }
+    }
 }
 
 /// A locally committed transaction (last-agent or one-phase) waiting to be settled.
@@ -1680,20 +1694,44 @@ impl Engine {
         let one_phase = others.is_empty();
         let remaining = txn.deadline.saturating_duration_since(Instant::now());
         let names: Vec<String> = others.iter().map(|(n, _)| n.clone()).collect();
+        let (name, statements) = last;
+        // The core's machine decides; with nobody else it asks for the commit at once.
+        let mut effects = Vec::new();
+        let mut machine = LastAgent::new(
+            names.iter().cloned(),
+            name.clone(),
+            Mutations::none(),
+            &mut effects,
+        );
         let answers = self
             .fan_out(txn, others, false, Finish::Prepare, remaining)
             .await;
         let (mut branches, votes, failure) = self.tally(txn, answers);
-        let yes: Vec<String> = names
-            .into_iter()
-            .filter(|n| votes.get(n) == Some(&Vote::Yes))
-            .collect();
-        if let Some(info) = failure {
+        for n in &names {
+            // No answer: the sequential fan-out stopped before this branch was sent.
+            let vote = votes.get(n).copied().unwrap_or(Vote::No);
+            machine.on_vote(n, vote, &mut effects);
+        }
+        // A failed branch is a NO vote (`tally`), so the machine aborted; checked again
+        // here all the same, in every build.
+        if machine.phase() == last_agent::Phase::Aborted || failure.is_some() {
+            let info = failure.unwrap_or_else(|| {
+                abort_info(&txn.txn_id, None, "XX000", "a branch voted no", false)
+            });
             self.abort_txn(txn, state).await;
             return Err(TxnError::Aborted(info));
         }
+        let prepared = effects.iter().find_map(|e| match e {
+            last_agent::Effect::CommitLast { prepared } => Some(prepared.clone()),
+            _ => None,
+        });
+        let Some(prepared) = prepared else {
+            error!("the last-agent machine asked for no commit after every vote was in");
+            self.abort_txn(txn, state).await;
+            let info = abort_info(&txn.txn_id, None, "XX000", "no commit", false);
+            return Err(TxnError::Aborted(info));
+        };
         twopc_participant::failpoint!("coordinator.after_prepare");
-        let (name, statements) = last;
         let remaining = txn.deadline.saturating_duration_since(Instant::now());
         let p = match self.inner.participants.get(&name) {
             Some(p) if !remaining.is_zero() => p.clone(),
@@ -1713,93 +1751,86 @@ impl Engine {
             continues,
             decision: Some(Decision {
                 txn_id: txn.txn_id.clone(),
-                participants: yes.clone(),
+                participants: prepared.clone(),
             }),
             expires_in_ms: u64::try_from(remaining.as_millis()).ok(),
         };
         let resp = Box::pin(p.call(Request::Execute(exec), remaining)).await;
-        let results = match resp {
-            Ok(Response::Executed {
-                results,
-                outcome: BranchOutcome::Committed,
-            }) => results,
+        let (answer, mut results, info) = last_answer(&name, &txn.txn_id, resp);
+        effects.clear();
+        machine.on_last_answer(answer, &mut effects);
+        if effects.contains(&last_agent::Effect::Fence) {
+            // The commit may or may not have happened: ask the last agent, which also
+            // makes sure a commit still in flight can no longer succeed.
+            let why = info
+                .as_ref()
+                .map_or("no clear answer", |i| i.message.as_str());
+            warn!(participant = %name, error = %why, "no clear answer from the last agent; fencing");
+            let budget = Duration::from_millis(self.inner.config.commit_wait_ms);
+            let settled = Box::pin(self.settle(&p, &txn.gid, budget)).await;
+            // Committed or not, its results went with the lost answer.
+            results = Vec::new();
+            effects.clear();
+            machine.on_fence_answer(settled.map(|s| s.row()), &mut effects);
+        }
+        let info = || {
+            info.clone().unwrap_or_else(|| {
+                abort_info(&txn.txn_id, Some(&name), "XX000", "no commit", false)
+            })
+        };
+        match machine.phase() {
+            last_agent::Phase::Committed => {}
+            last_agent::Phase::Unsettled => {
+                state.finished = true;
+                lock(&self.inner.unresolved).insert(
+                    txn.gid.clone(),
+                    Unsettled {
+                        txn_id: txn.txn_id.clone(),
+                        last: name.clone(),
+                    },
+                );
+                return Err(TxnError::OutcomeUnknown {
+                    txn_id: txn.txn_id.clone(),
+                    gid: txn.gid.to_string(),
+                    message: format!(
+                        "the last participant {name} did not answer its commit ({}) and \
+                         could not be asked since; recovery settles it, ask GET later",
+                        info().message
+                    ),
+                });
+            }
+            // Aborted (or, never, still deciding: nothing committed that we know of).
+            _ => {
+                self.abort_txn(txn, state).await;
+                return Err(TxnError::Aborted(info()));
+            }
+        }
+        let logged = effects.iter().find_map(|e| match e {
+            last_agent::Effect::AppendOnePhase => Some(Vec::new()),
+            last_agent::Effect::Phase2 { prepared } => Some(prepared.clone()),
+            _ => None,
+        });
+        let Some(prepared) = logged else {
             // Nothing prepared elsewhere and nothing written here (the agent inserts the
             // row only for a transaction that wrote): finished, nothing to record.
-            Ok(Response::Executed {
+            state.finished = true;
+            self.record_read_only(txn, &name).await?;
+            self.inner
+                .counters
+                .committed
+                .fetch_add(1, Ordering::Relaxed);
+            self.remember(&txn.txn_id, txn.gid.as_str(), Outcome::Committed);
+            branches.push(BranchResults {
+                participant: name,
                 results,
-                outcome: BranchOutcome::ReadOnly,
-            }) if yes.is_empty() => {
-                state.finished = true;
-                self.record_read_only(txn, &name).await?;
-                self.inner
-                    .counters
-                    .committed
-                    .fetch_add(1, Ordering::Relaxed);
-                self.remember(&txn.txn_id, txn.gid.as_str(), Outcome::Committed);
-                branches.push(BranchResults {
-                    participant: name,
-                    results,
-                });
-                branches.sort_by_key(|b| state.branches.iter().position(|n| *n == b.participant));
-                return Ok(Committed {
-                    txn_id: txn.txn_id.clone(),
-                    outcome: "committed",
-                    branches,
-                    pending: vec![],
-                });
-            }
-            // Refused before it ran, or never sent: it did not commit.
-            resp @ (Ok(Response::Failed(_)) | Err(_)) if !commit_may_have_happened(&resp) => {
-                let info = match classify(&name, &txn.txn_id, resp) {
-                    Err(info) => info,
-                    Ok(_) => abort_info(&txn.txn_id, Some(&name), "XX000", "no commit", false),
-                };
-                self.abort_txn(txn, state).await;
-                return Err(TxnError::Aborted(info));
-            }
-            other => {
-                // The commit may or may not have happened: ask the last agent, which
-                // also makes sure a commit still in flight can no longer succeed.
-                let info = match classify(&name, &txn.txn_id, other) {
-                    Err(info) => info,
-                    Ok((_, outcome)) => abort_info(
-                        &txn.txn_id,
-                        Some(&name),
-                        "XX000",
-                        format!("unexpected outcome {outcome:?} of the last agent's commit"),
-                        false,
-                    ),
-                };
-                warn!(participant = %name, error = %info.message, "no clear answer from the last agent; fencing");
-                let budget = Duration::from_millis(self.inner.config.commit_wait_ms);
-                match Box::pin(self.settle(&p, &txn.gid, budget)).await {
-                    // Committed; its results went with the lost answer.
-                    Some(d) if d.committed => Vec::new(),
-                    Some(_) => {
-                        self.abort_txn(txn, state).await;
-                        return Err(TxnError::Aborted(info));
-                    }
-                    None => {
-                        state.finished = true;
-                        lock(&self.inner.unresolved).insert(
-                            txn.gid.clone(),
-                            Unsettled {
-                                txn_id: txn.txn_id.clone(),
-                                last: name.clone(),
-                            },
-                        );
-                        return Err(TxnError::OutcomeUnknown {
-                            txn_id: txn.txn_id.clone(),
-                            gid: txn.gid.to_string(),
-                            message: format!(
-                                "the last participant {name} did not answer its commit ({}) and \
-                                 could not be asked since; recovery settles it, ask GET later",
-                                info.message
-                            ),
-                        });
-                    }
-                }
-            }
+            });
+            branches.sort_by_key(|b| state.branches.iter().position(|n| *n == b.participant));
+            return Ok(Committed {
+                txn_id: txn.txn_id.clone(),
+                outcome: "committed",
+                branches,
+                pending: vec![],
+            });
         };
         twopc_participant::failpoint!("coordinator.after_last_commit");
         // Committed everywhere that matters: the decision is durable in `name`'s database.
@@ -1820,7 +1851,7 @@ impl Engine {
         // Answer in the client's order.
         branches.sort_by_key(|b| state.branches.iter().position(|n| *n == b.participant));
         let pending = self
-            .record_last_agent_commit(&txn.gid, &txn.txn_id, &name, yes)
+            .record_last_agent_commit(&txn.gid, &txn.txn_id, &name, prepared)
             .await;
         let wait_ms = match ack {
             AckMode::Applied => self.inner.config.commit_wait_ms,
@@ -1992,26 +2023,33 @@ impl Engine {
             (Some(t), true) => t.clone(),
             (None, true) => gid.to_string(),
         };
-        if !settled.committed {
-            if known_txn_id.is_some() {
-                self.remember(&txn_id, gid.as_str(), Outcome::Aborted);
+        let in_doubt = lock(&self.inner.in_doubt).contains_key(gid);
+        let operator_aborted = lock(&self.inner.operator_aborted).contains(gid);
+        let row = settled.clone().row();
+        let participants = match last_agent::settled_action(&row, in_doubt, operator_aborted) {
+            // What is still prepared, the recovery pass rolls back.
+            SettledAction::RollBack => {
+                if known_txn_id.is_some() {
+                    self.remember(&txn_id, gid.as_str(), Outcome::Aborted);
+                }
+                return;
             }
-            return;
-        }
-        if lock(&self.inner.operator_aborted).contains(gid) {
-            // An operator aborted it by hand (with --force): the row must not bring the
-            // commit back. It goes; what is still prepared is rolled back by recovery.
-            info!(%gid, "committed decision row of a transaction an operator aborted; forgetting it");
-            self.queue_forget(last.to_owned(), gid.clone());
-            return;
-        }
-        if lock(&self.inner.in_doubt).contains_key(gid) {
-            return;
-        }
-        info!(%gid, %txn_id, participants = ?settled.participants, "the last agent committed: completing phase 2");
+            SettledAction::Forget => {
+                // An operator aborted it by hand (with --force): the row must not bring
+                // the commit back. It goes; what is still prepared is rolled back by
+                // recovery.
+                info!(%gid, "committed decision row of a transaction an operator aborted; forgetting it");
+                self.queue_forget(last.to_owned(), gid.clone());
+                return;
+            }
+            SettledAction::Nothing => return,
+            SettledAction::AppendOnePhase => Vec::new(),
+            SettledAction::Phase2(participants) => participants,
+        };
+        info!(%gid, %txn_id, participants = ?participants, "the last agent committed: completing phase 2");
         self.remember(&txn_id, gid.as_str(), Outcome::Committed);
         let last = last.to_owned();
-        let (engine, gid, participants) = (self.clone(), gid.clone(), settled.participants.clone());
+        let (engine, gid) = (self.clone(), gid.clone());
         tokio::spawn(async move {
             let _ = engine
                 .record_last_agent_commit(&gid, &txn_id, &last, participants)
@@ -3022,6 +3060,31 @@ fn classify(
             e.to_string(),
             false,
         )),
+    }
+}
+
+/// The last agent's answer to its commit, for the core's machine: what it says, the
+/// results it carried, and (if it did not plainly commit) why, for the client.
+fn last_answer(
+    participant: &str,
+    txn_id: &str,
+    resp: Result<Response, CallError>,
+) -> (LastAnswer, Vec<StmtResult>, Option<AbortInfo>) {
+    // An answer of another kind than Executed or Failed proves nothing either way.
+    let unclear = match &resp {
+        Ok(Response::Failed(_)) | Err(_) => commit_may_have_happened(&resp),
+        Ok(_) => true,
+    };
+    match classify(participant, txn_id, resp) {
+        Ok((results, BranchOutcome::Committed)) => (LastAnswer::Committed, results, None),
+        Ok((results, BranchOutcome::ReadOnly)) => (LastAnswer::ReadOnly, results, None),
+        Ok((_, outcome)) => {
+            let message = format!("unexpected outcome {outcome:?} of the last agent's commit");
+            let info = abort_info(txn_id, Some(participant), "XX000", message, false);
+            (LastAnswer::Uncertain, Vec::new(), Some(info))
+        }
+        Err(info) if unclear => (LastAnswer::Uncertain, Vec::new(), Some(info)),
+        Err(info) => (LastAnswer::DidNotCommit, Vec::new(), Some(info)),
     }
 }
 
