@@ -29,7 +29,7 @@ use crate::mutation::{Mutation, Mutations};
 use crate::Participant;
 
 /// The last agent's answer to its statements with COMMIT and the decision row.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum LastAnswer {
     /// Committed, the decision row with it.
     Committed,
@@ -43,7 +43,7 @@ pub enum LastAnswer {
 
 /// What the last agent's decision row says once fenced (a fence inserts an aborted row
 /// unless a committed one exists, so the answer is final).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Settled {
     /// Committed; the row names the participants that were prepared.
     Committed {

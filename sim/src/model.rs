@@ -7,14 +7,21 @@
 //! a branch can fail when it runs (a NO vote).
 //! Each distinct state is visited once; the oracle's invariants are checked on every
 //! transition and on every state where nothing is left to happen.
+//!
+//! With [`Bounds::last_agent`] the second transaction is a last-agent commit
+//! (`twopc_core::last_agent`): a0 prepares, a1 commits with the decision row; the
+//! COMMIT record that follows is lazy (written with a later write, or lost in a crash),
+//! END is forced and then the row is forgotten; recovery fences the last agent for a
+//! prepared branch and completes committed rows nobody drives.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use twopc_core::commit::{self, AckMode, CommitAnswer, Effect, Request, Timer, Vote};
-use twopc_core::mutation::{Mutation, Mutations};
+use twopc_core::last_agent::{self, LastAgent, LastAnswer, Settled, SettledAction};
+use twopc_core::mutation::Mutations;
 use twopc_core::recovery::{self, BranchAction, Replayed};
 
-use crate::world::Branch;
+use crate::world::{Branch, Row};
 use crate::{known, recovery_action};
 
 /// How big the explored world is.
@@ -28,6 +35,9 @@ pub struct Bounds {
     pub losses: u8,
     /// Branches that fail (vote NO) along one path.
     pub failures: u8,
+    /// The second transaction is a last-agent commit (a0 prepares, a1 is the last
+    /// agent) instead of a two-phase one whose last branch only reads.
+    pub last_agent: bool,
     /// States explored at most (the search stops and says so beyond it).
     pub states_max: usize,
 }
@@ -42,7 +52,16 @@ impl Bounds {
             crashes: 1,
             losses: 1,
             failures: 1,
+            last_agent: false,
             states_max: 20_000_000,
+        }
+    }
+
+    /// As [`Bounds::small`], the second transaction a last-agent commit.
+    pub fn small_last_agent() -> Bounds {
+        Bounds {
+            last_agent: true,
+            ..Bounds::small()
         }
     }
 }
@@ -76,6 +95,15 @@ enum Msg {
     Vote(usize, Txn, Option<Vote>),
     Committed(usize, Txn, Option<CommitAnswer>),
     Aborted(usize, Txn, bool),
+    /// To the last agent `p`: its branch, COMMIT and the decision row naming these.
+    CommitLast(usize, Txn, u64, Vec<String>),
+    LastAnswered(usize, Txn, Option<LastAnswer>),
+    /// To the last agent `p`: settle the row; `Some(q)`: recovery asks for the branch
+    /// `q` listed prepared (else the transaction's own fence).
+    Fence(usize, Txn, u64, Option<usize>),
+    Fenced(usize, Txn, Option<Settled>, Option<usize>),
+    /// To the last agent `p`: delete the committed row.
+    Forget(usize, Txn),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -89,11 +117,19 @@ struct State {
     epoch: u64,
     started: u8,
     machines: BTreeMap<Txn, MachineKey>,
+    lasts: BTreeMap<Txn, LastKey>,
     /// Messages in flight (a multiset, kept sorted).
     net: Vec<Msg>,
     durable: Vec<Replayed<Txn>>,
     /// Forced COMMIT appends in flight, with the participants they name.
     in_flight: BTreeMap<Txn, Vec<String>>,
+    /// Forced END or one-phase records of last-agent transactions in flight (then the
+    /// row is forgotten).
+    ends_in_flight: BTreeMap<Txn, Replayed<Txn>>,
+    /// Lazy COMMIT records not yet written.
+    lazy: Vec<Replayed<Txn>>,
+    /// Decision tables.
+    rows: Vec<BTreeMap<Txn, Row>>,
     retry_timers: BTreeSet<(Txn, usize)>,
     dbs: Vec<BTreeMap<Txn, Branch>>,
     told: BTreeMap<Txn, Told>,
@@ -126,17 +162,37 @@ impl MachineKey {
     }
 }
 
+/// The same for a last-agent machine.
+#[derive(Debug, Clone)]
+struct LastKey(LastAgent, String);
+
+impl PartialEq for LastKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.1 == other.1
+    }
+}
+impl Eq for LastKey {}
+impl std::hash::Hash for LastKey {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.1.hash(h)
+    }
+}
+
+impl LastKey {
+    fn new(m: LastAgent) -> LastKey {
+        let key = format!("{m:?}");
+        LastKey(m, key)
+    }
+}
+
 fn name(p: usize) -> String {
     format!("a{p}")
 }
 
-/// Whether the model explores what `m` breaks. Last-agent and one-phase commits are not
-/// modelled yet (the simulator covers them), so their mutations are left to it.
-pub fn covers(m: Mutation) -> bool {
-    !matches!(
-        m,
-        Mutation::UncertainLastCommitAborts | Mutation::PresumedAbortOfLastAgent
-    )
+/// The configurations `twopc-sim --model-check` explores: two-phase commits only, and
+/// with a last-agent commit.
+pub fn configurations() -> [Bounds; 2] {
+    [Bounds::small(), Bounds::small_last_agent()]
 }
 
 /// The exploration over `bounds` with `mutations`.
@@ -145,9 +201,13 @@ pub fn check(bounds: Bounds, mutations: Mutations) -> Report {
         epoch: 1,
         started: 0,
         machines: BTreeMap::new(),
+        lasts: BTreeMap::new(),
         net: vec![],
         durable: vec![],
         in_flight: BTreeMap::new(),
+        ends_in_flight: BTreeMap::new(),
+        lazy: vec![],
+        rows: vec![BTreeMap::new(); bounds.participants],
         retry_timers: BTreeSet::new(),
         dbs: vec![BTreeMap::new(); bounds.participants],
         told: BTreeMap::new(),
@@ -231,7 +291,7 @@ impl Model {
                 continue; // the same message twice: one successor is enough
             }
             out.push((format!("deliver {msg:?}"), self.deliver(s, i)));
-            if let Msg::Prepare(p, t) = msg {
+            if let Msg::Prepare(p, t) | Msg::CommitLast(p, t, ..) = msg {
                 if s.failures_left > 0 {
                     let label = format!("deliver {msg:?}: the branch fails");
                     out.push((label, self.prepare_fails(s, i, *p, *t)));
@@ -252,6 +312,18 @@ impl Model {
                 }
             }
         }
+        for t in s.ends_in_flight.keys() {
+            out.push((
+                format!("log: END of {t:?} durable"),
+                self.end_durable(s, *t),
+            ));
+        }
+        if !s.lazy.is_empty() {
+            out.push((
+                "log: lazy records written".to_owned(),
+                Ok(self.write_lazy(s)),
+            ));
+        }
         for (t, p) in &s.retry_timers {
             out.push((format!("retry timer {t:?} a{p}"), self.retry(s, *t, *p)));
         }
@@ -260,7 +332,7 @@ impl Model {
                 out.push((format!("recovery pass lists a{p}"), r));
             }
         }
-        if s.crashes_left > 0 && !s.machines.is_empty() {
+        if s.crashes_left > 0 && !(s.machines.is_empty() && s.lasts.is_empty()) {
             for keep in [false, true] {
                 let label = format!("coordinator crashes (in-flight appends kept: {keep})");
                 out.push((label, Ok(self.crash(s, keep))));
@@ -278,6 +350,17 @@ impl Model {
         } else {
             AckMode::Applied
         };
+        if self.is_last_agent(txn) {
+            let last = self.bounds.participants - 1;
+            let mut out = Vec::new();
+            let m = LastAgent::new((0..last).map(name), name(last), self.mutations, &mut out);
+            n.lasts.insert(txn, LastKey::new(m));
+            for p in 0..last {
+                n.net.push(Msg::Prepare(p, txn));
+            }
+            n.net.sort();
+            return Ok(n);
+        }
         let m = commit::Commit::new((0..self.bounds.participants).map(name), self.config(ack));
         n.machines.insert(txn, MachineKey::new(m));
         for p in 0..self.bounds.participants {
@@ -285,6 +368,11 @@ impl Model {
         }
         n.net.sort();
         Ok(n)
+    }
+
+    /// The second transaction of a last-agent configuration.
+    fn is_last_agent(&self, t: Txn) -> bool {
+        self.bounds.last_agent && t.1 == 1
     }
 
     fn lose(&self, s: &State, i: usize) -> Option<Result<State, String>> {
@@ -299,6 +387,15 @@ impl Model {
             Msg::Vote(p, t, Some(_)) => Msg::Vote(p, t, None),
             Msg::Committed(p, t, Some(_)) => Msg::Committed(p, t, None),
             Msg::Aborted(p, t, true) => Msg::Aborted(p, t, false),
+            Msg::CommitLast(p, t, _, _) | Msg::LastAnswered(p, t, Some(_)) => {
+                Msg::LastAnswered(p, t, None)
+            }
+            Msg::Fence(p, t, _, q) | Msg::Fenced(p, t, Some(_), q) => Msg::Fenced(p, t, None, q),
+            // Nothing waits for it: the next pass lists the row again.
+            Msg::Forget(..) => {
+                n.net.sort();
+                return Some(Ok(n));
+            }
             // A recovery rollback: nothing waits for it.
             Msg::Abort(_, _, true, _) => {
                 n.net.sort();
@@ -336,7 +433,7 @@ impl Model {
             }
             Msg::CommitPrepared(p, t, sender) => {
                 let answer = if n.dbs[p].get(&t) == Some(&Branch::Prepared) {
-                    let durable = says_commit(&n.durable, t);
+                    let durable = decision_durable(&n, t);
                     if !durable {
                         return Err(format!(
                             "invariant 1: a{p} commits {t:?} before its decision is durable"
@@ -356,7 +453,8 @@ impl Model {
             }
             Msg::Abort(p, t, recovery, sender) => {
                 if recovery {
-                    let live = n.machines.get(&t).is_some_and(|m| m.0.deciding());
+                    let live = n.machines.get(&t).is_some_and(|m| m.0.deciding())
+                        || n.lasts.get(&t).is_some_and(|m| m.0.deciding());
                     if live && t.0 == n.epoch {
                         return Err(format!(
                             "invariant 5: recovery rolls back {t:?} on a{p} while it is live"
@@ -383,9 +481,53 @@ impl Model {
                     n.net.push(Msg::Aborted(p, t, true));
                 }
             }
+            Msg::Vote(p, t, v) if n.lasts.contains_key(&t) => {
+                let vote = v.unwrap_or(Vote::Unknown);
+                self.feed_last(&mut n, t, |m, out| m.on_vote(&name(p), vote, out))?;
+            }
             Msg::Vote(p, t, v) => {
                 let vote = v.unwrap_or(Vote::Unknown);
                 self.feed(&mut n, t, |m, out| m.on_vote(&name(p), vote, out))?;
+            }
+            Msg::CommitLast(p, t, sender, prepared) => {
+                let answer = self.commit_last(&mut n, p, t, prepared)?;
+                if sender == n.epoch {
+                    n.net.push(Msg::LastAnswered(p, t, Some(answer)));
+                }
+            }
+            Msg::LastAnswered(_, t, a) => {
+                let a = a.unwrap_or(LastAnswer::Uncertain);
+                self.feed_last(&mut n, t, |m, out| m.on_last_answer(a, out))?;
+            }
+            Msg::Fence(p, t, sender, listed) => {
+                let row = n.rows[p].entry(t).or_insert(Row::Aborted);
+                let settled = match row {
+                    Row::Committed(ps) => Settled::Committed {
+                        participants: ps.clone(),
+                    },
+                    Row::Aborted => Settled::Aborted,
+                };
+                if sender == n.epoch {
+                    n.net.push(Msg::Fenced(p, t, Some(settled), listed));
+                }
+            }
+            Msg::Fenced(_, t, settled, None) => {
+                self.feed_last(&mut n, t, |m, out| m.on_fence_answer(settled, out))?;
+            }
+            Msg::Fenced(_, t, Some(settled), Some(listed)) => {
+                self.recovery_settled(&mut n, t, listed, settled)?;
+            }
+            // Recovery's fence went unanswered: the next pass asks again.
+            Msg::Fenced(_, _, None, Some(_)) => {}
+            Msg::Forget(p, t) => {
+                if matches!(n.rows[p].get(&t), Some(Row::Committed(_))) {
+                    if !says_commit(&n.durable, t) {
+                        return Err(format!(
+                            "invariant 3: a{p} forgets {t:?}'s committed row, the log does not hold the commit"
+                        ));
+                    }
+                    n.rows[p].remove(&t);
+                }
             }
             Msg::Committed(p, t, a) => {
                 let answer = a.unwrap_or(CommitAnswer::Failed);
@@ -402,20 +544,19 @@ impl Model {
     }
 
     /// `p` runs `t`'s branch and it fails (a constraint, a serialization failure): the
-    /// agent rolls it back and votes NO.
+    /// agent rolls it back and votes NO (a last agent: did not commit).
     fn prepare_fails(&self, s: &State, i: usize, p: usize, t: Txn) -> Result<State, String> {
         let mut n = s.clone();
         n.net.remove(i);
         n.failures_left -= 1;
-        let vote = match n.dbs[p].entry(t) {
-            std::collections::btree_map::Entry::Occupied(_) => Vote::No,
-            std::collections::btree_map::Entry::Vacant(slot) => {
-                slot.insert(Branch::RolledBack);
-                Vote::No
-            }
-        };
+        let last = matches!(s.net[i], Msg::CommitLast(..));
+        n.dbs[p].entry(t).or_insert(Branch::RolledBack);
         if t.0 == n.epoch {
-            n.net.push(Msg::Vote(p, t, Some(vote)));
+            n.net.push(if last {
+                Msg::LastAnswered(p, t, Some(LastAnswer::DidNotCommit))
+            } else {
+                Msg::Vote(p, t, Some(Vote::No))
+            });
         }
         n.net.sort();
         Ok(n)
@@ -424,7 +565,29 @@ impl Model {
     /// Whether `p`'s branch of `t` writes: the second transaction's last participant only
     /// reads (it votes READ-ONLY).
     fn writes(&self, p: usize, t: Txn) -> bool {
-        !(t.1 == 1 && p + 1 == self.bounds.participants)
+        self.bounds.last_agent || !(t.1 == 1 && p + 1 == self.bounds.participants)
+    }
+
+    /// The last agent `p` runs `t`'s branch and commits it with the decision row, or
+    /// refuses (a fence's row or a rollback came first).
+    fn commit_last(
+        &self,
+        n: &mut State,
+        p: usize,
+        t: Txn,
+        prepared: Vec<String>,
+    ) -> Result<LastAnswer, String> {
+        if n.dbs[p].contains_key(&t) || n.rows[p].contains_key(&t) {
+            return Ok(LastAnswer::DidNotCommit);
+        }
+        if n.told.get(&t) == Some(&Told::Aborted) {
+            return Err(format!(
+                "invariant 6: a{p} commits {t:?} as its last agent, told aborted"
+            ));
+        }
+        n.dbs[p].insert(t, Branch::Committed);
+        n.rows[p].insert(t, Row::Committed(prepared));
+        Ok(LastAnswer::Committed)
     }
 
     fn durable(&self, s: &State, t: Txn) -> Result<State, String> {
@@ -463,6 +626,124 @@ impl Model {
         Ok(self.crash(&n, false))
     }
 
+    /// A last-agent transaction's forced END (or one-phase record) is durable, with the
+    /// lazy records before it: its row may go.
+    fn end_durable(&self, s: &State, t: Txn) -> Result<State, String> {
+        let mut n = self.write_lazy(s);
+        if let Some(r) = n.ends_in_flight.remove(&t) {
+            n.durable.push(r);
+            n.net.push(Msg::Forget(self.bounds.participants - 1, t));
+        }
+        n.net.sort();
+        Ok(n)
+    }
+
+    fn write_lazy(&self, s: &State) -> State {
+        let mut n = s.clone();
+        let lazy = std::mem::take(&mut n.lazy);
+        n.durable.extend(lazy);
+        n
+    }
+
+    /// Feeds `t`'s last-agent machine one input and carries out its effects on `n`.
+    fn feed_last(
+        &self,
+        n: &mut State,
+        t: Txn,
+        input: impl FnOnce(&mut LastAgent, &mut Vec<last_agent::Effect>),
+    ) -> Result<(), String> {
+        use last_agent::Effect as E;
+        let Some(mut key) = n.lasts.remove(&t) else {
+            return Ok(());
+        };
+        let last = self.bounds.participants - 1;
+        let mut out = Vec::new();
+        input(&mut key.0, &mut out);
+        for e in out {
+            match e {
+                E::CommitLast { prepared } => {
+                    n.net.push(Msg::CommitLast(last, t, n.epoch, prepared))
+                }
+                E::Fence => n.net.push(Msg::Fence(last, t, n.epoch, None)),
+                E::Abort(p) => {
+                    let p: usize = p[1..].parse().unwrap_or(0);
+                    n.net.push(Msg::Abort(p, t, false, n.epoch));
+                }
+                E::AppendOnePhase => self.append_one_phase(n, t),
+                E::Phase2 { prepared } => self.start_phase2(n, t, prepared),
+                E::Answer(last_agent::Answer::Committed) => {
+                    let a = commit::Answer::Committed { pending: vec![] };
+                    self.told(n, t, &a)?
+                }
+                E::Answer(last_agent::Answer::Aborted(cause)) => {
+                    self.told(n, t, &commit::Answer::Aborted(cause))?
+                }
+                E::Answer(last_agent::Answer::Unknown) => {}
+            }
+        }
+        if !key.0.finished() {
+            n.lasts.insert(t, LastKey::new(key.0));
+        }
+        Ok(())
+    }
+
+    fn append_one_phase(&self, n: &mut State, t: Txn) {
+        let record = Replayed::Commit {
+            gid: t,
+            participants: vec![],
+        };
+        n.ends_in_flight.insert(t, record);
+    }
+
+    /// A last-agent commit with `prepared` waiting: the COMMIT record, lazily, and phase
+    /// 2 on a decided machine.
+    fn start_phase2(&self, n: &mut State, t: Txn, prepared: Vec<String>) {
+        if n.machines.contains_key(&t) {
+            return;
+        }
+        n.lazy.push(Replayed::Commit {
+            gid: t,
+            participants: prepared.clone(),
+        });
+        let mut out = Vec::new();
+        let m = commit::Commit::decided(prepared, self.config(AckMode::Durable), &mut out);
+        n.machines.insert(t, MachineKey::new(m));
+        for e in out {
+            if let Effect::Send { to, .. } = e {
+                let p: usize = to[1..].parse().unwrap_or(0);
+                n.net.push(Msg::CommitPrepared(p, t, n.epoch));
+            }
+        }
+    }
+
+    /// Recovery's fence for the branch `listed` listed prepared: an unsettled machine
+    /// ends with it; then the core's rule for a settled outcome.
+    fn recovery_settled(
+        &self,
+        n: &mut State,
+        t: Txn,
+        listed: usize,
+        settled: Settled,
+    ) -> Result<(), String> {
+        if n.lasts.get(&t).is_some_and(|m| m.0.unsettled()) {
+            let row = settled.clone();
+            self.feed_last(n, t, |m, out| m.on_fence_answer(Some(row), out))?;
+        }
+        let in_doubt = n.machines.get(&t).is_some_and(|m| m.0.decided_commit());
+        match last_agent::settled_action(&settled, in_doubt, false) {
+            SettledAction::RollBack => {
+                let abort = Msg::Abort(listed, t, true, n.epoch);
+                if !n.net.contains(&abort) {
+                    n.net.push(abort);
+                }
+            }
+            SettledAction::Phase2(prepared) => self.start_phase2(n, t, prepared),
+            SettledAction::AppendOnePhase => self.append_one_phase(n, t),
+            SettledAction::Forget | SettledAction::Nothing => {}
+        }
+        Ok(())
+    }
+
     fn retry(&self, s: &State, t: Txn, p: usize) -> Result<State, String> {
         let mut n = s.clone();
         n.retry_timers.remove(&(t, p));
@@ -487,6 +768,10 @@ impl Model {
             match e {
                 Effect::AppendCommit { participants } => {
                     n.in_flight.insert(t, participants);
+                }
+                // A last-agent transaction's END is forced, then its row goes.
+                Effect::AppendEnd if self.is_last_agent(t) => {
+                    n.ends_in_flight.insert(t, Replayed::End { gid: t });
                 }
                 Effect::AppendEnd => n.durable.push(Replayed::End { gid: t }),
                 Effect::Send { to, request } => {
@@ -518,7 +803,7 @@ impl Model {
     fn told(&self, n: &mut State, t: Txn, a: &commit::Answer) -> Result<(), String> {
         match a {
             commit::Answer::Committed { .. } => {
-                if !says_commit(&n.durable, t) {
+                if !decision_durable(n, t) {
                     return Err(format!(
                         "invariant 3: told {t:?} committed before it was durable"
                     ));
@@ -540,19 +825,65 @@ impl Model {
         Ok(())
     }
 
-    /// A recovery pass over participant `p`'s prepared branches: enabled only when it
-    /// would roll back something not already being rolled back.
+    /// A recovery pass over participant `p`: its prepared branches (roll back, or fence
+    /// the last agent), its committed decision rows (forget, or complete) and the fence
+    /// of a transaction told `unknown` whose last agent it is. Enabled only when it would
+    /// do something not already under way.
     fn recovery_pass(&self, s: &State, p: usize) -> Option<Result<State, String>> {
         let mut n = s.clone();
         let mut sent = false;
+        let last = self.bounds.participants - 1;
         for (t, b) in &s.dbs[p] {
-            if *b != Branch::Prepared || s.net.contains(&Msg::Abort(p, *t, true, s.epoch)) {
+            if *b != Branch::Prepared {
                 continue;
             }
             let machine = s.machines.get(t).map(|m| &m.0);
-            let action = recovery_action(s.epoch, t.0, None, known(machine, false), self.mutations);
-            if action == BranchAction::RollBack {
-                n.net.push(Msg::Abort(p, *t, true, s.epoch));
+            let last_live = s.lasts.get(t).is_some_and(|m| m.0.deciding());
+            let last_name = self.is_last_agent(*t).then(|| name(last));
+            let known = known(machine, last_live);
+            if recovery_busy(s, *t, p) {
+                continue;
+            }
+            let msg =
+                match recovery_action(s.epoch, t.0, last_name.as_deref(), known, self.mutations) {
+                    BranchAction::RollBack => Msg::Abort(p, *t, true, s.epoch),
+                    BranchAction::AskLastAgent(_) => Msg::Fence(last, *t, s.epoch, Some(p)),
+                    _ => continue,
+                };
+            n.net.push(msg);
+            sent = true;
+        }
+        for (t, row) in &s.rows[p] {
+            let Row::Committed(participants) = row else {
+                continue;
+            };
+            if says_finished(&s.durable, *t) {
+                if !s.net.contains(&Msg::Forget(p, *t)) {
+                    n.net.push(Msg::Forget(p, *t));
+                    sent = true;
+                }
+                continue;
+            }
+            let driven = s.machines.contains_key(t)
+                || s.lasts.contains_key(t)
+                || s.ends_in_flight.contains_key(t);
+            if driven {
+                continue;
+            }
+            let settled = Settled::Committed {
+                participants: participants.clone(),
+            };
+            match last_agent::settled_action(&settled, false, false) {
+                SettledAction::Phase2(prepared) => self.start_phase2(&mut n, *t, prepared),
+                SettledAction::AppendOnePhase => self.append_one_phase(&mut n, *t),
+                _ => continue,
+            }
+            sent = true;
+        }
+        for (t, m) in &s.lasts {
+            let fence = Msg::Fence(last, *t, s.epoch, None);
+            if p == last && m.0.unsettled() && !s.net.contains(&fence) {
+                n.net.push(fence);
                 sent = true;
             }
         }
@@ -574,15 +905,30 @@ impl Model {
                 });
             }
         }
+        if keep {
+            let lazy = std::mem::take(&mut n.lazy);
+            n.durable.extend(lazy);
+            for (_, r) in std::mem::take(&mut n.ends_in_flight) {
+                n.durable.push(r);
+            }
+        }
         n.in_flight.clear();
+        n.lazy.clear();
+        n.ends_in_flight.clear();
         n.machines.clear();
+        n.lasts.clear();
         n.retry_timers.clear();
         // Requests already sent may still arrive (their answers go nowhere: they name
         // the old epoch); answers in flight have nobody to go to.
         n.net.retain(|m| {
             matches!(
                 m,
-                Msg::Prepare(..) | Msg::CommitPrepared(..) | Msg::Abort(..)
+                Msg::Prepare(..)
+                    | Msg::CommitPrepared(..)
+                    | Msg::Abort(..)
+                    | Msg::CommitLast(..)
+                    | Msg::Fence(..)
+                    | Msg::Forget(..)
             )
         });
         n.epoch += 1;
@@ -609,6 +955,14 @@ impl Model {
             if let Some((t, _)) = db.iter().find(|(_, b)| **b == Branch::Prepared) {
                 return Err(format!("invariant 4: a{p} still has {t:?} prepared"));
             }
+        }
+        for (p, rows) in s.rows.iter().enumerate() {
+            if let Some((t, _)) = rows.iter().find(|(_, r)| matches!(r, Row::Committed(_))) {
+                return Err(format!("invariant 8: a{p} keeps {t:?}'s decision row"));
+            }
+        }
+        if let Some(t) = s.lasts.keys().next() {
+            return Err(format!("invariant 4: {t:?} is never settled"));
         }
         let txns: BTreeSet<Txn> = s.dbs.iter().flat_map(|db| db.keys().copied()).collect();
         for t in txns {
@@ -637,6 +991,34 @@ impl Model {
         }
         Ok(())
     }
+}
+
+/// Recovery of this incarnation is already acting on `t`'s prepared branch on `p`: a
+/// fence for it or a rollback of it is in flight.
+fn recovery_busy(s: &State, t: Txn, p: usize) -> bool {
+    s.net.iter().any(|m| match m {
+        Msg::Fence(_, u, e, Some(q)) | Msg::Abort(q, u, true, e) => (*u, *q, *e) == (t, p, s.epoch),
+        Msg::Fenced(_, u, _, Some(q)) => (*u, *q) == (t, p),
+        _ => false,
+    })
+}
+
+/// Something durable says `t` committed: the log's COMMIT, or its last agent's row.
+fn decision_durable(n: &State, t: Txn) -> bool {
+    let row = n
+        .rows
+        .iter()
+        .any(|r| matches!(r.get(&t), Some(Row::Committed(_))));
+    row || says_commit(&n.durable, t)
+}
+
+/// The log knows `t` is finished: END, or a one-phase record (a COMMIT naming nobody).
+fn says_finished(durable: &[Replayed<Txn>], t: Txn) -> bool {
+    durable.iter().any(|r| match r {
+        Replayed::End { gid } => *gid == t,
+        Replayed::Commit { gid, participants } => *gid == t && participants.is_empty(),
+        Replayed::OperatorAbort { .. } => false,
+    })
 }
 
 fn says_commit(durable: &[Replayed<Txn>], t: Txn) -> bool {

@@ -72,7 +72,7 @@ impl std::fmt::Display for Gid {
 }
 
 /// A row of an agent's decision table.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Row {
     /// Committed with the last agent's branch; names the prepared participants.
     Committed(Vec<Participant>),
