@@ -40,6 +40,8 @@ pub struct Oracle {
     plans: BTreeMap<Gid, Vec<(Participant, bool)>>,
     told: BTreeMap<Gid, Told>,
     committed_on: BTreeMap<Gid, BTreeSet<Participant>>,
+    /// Writers whose branch was rolled back.
+    rolled_back_on: BTreeMap<Gid, BTreeSet<Participant>>,
 }
 
 impl Oracle {
@@ -73,6 +75,7 @@ impl Oracle {
                 format!("{p} commits {gid}, whose client was told aborted"),
             );
         }
+        self.split(gid, p)?;
         self.committed_on
             .entry(gid)
             .or_default()
@@ -80,8 +83,17 @@ impl Oracle {
         Ok(())
     }
 
+    /// A commit of `gid` on `p` while one of its writers was rolled back.
+    fn split(&self, gid: Gid, p: &str) -> Result<(), Violation> {
+        match self.rolled_back_on.get(&gid).filter(|s| !s.is_empty()) {
+            Some(on) => broken(2, format!("{p} commits {gid}, rolled back on {on:?}")),
+            None => Ok(()),
+        }
+    }
+
     /// A last agent committed `gid` with its decision row: the decision is commit.
     pub fn last_committed(&mut self, gid: Gid, p: &str) -> Result<(), Violation> {
+        self.split(gid, p)?;
         if self.told.get(&gid) == Some(&Told::Aborted) {
             return broken(
                 6,
@@ -122,6 +134,10 @@ impl Oracle {
         if let Some(on) = self.committed_on.get(&gid).filter(|s| !s.is_empty()) {
             return broken(2, format!("{p} rolls back {gid}, committed on {on:?}"));
         }
+        self.rolled_back_on
+            .entry(gid)
+            .or_default()
+            .insert(p.to_owned());
         Ok(())
     }
 

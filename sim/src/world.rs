@@ -51,6 +51,9 @@ pub type Micros = u64;
 const TRACE_LINES_MAX: usize = 400;
 /// Transactions open at once, at most (the coordinator's limit).
 const OPEN_TXNS_MAX: usize = 8;
+/// Per mille of calls (while faults are injected) whose caller's deadline fires before
+/// the answer: the request still arrives and runs.
+const CALL_TIMEOUT_PER_MILLE: u64 = 20;
 
 /// A transaction's GID: the coordinator's epoch, a sequence number and, for a
 /// last-agent or one-phase commit, the last agent (as the real GID names it).
@@ -158,10 +161,20 @@ struct Call {
 #[derive(Debug, Clone)]
 enum Event {
     ClientArrives,
-    /// A request reaches an agent over connection `conn`.
+    /// A request reaches an agent over connection `conn` (it runs even if its caller
+    /// gave up meanwhile).
     Request {
         call: u64,
         conn: u64,
+        request: Call,
+    },
+    /// The last agent's commit, started when its request arrived, finishes (unless the
+    /// agent crashed since: `boot`).
+    Execute {
+        call: u64,
+        conn: u64,
+        boot: u64,
+        request: Call,
     },
     Reply {
         call: u64,
@@ -238,6 +251,8 @@ struct Agent {
     /// Connection generation: a message of an older one is never delivered.
     conn: u64,
     partitioned_until: Micros,
+    /// Incremented by every crash: work started before it is lost.
+    boot: u64,
     /// The time the last message on the current connection arrives (in order).
     last_delivery: Micros,
     db: BTreeMap<Gid, Branch>,
@@ -328,6 +343,7 @@ impl World {
                 up: true,
                 conn: 0,
                 partitioned_until: 0,
+                boot: 0,
                 last_delivery: 0,
                 db: BTreeMap::new(),
                 rows: BTreeMap::new(),
@@ -453,7 +469,17 @@ impl World {
     fn handle(&mut self, event: Event) -> Result<(), Violation> {
         match event {
             Event::ClientArrives => self.client_arrives(),
-            Event::Request { call, conn } => self.deliver_request(call, conn)?,
+            Event::Request {
+                call,
+                conn,
+                request,
+            } => self.deliver_request(call, conn, request)?,
+            Event::Execute {
+                call,
+                conn,
+                boot,
+                request,
+            } => self.execute(call, conn, boot, request)?,
             Event::Reply { call, conn, reply } => self.deliver_reply(call, conn, reply)?,
             Event::CallFailed { call, sent } => self.call_failed(call, sent)?,
             Event::Durable {
@@ -622,17 +648,15 @@ impl World {
     ) {
         self.next_call += 1;
         let id = self.next_call;
-        self.coord.calls.insert(
-            id,
-            Call {
-                participant: agent,
-                gid,
-                request,
-                purpose,
-                incarnation: self.coord.incarnation,
-                listed_on,
-            },
-        );
+        let call = Call {
+            participant: agent,
+            gid,
+            request,
+            purpose,
+            incarnation: self.coord.incarnation,
+            listed_on,
+        };
+        self.coord.calls.insert(id, call.clone());
         let a = &self.agents[agent];
         if !a.up || a.partitioned_until > self.now {
             self.schedule(
@@ -646,7 +670,21 @@ impl World {
         }
         let conn = a.conn;
         let at = self.delivery_time(agent);
-        self.schedule(at - self.now, Event::Request { call: id, conn });
+        let ev = Event::Request {
+            call: id,
+            conn,
+            request: call,
+        };
+        self.schedule(at - self.now, ev);
+        if self.faults_on && self.rng.chance(CALL_TIMEOUT_PER_MILLE) {
+            // The caller's deadline fires first; the request still arrives and runs.
+            let after = self.rng.range(0, 4_000);
+            let ev = Event::CallFailed {
+                call: id,
+                sent: true,
+            };
+            self.schedule(after, ev);
+        }
     }
 
     /// When a message sent now on `agent`'s connection arrives: after a random delay,
@@ -658,17 +696,40 @@ impl World {
         at
     }
 
-    fn deliver_request(&mut self, call: u64, conn: u64) -> Result<(), Violation> {
-        let Some(c) = self.coord.calls.get(&call).cloned() else {
-            return Ok(());
-        };
+    fn deliver_request(&mut self, call: u64, conn: u64, c: Call) -> Result<(), Violation> {
         let i = c.participant;
         if !self.agents[i].up || self.agents[i].conn != conn {
+            return Ok(());
+        }
+        if matches!(c.request, AgentRequest::CommitLast { .. }) {
+            // It may wait on a lock for a while; other requests (a fence) run meanwhile.
+            let boot = self.agents[i].boot;
+            let after = self.rng.range(0, 5_000);
+            let ev = Event::Execute {
+                call,
+                conn,
+                boot,
+                request: c,
+            };
+            self.schedule(after, ev);
             return Ok(());
         }
         let reply = self.agent_handles(i, c.gid, &c.request, c.purpose)?;
         let at = self.delivery_time(i);
         self.schedule(at - self.now, Event::Reply { call, conn, reply });
+        Ok(())
+    }
+
+    fn execute(&mut self, call: u64, conn: u64, boot: u64, c: Call) -> Result<(), Violation> {
+        let i = c.participant;
+        if !self.agents[i].up || self.agents[i].boot != boot {
+            return Ok(()); // the crash rolled it back
+        }
+        let reply = self.agent_handles(i, c.gid, &c.request, c.purpose)?;
+        if self.agents[i].conn == conn {
+            let at = self.delivery_time(i);
+            self.schedule(at - self.now, Event::Reply { call, conn, reply });
+        }
         Ok(())
     }
 
@@ -896,6 +957,7 @@ impl World {
         self.break_connection(i);
         let agent = &mut self.agents[i];
         agent.up = false;
+        agent.boot += 1;
         agent.tombstones.clear();
         let after = self.rng.range(1_000, 200_000);
         self.schedule(after, Event::RestartAgent(i));
