@@ -22,6 +22,7 @@ use twopc_core::backoff::Backoff;
 use twopc_core::commit::{self, Commit, CommitAnswer, Effect, Timer, Vote};
 use twopc_core::last_agent::{self, LastAgent, LastAnswer, SettledAction};
 use twopc_core::mutation::Mutations;
+use twopc_core::outcomes::{self, Admission, Outcome, Outcomes};
 use twopc_core::recovery::{
     in_doubt_after_replay, prepared_branch_action, BranchAction, Incarnation, Known, Listed,
     Replayed,
@@ -263,17 +264,6 @@ struct TxnState {
     finished: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Outcome {
-    Committed,
-    Aborted,
-}
-
-struct OutcomeEntry {
-    gid: String,
-    outcome: Outcome,
-}
-
 /// What a last agent said about a last-agent transaction (answer to `Fence`).
 #[derive(Debug, Clone)]
 struct Settled {
@@ -321,26 +311,6 @@ impl InDoubt {
 }
 
 #[derive(Default)]
-struct Outcomes {
-    by_txn: HashMap<String, OutcomeEntry>,
-    /// Insertion order for expiry: (when, txn id, GID). An entry expires only if the txn
-    /// id still holds that GID's outcome: a reused txn id's newer outcome must not go
-    /// with its older one.
-    order: VecDeque<(Instant, String, String)>,
-}
-
-impl Outcomes {
-    /// Forgets the oldest remembered outcome (if the txn id still holds it).
-    fn expire_oldest(&mut self) {
-        if let Some((_, txn_id, gid)) = self.order.pop_front() {
-            if self.by_txn.get(&txn_id).is_some_and(|e| e.gid == gid) {
-                self.by_txn.remove(&txn_id);
-            }
-        }
-    }
-}
-
-#[derive(Default)]
 pub struct Counters {
     pub committed: AtomicU64,
     pub committed_one_phase: AtomicU64,
@@ -360,7 +330,7 @@ struct Inner {
     participants: HashMap<String, Participant>,
     log: DecisionLog,
     live: Mutex<HashMap<String, Arc<LiveTxn>>>,
-    outcomes: Mutex<Outcomes>,
+    outcomes: Mutex<Outcomes<String>>,
     in_doubt: Mutex<HashMap<Gid, InDoubt>>,
     /// Transactions committed by one participant's local commit (last-agent or
     /// one-phase) whose outcome this incarnation could not learn (the participant
@@ -462,6 +432,7 @@ impl Engine {
             .into_iter()
             .map(|p| (p.name().to_owned(), p))
             .collect();
+        let outcomes = Outcomes::new(config.outcome_index_max, Mutations::none());
         let engine = Engine {
             inner: Arc::new(Inner {
                 config,
@@ -470,7 +441,7 @@ impl Engine {
                 participants,
                 log,
                 live: Mutex::new(HashMap::new()),
-                outcomes: Mutex::new(Outcomes::default()),
+                outcomes: Mutex::new(outcomes),
                 in_doubt: Mutex::new(HashMap::new()),
                 unresolved: Mutex::new(HashMap::new()),
                 forget: Mutex::new(HashMap::new()),
@@ -871,23 +842,22 @@ impl Engine {
         self.inner.decisions_notify.notify_waiters();
     }
 
-    /// Waits (at most `commit_wait_ms`) until `decisions_known(names)`, for a request
-    /// with a client txn id arriving before the start-up recovery pass read the decision
-    /// rows (it takes milliseconds when every participant answers). `register` refuses
-    /// the request if they are still unknown.
-    async fn await_decisions(&self, txn_id: Option<&String>, names: &[&str]) {
+    /// Waits (at most `commit_wait_ms`) until `decisions_known()`, for a request with a
+    /// client txn id arriving before the start-up recovery pass read the decision rows
+    /// (it takes milliseconds when every participant answers). `register` refuses the
+    /// request if they are still unknown.
+    async fn await_decisions(&self, txn_id: Option<&String>) {
         let Some(txn_id) = txn_id else { return };
         let committed = lock(&self.inner.outcomes)
-            .by_txn
             .get(txn_id)
-            .is_some_and(|e| e.outcome == Outcome::Committed);
+            .is_some_and(|(_, o)| o == Outcome::Committed);
         if committed {
             return;
         }
         let deadline = Instant::now() + Duration::from_millis(self.inner.config.commit_wait_ms);
         loop {
             let notified = self.inner.decisions_notify.notified();
-            if self.decisions_known(names) {
+            if self.decisions_known() {
                 return;
             }
             let left = deadline.saturating_duration_since(Instant::now());
@@ -897,14 +867,14 @@ impl Engine {
         }
     }
 
-    /// Every participant of `names` had its decision rows read: a txn id this
-    /// coordinator does not know did not commit on any of them.
-    fn decisions_known(&self, names: &[&str]) -> bool {
-        if self.inner.all_decisions_read.load(Ordering::Relaxed) {
-            return true;
-        }
-        let read = lock(&self.inner.decisions_read);
-        names.iter().all(|n| read.contains(*n))
+    /// Every participant had its decision rows read since this incarnation started: a
+    /// txn id this coordinator does not know did not commit anywhere. Every participant,
+    /// not only those a request touches: a retry may name other participants than the
+    /// attempt that committed (found by the simulator: a one-phase commit on `a` whose
+    /// answer was lost, a restart while `a` was down, and the same txn id on `b` alone
+    /// ran again).
+    fn decisions_known(&self) -> bool {
+        self.inner.all_decisions_read.load(Ordering::Relaxed)
     }
 
     fn is_live_gid(&self, gid: &Gid) -> bool {
@@ -991,11 +961,6 @@ impl Engine {
         &self.inner.config
     }
 
-    /// Every configured participant's name (unordered).
-    fn all_participants(&self) -> Vec<&str> {
-        self.inner.participants.keys().map(String::as_str).collect()
-    }
-
     pub fn participant_names(&self) -> Vec<String> {
         let mut v: Vec<String> = self.inner.participants.keys().cloned().collect();
         v.sort();
@@ -1012,6 +977,11 @@ impl Engine {
 
     pub fn open_txns(&self) -> usize {
         lock(&self.inner.live).len()
+    }
+
+    /// This incarnation's clock for the outcome index.
+    fn uptime_ms(&self) -> u64 {
+        u64::try_from(self.uptime().as_millis()).unwrap_or(u64::MAX)
     }
 
     pub fn uptime(&self) -> Duration {
@@ -1050,10 +1020,9 @@ impl Engine {
             )));
         }
         let ack = req.ack.unwrap_or(self.inner.config.default_ack);
-        let names: Vec<&str> = plan.iter().map(|(n, _)| n.as_str()).collect();
         // Before choosing who commits last: right after a start this waits for the
         // recovery pass, whose handshakes say which agents keep decisions.
-        self.await_decisions(req.txn_id.as_ref(), &names).await;
+        self.await_decisions(req.txn_id.as_ref()).await;
         // Last-agent commit: the last branch (in the client's order) whose agent keeps a
         // decision table commits last. One-phase: the only participant commits with its
         // decision row, if its agent keeps a decision table.
@@ -1067,7 +1036,7 @@ impl Engine {
             } else {
                 None
             };
-        let txn = self.register(&req, false, last_agent, &names)?;
+        let txn = self.register(&req, false, last_agent)?;
         let span = tracing::info_span!("txn", txn_id = %txn.txn_id, gid = %txn.gid);
         let result = async {
             let mut state = txn.state.lock().await;
@@ -1082,9 +1051,8 @@ impl Engine {
 
     /// Begins an interactive transaction; returns its id.
     pub async fn begin(&self, req: TxnRequest) -> Result<String, TxnError> {
-        let all = self.all_participants();
-        self.await_decisions(req.txn_id.as_ref(), &all).await;
-        let txn = self.register(&req, true, None, &all)?;
+        self.await_decisions(req.txn_id.as_ref()).await;
+        let txn = self.register(&req, true, None)?;
         debug!(txn_id = %txn.txn_id, gid = %txn.gid, "interactive transaction begun");
         Ok(txn.txn_id.clone())
     }
@@ -1214,8 +1182,7 @@ impl Engine {
         if status.state != Some("recovering") {
             return status;
         }
-        let all = self.all_participants();
-        self.await_decisions(Some(&txn_id.to_owned()), &all).await;
+        self.await_decisions(Some(&txn_id.to_owned())).await;
         self.status(txn_id)
     }
 
@@ -1232,9 +1199,8 @@ impl Engine {
             };
         }
         let found = lock(&self.inner.outcomes)
-            .by_txn
             .get(txn_id)
-            .map(|e| (e.gid.clone(), e.outcome));
+            .map(|(gid, o)| (gid.clone(), o));
         match found {
             Some((gid, Outcome::Committed)) => {
                 let pending = Gid::parse(&gid)
@@ -1348,13 +1314,11 @@ impl Engine {
     }
 
     /// `last_agent`: the participant that will commit last (named in the GID), if any.
-    /// `touches`: the participants it may run on.
     fn register(
         &self,
         req: &TxnRequest,
         interactive: bool,
         last_agent: Option<&str>,
-        touches: &[&str],
     ) -> Result<Arc<LiveTxn>, TxnError> {
         let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed);
         let (cid, epoch) = (&self.inner.config.coordinator_id, self.inner.epoch);
@@ -1378,34 +1342,34 @@ impl Engine {
                 self.inner.config.max_timeout_ms
             )));
         }
-        if let Some(e) = lock(&self.inner.outcomes).by_txn.get(&txn_id) {
-            if e.outcome != Outcome::Aborted {
+        // The core's rule (invariant 7). An attempt whose local commit could not be
+        // settled yet may have committed. A client's txn id may be a retry of one that an
+        // earlier incarnation committed by a participant's local commit (one-phase, last
+        // agent) whose row recovery has not read yet (it reads them at start).
+        let remembered = lock(&self.inner.outcomes).get(&txn_id).map(|(_, o)| o);
+        let unsettled = lock(&self.inner.unresolved)
+            .values()
+            .any(|u| u.txn_id == txn_id);
+        let decisions_known = req.txn_id.is_none() || self.decisions_known();
+        match outcomes::admit(remembered, unsettled, decisions_known) {
+            Admission::Run => {}
+            Admission::AlreadyCommitted => {
                 return Err(TxnError::Conflict(format!(
                     "txn_id {txn_id:?} already committed; choose a new txn_id"
-                )));
+                )))
             }
-        }
-        // An attempt whose local commit could not be settled yet may have committed:
-        // another must not run until recovery learns what it did.
-        if lock(&self.inner.unresolved)
-            .values()
-            .any(|u| u.txn_id == txn_id)
-        {
-            return Err(TxnError::Conflict(format!(
-                "txn_id {txn_id:?} is in doubt (an earlier attempt may have committed); \
-                 ask GET /v1/transactions/{txn_id} until it has an outcome"
-            )));
-        }
-        // A client's txn id may be a retry of one that an earlier incarnation committed by
-        // a participant's local commit (one-phase, last agent) whose row recovery has not
-        // read yet: running it again would apply it twice. Wait for the rows (recovery
-        // reads them at start). A remembered abort does not exempt it: it proves only
-        // that one attempt aborted, not that a later one did not commit.
-        if req.txn_id.is_some() && !self.decisions_known(touches) {
-            return Err(TxnError::Unavailable(format!(
-                "txn_id {txn_id:?}: the coordinator restarted and has not yet read the \
-                 decision rows of every participant; retry shortly"
-            )));
+            Admission::InDoubt => {
+                return Err(TxnError::Conflict(format!(
+                    "txn_id {txn_id:?} is in doubt (an earlier attempt may have committed); \
+                     ask GET /v1/transactions/{txn_id} until it has an outcome"
+                )))
+            }
+            Admission::NotYetKnown => {
+                return Err(TxnError::Unavailable(format!(
+                    "txn_id {txn_id:?}: the coordinator restarted and has not yet read the \
+                     decision rows of every participant; retry shortly"
+                )))
+            }
         }
         let now = Instant::now();
         let txn = Arc::new(LiveTxn {
@@ -1451,20 +1415,10 @@ impl Engine {
     }
 
     fn remember(&self, txn_id: &str, gid: &str, outcome: Outcome) {
-        let mut o = lock(&self.inner.outcomes);
-        o.by_txn.insert(
-            txn_id.to_owned(),
-            OutcomeEntry {
-                gid: gid.to_owned(),
-                outcome,
-            },
-        );
-        o.order
-            .push_back((Instant::now(), txn_id.to_owned(), gid.to_owned()));
-        // Bounded: a busy coordinator must not grow without limit between reaper passes.
-        while o.order.len() > self.inner.config.outcome_index_max {
-            o.expire_oldest();
-        }
+        // Bounded by `outcome_index_max`: a busy coordinator must not grow without limit
+        // between reaper passes.
+        let now_ms = self.uptime_ms();
+        lock(&self.inner.outcomes).remember(txn_id, gid.to_owned(), outcome, now_ms);
     }
 
     fn set_phase(&self, txn: &LiveTxn, phase: Phase) {
@@ -2473,15 +2427,10 @@ impl Engine {
                 self.unregister(&txn);
             }
         }
-        let retention = Duration::from_millis(self.inner.config.outcome_retention_ms);
-        let mut o = lock(&self.inner.outcomes);
+        let retention_ms = self.inner.config.outcome_retention_ms;
+        let now_ms = self.uptime_ms();
         // Bounded work per pass.
-        for _ in 0..10_000 {
-            match o.order.front() {
-                Some((at, _, _)) if now.duration_since(*at) > retention => o.expire_oldest(),
-                _ => break,
-            }
-        }
+        lock(&self.inner.outcomes).expire(now_ms, retention_ms, 10_000);
     }
 
     /// Prefix of every GID this coordinator creates.
@@ -2571,8 +2520,8 @@ impl Engine {
         if let Some(t) = lock(&self.inner.live).get(id) {
             return Some(t.gid.clone());
         }
-        if let Some(e) = lock(&self.inner.outcomes).by_txn.get(id) {
-            return Gid::parse(&e.gid).ok();
+        if let Some((gid, _)) = lock(&self.inner.outcomes).get(id) {
+            return Gid::parse(gid).ok();
         }
         if let Some((g, _)) = lock(&self.inner.unresolved)
             .iter()
@@ -2599,11 +2548,11 @@ impl Engine {
             return ("committed", Some(d.txn_id.clone()), pending, age);
         }
         let o = lock(&self.inner.outcomes);
-        match o.by_txn.iter().find(|(_, e)| e.gid == gid.as_str()) {
-            Some((txn, e)) if e.outcome == Outcome::Committed => {
-                ("committed_done", Some(txn.clone()), vec![], None)
+        match o.by_gid(&gid.to_string()) {
+            Some((txn, Outcome::Committed)) => {
+                ("committed_done", Some(txn.to_owned()), vec![], None)
             }
-            Some((txn, _)) => ("aborted", Some(txn.clone()), vec![], None),
+            Some((txn, _)) => ("aborted", Some(txn.to_owned()), vec![], None),
             None => ("none", None, vec![], None),
         }
     }

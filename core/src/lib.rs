@@ -12,6 +12,8 @@
 //! - [`commit`]: one transaction's two-phase commit, from the votes to the END record.
 //! - [`last_agent`]: a last-agent or one-phase commit, whose decision is the last
 //!   agent's local commit of its decision row.
+//! - [`outcomes`]: the outcome index by client txn id, and the rule that admits a
+//!   request naming one (invariant 7).
 //! - [`recovery`]: what recovery does with a prepared branch an agent lists.
 //! - [`backoff`]: the one retry rule (doubling, bounded, jittered by a value handed in).
 //! - [`mutation`]: known bugs compiled in under the `mutations` feature, for the
@@ -21,6 +23,7 @@ pub mod backoff;
 pub mod commit;
 pub mod last_agent;
 pub mod mutation;
+pub mod outcomes;
 pub mod recovery;
 
 /// A participant's (agent's) configured name.

@@ -36,10 +36,14 @@ pub enum Mutation {
     /// Recovery presumes abort for a prepared branch of a last-agent transaction instead
     /// of asking the last agent, whose decision row may say committed.
     PresumedAbortOfLastAgent,
+    /// Issue 14, defect 2: an expiring outcome removes whatever its txn id holds now, so
+    /// a reused txn id's newer commit goes with its older abort (and the txn id may run
+    /// again).
+    EvictByTxnId,
 }
 
 impl Mutation {
-    pub const ALL: [Mutation; 12] = [
+    pub const ALL: [Mutation; 13] = [
         Mutation::CommitBeforeDurable,
         Mutation::SkipDecisionLog,
         Mutation::AnswerBeforeDurable,
@@ -52,6 +56,7 @@ impl Mutation {
         Mutation::SingleWriterUnlogged,
         Mutation::UncertainLastCommitAborts,
         Mutation::PresumedAbortOfLastAgent,
+        Mutation::EvictByTxnId,
     ];
 
     pub fn name(self) -> &'static str {
@@ -68,6 +73,7 @@ impl Mutation {
             Mutation::SingleWriterUnlogged => "single-writer-unlogged",
             Mutation::UncertainLastCommitAborts => "uncertain-last-commit-aborts",
             Mutation::PresumedAbortOfLastAgent => "presumed-abort-of-last-agent",
+            Mutation::EvictByTxnId => "evict-by-txn-id",
         }
     }
 

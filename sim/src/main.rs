@@ -26,7 +26,7 @@ struct Cli {
     /// Run a deliberately broken core (see --list-mutations); it must be caught.
     #[arg(long, value_name = "NAME")]
     mutate: Option<String>,
-    /// List the mutations and exit.
+    /// List the mutations and exit (with --model-check: those the model check covers).
     #[arg(long)]
     list_mutations: bool,
     /// Explore every interleaving of two small configurations (2 participants, 2
@@ -41,7 +41,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     if cli.list_mutations {
         for m in Mutation::ALL {
-            println!("{}", m.name());
+            if !cli.model_check || twopc_sim::model::covers(m) {
+                println!("{}", m.name());
+            }
         }
         return ExitCode::SUCCESS;
     }
@@ -75,7 +77,7 @@ fn main() -> ExitCode {
         }
     }
     println!(
-        "{} seeds, 0 violations ({} steps, {} faults injected, {} transactions ({} last-agent or one-phase): {} told committed, {} told aborted, {} told unknown; {} recovery rollbacks)",
+        "{} seeds, 0 violations ({} steps, {} faults injected, {} transactions ({} last-agent or one-phase): {} told committed, {} told aborted, {} told unknown; {} retries of a txn id, {} refused by the txn-id rule; {} recovery rollbacks)",
         cli.seeds,
         totals.steps,
         totals.faults,
@@ -84,6 +86,8 @@ fn main() -> ExitCode {
         totals.told_committed,
         totals.told_aborted,
         totals.told_unknown,
+        totals.retries,
+        totals.refused,
         totals.recovery_rollbacks
     );
     if let Some(m) = mutation {
@@ -151,6 +155,8 @@ fn add(t: &mut twopc_sim::Stats, run: &SeedRun) {
     t.told_aborted += run.stats.told_aborted;
     t.told_unknown += run.stats.told_unknown;
     t.last_agent_txns += run.stats.last_agent_txns;
+    t.retries += run.stats.retries;
+    t.refused += run.stats.refused;
     t.recovery_rollbacks += run.stats.recovery_rollbacks;
 }
 

@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use twopc_core::commit::{self, AckMode, CommitAnswer, Effect, Request, Timer, Vote};
 use twopc_core::last_agent::{self, LastAgent, LastAnswer, Settled, SettledAction};
-use twopc_core::mutation::Mutations;
+use twopc_core::mutation::{Mutation, Mutations};
 use twopc_core::recovery::{self, BranchAction, Replayed};
 
 use crate::world::{Branch, Row};
@@ -187,6 +187,12 @@ impl LastKey {
 
 fn name(p: usize) -> String {
     format!("a{p}")
+}
+
+/// Whether the model explores what `m` breaks: it has no client txn ids, so the outcome
+/// index's mutation is left to the simulator.
+pub fn covers(m: Mutation) -> bool {
+    m != Mutation::EvictByTxnId
 }
 
 /// The configurations `twopc-sim --model-check` explores: two-phase commits only, and

@@ -8,7 +8,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use twopc_core::commit::Answer;
 use twopc_core::Participant;
 
-use crate::world::{Branch, Gid};
+use crate::world::{Branch, Gid, Micros};
+
+/// How long the coordinator must remember a commit by its client txn id (its outcome
+/// retention): a retry beginning within it must not run again (invariant 7).
+pub const RETENTION_US: Micros = 100_000;
 
 /// An invariant that did not hold.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,11 +46,51 @@ pub struct Oracle {
     committed_on: BTreeMap<Gid, BTreeSet<Participant>>,
     /// Writers whose branch was rolled back.
     rolled_back_on: BTreeMap<Gid, BTreeSet<Participant>>,
+    /// When each transaction began.
+    began: BTreeMap<Gid, Micros>,
+    /// When each committed transaction was decided (its first commit anywhere, or its
+    /// client told `committed`, whichever came first).
+    decided: BTreeMap<Gid, Micros>,
+    /// Per client txn id, the attempt that committed writes.
+    applied: BTreeMap<u32, Gid>,
 }
 
 impl Oracle {
-    pub fn planned(&mut self, gid: Gid, plan: Vec<(Participant, bool)>) {
+    pub fn planned(&mut self, gid: Gid, plan: Vec<(Participant, bool)>, now: Micros) {
         self.plans.insert(gid, plan);
+        self.began.insert(gid, now);
+    }
+
+    /// `gid` is decided commit (now, or earlier).
+    fn decided_commit(&mut self, gid: Gid, now: Micros) {
+        self.decided.entry(gid).or_insert(now);
+    }
+
+    /// Writer `p` of `gid` commits: if another attempt of its txn id committed writes
+    /// and this one began within the retention after that one was decided, the txn id
+    /// was applied twice.
+    fn applied_once(&mut self, gid: Gid, p: &str) -> Result<(), Violation> {
+        if gid.txn == 0 || !self.writes(gid, p) {
+            return Ok(());
+        }
+        let first = *self.applied.entry(gid.txn).or_insert(gid);
+        if first == gid {
+            return Ok(());
+        }
+        let decided = self.decided.get(&first).copied().unwrap_or(0);
+        let began = self.began.get(&gid).copied().unwrap_or(0);
+        if began < decided + RETENTION_US {
+            return broken(
+                7,
+                format!(
+                    "txn id {} applied twice: {first} (decided at {decided} µs) and {gid} (began at {began} µs)",
+                    gid.txn
+                ),
+            );
+        }
+        // Outside the retention window: this attempt is the one a later retry must see.
+        self.applied.insert(gid.txn, gid);
+        Ok(())
     }
 
     fn writes(&self, gid: Gid, p: &str) -> bool {
@@ -62,7 +106,13 @@ impl Oracle {
     }
 
     /// A prepared branch is about to commit. `durable`: the log holds its COMMIT.
-    pub fn commit_prepared(&mut self, gid: Gid, p: &str, durable: bool) -> Result<(), Violation> {
+    pub fn commit_prepared(
+        &mut self,
+        gid: Gid,
+        p: &str,
+        durable: bool,
+        now: Micros,
+    ) -> Result<(), Violation> {
         if !durable {
             return broken(
                 1,
@@ -76,6 +126,8 @@ impl Oracle {
             );
         }
         self.split(gid, p)?;
+        self.decided_commit(gid, now);
+        self.applied_once(gid, p)?;
         self.committed_on
             .entry(gid)
             .or_default()
@@ -92,8 +144,10 @@ impl Oracle {
     }
 
     /// A last agent committed `gid` with its decision row: the decision is commit.
-    pub fn last_committed(&mut self, gid: Gid, p: &str) -> Result<(), Violation> {
+    pub fn last_committed(&mut self, gid: Gid, p: &str, now: Micros) -> Result<(), Violation> {
         self.split(gid, p)?;
+        self.decided_commit(gid, now);
+        self.applied_once(gid, p)?;
         if self.told.get(&gid) == Some(&Told::Aborted) {
             return broken(
                 6,
@@ -154,9 +208,16 @@ impl Oracle {
     }
 
     /// The client of `gid` is told `answer`; `durable`: the log holds its COMMIT.
-    pub fn told(&mut self, gid: Gid, answer: &Answer, durable: bool) -> Result<(), Violation> {
+    pub fn told(
+        &mut self,
+        gid: Gid,
+        answer: &Answer,
+        durable: bool,
+        now: Micros,
+    ) -> Result<(), Violation> {
         match answer {
             Answer::Committed { .. } => {
+                self.decided_commit(gid, now);
                 if !durable && self.has_writer(gid) {
                     return broken(
                         3,

@@ -37,10 +37,11 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 use twopc_core::commit::{self, AckMode, CommitAnswer, Effect, Request, Timer, Vote};
 use twopc_core::last_agent::{self, LastAgent, LastAnswer, Settled, SettledAction};
 use twopc_core::mutation::Mutations;
+use twopc_core::outcomes::{self, Admission, Outcome, Outcomes};
 use twopc_core::recovery::{self, BranchAction, Replayed};
 use twopc_core::Participant;
 
-use crate::oracle::{Oracle, Violation};
+use crate::oracle::{Oracle, Violation, RETENTION_US};
 use crate::rng::Rng;
 use crate::{known, recovery_action};
 
@@ -54,6 +55,10 @@ const OPEN_TXNS_MAX: usize = 8;
 /// Per mille of calls (while faults are injected) whose caller's deadline fires before
 /// the answer: the request still arrives and runs.
 const CALL_TIMEOUT_PER_MILLE: u64 = 20;
+/// The outcome index's size limit (never reached in a seed: retention decides).
+const OUTCOMES_MAX: usize = 100_000;
+/// Client txn ids waiting to be retried, at most.
+const RETRIES_MAX: usize = 64;
 
 /// A transaction's GID: the coordinator's epoch, a sequence number and, for a
 /// last-agent or one-phase commit, the last agent (as the real GID names it).
@@ -62,14 +67,20 @@ pub struct Gid {
     pub epoch: u64,
     pub seq: u64,
     pub last: Option<usize>,
+    /// The client's txn id (0: none given). Every record and decision row of the
+    /// transaction carries it, as the real ones do.
+    pub txn: u32,
 }
 
 impl std::fmt::Display for Gid {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "g{}.{}", self.epoch, self.seq)?;
-        match self.last {
-            Some(l) => write!(f, "@a{l}"),
-            None => Ok(()),
+        if let Some(l) = self.last {
+            write!(f, "@a{l}")?;
+        }
+        match self.txn {
+            0 => Ok(()),
+            t => write!(f, "#t{t}"),
         }
     }
 }
@@ -127,6 +138,8 @@ enum AgentReply {
     Row(Settled),
     Forgotten,
     Decisions(Vec<(Gid, Vec<Participant>)>),
+    /// Not now (try again).
+    Busy,
 }
 
 /// What a forced append is for, once durable.
@@ -258,6 +271,8 @@ struct Agent {
     db: BTreeMap<Gid, Branch>,
     /// The decision table (in the database: survives a crash).
     rows: BTreeMap<Gid, Row>,
+    /// Last-agent commits running (started, not finished).
+    executing: BTreeSet<Gid>,
     tombstones: BTreeSet<Gid>,
 }
 
@@ -296,6 +311,11 @@ struct Coordinator {
     /// Last-agent transactions whose END or one-phase record is being forced.
     appending: BTreeSet<Gid>,
     calls: BTreeMap<u64, Call>,
+    /// The outcome index by client txn id (lost in a crash, rebuilt from the log and the
+    /// decision rows).
+    outcomes: Outcomes<Gid>,
+    /// Agents whose decision rows this incarnation has read.
+    rows_read: BTreeSet<usize>,
 }
 
 /// Counters for the report.
@@ -308,6 +328,10 @@ pub struct Stats {
     pub told_aborted: u64,
     pub told_unknown: u64,
     pub last_agent_txns: u64,
+    /// Requests naming a txn id an earlier attempt used.
+    pub retries: u64,
+    /// Requests refused by the txn-id rule (committed, in doubt, rows not read, running).
+    pub refused: u64,
     pub recovery_rollbacks: u64,
 }
 
@@ -326,6 +350,10 @@ pub struct World {
     pub stats: Stats,
     trace: VecDeque<String>,
     faults_on: bool,
+    /// Client txn ids to try again (after `aborted`, `unknown`, a refusal, or a
+    /// `committed` whose answer the client did not get).
+    retries: VecDeque<(Micros, u32)>,
+    next_txn: u32,
 }
 
 fn name(i: usize) -> Participant {
@@ -347,9 +375,11 @@ impl World {
                 last_delivery: 0,
                 db: BTreeMap::new(),
                 rows: BTreeMap::new(),
+                executing: BTreeSet::new(),
                 tombstones: BTreeSet::new(),
             })
             .collect();
+        let mutations = settings.mutations;
         let mut w = World {
             settings,
             rng: Rng::new(seed),
@@ -373,11 +403,15 @@ impl World {
                 lasts: BTreeMap::new(),
                 appending: BTreeSet::new(),
                 calls: BTreeMap::new(),
+                outcomes: Outcomes::new(OUTCOMES_MAX, mutations),
+                rows_read: BTreeSet::new(),
             },
             oracle: Oracle::default(),
             stats: Stats::default(),
             trace: VecDeque::new(),
             faults_on: true,
+            retries: VecDeque::new(),
+            next_txn: 0,
         };
         w.start_coordinator();
         w.schedule(0, Event::ClientArrives);
@@ -564,11 +598,15 @@ impl World {
             let pick = self.rng.range(0, count as u64 - 1) as usize;
             *chosen.iter().nth(pick).expect("chosen has count agents")
         });
+        let Some(txn) = self.client_txn_id() else {
+            return;
+        };
         self.coord.next_seq += 1;
         let gid = Gid {
             epoch: self.coord.epoch,
             seq: self.coord.next_seq,
             last,
+            txn,
         };
         self.stats.txns += 1;
         let plan: Vec<(usize, bool, bool)> = chosen
@@ -578,11 +616,79 @@ impl World {
         self.note(format!(
             "client begins {gid} on {plan:?} (agent, writes, fails)"
         ));
-        self.oracle
-            .planned(gid, plan.iter().map(|(i, w, _)| (name(*i), *w)).collect());
+        let branches = plan.iter().map(|(i, w, _)| (name(*i), *w)).collect();
+        self.oracle.planned(gid, branches, self.now);
         match last {
             Some(l) => self.begin_last_agent(gid, l, plan),
             None => self.begin_two_phase(gid, plan),
+        }
+    }
+
+    /// The txn id of a new request (0: none), if the coordinator admits it: a retry of
+    /// an earlier one now and then, else a fresh id or none.
+    fn client_txn_id(&mut self) -> Option<u32> {
+        let due = self.retries.iter().position(|(at, _)| *at <= self.now);
+        let txn = match due.and_then(|i| self.retries.remove(i)) {
+            Some((_, t)) => {
+                self.stats.retries += 1;
+                t
+            }
+            None => self.fresh_txn_id(),
+        };
+        if txn == 0 {
+            return Some(0);
+        }
+        // Live: deciding or committing (an aborted one whose rollbacks are retried has
+        // left the live table, as in the engine).
+        let running = self
+            .coord
+            .machines
+            .iter()
+            .any(|(g, m)| g.txn == txn && m.phase() != commit::Phase::Aborted)
+            || self
+                .coord
+                .lasts
+                .iter()
+                .any(|(g, t)| g.txn == txn && t.machine.deciding());
+        let key = txn.to_string();
+        let remembered = self.coord.outcomes.get(&key).map(|(_, o)| o);
+        let unsettled = self
+            .coord
+            .lasts
+            .iter()
+            .any(|(g, t)| g.txn == txn && t.machine.unsettled());
+        // Every agent's rows were read, not only those the request touches: a retry may
+        // name other agents than the attempt that committed (this found the engine's
+        // old rule applying a txn id twice).
+        let known = self.coord.rows_read.len() == self.agents.len();
+        let admission = outcomes::admit(remembered, unsettled, known);
+        if running || admission != Admission::Run {
+            self.note(format!(
+                "txn id t{txn} refused (running: {running}, {admission:?})"
+            ));
+            self.stats.refused += 1;
+            if admission != Admission::AlreadyCommitted {
+                self.retry_later(txn);
+            }
+            return None;
+        }
+        Some(txn)
+    }
+
+    fn fresh_txn_id(&mut self) -> u32 {
+        if self.rng.chance(300) {
+            return 0;
+        }
+        self.next_txn += 1;
+        self.next_txn
+    }
+
+    /// The client tries `txn` again some time within twice the retention.
+    fn retry_later(&mut self, txn: u32) {
+        let queued = self.retries.iter().any(|(_, t)| *t == txn);
+        if txn != 0 && self.retries.len() < RETRIES_MAX && !queued {
+            let at = self.now + self.rng.range(0, 2 * RETENTION_US);
+            self.retries.push_back((at, txn));
         }
     }
 
@@ -704,6 +810,9 @@ impl World {
         if matches!(c.request, AgentRequest::CommitLast { .. }) {
             // It may wait on a lock for a while; other requests (a fence) run meanwhile.
             let boot = self.agents[i].boot;
+            if let Some(g) = c.gid {
+                self.agents[i].executing.insert(g);
+            }
             let after = self.rng.range(0, 5_000);
             let ev = Event::Execute {
                 call,
@@ -724,6 +833,9 @@ impl World {
         let i = c.participant;
         if !self.agents[i].up || self.agents[i].boot != boot {
             return Ok(()); // the crash rolled it back
+        }
+        if let Some(g) = c.gid {
+            self.agents[i].executing.remove(&g);
         }
         let reply = self.agent_handles(i, c.gid, &c.request, c.purpose)?;
         if self.agents[i].conn == conn {
@@ -792,6 +904,17 @@ impl World {
                     .map(|(g, _)| *g)
                     .collect(),
             ),
+            // A commit of an older incarnation still running could commit its row after
+            // this listing, when the new one took "no row" for "not committed": the
+            // agent answers once such commits ended (the real one waits for them).
+            (AgentRequest::ListDecisions, _)
+                if self.agents[i]
+                    .executing
+                    .iter()
+                    .any(|g| g.epoch < self.coord.epoch) =>
+            {
+                AgentReply::Busy
+            }
             (AgentRequest::ListDecisions, _) => AgentReply::Decisions(
                 self.agents[i]
                     .rows
@@ -834,7 +957,7 @@ impl World {
             (AgentRequest::CommitPrepared, Some(g)) => {
                 if self.agents[i].db.get(&g) == Some(&Branch::Prepared) {
                     let durable = self.decision_durable(g);
-                    self.oracle.commit_prepared(g, &a, durable)?;
+                    self.oracle.commit_prepared(g, &a, durable, self.now)?;
                     self.agents[i].db.insert(g, Branch::Committed);
                     AgentReply::Commit(CommitAnswer::Committed)
                 } else {
@@ -916,7 +1039,7 @@ impl World {
         };
         agent.db.insert(g, branch);
         agent.rows.insert(g, Row::Committed(prepared));
-        self.oracle.last_committed(g, &name(i))?;
+        self.oracle.last_committed(g, &name(i), self.now)?;
         Ok(AgentReply::Last(LastAnswer::Committed))
     }
 
@@ -958,6 +1081,7 @@ impl World {
         let agent = &mut self.agents[i];
         agent.up = false;
         agent.boot += 1;
+        agent.executing.clear();
         agent.tombstones.clear();
         let after = self.rng.range(1_000, 200_000);
         self.schedule(after, Event::RestartAgent(i));
@@ -1074,6 +1198,7 @@ impl World {
                         last_agent::Answer::Aborted(cause) => commit::Answer::Aborted(cause),
                         last_agent::Answer::Unknown => {
                             self.stats.told_unknown += 1;
+                            self.retry_later(gid.txn);
                             continue;
                         }
                     };
@@ -1159,12 +1284,33 @@ impl World {
 
     /// The client of `gid` is told `answer`; the oracle checks it is true.
     fn tell(&mut self, gid: Gid, answer: &commit::Answer) -> Result<(), Violation> {
-        match answer {
-            commit::Answer::Committed { .. } => self.stats.told_committed += 1,
-            commit::Answer::Aborted(_) => self.stats.told_aborted += 1,
-        }
+        let (outcome, retry_per_mille) = match answer {
+            commit::Answer::Committed { .. } => {
+                self.stats.told_committed += 1;
+                // The answer did not reach the client: it tries again.
+                (Outcome::Committed, 300)
+            }
+            commit::Answer::Aborted(_) => {
+                self.stats.told_aborted += 1;
+                (Outcome::Aborted, 500)
+            }
+        };
         let durable = self.decision_durable(gid);
-        self.oracle.told(gid, answer, durable)
+        self.oracle.told(gid, answer, durable, self.now)?;
+        self.remember(gid, outcome);
+        if self.faults_on && self.rng.chance(retry_per_mille) {
+            self.retry_later(gid.txn);
+        }
+        Ok(())
+    }
+
+    /// The coordinator remembers `gid`'s outcome by its txn id.
+    fn remember(&mut self, gid: Gid, outcome: Outcome) {
+        if gid.txn != 0 {
+            let now_ms = self.now / 1_000;
+            let key = gid.txn.to_string();
+            self.coord.outcomes.remember(&key, gid, outcome, now_ms);
+        }
     }
 
     fn carry_out(&mut self, gid: Gid, effects: Vec<Effect>) -> Result<(), Violation> {
@@ -1308,6 +1454,20 @@ impl World {
         self.coord.epoch += 1;
         self.coord.incarnation += 1;
         self.coord.next_seq = 0;
+        self.coord.outcomes = Outcomes::new(OUTCOMES_MAX, self.settings.mutations);
+        self.coord.rows_read.clear();
+        let committed: Vec<Gid> = self
+            .log
+            .durable
+            .iter()
+            .filter_map(|r| match r {
+                Replayed::Commit { gid, .. } => Some(*gid),
+                _ => None,
+            })
+            .collect();
+        for g in committed {
+            self.remember(g, Outcome::Committed);
+        }
         let in_doubt = recovery::in_doubt_after_replay(
             self.log.durable.iter().cloned(),
             self.settings.mutations,
@@ -1332,6 +1492,9 @@ impl World {
         if incarnation != self.coord.incarnation || !self.coord.up {
             return;
         }
+        let now_ms = self.now / 1_000;
+        let retention_ms = RETENTION_US / 1_000;
+        self.coord.outcomes.expire(now_ms, retention_ms, 10_000);
         for i in 0..self.agents.len() {
             self.call(i, None, AgentRequest::ListPrepared, Purpose::Recovery);
             self.call(i, None, AgentRequest::ListDecisions, Purpose::Recovery);
@@ -1418,9 +1581,16 @@ impl World {
     ) -> Result<(), Violation> {
         if let Some(t) = self.coord.lasts.get_mut(&g) {
             if t.machine.unsettled() {
+                // Told `unknown`: the machine ends it (phase 2, or the rollbacks); its
+                // outcome is remembered, as `adopt` does.
                 let mut out = Vec::new();
                 t.machine.on_fence_answer(Some(settled.clone()), &mut out);
                 self.carry_out_last(g, out)?;
+                let outcome = match settled {
+                    Settled::Committed { .. } => Outcome::Committed,
+                    Settled::Aborted => Outcome::Aborted,
+                };
+                self.remember(g, outcome);
             }
         }
         let in_doubt = self
@@ -1440,8 +1610,12 @@ impl World {
                 }
                 Ok(())
             }
-            SettledAction::Phase2(prepared) => self.start_phase2(g, prepared),
+            SettledAction::Phase2(prepared) => {
+                self.remember(g, Outcome::Committed);
+                self.start_phase2(g, prepared)
+            }
             SettledAction::AppendOnePhase => {
+                self.remember(g, Outcome::Committed);
                 self.append_one_phase(g);
                 Ok(())
             }
@@ -1466,12 +1640,14 @@ impl World {
                 continue;
             }
             let settled = Settled::Committed { participants };
+            self.remember(g, Outcome::Committed);
             match last_agent::settled_action(&settled, false, false) {
                 SettledAction::Phase2(prepared) => self.start_phase2(g, prepared)?,
                 SettledAction::AppendOnePhase => self.append_one_phase(g),
                 _ => {}
             }
         }
+        self.coord.rows_read.insert(agent);
         Ok(())
     }
 }

@@ -29,6 +29,23 @@ async fn query_i64(url: &str, sql: &str) -> i64 {
         .get::<_, i64>(0)
 }
 
+/// Waits for the coordinator to exit at its crash failpoint.
+fn coordinator_dies(h: &mut ProcHarness) {
+    let died = h
+        .coordinator
+        .as_mut()
+        .unwrap()
+        .wait_exit(Duration::from_secs(10));
+    assert!(died.is_some(), "the failpoint never fired");
+    h.coordinator = None;
+}
+
+/// Kills agent `i` with SIGKILL.
+fn kill_agent(h: &mut ProcHarness, i: usize) {
+    h.agents[i].as_mut().unwrap().kill9();
+    h.agents[i] = None;
+}
+
 async fn ledger_rows(url: &str, txn_id: &str) -> i64 {
     query_i64(
         url,
@@ -506,6 +523,45 @@ async fn a_one_phase_commit_whose_answer_died_with_its_agent_is_found_by_recover
     assert_eq!(ledger_rows(&h.url(0), "lost-answer-1").await, 1);
 }
 
+/// Invariant 7, found by the simulator: after a restart, a request naming a txn id
+/// waited only for the decision rows of the participants it touches. A one-phase commit
+/// on `a` whose coordinator died before anything of ours logged it, a restart while `a`
+/// was down, and the same txn id sent to `b` alone ran a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_on_other_participants_waits_for_every_decision_table() {
+    let mut h = ProcHarness::start(bins(), 2).await.unwrap();
+    // The coordinator dies right after a's one-phase commit (its row is the decision).
+    h.start_all("coordinator.after_last_commit=crash", &[])
+        .await
+        .unwrap();
+    let on = |participant: &str| {
+        json!({
+            "txn_id": "retry-elsewhere-1",
+            "branches": [{"participant": participant, "statements": stmts(credit_statements("retry-elsewhere-1", 12, 3))}],
+        })
+    };
+    let _ = h.post("/v1/transactions", &on("a")).await;
+    coordinator_dies(&mut h);
+    assert_eq!(
+        ledger_rows(&h.url(0), "retry-elsewhere-1").await,
+        1,
+        "a committed"
+    );
+    // a's agent is away while the new incarnation starts: its rows cannot be read.
+    kill_agent(&mut h, 0);
+    h.start_coordinator("").await.unwrap();
+    let (status, v) = h.post("/v1/transactions", &on("b")).await.unwrap();
+    assert_ne!(status, 200, "the txn id ran a second time: {v}");
+    assert_eq!(ledger_rows(&h.url(1), "retry-elsewhere-1").await, 0);
+    // Once a is back and its rows read, the txn id is known committed.
+    h.start_agent(0, "").await.unwrap();
+    let st = h.status_after_recovery("retry-elsewhere-1").await.unwrap();
+    assert_eq!(st["outcome"], "committed", "{st}");
+    let (status, v) = h.post("/v1/transactions", &on("b")).await.unwrap();
+    assert_ne!(status, 200, "the txn id ran a second time: {v}");
+    assert_eq!(ledger_rows(&h.url(1), "retry-elsewhere-1").await, 0);
+}
+
 /// Defect 3, last-agent commit: a forced abort of a transaction its last agent had
 /// committed was undone by the next recovery pass (the committed decision row stayed,
 /// and recovery adopted it: the branches still prepared were committed, `GET` said
@@ -521,21 +577,14 @@ async fn a_forced_abort_of_a_last_agent_commit_is_not_undone_by_recovery() {
     let body = transfer("forced-last-1", &[("a", 11, -2), ("b", 11, 2)]);
     // The coordinator dies before it answers.
     let _ = h.post("/v1/transactions", &body).await;
-    let died = h
-        .coordinator
-        .as_mut()
-        .unwrap()
-        .wait_exit(Duration::from_secs(10));
-    assert!(died.is_some(), "the failpoint never fired");
-    h.coordinator = None;
+    coordinator_dies(&mut h);
     assert_eq!(
         ledger_rows(&h.url(1), "forced-last-1").await,
         1,
         "b committed"
     );
     // a's agent is away while the new incarnation starts: it cannot commit a's branch.
-    h.agents[0].as_mut().unwrap().kill9();
-    h.agents[0] = None;
+    kill_agent(&mut h, 0);
     h.start_coordinator("").await.unwrap();
     let st = h.get("/v1/transactions/forced-last-1").await.unwrap();
     assert_eq!(st["outcome"], "committed", "from b's decision row: {st}");
