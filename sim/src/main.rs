@@ -126,6 +126,7 @@ fn model_check(mutation: Option<Mutation>, mutations: Mutations) -> ExitCode {
                     return ExitCode::FAILURE;
                 }
                 caught = true;
+                break;
             }
             (None, None) if r.truncated => return ExitCode::FAILURE,
             (None, _) => {}
