@@ -1445,8 +1445,10 @@ impl Engine {
         self.set_phase(txn, Phase::Preparing);
 
         if plan.is_empty() {
-            // Nothing ran anywhere.
+            // Nothing ran anywhere. Committed all the same, so a retry of its txn id must
+            // not run after a restart either: recorded like a read-only commit.
             state.finished = true;
+            self.record_read_only(txn, "").await?;
             self.remember(&txn.txn_id, txn.gid.as_str(), Outcome::Committed);
             self.inner
                 .counters

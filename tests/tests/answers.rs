@@ -562,6 +562,35 @@ async fn a_retry_on_other_participants_waits_for_every_decision_table() {
     assert_eq!(ledger_rows(&h.url(1), "retry-elsewhere-1").await, 0);
 }
 
+/// Invariant 7 (found by review): an interactive transaction committed with no
+/// statement was remembered only in memory, so after a restart a retry of its txn id ran
+/// and wrote.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_commit_keeps_its_txn_id_across_a_restart() {
+    let mut h = ProcHarness::start(bins(), 1).await.unwrap();
+    h.start_all("", &[]).await.unwrap();
+    let (status, v) = h
+        .post("/v1/transactions", &json!({"txn_id": "empty-1"}))
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{v}");
+    let (status, v) = h
+        .post("/v1/transactions/empty-1/commit", &json!({}))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{v}");
+    h.coordinator.as_mut().unwrap().kill9();
+    h.coordinator = None;
+    h.start_coordinator("").await.unwrap();
+    let retry = json!({
+        "txn_id": "empty-1",
+        "branches": [{"participant": "a", "statements": stmts(credit_statements("empty-1", 13, 3))}],
+    });
+    let (status, v) = h.post("/v1/transactions", &retry).await.unwrap();
+    assert_ne!(status, 200, "the txn id ran a second time: {v}");
+    assert_eq!(ledger_rows(&h.url(0), "empty-1").await, 0);
+}
+
 /// Defect 3, last-agent commit: a forced abort of a transaction its last agent had
 /// committed was undone by the next recovery pass (the committed decision row stayed,
 /// and recovery adopted it: the branches still prepared were committed, `GET` said
