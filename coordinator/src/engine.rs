@@ -1313,6 +1313,36 @@ impl Engine {
             .ok_or_else(|| TxnError::UnknownTxn(txn_id.to_owned()))
     }
 
+    /// The core's txn-id rule (invariant 7) for `txn_id`. Called with the live table
+    /// locked: an attempt remembers its outcome before it leaves the table, so one that
+    /// ends meanwhile is seen either live or remembered, never neither (a review found
+    /// the checks done before the lock: an attempt finishing in between let its retry
+    /// run). An attempt whose local commit could not be settled yet may have committed.
+    /// A client's txn id may be a retry of one that an earlier incarnation committed by
+    /// a participant's local commit (one-phase, last agent) whose row recovery has not
+    /// read yet (it reads them at start).
+    fn admit(&self, txn_id: &str, named: bool) -> Result<(), TxnError> {
+        let remembered = lock(&self.inner.outcomes).get(txn_id).map(|(_, o)| o);
+        let unsettled = lock(&self.inner.unresolved)
+            .values()
+            .any(|u| u.txn_id == txn_id);
+        let decisions_known = !named || self.decisions_known();
+        match outcomes::admit(remembered, unsettled, decisions_known) {
+            Admission::Run => Ok(()),
+            Admission::AlreadyCommitted => Err(TxnError::Conflict(format!(
+                "txn_id {txn_id:?} already committed; choose a new txn_id"
+            ))),
+            Admission::InDoubt => Err(TxnError::Conflict(format!(
+                "txn_id {txn_id:?} is in doubt (an earlier attempt may have committed); \
+                 ask GET /v1/transactions/{txn_id} until it has an outcome"
+            ))),
+            Admission::NotYetKnown => Err(TxnError::Unavailable(format!(
+                "txn_id {txn_id:?}: the coordinator restarted and has not yet read the \
+                 decision rows of every participant; retry shortly"
+            ))),
+        }
+    }
+
     /// `last_agent`: the participant that will commit last (named in the GID), if any.
     fn register(
         &self,
@@ -1342,35 +1372,6 @@ impl Engine {
                 self.inner.config.max_timeout_ms
             )));
         }
-        // The core's rule (invariant 7). An attempt whose local commit could not be
-        // settled yet may have committed. A client's txn id may be a retry of one that an
-        // earlier incarnation committed by a participant's local commit (one-phase, last
-        // agent) whose row recovery has not read yet (it reads them at start).
-        let remembered = lock(&self.inner.outcomes).get(&txn_id).map(|(_, o)| o);
-        let unsettled = lock(&self.inner.unresolved)
-            .values()
-            .any(|u| u.txn_id == txn_id);
-        let decisions_known = req.txn_id.is_none() || self.decisions_known();
-        match outcomes::admit(remembered, unsettled, decisions_known) {
-            Admission::Run => {}
-            Admission::AlreadyCommitted => {
-                return Err(TxnError::Conflict(format!(
-                    "txn_id {txn_id:?} already committed; choose a new txn_id"
-                )))
-            }
-            Admission::InDoubt => {
-                return Err(TxnError::Conflict(format!(
-                    "txn_id {txn_id:?} is in doubt (an earlier attempt may have committed); \
-                     ask GET /v1/transactions/{txn_id} until it has an outcome"
-                )))
-            }
-            Admission::NotYetKnown => {
-                return Err(TxnError::Unavailable(format!(
-                    "txn_id {txn_id:?}: the coordinator restarted and has not yet read the \
-                     decision rows of every participant; retry shortly"
-                )))
-            }
-        }
         let now = Instant::now();
         let txn = Arc::new(LiveTxn {
             txn_id: txn_id.clone(),
@@ -1390,7 +1391,10 @@ impl Engine {
                 Phase::Preparing
             }),
         });
+        // Between the outcome index and the live table, were they checked apart.
+        twopc_participant::failpoint::check_sync("coordinator.before_admission");
         let mut live = lock(&self.inner.live);
+        self.admit(&txn_id, req.txn_id.is_some())?;
         if live.len() >= self.inner.config.max_open_txns {
             return Err(TxnError::Limit(format!(
                 "{} transactions open; the limit is {}",

@@ -591,6 +591,50 @@ async fn an_empty_commit_keeps_its_txn_id_across_a_restart() {
     assert_eq!(ledger_rows(&h.url(0), "empty-1").await, 0);
 }
 
+/// Invariant 7 (found by review): `register` checked the outcome index before it took
+/// the live table. An attempt that remembered its commit and left the table in between
+/// let a concurrent retry of its txn id run a second time. The failpoint holds the retry
+/// right before the live table (where the old code had already checked the outcomes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_racing_its_first_attempt_does_not_run_twice() {
+    let mut h = ProcHarness::start(bins(), 1).await.unwrap();
+    h.start_all("coordinator.before_admission=sleep(1500)@2", &[])
+        .await
+        .unwrap();
+    // No ledger row: its key would refuse a second run by itself.
+    let statements = vec![
+        ("SELECT pg_sleep(0.5)".to_owned(), vec![]),
+        (
+            "UPDATE acct SET bal = bal + 3 WHERE id = 14".to_owned(),
+            vec![],
+        ),
+    ];
+    let body = json!({
+        "txn_id": "race-1",
+        "branches": [{"participant": "a", "statements": stmts(statements)}],
+    });
+    let first = {
+        let (http, url, body) = (h.http.clone(), h.base_url(), body.clone());
+        tokio::spawn(async move {
+            let r = http
+                .post(format!("{url}/v1/transactions"))
+                .json(&body)
+                .send()
+                .await?;
+            let status = r.status().as_u16();
+            anyhow::Ok((status, r.json::<Value>().await.unwrap_or(Value::Null)))
+        })
+    };
+    // The retry arrives while the first attempt runs (it sleeps 0.5 s in PostgreSQL).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (status, v) = h.post("/v1/transactions", &body).await.unwrap();
+    let (first_status, first_v) = first.await.unwrap().unwrap();
+    assert_eq!(first_status, 200, "{first_v}");
+    assert_ne!(status, 200, "the txn id ran a second time: {v}");
+    let bal = query_i64(&h.url(0), "SELECT bal FROM acct WHERE id = 14").await;
+    assert_eq!(bal, BALANCE + 3, "applied once");
+}
+
 /// Defect 3, last-agent commit: a forced abort of a transaction its last agent had
 /// committed was undone by the next recovery pass (the committed decision row stayed,
 /// and recovery adopted it: the branches still prepared were committed, `GET` said
