@@ -28,8 +28,13 @@
 //!   inserts an aborted row unless a committed one exists; committed rows are listed
 //!   for recovery and forgotten once the log knows the outcome.
 //!
-//! Not simulated yet (the runtime has them; the core does not): interactive
-//! transactions, `txn_id` retries and GET, operator resolve.
+//! - Clients name a `txn_id` for most requests and retry it (after `aborted`,
+//!   `unknown`, a refusal, or a lost `committed`); the coordinator admits each by the
+//!   core's `outcomes::admit` with an outcome index it rebuilds after a crash from the
+//!   log and the decision rows.
+//!
+//! Not simulated yet: interactive transactions, GET, operator resolve, a read-only
+//! commit's forced record.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
