@@ -1443,8 +1443,7 @@ impl Engine {
         let remaining = txn.deadline.saturating_duration_since(Instant::now());
         if remaining.is_zero() {
             let info = abort_info(&txn.txn_id, None, "57014", "transaction timed out", false);
-            self.abort_txn(txn, state).await;
-            return Err(TxnError::Aborted(info));
+            return Err(self.aborted(txn, state, info).await);
         }
         self.set_phase(txn, Phase::Preparing);
 
@@ -1484,9 +1483,7 @@ impl Engine {
         let mut machine = Commit::new(names.iter().cloned(), self.commit_config(ack));
         let mut decided = Vec::new();
         for name in &names {
-            // No answer: the sequential fan-out stopped before this branch was sent.
-            let vote = votes.get(name).copied().unwrap_or(Vote::No);
-            machine.on_vote(name, vote, &mut decided);
+            machine.on_vote(name, vote_of(&votes, name), &mut decided);
         }
         let aborted = decided
             .iter()
@@ -1494,12 +1491,9 @@ impl Engine {
         // A failed branch is a NO vote (`tally`), so the machine aborted; checked again
         // here all the same, in every build.
         if aborted || failure.is_some() {
-            let info = failure.unwrap_or_else(|| {
-                abort_info(&txn.txn_id, None, "XX000", "a branch voted no", false)
-            });
             // Rolls back every branch, those the machine names and the rest.
-            self.abort_txn(txn, state).await;
-            return Err(TxnError::Aborted(info));
+            let info = voted_no(&txn.txn_id, failure);
+            return Err(self.aborted(txn, state, info).await);
         }
         twopc_participant::failpoint!("coordinator.after_prepare");
 
@@ -1668,18 +1662,13 @@ impl Engine {
             .await;
         let (mut branches, votes, failure) = self.tally(txn, answers);
         for n in &names {
-            // No answer: the sequential fan-out stopped before this branch was sent.
-            let vote = votes.get(n).copied().unwrap_or(Vote::No);
-            machine.on_vote(n, vote, &mut effects);
+            machine.on_vote(n, vote_of(&votes, n), &mut effects);
         }
         // A failed branch is a NO vote (`tally`), so the machine aborted; checked again
         // here all the same, in every build.
         if machine.phase() == last_agent::Phase::Aborted || failure.is_some() {
-            let info = failure.unwrap_or_else(|| {
-                abort_info(&txn.txn_id, None, "XX000", "a branch voted no", false)
-            });
-            self.abort_txn(txn, state).await;
-            return Err(TxnError::Aborted(info));
+            let info = voted_no(&txn.txn_id, failure);
+            return Err(self.aborted(txn, state, info).await);
         }
         let prepared = effects.iter().find_map(|e| match e {
             last_agent::Effect::CommitLast { prepared } => Some(prepared.clone()),
@@ -1687,9 +1676,8 @@ impl Engine {
         });
         let Some(prepared) = prepared else {
             error!("the last-agent machine asked for no commit after every vote was in");
-            self.abort_txn(txn, state).await;
             let info = abort_info(&txn.txn_id, None, "XX000", "no commit", false);
-            return Err(TxnError::Aborted(info));
+            return Err(self.aborted(txn, state, info).await);
         };
         twopc_participant::failpoint!("coordinator.after_prepare");
         let remaining = txn.deadline.saturating_duration_since(Instant::now());
@@ -1697,8 +1685,7 @@ impl Engine {
             Some(p) if !remaining.is_zero() => p.clone(),
             _ => {
                 let info = abort_info(&txn.txn_id, None, "57014", "transaction timed out", false);
-                self.abort_txn(txn, state).await;
-                return Err(TxnError::Aborted(info));
+                return Err(self.aborted(txn, state, info).await);
             }
         };
         self.set_phase(txn, Phase::Committing);
@@ -1760,10 +1747,7 @@ impl Engine {
                 });
             }
             // Aborted (or, never, still deciding: nothing committed that we know of).
-            _ => {
-                self.abort_txn(txn, state).await;
-                return Err(TxnError::Aborted(info()));
-            }
+            _ => return Err(self.aborted(txn, state, info()).await),
         }
         let logged = effects.iter().find_map(|e| match e {
             last_agent::Effect::AppendOnePhase => Some(Vec::new()),
@@ -2356,6 +2340,12 @@ impl Engine {
         if let Err(e) = self.inner.log.append_lazy(end).await {
             lazy_log_error(&e);
         }
+    }
+
+    /// Rolls back every branch of `txn` (`abort_txn`) and gives the client's error.
+    async fn aborted(&self, txn: &LiveTxn, state: &mut TxnState, info: AbortInfo) -> TxnError {
+        self.abort_txn(txn, state).await;
+        TxnError::Aborted(info)
     }
 
     /// Rolls back every branch of `txn` and marks it aborted.
@@ -3016,6 +3006,18 @@ fn classify(
             false,
         )),
     }
+}
+
+/// `name`'s vote as `tally` found it. No answer: the sequential fan-out stopped before
+/// this branch was sent (a NO).
+fn vote_of(votes: &HashMap<String, Vote>, name: &str) -> Vote {
+    votes.get(name).copied().unwrap_or(Vote::No)
+}
+
+/// Why a transaction whose votes did not all say yes aborted: the failure `tally`
+/// found, else a NO vote.
+fn voted_no(txn_id: &str, failure: Option<AbortInfo>) -> AbortInfo {
+    failure.unwrap_or_else(|| abort_info(txn_id, None, "XX000", "a branch voted no", false))
 }
 
 /// The last agent's answer to its commit, for the core's machine: what it says, the

@@ -136,10 +136,6 @@ impl LastAgent {
         self.phase
     }
 
-    pub fn last(&self) -> &str {
-        &self.last
-    }
-
     /// Its outcome is not decided yet (recovery must leave its prepared branches alone
     /// while it is live).
     pub fn deciding(&self) -> bool {

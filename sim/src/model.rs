@@ -138,52 +138,32 @@ struct State {
     failures_left: u8,
 }
 
-/// A machine and a canonical form of it for hashing (its Debug text: the machine holds
+/// A machine and a canonical form of it for hashing (its Debug text: the machines hold
 /// only ordered collections, so equal machines print alike).
 #[derive(Debug, Clone)]
-struct MachineKey(commit::Commit, String);
+struct Keyed<M>(M, String);
 
-impl PartialEq for MachineKey {
+impl<M> PartialEq for Keyed<M> {
     fn eq(&self, other: &Self) -> bool {
         self.1 == other.1
     }
 }
-impl Eq for MachineKey {}
-impl std::hash::Hash for MachineKey {
+impl<M> Eq for Keyed<M> {}
+impl<M> std::hash::Hash for Keyed<M> {
     fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
         self.1.hash(h)
     }
 }
 
-impl MachineKey {
-    fn new(m: commit::Commit) -> MachineKey {
+impl<M: std::fmt::Debug> Keyed<M> {
+    fn new(m: M) -> Keyed<M> {
         let key = format!("{m:?}");
-        MachineKey(m, key)
+        Keyed(m, key)
     }
 }
 
-/// The same for a last-agent machine.
-#[derive(Debug, Clone)]
-struct LastKey(LastAgent, String);
-
-impl PartialEq for LastKey {
-    fn eq(&self, other: &Self) -> bool {
-        self.1 == other.1
-    }
-}
-impl Eq for LastKey {}
-impl std::hash::Hash for LastKey {
-    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
-        self.1.hash(h)
-    }
-}
-
-impl LastKey {
-    fn new(m: LastAgent) -> LastKey {
-        let key = format!("{m:?}");
-        LastKey(m, key)
-    }
-}
+type MachineKey = Keyed<commit::Commit>;
+type LastKey = Keyed<LastAgent>;
 
 fn name(p: usize) -> String {
     format!("a{p}")
