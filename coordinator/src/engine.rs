@@ -202,6 +202,9 @@ pub struct TxnStatus {
     pub gid: Option<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub pending: Vec<String>,
+    /// Why the outcome is `unknown`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<&'static str>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -353,6 +356,9 @@ struct Inner {
     decisions_read: Mutex<HashSet<String>>,
     /// Every participant is in `decisions_read`: `GET` may presume abort.
     all_decisions_read: std::sync::atomic::AtomicBool,
+    /// The log had deleted segments (past retention) before this incarnation opened
+    /// it: a txn id unknown here may have committed in one of them.
+    log_forgot: bool,
     /// Woken whenever `decisions_read` grows.
     decisions_notify: tokio::sync::Notify,
     counters: Counters,
@@ -449,6 +455,7 @@ impl Engine {
                 resolving: tokio::sync::Mutex::new(()),
                 decisions_read: Mutex::new(HashSet::new()),
                 all_decisions_read: std::sync::atomic::AtomicBool::new(false),
+                log_forgot: replay.earlier_segments_deleted,
                 decisions_notify: tokio::sync::Notify::new(),
                 counters: Counters::default(),
                 started: Instant::now(),
@@ -1187,78 +1194,71 @@ impl Engine {
     }
 
     /// What happened to `txn_id`: live state, a remembered or logged outcome, or
-    /// presumed abort.
+    /// presumed abort (the core's `outcomes::known`).
     pub fn status(&self, txn_id: &str) -> TxnStatus {
+        let mut status = TxnStatus {
+            txn_id: txn_id.to_owned(),
+            state: None,
+            outcome: None,
+            gid: None,
+            pending: vec![],
+            message: None,
+        };
         if let Some(t) = lock(&self.inner.live).get(txn_id) {
-            return TxnStatus {
-                txn_id: txn_id.to_owned(),
-                state: Some(lock(&t.phase).name()),
-                outcome: None,
-                gid: Some(t.gid.to_string()),
-                pending: vec![],
-            };
+            status.state = Some(lock(&t.phase).name());
+            status.gid = Some(t.gid.to_string());
+            return status;
         }
-        let found = lock(&self.inner.outcomes)
-            .get(txn_id)
-            .map(|(gid, o)| (gid.clone(), o));
-        match found {
-            Some((gid, Outcome::Committed)) => {
-                let pending = Gid::parse(&gid)
-                    .ok()
+        let (remembered, forgot_a_commit) = {
+            let outcomes = lock(&self.inner.outcomes);
+            let remembered = outcomes.get(txn_id).map(|(gid, o)| (gid.clone(), o));
+            (remembered, outcomes.forgot_a_commit())
+        };
+        // An attempt whose local commit is not settled yet (checked before a remembered
+        // abort: that one may be an earlier attempt of the same txn id).
+        let unsettled = lock(&self.inner.unresolved)
+            .values()
+            .any(|u| u.txn_id == txn_id);
+        let known = outcomes::known(
+            remembered.as_ref().map(|(_, o)| *o),
+            unsettled,
+            self.inner.all_decisions_read.load(Ordering::Relaxed),
+            forgot_a_commit || self.inner.log_forgot,
+        );
+        let gid = remembered.map(|(gid, _)| gid);
+        match known {
+            outcomes::Known::Committed => {
+                status.pending = gid
+                    .as_deref()
+                    .and_then(|g| Gid::parse(g).ok())
                     .and_then(|g| {
                         lock(&self.inner.in_doubt)
                             .get(&g)
                             .map(InDoubt::pending_sorted)
                     })
                     .unwrap_or_default();
-                TxnStatus {
-                    txn_id: txn_id.to_owned(),
-                    state: None,
-                    outcome: Some("committed"),
-                    gid: Some(gid),
-                    pending,
-                }
+                status.outcome = Some("committed");
+                status.gid = gid;
             }
-            // An attempt whose local commit is not settled yet (checked before a
-            // remembered abort: that one may be an earlier attempt of the same txn id).
-            _ if lock(&self.inner.unresolved)
-                .values()
-                .any(|u| u.txn_id == txn_id) =>
-            {
-                TxnStatus {
-                    txn_id: txn_id.to_owned(),
-                    state: Some("in_doubt"),
-                    outcome: None,
-                    gid: None,
-                    pending: vec![],
-                }
-            }
+            outcomes::Known::InDoubt => status.state = Some("in_doubt"),
             // A transaction the log does not know, or knows only an aborted attempt of,
             // may have been committed by a participant's local commit (one-phase or last
             // agent) whose row recovery has not read yet.
-            _ if !self.inner.all_decisions_read.load(Ordering::Relaxed) => TxnStatus {
-                txn_id: txn_id.to_owned(),
-                state: Some("recovering"),
-                outcome: None,
-                gid: None,
-                pending: vec![],
-            },
-            Some((gid, Outcome::Aborted)) => TxnStatus {
-                txn_id: txn_id.to_owned(),
-                state: None,
-                outcome: Some("aborted"),
-                gid: Some(gid),
-                pending: vec![],
-            },
-            // Presumed abort: no commit record, not live.
-            None => TxnStatus {
-                txn_id: txn_id.to_owned(),
-                state: None,
-                outcome: Some("aborted"),
-                gid: None,
-                pending: vec![],
-            },
+            outcomes::Known::Recovering => status.state = Some("recovering"),
+            outcomes::Known::Aborted => {
+                status.outcome = Some("aborted");
+                status.gid = gid;
+            }
+            outcomes::Known::Unknown => {
+                status.outcome = Some("unknown");
+                status.message = Some(
+                    "not remembered: outcomes are kept for the retention window \
+                     (--log-retention-ms) and at most outcome_index_max of them, and this \
+                     one may have committed before that",
+                );
+            }
         }
+        status
     }
 
     /// Committed transactions some participant has not acknowledged yet.

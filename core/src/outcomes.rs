@@ -25,6 +25,9 @@ pub struct Outcomes<K> {
     /// In the order remembered: (when, in ms of the caller's clock; txn id; GID).
     order: VecDeque<(u64, String, K)>,
     max: usize,
+    /// A committed outcome has been forgotten (expired or evicted): a txn id the index
+    /// does not hold may be one of them, so presumed abort no longer answers for it.
+    forgot_a_commit: bool,
     mutations: Mutations,
 }
 
@@ -35,6 +38,7 @@ impl<K: Clone + PartialEq> Outcomes<K> {
             by_txn: BTreeMap::new(),
             order: VecDeque::new(),
             max: max.max(1),
+            forgot_a_commit: false,
             mutations,
         }
     }
@@ -87,6 +91,11 @@ impl<K: Clone + PartialEq> Outcomes<K> {
         self.order.is_empty()
     }
 
+    /// Whether a committed outcome has been forgotten since the index was made.
+    pub fn forgot_a_commit(&self) -> bool {
+        self.forgot_a_commit
+    }
+
     /// Forgets the oldest entry, if its `txn_id` still holds that attempt's outcome.
     fn expire_oldest(&mut self) {
         let Some((_, txn_id, gid)) = self.order.pop_front() else {
@@ -94,7 +103,9 @@ impl<K: Clone + PartialEq> Outcomes<K> {
         };
         let current = self.by_txn.get(&txn_id).is_some_and(|(g, _)| *g == gid);
         if current || self.mutations.on(Mutation::EvictByTxnId) {
-            self.by_txn.remove(&txn_id);
+            if let Some((_, Outcome::Committed)) = self.by_txn.remove(&txn_id) {
+                self.forgot_a_commit = true;
+            }
         }
     }
 }
@@ -129,6 +140,40 @@ pub fn admit(remembered: Option<Outcome>, unsettled: bool, decisions_known: bool
     Admission::Run
 }
 
+/// What `GET` answers for a txn id that is not running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Known {
+    Committed,
+    Aborted,
+    /// An attempt's local commit is not settled yet (the hedge `in_doubt`).
+    InDoubt,
+    /// After a restart, not every participant's decision rows have been read.
+    Recovering,
+    /// Not remembered, and a committed outcome has been forgotten (retention or the
+    /// size limit): this may be one of them, so presumed abort cannot answer.
+    Unknown,
+}
+
+/// The answer rule for a txn id that is not live (invariant 6), in `admit`'s order;
+/// `forgotten`: some committed outcome may have been forgotten (by the index, or by the
+/// log's retention before a restart).
+pub fn known(
+    remembered: Option<Outcome>,
+    unsettled: bool,
+    decisions_known: bool,
+    forgotten: bool,
+) -> Known {
+    match admit(remembered, unsettled, decisions_known) {
+        Admission::AlreadyCommitted => Known::Committed,
+        Admission::InDoubt => Known::InDoubt,
+        Admission::NotYetKnown => Known::Recovering,
+        Admission::Run if remembered.is_some() => Known::Aborted,
+        Admission::Run if forgotten => Known::Unknown,
+        // Presumed abort: nothing committed is forgotten, so nothing unremembered did.
+        Admission::Run => Known::Aborted,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -154,6 +199,57 @@ mod tests {
         assert_eq!(o.get("a"), None);
         assert_eq!(o.get("c"), Some((&3, Outcome::Committed)));
         assert_eq!(o.len(), 2);
+    }
+
+    #[test]
+    fn a_forgotten_commit_ends_presumed_abort() {
+        let mut o = Outcomes::new(2, Mutations::none());
+        o.remember("a", 1, Outcome::Aborted, 0);
+        o.remember("b", 2, Outcome::Committed, 0);
+        o.remember("c", 3, Outcome::Committed, 0);
+        // The abort went: presumed abort still answers for it.
+        assert!(!o.forgot_a_commit());
+        assert_eq!(
+            known(None, false, true, o.forgot_a_commit()),
+            Known::Aborted
+        );
+        o.remember("d", 4, Outcome::Committed, 0);
+        assert_eq!(o.get("b"), None);
+        assert!(o.forgot_a_commit());
+        assert_eq!(
+            known(None, false, true, o.forgot_a_commit()),
+            Known::Unknown
+        );
+        // What is remembered still answers as it was.
+        let c = o.get("c").map(|(_, x)| x);
+        assert_eq!(known(c, false, true, true), Known::Committed);
+        assert_eq!(
+            known(Some(Outcome::Aborted), false, true, true),
+            Known::Aborted
+        );
+    }
+
+    #[test]
+    fn expiry_of_a_commit_ends_presumed_abort() {
+        let mut o = Outcomes::new(10, Mutations::none());
+        o.remember("a", 1, Outcome::Committed, 0);
+        o.expire(50, 100, 10);
+        assert!(!o.forgot_a_commit());
+        o.expire(150, 100, 10);
+        assert!(o.forgot_a_commit());
+    }
+
+    #[test]
+    fn answers_in_order() {
+        use Known::*;
+        let c = Some(Outcome::Committed);
+        let a = Some(Outcome::Aborted);
+        assert_eq!(known(c, true, false, true), Committed);
+        assert_eq!(known(a, true, true, false), InDoubt);
+        assert_eq!(known(None, false, false, false), Recovering);
+        assert_eq!(known(a, false, true, true), Aborted);
+        assert_eq!(known(None, false, true, false), Aborted);
+        assert_eq!(known(None, false, true, true), Unknown);
     }
 
     #[test]

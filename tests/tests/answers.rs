@@ -150,6 +150,43 @@ async fn a_reused_txn_id_keeps_its_commit_when_its_older_abort_is_evicted() {
     h.shutdown().await.unwrap();
 }
 
+/// Invariant 6 (found by review): a txn id whose committed outcome the index had
+/// forgotten (size limit or retention) was answered `aborted` by presumed abort, also
+/// after a restart. Once a commit may have been forgotten, an unknown txn id is
+/// `unknown`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forgotten_commit_is_never_answered_aborted() {
+    let mut h = Harness::start_with(2, AgentMode::InProcess, |c| c.outcome_index_max = 1)
+        .await
+        .unwrap();
+    let (_, st) = h.get("/v1/transactions/never-sent-1").await.unwrap();
+    assert_eq!(st["outcome"], "aborted", "nothing forgotten yet: {st}");
+    for (i, id) in ["forget-1", "forget-2"].into_iter().enumerate() {
+        let (status, v) = h
+            .post(
+                "/v1/transactions",
+                &transfer(id, &[("a", 30 + i as i32, -1), ("b", 30 + i as i32, 1)]),
+            )
+            .await
+            .unwrap();
+        assert_eq!(status, 200, "{v}");
+    }
+    let (_, st) = h.get("/v1/transactions/forget-1").await.unwrap();
+    assert_ne!(st["outcome"], "aborted", "forget-1 committed: {st}");
+    assert_eq!(st["outcome"], "unknown", "{st}");
+    assert_eq!(
+        h.get("/v1/transactions/forget-2").await.unwrap().1["outcome"],
+        "committed"
+    );
+    h.stop_coordinator().await.unwrap();
+    h.start_coordinator(|c| c.outcome_index_max = 1)
+        .await
+        .unwrap();
+    let st = h.get("/v1/transactions/forget-1").await.unwrap().1;
+    assert_eq!(st["outcome"], "unknown", "after a restart: {st}");
+    h.shutdown().await.unwrap();
+}
+
 /// Defect 5: interactive transactions ended by `/rollback` or by a failing statement
 /// never left the live table: `GET` said `active` forever, the txn id was "already
 /// running", and `open_txns` only climbed until every new transaction got 429.

@@ -199,6 +199,9 @@ pub struct Replay {
     /// Segments read (a removed torn last segment is not counted).
     pub segments: usize,
     pub torn_tail: Option<TornTail>,
+    /// Segments older than the first one read were deleted: the records they held (past
+    /// retention) are not in `records`.
+    pub earlier_segments_deleted: bool,
 }
 
 /// Counters since open.

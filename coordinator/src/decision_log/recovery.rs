@@ -183,6 +183,9 @@ pub fn recover(dir: &Path, mode: Mode, discard_corrupt: bool) -> Result<Recovere
             truncated_bytes,
             segments,
             torn_tail,
+            // The first segment ever made is 1: a later first one means older segments
+            // were deleted (past retention), with whatever outcomes they held.
+            earlier_segments_deleted: seqs.first().is_some_and(|&first| first > 1),
         },
         tracker,
         next_seq,

@@ -733,7 +733,8 @@ async fn segments_are_deleted_only_once_all_their_commits_ended() {
     let mut config = LogConfig::new(dir.path());
     config.segment_max_bytes = 200; // about three commit records each
     config.retention_ms = 0;
-    let (log, _) = open(&config);
+    let (log, replay) = open(&config);
+    assert!(!replay.earlier_segments_deleted, "a new log lost nothing");
     for i in 0..12 {
         log.append_forced(commit(i)).await.unwrap();
     }
@@ -772,6 +773,11 @@ async fn segments_are_deleted_only_once_all_their_commits_ended() {
     );
     assert_eq!(stats.segments_live, 1);
     assert_eq!(stats.segments_deleted, stats.segments_created - 1);
+    log.close().await.unwrap();
+    // Reopened, the log says records were deleted before the first one it read (so an
+    // outcome it does not hold may have been a commit).
+    let (log, replay) = open(&config);
+    assert!(replay.earlier_segments_deleted);
     log.close().await.unwrap();
 }
 
