@@ -27,6 +27,7 @@ use twopc_core::recovery::{
     in_doubt_after_replay, prepared_branch_action, BranchAction, Incarnation, Known, Listed,
     Replayed,
 };
+use twopc_core::resolve::{self, Decision as Logged, Refusal};
 use twopc_shared::gid::{gid_prefix, validate_txn_id, Gid};
 use twopc_shared::msg::{
     AgentError, BranchOutcome, CommitAck, Decision, ErrorKind, ExecuteBranch, Finish, Isolation,
@@ -2531,9 +2532,9 @@ impl Engine {
             .map(|(g, _)| g.clone())
     }
 
-    fn decision_of(&self, gid: &Gid) -> (&'static str, Option<String>, Vec<String>, Option<u64>) {
+    fn decision_of(&self, gid: &Gid) -> (Logged, Option<String>, Vec<String>, Option<u64>) {
         if let Some(t) = lock(&self.inner.live).values().find(|t| &t.gid == gid) {
-            return ("running", Some(t.txn_id.clone()), vec![], None);
+            return (Logged::Running, Some(t.txn_id.clone()), vec![], None);
         }
         if let Some(d) = lock(&self.inner.in_doubt).get(gid) {
             let pending = d.pending_sorted();
@@ -2541,15 +2542,15 @@ impl Engine {
                 .duration_since(d.decided_at)
                 .map(|a| a.as_millis() as u64)
                 .ok();
-            return ("committed", Some(d.txn_id.clone()), pending, age);
+            return (Logged::Committed, Some(d.txn_id.clone()), pending, age);
         }
         let o = lock(&self.inner.outcomes);
         match o.by_gid(&gid.to_string()) {
             Some((txn, Outcome::Committed)) => {
-                ("committed_done", Some(txn.to_owned()), vec![], None)
+                (Logged::CommittedDone, Some(txn.to_owned()), vec![], None)
             }
-            Some((txn, _)) => ("aborted", Some(txn.to_owned()), vec![], None),
-            None => ("none", None, vec![], None),
+            Some((txn, _)) => (Logged::Aborted, Some(txn.to_owned()), vec![], None),
+            None => (Logged::None, None, vec![], None),
         }
     }
 
@@ -2587,6 +2588,18 @@ impl Engine {
             Result<Vec<twopc_shared::msg::PreparedBranch>, String>,
         )],
     ) -> TxnView {
+        self.view_of(gid, listings).1
+    }
+
+    /// The view, and the decision it shows.
+    fn view_of(
+        &self,
+        gid: &Gid,
+        listings: &[(
+            String,
+            Result<Vec<twopc_shared::msg::PreparedBranch>, String>,
+        )],
+    ) -> (Logged, TxnView) {
         let (decision, txn_id, pending, age_ms) = self.decision_of(gid);
         let branches = listings
             .iter()
@@ -2609,14 +2622,15 @@ impl Engine {
                 .filter_map(|b| b.prepared.as_ref().map(|p| p.age_ms))
                 .max()
         });
-        TxnView {
+        let view = TxnView {
             gid: gid.to_string(),
             txn_id,
-            decision,
+            decision: decision.name(),
             pending,
             age_ms,
             branches,
-        }
+        };
+        (decision, view)
     }
 
     /// Resolves a transaction by hand. Refuses to race a running transaction, and to
@@ -2646,9 +2660,9 @@ impl Engine {
         // No recovery pass between what we read here and what we do (see `resolving`).
         let _resolving = self.inner.resolving.lock().await;
         let listings = self.prepared_everywhere().await;
-        let view = self.view(&gid, &listings);
+        let (logged, view) = self.view_of(&gid, &listings);
         let mut steps = Vec::new();
-        let mut decision = view.decision;
+        let mut decision = logged;
         // Who decides by a local commit: the GID's last agent, or the participant of an
         // unsettled one-phase commit of an interactive transaction.
         let local_decider = gid.last_agent().or_else(|| {
@@ -2657,7 +2671,7 @@ impl Engine {
                 .map(|u| u.last.clone())
         });
         let mut fenced_txn_id: Option<String> = None;
-        if decision == "none"
+        if decision == Logged::None
             && local_decider.is_none()
             && !self.inner.all_decisions_read.load(Ordering::Relaxed)
         {
@@ -2668,7 +2682,7 @@ impl Engine {
                  among them; retry once every participant is reachable"
             )));
         }
-        if let (Some(last), "none") = (local_decider.clone(), decision) {
+        if let (Some(last), Logged::None) = (local_decider.clone(), decision) {
             // No record here: the last participant's decision row is the decision. The
             // fence settles it for good (a commit still in flight can no longer succeed).
             let settled = match self.inner.participants.get(&last) {
@@ -2704,9 +2718,9 @@ impl Engine {
                         });
                     }
                     decision = if s.committed {
-                        "committed_last_agent"
+                        Logged::CommittedLastAgent
                     } else {
-                        "aborted"
+                        Logged::Aborted
                     };
                 }
                 None if !force => {
@@ -2720,30 +2734,12 @@ impl Engine {
                 )),
             }
         }
-        match (decision, action) {
-            ("running", _) => {
-                return Err(TxnError::Conflict(format!(
-                    "{gid} is running in this coordinator; it resolves itself"
-                )))
-            }
-            ("committed_last_agent", ResolveAction::Abort) if !force => {
-                return Err(TxnError::Conflict(format!(
-                    "{gid} committed on its last participant; aborting it now would leave it \
-                     committed there and rolled back elsewhere. Use --force to do it anyway"
-                )))
-            }
-            ("committed" | "committed_done", ResolveAction::Abort) if !force => {
-                return Err(TxnError::Conflict(format!(
-                    "the decision log says {gid} committed; aborting it now would leave it committed \
-                     on some participants and rolled back on others. Use --force to do it anyway"
-                )))
-            }
-            ("aborted", ResolveAction::Commit) if !force => {
-                return Err(TxnError::Conflict(format!(
-                    "{gid} is recorded as aborted; use --force to commit it anyway"
-                )))
-            }
-            _ => {}
+        let resolve_action = match action {
+            ResolveAction::Commit => resolve::Action::Commit,
+            ResolveAction::Abort => resolve::Action::Abort,
+        };
+        if let Err(refusal) = resolve::check(decision, resolve_action, force) {
+            return Err(TxnError::Conflict(refusal_message(refusal, &gid)));
         }
         let prepared_on: Vec<String> = view
             .branches
@@ -2779,7 +2775,7 @@ impl Engine {
                 if pending.is_empty() {
                     // A COMMIT naming nobody would be listed in doubt forever and pin its
                     // segment; and nothing is left to commit anyway.
-                    if matches!(decision, "committed_done" | "committed_last_agent") {
+                    if matches!(decision, Logged::CommittedDone | Logged::CommittedLastAgent) {
                         steps.push(format!(
                             "{gid} is already committed and no branch of it is prepared: nothing to do"
                         ));
@@ -2795,7 +2791,7 @@ impl Engine {
                          commit (its branches were rolled back, or never prepared)"
                     )));
                 }
-                if view.decision != "committed" {
+                if logged != Logged::Committed {
                     steps.push(format!(
                         "log COMMIT {gid} (txn {txn_id}) for {}",
                         pending.join(", ")
@@ -2812,7 +2808,7 @@ impl Engine {
                         steps,
                     });
                 }
-                if view.decision != "committed" {
+                if logged != Logged::Committed {
                     let record = Record::Commit {
                         gid: gid.to_string(),
                         txn_id: txn_id.clone(),
@@ -2949,6 +2945,27 @@ fn check_statement(stmt: &Statement) -> Result<(), TxnError> {
             "{what} is not allowed in a statement: twopc begins, prepares and finishes \
              the transaction itself (savepoints are allowed)"
         ))),
+    }
+}
+
+/// The operator's message for a refused resolve.
+fn refusal_message(refusal: Refusal, gid: &Gid) -> String {
+    match refusal {
+        Refusal::Running => format!("{gid} is running in this coordinator; it resolves itself"),
+        Refusal::WouldSplit => format!(
+            "{gid} is committed (in the decision log or on its last participant); aborting it \
+             now would leave it committed on some participants and rolled back on others. \
+             Use --force to do it anyway"
+        ),
+        Refusal::RecordedAborted => {
+            format!("{gid} is recorded as aborted; use --force to commit it anyway")
+        }
+        Refusal::PresumedAborted => format!(
+            "no COMMIT of {gid} is recorded anywhere, so it is already aborted (presumed \
+             abort: recovery rolls it back, and GET answers aborted; its txn id may have \
+             been retried and committed since). Use --force to commit it anyway, e.g. \
+             after the decision log was lost"
+        ),
     }
 }
 

@@ -43,7 +43,8 @@ pub enum TxnsCommand {
         /// Say what would be done, do nothing.
         #[arg(long)]
         dry_run: bool,
-        /// Contradict a logged decision (breaks atomicity; for a lost or wrong log only).
+        /// Contradict the decision: abort a commit, or commit what is recorded or presumed
+        /// aborted (breaks atomicity or an answer given; for a lost or wrong log only).
         #[arg(long)]
         force: bool,
     },

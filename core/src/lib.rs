@@ -15,6 +15,7 @@
 //! - [`outcomes`]: the outcome index by client txn id, and the rule that admits a
 //!   request naming one (invariant 7).
 //! - [`recovery`]: what recovery does with a prepared branch an agent lists.
+//! - [`resolve`]: which of an operator's resolves contradict the decision.
 //! - [`backoff`]: the one retry rule (doubling, bounded, jittered by a value handed in).
 //! - [`mutation`]: known bugs compiled in under the `mutations` feature, for the
 //!   simulator to prove its oracle bites.
@@ -25,6 +26,7 @@ pub mod last_agent;
 pub mod mutation;
 pub mod outcomes;
 pub mod recovery;
+pub mod resolve;
 
 /// A participant's (agent's) configured name.
 pub type Participant = String;

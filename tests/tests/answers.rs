@@ -325,7 +325,7 @@ async fn resolve_commit_of_nothing_prepared_logs_nothing() {
     let (status, v) = h
         .post(
             "/v1/admin/txns/twopc_c1_0_99/resolve",
-            &json!({"action": "commit"}),
+            &json!({"action": "commit", "force": true}),
         )
         .await
         .unwrap();
@@ -788,7 +788,7 @@ async fn a_resolve_cannot_split_a_transaction_recovery_is_rolling_back() {
     let (status, answer) = h
         .post(
             &format!("/v1/admin/txns/{gid}/resolve"),
-            &json!({"action": "commit"}),
+            &json!({"action": "commit", "force": true}),
         )
         .await
         .unwrap();

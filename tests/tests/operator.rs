@@ -81,11 +81,37 @@ async fn list_show_and_resolve_by_hand() {
         "prepared_awaiting_recovery"
     );
 
+    // No COMMIT is recorded: presumed abort has decided it, and GET says so. A commit by
+    // hand would make that answer false (and its txn id may have been retried and
+    // committed since), so it takes --force (invariant 6; found by review: it used to
+    // commit unforced).
+    assert_eq!(
+        h.get("/v1/transactions/twopc_c1_0_5").await.unwrap().1["outcome"],
+        "aborted"
+    );
+    let (status, r) = h
+        .post(
+            "/v1/admin/txns/twopc_c1_0_5/resolve",
+            &json!({"action": "commit"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 409, "{r}");
+    assert!(
+        r["error"]["message"].as_str().unwrap().contains("--force"),
+        "{r}"
+    );
+    assert_eq!(
+        prepared_on(&h.get("/v1/admin/txns/twopc_c1_0_5").await.unwrap().1),
+        vec!["a", "b"]
+    );
+    assert_eq!(balance(&h, 0, 5).await, BALANCE, "nothing committed on a");
+
     // Dry run: says what it would do, does nothing.
     let (status, r) = h
         .post(
             "/v1/admin/txns/twopc_c1_0_5/resolve",
-            &json!({"action": "commit", "dry_run": true}),
+            &json!({"action": "commit", "dry_run": true, "force": true}),
         )
         .await
         .unwrap();
@@ -105,11 +131,11 @@ async fn list_show_and_resolve_by_hand() {
         "dry run changed nothing"
     );
 
-    // Commit it: logged first, then applied; GET answers from the log.
+    // Commit it, forced: logged first, then applied; GET answers from the log.
     let (status, r) = h
         .post(
             "/v1/admin/txns/twopc_c1_0_5/resolve",
-            &json!({"action": "commit"}),
+            &json!({"action": "commit", "force": true}),
         )
         .await
         .unwrap();
@@ -145,7 +171,7 @@ async fn list_show_and_resolve_by_hand() {
     let (status, r) = h
         .post(
             "/v1/admin/txns/twopc_c1_0_7/resolve",
-            &json!({"action": "commit"}),
+            &json!({"action": "commit", "force": true}),
         )
         .await
         .unwrap();
