@@ -2466,6 +2466,15 @@ pub enum ResolveAction {
     Abort,
 }
 
+impl From<ResolveAction> for resolve::Action {
+    fn from(action: ResolveAction) -> resolve::Action {
+        match action {
+            ResolveAction::Commit => resolve::Action::Commit,
+            ResolveAction::Abort => resolve::Action::Abort,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct ResolveReport {
     pub gid: String,
@@ -2734,11 +2743,7 @@ impl Engine {
                 )),
             }
         }
-        let resolve_action = match action {
-            ResolveAction::Commit => resolve::Action::Commit,
-            ResolveAction::Abort => resolve::Action::Abort,
-        };
-        if let Err(refusal) = resolve::check(decision, resolve_action, force) {
+        if let Err(refusal) = resolve::check(decision, action.into(), force) {
             return Err(TxnError::Conflict(refusal_message(refusal, &gid)));
         }
         let prepared_on: Vec<String> = view

@@ -30,6 +30,13 @@ async fn balance(h: &Harness, db: usize, acct: i32) -> i64 {
         .unwrap()
 }
 
+/// Asks the coordinator to resolve `gid` by hand; the status and the JSON answer.
+async fn resolve(h: &Harness, gid: &str, body: &Value) -> (u16, Value) {
+    h.post(&format!("/v1/admin/txns/{gid}/resolve"), body)
+        .await
+        .unwrap()
+}
+
 fn prepared_on(view: &Value) -> Vec<String> {
     view["branches"]
         .as_array()
@@ -89,13 +96,7 @@ async fn list_show_and_resolve_by_hand() {
         h.get("/v1/transactions/twopc_c1_0_5").await.unwrap().1["outcome"],
         "aborted"
     );
-    let (status, r) = h
-        .post(
-            "/v1/admin/txns/twopc_c1_0_5/resolve",
-            &json!({"action": "commit"}),
-        )
-        .await
-        .unwrap();
+    let (status, r) = resolve(&h, "twopc_c1_0_5", &json!({"action": "commit"})).await;
     assert_eq!(status, 409, "{r}");
     assert!(
         r["error"]["message"].as_str().unwrap().contains("--force"),
@@ -108,13 +109,12 @@ async fn list_show_and_resolve_by_hand() {
     assert_eq!(balance(&h, 0, 5).await, BALANCE, "nothing committed on a");
 
     // Dry run: says what it would do, does nothing.
-    let (status, r) = h
-        .post(
-            "/v1/admin/txns/twopc_c1_0_5/resolve",
-            &json!({"action": "commit", "dry_run": true, "force": true}),
-        )
-        .await
-        .unwrap();
+    let (status, r) = resolve(
+        &h,
+        "twopc_c1_0_5",
+        &json!({"action": "commit", "dry_run": true, "force": true}),
+    )
+    .await;
     assert_eq!(status, 200, "{r}");
     let steps: Vec<&str> = r["steps"]
         .as_array()
@@ -132,13 +132,12 @@ async fn list_show_and_resolve_by_hand() {
     );
 
     // Commit it, forced: logged first, then applied; GET answers from the log.
-    let (status, r) = h
-        .post(
-            "/v1/admin/txns/twopc_c1_0_5/resolve",
-            &json!({"action": "commit", "force": true}),
-        )
-        .await
-        .unwrap();
+    let (status, r) = resolve(
+        &h,
+        "twopc_c1_0_5",
+        &json!({"action": "commit", "force": true}),
+    )
+    .await;
     assert_eq!(status, 200, "{r}");
     let (_, view) = h.get("/v1/admin/txns/twopc_c1_0_5").await.unwrap();
     assert!(prepared_on(&view).is_empty(), "{view}");
@@ -150,13 +149,7 @@ async fn list_show_and_resolve_by_hand() {
     assert_eq!(balance(&h, 1, 5).await, BALANCE + 5, "committed on b");
 
     // Abort another; its record says aborted.
-    let (status, _) = h
-        .post(
-            "/v1/admin/txns/twopc_c1_0_6/resolve",
-            &json!({"action": "abort"}),
-        )
-        .await
-        .unwrap();
+    let (status, _) = resolve(&h, "twopc_c1_0_6", &json!({"action": "abort"})).await;
     assert_eq!(status, 200);
     assert_eq!(
         h.get("/v1/transactions/twopc_c1_0_6").await.unwrap().1["outcome"],
@@ -168,26 +161,19 @@ async fn list_show_and_resolve_by_hand() {
 
     // Commit the third while b is unreachable: a commits, b stays pending in the log.
     h.dbs[1].stop_agent();
-    let (status, r) = h
-        .post(
-            "/v1/admin/txns/twopc_c1_0_7/resolve",
-            &json!({"action": "commit", "force": true}),
-        )
-        .await
-        .unwrap();
+    let (status, r) = resolve(
+        &h,
+        "twopc_c1_0_7",
+        &json!({"action": "commit", "force": true}),
+    )
+    .await;
     assert_eq!(status, 200, "{r}");
     let st = h.get("/v1/transactions/twopc_c1_0_7").await.unwrap().1;
     assert_eq!(st["outcome"], "committed");
     assert_eq!(st["pending"], json!(["b"]), "{st}");
     assert_eq!(balance(&h, 0, 7).await, BALANCE + 7, "committed on a");
     // Refuses to contradict the logged decision ...
-    let (status, r) = h
-        .post(
-            "/v1/admin/txns/twopc_c1_0_7/resolve",
-            &json!({"action": "abort"}),
-        )
-        .await
-        .unwrap();
+    let (status, r) = resolve(&h, "twopc_c1_0_7", &json!({"action": "abort"})).await;
     assert_eq!(status, 409, "{r}");
     assert!(r["error"]["message"].as_str().unwrap().contains("--force"));
 
