@@ -11,7 +11,7 @@
 //! `append_forced(Commit)` has returned.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -123,6 +123,9 @@ pub enum TxnError {
     UnknownTxn(String),
     #[error("{0}")]
     Conflict(String),
+    /// The txn id committed: a retry answers its recorded outcome instead of running.
+    #[error("txn_id {0:?} already committed; choose a new txn_id")]
+    AlreadyCommitted(String),
     #[error("{0}")]
     Limit(String),
     /// The transaction was rolled back everywhere.
@@ -172,6 +175,19 @@ pub struct Committed {
     /// (they will: phase 2 retries until they do).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub pending: Vec<String>,
+    /// The answer of a retry: its txn id had committed, nothing ran, and `branches` is
+    /// empty (results are not recorded).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub replayed: bool,
+}
+
+/// What a `POST /v1/transactions` without branches did.
+#[derive(Debug, Clone)]
+pub enum Begun {
+    /// The interactive transaction runs under this txn id.
+    Active(String),
+    /// Its txn id had committed: nothing runs, the recorded outcome answers.
+    Replayed(Committed),
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -325,6 +341,11 @@ pub struct Counters {
     pub phase2_retries: AtomicU64,
     /// Recovery passes completed.
     pub recovery_passes: AtomicU64,
+    /// Recovery passes that could not ask some participant (or settle something).
+    pub recovery_failures: AtomicU64,
+    /// How long the latest recovery pass took, and all of them, in ms.
+    pub recovery_pass_ms_last: AtomicU64,
+    pub recovery_pass_ms_total: AtomicU64,
 }
 
 struct Inner {
@@ -364,6 +385,8 @@ struct Inner {
     decisions_notify: tokio::sync::Notify,
     counters: Counters,
     started: Instant,
+    /// Set by [`Engine::drain`]: a shutdown has begun, new transactions are refused.
+    draining: AtomicBool,
     /// Cancelled by [`Engine::shutdown`]: background loops (phase 2, aborts, reaper,
     /// recovery) stop; what they did not finish, the next incarnation's recovery does.
     shutdown: tokio_util::sync::CancellationToken,
@@ -460,6 +483,7 @@ impl Engine {
                 decisions_notify: tokio::sync::Notify::new(),
                 counters: Counters::default(),
                 started: Instant::now(),
+                draining: AtomicBool::new(false),
                 shutdown: tokio_util::sync::CancellationToken::new(),
             }),
         };
@@ -592,12 +616,15 @@ impl Engine {
                     return;
                 }
                 let report = engine.recover_once().await;
-                if report.rolled_back > 0 || !report.unreachable.is_empty() {
+                // An unreachable participant is logged once per outage, by its handle.
+                if report.rolled_back > 0 {
                     info!(
                         rolled_back = report.rolled_back,
-                        unreachable = ?report.unreachable,
-                        "recovery pass"
+                        "recovery pass rolled back prepared branches"
                     );
+                }
+                if !report.unreachable.is_empty() {
+                    debug!(unreachable = ?report.unreachable, "recovery pass incomplete");
                 }
                 if !engine.pause(interval).await {
                     return;
@@ -617,6 +644,7 @@ impl Engine {
     /// first, then `in_doubt`, can never see a committed, prepared branch as neither.
     pub async fn recover_once(&self) -> RecoveryReport {
         let _resolving = self.inner.resolving.lock().await;
+        let started = Instant::now();
         let prefix = self.gid_prefix();
         let timeout = Duration::from_millis(self.inner.config.call_timeout_ms);
         let mut report = RecoveryReport::default();
@@ -668,6 +696,7 @@ impl Engine {
             let branches = match listing {
                 Ok(Response::Prepared { branches }) => {
                     reached.insert(p.name().to_owned());
+                    p.health().set_prepared(branches.len() as u64);
                     branches
                 }
                 Ok(other) => {
@@ -756,10 +785,18 @@ impl Engine {
         }
         self.complete_decision_rows(&prefix, &reached, &mut report)
             .await;
-        self.inner
-            .counters
-            .recovery_passes
-            .fetch_add(1, Ordering::Relaxed);
+        let counters = &self.inner.counters;
+        let took_ms = started.elapsed().as_millis() as u64;
+        counters
+            .recovery_pass_ms_last
+            .store(took_ms, Ordering::Relaxed);
+        counters
+            .recovery_pass_ms_total
+            .fetch_add(took_ms, Ordering::Relaxed);
+        if !report.unreachable.is_empty() {
+            counters.recovery_failures.fetch_add(1, Ordering::Relaxed);
+        }
+        counters.recovery_passes.fetch_add(1, Ordering::Relaxed);
         report
     }
 
@@ -900,7 +937,7 @@ impl Engine {
         // In-process agents' sessions end now rather than when the process does; what
         // phase 2 did not finish, the next start resumes from the log.
         for p in self.inner.participants.values() {
-            if let Participant::Local { agent, .. } = p {
+            if let Some(agent) = p.local_agent() {
                 agent.close();
             }
         }
@@ -975,6 +1012,53 @@ impl Engine {
         v
     }
 
+    /// The participants, by name.
+    pub fn participants(&self) -> Vec<&Participant> {
+        let mut v: Vec<&Participant> = self.inner.participants.values().collect();
+        v.sort_by(|a, b| a.name().cmp(b.name()));
+        v
+    }
+
+    /// Per participant, the age in ms of the oldest committed transaction it has not
+    /// acknowledged yet (absent: none).
+    pub fn oldest_in_doubt_ms(&self) -> HashMap<String, u64> {
+        let now = SystemTime::now();
+        let mut oldest: HashMap<String, u64> = HashMap::new();
+        for d in lock(&self.inner.in_doubt).values() {
+            let age_ms = now
+                .duration_since(d.decided_at)
+                .map(|a| a.as_millis() as u64)
+                .unwrap_or(0);
+            for p in d.phase2.pending() {
+                let e = oldest.entry(p.clone()).or_insert(0);
+                *e = (*e).max(age_ms);
+            }
+        }
+        oldest
+    }
+
+    /// Why the coordinator cannot take transactions now; empty when it can.
+    pub fn not_ready(&self) -> Vec<String> {
+        let mut why = Vec::new();
+        if self.inner.draining.load(Ordering::Relaxed) || self.inner.shutdown.is_cancelled() {
+            why.push("shutting down".to_owned());
+        }
+        let (open, max) = (self.open_txns(), self.inner.config.max_open_txns);
+        if open >= max {
+            why.push(format!("open-transaction limit reached ({open} of {max})"));
+        }
+        if self.inner.log.is_poisoned() {
+            why.push("the decision log failed".to_owned());
+        }
+        why
+    }
+
+    /// Refuses new transactions from now on (a shutdown has begun); those running
+    /// finish.
+    pub fn drain(&self) {
+        self.inner.draining.store(true, Ordering::Relaxed);
+    }
+
     pub fn counters(&self) -> &Counters {
         &self.inner.counters
     }
@@ -1001,7 +1085,10 @@ impl Engine {
     /// Runs a one-shot transaction (`branches` given).
     pub async fn run(&self, req: TxnRequest) -> Result<Committed, TxnError> {
         let this = self.clone();
-        detached(async move { this.run_inner(req).await }).await
+        match detached(async move { this.run_inner(req).await }).await {
+            Err(TxnError::AlreadyCommitted(txn_id)) => Ok(self.replayed(&txn_id)),
+            result => result,
+        }
     }
 
     async fn run_inner(&self, mut req: TxnRequest) -> Result<Committed, TxnError> {
@@ -1057,12 +1144,18 @@ impl Engine {
         result
     }
 
-    /// Begins an interactive transaction; returns its id.
-    pub async fn begin(&self, req: TxnRequest) -> Result<String, TxnError> {
+    /// Begins an interactive transaction, unless its txn id committed already.
+    pub async fn begin(&self, req: TxnRequest) -> Result<Begun, TxnError> {
         self.await_decisions(req.txn_id.as_ref()).await;
-        let txn = self.register(&req, true, None)?;
+        let txn = match self.register(&req, true, None) {
+            Ok(txn) => txn,
+            Err(TxnError::AlreadyCommitted(txn_id)) => {
+                return Ok(Begun::Replayed(self.replayed(&txn_id)))
+            }
+            Err(e) => return Err(e),
+        };
         debug!(txn_id = %txn.txn_id, gid = %txn.gid, "interactive transaction begun");
-        Ok(txn.txn_id.clone())
+        Ok(Begun::Active(txn.txn_id.clone()))
     }
 
     /// Runs one statement of an interactive transaction. Any failure rolls the whole
@@ -1090,7 +1183,7 @@ impl Engine {
         async {
             let mut state = txn.state.lock().await;
             if state.finished {
-                return Err(TxnError::UnknownTxn(txn_id.to_owned()));
+                return Err(self.not_live(txn_id));
             }
             if state.statements >= self.inner.config.max_statements_per_txn {
                 return Err(TxnError::Limit(format!(
@@ -1137,7 +1230,10 @@ impl Engine {
     /// Commits an interactive transaction.
     pub async fn commit(&self, txn_id: &str, ack: Option<AckMode>) -> Result<Committed, TxnError> {
         let (this, txn_id) = (self.clone(), txn_id.to_owned());
-        detached(async move { this.commit_inner(&txn_id, ack).await }).await
+        match detached(async move { this.commit_inner(&txn_id, ack).await }).await {
+            Err(TxnError::AlreadyCommitted(txn_id)) => Ok(self.replayed(&txn_id)),
+            result => result,
+        }
     }
 
     async fn commit_inner(
@@ -1151,7 +1247,7 @@ impl Engine {
         let result = async {
             let mut state = txn.state.lock().await;
             if state.finished {
-                return Err(TxnError::UnknownTxn(txn_id.to_owned()));
+                return Err(self.not_live(txn_id));
             }
             let plan = state
                 .branches
@@ -1176,7 +1272,7 @@ impl Engine {
         let txn = self.live(txn_id)?;
         let mut state = txn.state.lock().await;
         if state.finished {
-            return Err(TxnError::UnknownTxn(txn_id.to_owned()));
+            return Err(self.not_live(txn_id));
         }
         self.abort_txn(&txn, &mut state).await;
         Ok(())
@@ -1210,34 +1306,10 @@ impl Engine {
             status.gid = Some(t.gid.to_string());
             return status;
         }
-        let (remembered, forgot_a_commit) = {
-            let outcomes = lock(&self.inner.outcomes);
-            let remembered = outcomes.get(txn_id).map(|(gid, o)| (gid.clone(), o));
-            (remembered, outcomes.forgot_a_commit())
-        };
-        // An attempt whose local commit is not settled yet (checked before a remembered
-        // abort: that one may be an earlier attempt of the same txn id).
-        let unsettled = lock(&self.inner.unresolved)
-            .values()
-            .any(|u| u.txn_id == txn_id);
-        let known = outcomes::known(
-            remembered.as_ref().map(|(_, o)| *o),
-            unsettled,
-            self.inner.all_decisions_read.load(Ordering::Relaxed),
-            forgot_a_commit || self.inner.log_forgot,
-        );
-        let gid = remembered.map(|(gid, _)| gid);
+        let (known, gid) = self.known(txn_id);
         match known {
             outcomes::Known::Committed => {
-                status.pending = gid
-                    .as_deref()
-                    .and_then(|g| Gid::parse(g).ok())
-                    .and_then(|g| {
-                        lock(&self.inner.in_doubt)
-                            .get(&g)
-                            .map(InDoubt::pending_sorted)
-                    })
-                    .unwrap_or_default();
+                status.pending = self.pending_of(gid.as_deref());
                 status.outcome = Some("committed");
                 status.gid = gid;
             }
@@ -1260,6 +1332,70 @@ impl Engine {
             }
         }
         status
+    }
+
+    /// What is known of `txn_id`, which is not live, and the GID of its remembered
+    /// attempt (the core's `outcomes::known`).
+    fn known(&self, txn_id: &str) -> (outcomes::Known, Option<String>) {
+        let (remembered, forgot_a_commit) = {
+            let outcomes = lock(&self.inner.outcomes);
+            let remembered = outcomes.get(txn_id).map(|(gid, o)| (gid.clone(), o));
+            (remembered, outcomes.forgot_a_commit())
+        };
+        // An attempt whose local commit is not settled yet (checked before a remembered
+        // abort: that one may be an earlier attempt of the same txn id).
+        let unsettled = lock(&self.inner.unresolved)
+            .values()
+            .any(|u| u.txn_id == txn_id);
+        let known = outcomes::known(
+            remembered.as_ref().map(|(_, o)| *o),
+            unsettled,
+            self.inner.all_decisions_read.load(Ordering::Relaxed),
+            forgot_a_commit || self.inner.log_forgot,
+        );
+        (known, remembered.map(|(gid, _)| gid))
+    }
+
+    /// The participants that have not acknowledged committed `gid` yet.
+    fn pending_of(&self, gid: Option<&str>) -> Vec<String> {
+        gid.and_then(|g| Gid::parse(g).ok())
+            .and_then(|g| {
+                lock(&self.inner.in_doubt)
+                    .get(&g)
+                    .map(InDoubt::pending_sorted)
+            })
+            .unwrap_or_default()
+    }
+
+    /// The answer to a retry of committed `txn_id`: its recorded outcome, nothing run
+    /// (invariant 7).
+    fn replayed(&self, txn_id: &str) -> Committed {
+        let (_, gid) = self.known(txn_id);
+        debug!(
+            txn_id,
+            gid = gid.as_deref().unwrap_or(""),
+            "retry of a committed txn_id answered"
+        );
+        Committed {
+            txn_id: txn_id.to_owned(),
+            outcome: "committed",
+            branches: vec![],
+            pending: self.pending_of(gid.as_deref()),
+            replayed: true,
+        }
+    }
+
+    /// Why `txn_id`, which is not live, cannot take a statement, commit or rollback: it
+    /// committed, it may have, or it is not known (ended, or never begun).
+    fn not_live(&self, txn_id: &str) -> TxnError {
+        match self.known(txn_id).0 {
+            outcomes::Known::Committed => TxnError::AlreadyCommitted(txn_id.to_owned()),
+            outcomes::Known::InDoubt => TxnError::Conflict(format!(
+                "txn_id {txn_id:?} is in doubt (its commit may have happened); ask GET \
+                 /v1/transactions/{txn_id} until it has an outcome"
+            )),
+            _ => TxnError::UnknownTxn(txn_id.to_owned()),
+        }
     }
 
     /// Committed transactions some participant has not acknowledged yet.
@@ -1306,12 +1442,13 @@ impl Engine {
             .ok_or_else(|| TxnError::UnknownParticipant(name.to_owned()))
     }
 
+    /// The running interactive transaction `txn_id`, or why there is none.
     fn live(&self, txn_id: &str) -> Result<Arc<LiveTxn>, TxnError> {
-        lock(&self.inner.live)
+        let live = lock(&self.inner.live)
             .get(txn_id)
             .filter(|t| t.interactive)
-            .cloned()
-            .ok_or_else(|| TxnError::UnknownTxn(txn_id.to_owned()))
+            .cloned();
+        live.ok_or_else(|| self.not_live(txn_id))
     }
 
     /// The core's txn-id rule (invariant 7) for `txn_id`. Called with the live table
@@ -1323,16 +1460,14 @@ impl Engine {
     /// a participant's local commit (one-phase, last agent) whose row recovery has not
     /// read yet (it reads them at start).
     fn admit(&self, txn_id: &str, named: bool) -> Result<(), TxnError> {
-        let remembered = lock(&self.inner.outcomes).get(txn_id).map(|(_, o)| o);
         let unsettled = lock(&self.inner.unresolved)
             .values()
             .any(|u| u.txn_id == txn_id);
         let decisions_known = !named || self.decisions_known();
-        match outcomes::admit(remembered, unsettled, decisions_known) {
+        let admission = lock(&self.inner.outcomes).admission(txn_id, unsettled, decisions_known);
+        match admission {
             Admission::Run => Ok(()),
-            Admission::AlreadyCommitted => Err(TxnError::Conflict(format!(
-                "txn_id {txn_id:?} already committed; choose a new txn_id"
-            ))),
+            Admission::AlreadyCommitted => Err(TxnError::AlreadyCommitted(txn_id.to_owned())),
             Admission::InDoubt => Err(TxnError::Conflict(format!(
                 "txn_id {txn_id:?} is in doubt (an earlier attempt may have committed); \
                  ask GET /v1/transactions/{txn_id} until it has an outcome"
@@ -1394,6 +1529,11 @@ impl Engine {
         });
         // Between the outcome index and the live table, were they checked apart.
         twopc_participant::failpoint::check_sync("coordinator.before_admission");
+        if self.inner.draining.load(Ordering::Relaxed) {
+            return Err(TxnError::Unavailable(
+                "the coordinator is shutting down; nothing ran".into(),
+            ));
+        }
         let mut live = lock(&self.inner.live);
         self.admit(&txn_id, req.txn_id.is_some())?;
         if live.len() >= self.inner.config.max_open_txns {
@@ -1461,6 +1601,7 @@ impl Engine {
             return Ok(Committed {
                 txn_id: txn.txn_id.clone(),
                 outcome: "committed",
+                replayed: false,
                 branches: vec![],
                 pending: vec![],
             });
@@ -1504,6 +1645,7 @@ impl Engine {
         Ok(Committed {
             txn_id: txn.txn_id.clone(),
             outcome: "committed",
+            replayed: false,
             branches,
             pending,
         })
@@ -1773,6 +1915,7 @@ impl Engine {
             return Ok(Committed {
                 txn_id: txn.txn_id.clone(),
                 outcome: "committed",
+                replayed: false,
                 branches,
                 pending: vec![],
             });
@@ -1809,6 +1952,7 @@ impl Engine {
         Ok(Committed {
             txn_id: txn.txn_id.clone(),
             outcome: "committed",
+            replayed: false,
             branches,
             pending,
         })

@@ -19,7 +19,8 @@ use serde_json::{json, Value};
 use twopc_shared::gid::validate_txn_id;
 use twopc_shared::msg::Statement;
 
-use crate::engine::{AckMode, Engine, ResolveAction, TxnError, TxnRequest};
+use crate::engine::{AckMode, Begun, Engine, ResolveAction, TxnError, TxnRequest};
+use crate::participant::CallErrorKind;
 
 #[derive(Debug, Clone)]
 pub struct HttpConfig {
@@ -157,6 +158,7 @@ impl IntoResponse for TxnError {
             e @ TxnError::UnknownParticipant(_) => error(StatusCode::BAD_REQUEST, e.to_string()),
             e @ TxnError::UnknownTxn(_) => error(StatusCode::NOT_FOUND, e.to_string()),
             TxnError::Conflict(m) => error(StatusCode::CONFLICT, m),
+            e @ TxnError::AlreadyCommitted(_) => error(StatusCode::CONFLICT, e.to_string()),
             TxnError::Limit(m) => error(StatusCode::TOO_MANY_REQUESTS, m),
             TxnError::Internal(m) => error(StatusCode::INTERNAL_SERVER_ERROR, m),
             TxnError::Unavailable(m) => error(StatusCode::SERVICE_UNAVAILABLE, m),
@@ -233,11 +235,12 @@ async fn create_txn(State(engine): State<Engine>, body: Bytes) -> Response {
             );
         }
         match engine.begin(req).await {
-            Ok(txn_id) => (
+            Ok(Begun::Active(txn_id)) => (
                 StatusCode::CREATED,
                 Json(json!({ "txn_id": txn_id, "state": "active" })),
             )
                 .into_response(),
+            Ok(Begun::Replayed(c)) => (StatusCode::OK, Json(c)).into_response(),
             Err(e) => e.into_response(),
         }
     }
@@ -395,94 +398,249 @@ async fn admin_recover(State(engine): State<Engine>) -> Response {
     Json(engine.recover_once().await).into_response()
 }
 
+/// Liveness and readiness: 503 when the coordinator cannot take transactions (the
+/// `reasons` say why); each participant with whether its latest call got an answer and
+/// since when.
 async fn healthz(State(engine): State<Engine>) -> Response {
-    Json(json!({
-        "status": "ok",
+    let reasons = engine.not_ready();
+    let now = std::time::SystemTime::now();
+    let participants: Vec<Value> = engine
+        .participants()
+        .into_iter()
+        .map(|p| {
+            let reach = p.health().reach();
+            json!({
+                "name": p.name(),
+                "reachable": reach.reachable,
+                "since_unix_ms": unix_ms(reach.since),
+                "for_ms": now.duration_since(reach.since).map(|d| d.as_millis() as u64).unwrap_or(0),
+            })
+        })
+        .collect();
+    let status = if reasons.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = json!({
+        "status": if reasons.is_empty() { "ok" } else { "unavailable" },
+        "reasons": reasons,
         "coordinator_id": engine.config().coordinator_id,
         "epoch": engine.epoch(),
         "version": twopc_shared::BUILD_VERSION,
         "uptime_s": engine.uptime().as_secs(),
         "open_txns": engine.open_txns(),
+        "max_open_txns": engine.config().max_open_txns,
         "recovery_passes": engine.counters().recovery_passes.load(Ordering::Relaxed),
-        "participants": engine.participant_names(),
-    }))
-    .into_response()
+        "participants": participants,
+    });
+    (status, Json(body)).into_response()
+}
+
+fn unix_ms(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Prometheus text, one family at a time.
+#[derive(Default)]
+struct Metrics(String);
+
+impl Metrics {
+    /// A family's HELP and TYPE lines.
+    fn family(&mut self, name: &str, kind: &str, help: &str) -> &mut Metrics {
+        let _ = writeln!(self.0, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        self
+    }
+
+    /// One sample; `labels` is `k="v",...` or empty.
+    fn sample(&mut self, name: &str, labels: &str, value: impl std::fmt::Display) -> &mut Metrics {
+        match labels {
+            "" => writeln!(self.0, "{name} {value}"),
+            _ => writeln!(self.0, "{name}{{{labels}}} {value}"),
+        }
+        .ok();
+        self
+    }
+
+    /// A family with one unlabelled sample.
+    fn one(&mut self, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
+        self.family(name, kind, help).sample(name, "", value);
+    }
+}
+
+fn seconds(ms: u64) -> String {
+    format!("{:.3}", ms as f64 / 1000.0)
+}
+
+/// The per-participant families of `/metrics` (label `participant`).
+fn participant_metrics(m: &mut Metrics, engine: &Engine) {
+    let participants = engine.participants();
+    let oldest = engine.oldest_in_doubt_ms();
+    let label = |p: &crate::participant::Participant| format!("participant=\"{}\"", p.name());
+    m.family(
+        "twopc_participant_reachable",
+        "gauge",
+        "1 if the participant answered its latest call, else 0.",
+    );
+    for p in &participants {
+        let up = p.health().reach().reachable == Some(true);
+        m.sample("twopc_participant_reachable", &label(p), u8::from(up));
+    }
+    m.family(
+        "twopc_participant_calls_total",
+        "counter",
+        "Calls to the participant's agent.",
+    );
+    for p in &participants {
+        m.sample(
+            "twopc_participant_calls_total",
+            &label(p),
+            p.health().calls(),
+        );
+    }
+    m.family(
+        "twopc_participant_call_errors_total",
+        "counter",
+        "Calls that got no answer, by kind.",
+    );
+    for p in &participants {
+        for kind in CallErrorKind::ALL {
+            let labels = format!("{},kind=\"{}\"", label(p), kind.name());
+            m.sample(
+                "twopc_participant_call_errors_total",
+                &labels,
+                p.health().errors(kind),
+            );
+        }
+    }
+    m.family(
+        "twopc_participant_prepared_branches",
+        "gauge",
+        "Prepared branches of this coordinator in the participant's latest recovery listing.",
+    );
+    for p in &participants {
+        m.sample(
+            "twopc_participant_prepared_branches",
+            &label(p),
+            p.health().prepared(),
+        );
+    }
+    m.family(
+        "twopc_participant_oldest_in_doubt_seconds",
+        "gauge",
+        "Age of the oldest committed transaction the participant has not acknowledged (0: none).",
+    );
+    for p in &participants {
+        let ms = oldest.get(p.name()).copied().unwrap_or(0);
+        m.sample(
+            "twopc_participant_oldest_in_doubt_seconds",
+            &label(p),
+            seconds(ms),
+        );
+    }
 }
 
 async fn metrics(State(engine): State<Engine>) -> Response {
     let c = engine.counters();
     let log = engine.log().stats();
-    let mut out = String::new();
-    let mut counter = |name: &str, help: &str, value: u64| {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
-        );
-    };
-    counter(
-        "twopc_txns_committed_total",
-        "Transactions committed.",
-        c.committed.load(Ordering::Relaxed),
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    let mut m = Metrics::default();
+    for (name, help, value) in [
+        (
+            "twopc_txns_committed_total",
+            "Transactions committed.",
+            load(&c.committed),
+        ),
+        (
+            "twopc_txns_committed_one_phase_total",
+            "Transactions committed without a forced decision record.",
+            load(&c.committed_one_phase),
+        ),
+        (
+            "twopc_txns_committed_last_agent_total",
+            "Transactions whose decision was the last participant's own commit.",
+            load(&c.committed_last_agent),
+        ),
+        (
+            "twopc_txns_aborted_total",
+            "Transactions rolled back.",
+            load(&c.aborted),
+        ),
+        (
+            "twopc_read_only_branches_total",
+            "Branches that voted read-only.",
+            load(&c.read_only_branches),
+        ),
+        (
+            "twopc_phase2_retries_total",
+            "COMMIT PREPARED attempts that were not acknowledged.",
+            load(&c.phase2_retries),
+        ),
+        (
+            "twopc_recovery_passes_total",
+            "Recovery passes completed.",
+            load(&c.recovery_passes),
+        ),
+        (
+            "twopc_recovery_failures_total",
+            "Recovery passes that could not ask some participant.",
+            load(&c.recovery_failures),
+        ),
+        (
+            "twopc_log_records_total",
+            "Decision log records written.",
+            log.records,
+        ),
+        (
+            "twopc_log_fsyncs_total",
+            "Decision log fdatasync calls.",
+            log.fsyncs,
+        ),
+        (
+            "twopc_log_bytes_total",
+            "Decision log bytes written.",
+            log.bytes_written,
+        ),
+    ] {
+        m.one(name, "counter", help, value);
+    }
+    m.one(
+        "twopc_recovery_pass_seconds_total",
+        "counter",
+        "Time spent in recovery passes.",
+        seconds(load(&c.recovery_pass_ms_total)),
     );
-    counter(
-        "twopc_txns_committed_one_phase_total",
-        "Transactions committed without a forced decision record.",
-        c.committed_one_phase.load(Ordering::Relaxed),
+    m.one(
+        "twopc_recovery_last_pass_seconds",
+        "gauge",
+        "How long the latest recovery pass took.",
+        seconds(load(&c.recovery_pass_ms_last)),
     );
-    counter(
-        "twopc_txns_committed_last_agent_total",
-        "Transactions whose decision was the last participant's own commit.",
-        c.committed_last_agent.load(Ordering::Relaxed),
+    m.one(
+        "twopc_txns_open",
+        "gauge",
+        "Transactions running now.",
+        engine.open_txns(),
     );
-    counter(
-        "twopc_txns_aborted_total",
-        "Transactions rolled back.",
-        c.aborted.load(Ordering::Relaxed),
+    m.one(
+        "twopc_txns_in_doubt",
+        "gauge",
+        "Committed transactions not yet acknowledged everywhere.",
+        engine.in_doubt().len(),
     );
-    counter(
-        "twopc_read_only_branches_total",
-        "Branches that voted read-only.",
-        c.read_only_branches.load(Ordering::Relaxed),
+    m.one(
+        "twopc_ready",
+        "gauge",
+        "1 if the coordinator takes transactions (/healthz answers 200), else 0.",
+        u8::from(engine.not_ready().is_empty()),
     );
-    counter(
-        "twopc_phase2_retries_total",
-        "COMMIT PREPARED attempts that were not acknowledged.",
-        c.phase2_retries.load(Ordering::Relaxed),
-    );
-    counter(
-        "twopc_recovery_passes_total",
-        "Recovery passes completed.",
-        c.recovery_passes.load(Ordering::Relaxed),
-    );
-    counter(
-        "twopc_log_records_total",
-        "Decision log records written.",
-        log.records,
-    );
-    counter(
-        "twopc_log_fsyncs_total",
-        "Decision log fdatasync calls.",
-        log.fsyncs,
-    );
-    counter(
-        "twopc_log_bytes_total",
-        "Decision log bytes written.",
-        log.bytes_written,
-    );
-    let _ = writeln!(
-        out,
-        "# HELP twopc_txns_open Transactions running now.\n# TYPE twopc_txns_open gauge\ntwopc_txns_open {}",
-        engine.open_txns()
-    );
-    let _ = writeln!(
-        out,
-        "# HELP twopc_txns_in_doubt Committed transactions not yet acknowledged everywhere.\n# TYPE twopc_txns_in_doubt gauge\ntwopc_txns_in_doubt {}",
-        engine.in_doubt().len()
-    );
+    participant_metrics(&mut m, &engine);
     (
         StatusCode::OK,
         [("content-type", "text/plain; version=0.0.4")],
-        out,
+        m.0,
     )
         .into_response()
 }

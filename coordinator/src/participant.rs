@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
@@ -53,34 +53,209 @@ pub enum CallError {
     },
 }
 
-/// One participant, local or remote.
+impl CallError {
+    pub fn kind(&self) -> CallErrorKind {
+        match self {
+            CallError::Unreachable { .. } => CallErrorKind::Unreachable,
+            CallError::Timeout { .. } => CallErrorKind::Timeout,
+            CallError::ConnectionLost { .. } => CallErrorKind::ConnectionLost,
+            CallError::Handshake { .. } => CallErrorKind::Handshake,
+            CallError::TooLarge { .. } => CallErrorKind::TooLarge,
+        }
+    }
+}
+
+/// Which way a call failed (a label of `twopc_participant_call_errors_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallErrorKind {
+    Unreachable,
+    Timeout,
+    ConnectionLost,
+    Handshake,
+    TooLarge,
+}
+
+impl CallErrorKind {
+    pub const ALL: [CallErrorKind; 5] = [
+        CallErrorKind::Unreachable,
+        CallErrorKind::Timeout,
+        CallErrorKind::ConnectionLost,
+        CallErrorKind::Handshake,
+        CallErrorKind::TooLarge,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            CallErrorKind::Unreachable => "unreachable",
+            CallErrorKind::Timeout => "timeout",
+            CallErrorKind::ConnectionLost => "connection_lost",
+            CallErrorKind::Handshake => "handshake",
+            CallErrorKind::TooLarge => "too_large",
+        }
+    }
+
+    /// Whether the agent is taken as unreachable after it (a request too large to send
+    /// says nothing of the agent).
+    fn means_unreachable(self) -> bool {
+        self != CallErrorKind::TooLarge
+    }
+}
+
+/// Whether a participant answers: as of its latest call, and since when.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reach {
+    /// `None` until the first call ends.
+    pub reachable: Option<bool>,
+    /// When `reachable` took its value (the coordinator's start before the first call).
+    pub since: SystemTime,
+}
+
+/// What the coordinator has seen of one participant's calls.
+#[derive(Debug)]
+pub struct Health {
+    reach: Mutex<Reach>,
+    calls: AtomicU64,
+    errors: [AtomicU64; CallErrorKind::ALL.len()],
+    /// Prepared branches with our GID prefix in its latest listing.
+    prepared: AtomicU64,
+}
+
+impl Health {
+    fn new() -> Health {
+        Health {
+            reach: Mutex::new(Reach {
+                reachable: None,
+                since: SystemTime::now(),
+            }),
+            calls: AtomicU64::new(0),
+            errors: Default::default(),
+            prepared: AtomicU64::new(0),
+        }
+    }
+
+    pub fn reach(&self) -> Reach {
+        *lock(&self.reach)
+    }
+
+    pub fn calls(&self) -> u64 {
+        self.calls.load(Ordering::Relaxed)
+    }
+
+    pub fn errors(&self, kind: CallErrorKind) -> u64 {
+        self.errors[kind as usize].load(Ordering::Relaxed)
+    }
+
+    pub fn prepared(&self) -> u64 {
+        self.prepared.load(Ordering::Relaxed)
+    }
+
+    pub fn set_prepared(&self, n: u64) {
+        self.prepared.store(n, Ordering::Relaxed);
+    }
+
+    /// Counts a call of `name` that ended with `result`, and logs a change of
+    /// reachability once: WARN when an outage starts, INFO when it ends.
+    fn note<T>(&self, name: &str, result: &Result<T, CallError>) {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        let reachable = match result {
+            Ok(_) => true,
+            Err(e) => {
+                self.errors[e.kind() as usize].fetch_add(1, Ordering::Relaxed);
+                if !e.kind().means_unreachable() {
+                    return;
+                }
+                false
+            }
+        };
+        let mut reach = lock(&self.reach);
+        if reach.reachable == Some(reachable) {
+            return;
+        }
+        let now = SystemTime::now();
+        let for_ms = now
+            .duration_since(reach.since)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        match result {
+            Err(e) => warn!(participant = name, error = %e, "participant unreachable"),
+            Ok(_) if reach.reachable == Some(false) => {
+                info!(
+                    participant = name,
+                    unreachable_ms = for_ms,
+                    "participant reachable again"
+                )
+            }
+            Ok(_) => debug!(participant = name, "participant reachable"),
+        }
+        *reach = Reach {
+            reachable: Some(reachable),
+            since: now,
+        };
+    }
+}
+
+/// One participant, local or remote, and what its calls have shown.
 #[derive(Clone)]
-pub enum Participant {
+pub struct Participant {
+    kind: Kind,
+    health: Arc<Health>,
+}
+
+#[derive(Clone)]
+enum Kind {
     Local { name: String, agent: Agent },
     Remote(Arc<RemoteAgent>),
 }
 
 impl Participant {
-    pub fn name(&self) -> &str {
-        match self {
-            Participant::Local { name, .. } => name,
-            Participant::Remote(r) => &r.name,
+    /// An agent running in this process.
+    pub fn local(name: String, agent: Agent) -> Participant {
+        Participant {
+            kind: Kind::Local { name, agent },
+            health: Arc::new(Health::new()),
         }
+    }
+
+    /// An agent behind TCP.
+    pub fn remote(agent: Arc<RemoteAgent>) -> Participant {
+        Participant {
+            kind: Kind::Remote(agent),
+            health: Arc::new(Health::new()),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        match &self.kind {
+            Kind::Local { name, .. } => name,
+            Kind::Remote(r) => &r.name,
+        }
+    }
+
+    /// The in-process agent, if this is one.
+    pub fn local_agent(&self) -> Option<&Agent> {
+        match &self.kind {
+            Kind::Local { agent, .. } => Some(agent),
+            Kind::Remote(_) => None,
+        }
+    }
+
+    pub fn health(&self) -> &Health {
+        &self.health
     }
 
     /// The agent keeps a decision table, so it can commit last (as far as we know: a
     /// remote agent says so in each handshake; before the first, we assume not).
     pub fn can_commit_last(&self) -> bool {
-        match self {
-            Participant::Local { agent, .. } => agent.keeps_decisions(),
-            Participant::Remote(r) => r.decisions.load(Ordering::Relaxed) != 0,
+        match &self.kind {
+            Kind::Local { agent, .. } => agent.keeps_decisions(),
+            Kind::Remote(r) => r.decisions.load(Ordering::Relaxed) != 0,
         }
     }
 
     /// Sends `request` and waits for the answer at most `timeout`.
     pub async fn call(&self, request: Request, timeout: Duration) -> Result<Response, CallError> {
-        match self {
-            Participant::Local { agent, .. } => {
+        let result = match &self.kind {
+            Kind::Local { agent, .. } => {
                 // The agent enforces the deadline itself; the outer bound only guards
                 // against a bug there.
                 // Boxed: the agent's future is large and would otherwise be inlined
@@ -98,8 +273,10 @@ impl Participant {
                     }),
                 }
             }
-            Participant::Remote(r) => r.call(request, timeout).await,
-        }
+            Kind::Remote(r) => r.call(request, timeout).await,
+        };
+        self.health.note(self.name(), &result);
+        result
     }
 }
 

@@ -28,6 +28,7 @@ pub struct Running {
 impl Running {
     /// Stops accepting requests, lets in-flight ones finish, flushes the log.
     pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.engine.drain();
         self.shutdown.cancel();
         self.server.await.context("join HTTP server")??;
         self.engine.shutdown();
@@ -70,7 +71,7 @@ pub async fn participants(config: &ServeConfig, epoch: u64) -> anyhow::Result<Ve
     for (name, spec) in &config.participants {
         match ParticipantSpec::parse(spec) {
             ParticipantSpec::Remote(addr) => {
-                out.push(Participant::Remote(std::sync::Arc::new(RemoteAgent::new(
+                out.push(Participant::remote(std::sync::Arc::new(RemoteAgent::new(
                     name.clone(),
                     addr,
                     config.coordinator_id.clone(),
@@ -86,10 +87,7 @@ pub async fn participants(config: &ServeConfig, epoch: u64) -> anyhow::Result<Ve
                 let agent = Agent::connect(AgentConfig::new(name.clone(), url))
                     .await
                     .with_context(|| format!("start in-process agent {name}"))?;
-                out.push(Participant::Local {
-                    name: name.clone(),
-                    agent,
-                });
+                out.push(Participant::local(name.clone(), agent));
             }
         }
     }

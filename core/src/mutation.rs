@@ -40,10 +40,13 @@ pub enum Mutation {
     /// a reused txn id's newer commit goes with its older abort (and the txn id may run
     /// again).
     EvictByTxnId,
+    /// A retry of a txn id whose remembered attempt aborted is answered with the
+    /// recorded outcome of a commit (`"replayed": true`) instead of running.
+    ReplayAnAbort,
 }
 
 impl Mutation {
-    pub const ALL: [Mutation; 13] = [
+    pub const ALL: [Mutation; 14] = [
         Mutation::CommitBeforeDurable,
         Mutation::SkipDecisionLog,
         Mutation::AnswerBeforeDurable,
@@ -57,6 +60,7 @@ impl Mutation {
         Mutation::UncertainLastCommitAborts,
         Mutation::PresumedAbortOfLastAgent,
         Mutation::EvictByTxnId,
+        Mutation::ReplayAnAbort,
     ];
 
     pub fn name(self) -> &'static str {
@@ -74,6 +78,7 @@ impl Mutation {
             Mutation::UncertainLastCommitAborts => "uncertain-last-commit-aborts",
             Mutation::PresumedAbortOfLastAgent => "presumed-abort-of-last-agent",
             Mutation::EvictByTxnId => "evict-by-txn-id",
+            Mutation::ReplayAnAbort => "replay-an-abort",
         }
     }
 

@@ -59,6 +59,15 @@ impl<K: Clone + PartialEq> Outcomes<K> {
         self.by_txn.get(txn_id).map(|(g, o)| (g, *o))
     }
 
+    /// [`admit`] for `txn_id` with what this index remembers of it.
+    pub fn admission(&self, txn_id: &str, unsettled: bool, decisions_known: bool) -> Admission {
+        let mut remembered = self.get(txn_id).map(|(_, o)| o);
+        if remembered == Some(Outcome::Aborted) && self.mutations.on(Mutation::ReplayAnAbort) {
+            remembered = Some(Outcome::Committed);
+        }
+        admit(remembered, unsettled, decisions_known)
+    }
+
     /// The txn id whose latest attempt is `gid`, and its outcome (a scan: for the
     /// operator's tools, not a request path).
     pub fn by_gid(&self, gid: &K) -> Option<(&str, Outcome)> {

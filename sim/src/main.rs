@@ -77,7 +77,7 @@ fn main() -> ExitCode {
         }
     }
     println!(
-        "{} seeds, 0 violations ({} steps, {} faults injected, {} transactions ({} last-agent or one-phase): {} told committed, {} told aborted, {} told unknown; {} retries of a txn id, {} refused by the txn-id rule; {} recovery rollbacks)",
+        "{} seeds, 0 violations ({} steps, {} faults injected, {} transactions ({} last-agent or one-phase): {} told committed, {} told aborted, {} told unknown; {} retries of a txn id, {} refused by the txn-id rule ({} of them answered committed, replayed); {} recovery rollbacks)",
         cli.seeds,
         totals.steps,
         totals.faults,
@@ -88,6 +88,7 @@ fn main() -> ExitCode {
         totals.told_unknown,
         totals.retries,
         totals.refused,
+        totals.replayed,
         totals.recovery_rollbacks
     );
     if let Some(m) = mutation {
@@ -158,6 +159,7 @@ fn add(t: &mut twopc_sim::Stats, run: &SeedRun) {
     t.last_agent_txns += run.stats.last_agent_txns;
     t.retries += run.stats.retries;
     t.refused += run.stats.refused;
+    t.replayed += run.stats.replayed;
     t.recovery_rollbacks += run.stats.recovery_rollbacks;
 }
 

@@ -170,9 +170,9 @@ fn name(p: usize) -> String {
 }
 
 /// Whether the model explores what `m` breaks: it has no client txn ids, so the outcome
-/// index's mutation is left to the simulator.
+/// index's mutations are left to the simulator.
 pub fn covers(m: Mutation) -> bool {
-    m != Mutation::EvictByTxnId
+    !matches!(m, Mutation::EvictByTxnId | Mutation::ReplayAnAbort)
 }
 
 /// The configurations `twopc-sim --model-check` explores: two-phase commits only, and

@@ -53,6 +53,8 @@ pub struct Oracle {
     decided: BTreeMap<Gid, Micros>,
     /// Per client txn id, the attempt that committed writes.
     applied: BTreeMap<u32, Gid>,
+    /// Client txn ids whose retry was answered `committed` (replayed) without running.
+    replayed: BTreeSet<u32>,
 }
 
 impl Oracle {
@@ -239,6 +241,12 @@ impl Oracle {
         Ok(())
     }
 
+    /// A retry of client txn id `txn` is answered `committed` (replayed, nothing run):
+    /// true only if some attempt of it committed, checked once the world has settled.
+    pub fn told_replayed(&mut self, txn: u32) {
+        self.replayed.insert(txn);
+    }
+
     /// The healed world has settled: nothing is left prepared or in doubt, every
     /// transaction has one outcome, and every answer is true.
     pub fn at_quiescence(
@@ -258,6 +266,18 @@ impl Oracle {
             return broken(
                 4,
                 format!("{unfinished} transactions still unfinished after the world healed"),
+            );
+        }
+        if let Some(txn) = self
+            .replayed
+            .iter()
+            .find(|t| !self.decided.keys().any(|g| g.txn == **t))
+        {
+            return broken(
+                6,
+                format!(
+                    "a retry of txn id {txn} was told committed, and no attempt of it committed"
+                ),
             );
         }
         for (gid, plan) in &self.plans {

@@ -42,7 +42,7 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 use twopc_core::commit::{self, AckMode, CommitAnswer, Effect, Request, Timer, Vote};
 use twopc_core::last_agent::{self, LastAgent, LastAnswer, Settled, SettledAction};
 use twopc_core::mutation::Mutations;
-use twopc_core::outcomes::{self, Admission, Outcome, Outcomes};
+use twopc_core::outcomes::{Admission, Outcome, Outcomes};
 use twopc_core::recovery::{self, BranchAction, Replayed};
 use twopc_core::Participant;
 
@@ -337,6 +337,8 @@ pub struct Stats {
     pub retries: u64,
     /// Requests refused by the txn-id rule (committed, in doubt, rows not read, running).
     pub refused: u64,
+    /// Of those, retries of a committed txn id answered its outcome (replayed).
+    pub replayed: u64,
     pub recovery_rollbacks: u64,
 }
 
@@ -656,7 +658,6 @@ impl World {
                 .iter()
                 .any(|(g, t)| g.txn == txn && t.machine.deciding());
         let key = txn.to_string();
-        let remembered = self.coord.outcomes.get(&key).map(|(_, o)| o);
         let unsettled = self
             .coord
             .lasts
@@ -666,13 +667,17 @@ impl World {
         // name other agents than the attempt that committed (this found the engine's
         // old rule applying a txn id twice).
         let known = self.coord.rows_read.len() == self.agents.len();
-        let admission = outcomes::admit(remembered, unsettled, known);
+        let admission = self.coord.outcomes.admission(&key, unsettled, known);
         if running || admission != Admission::Run {
             self.note(format!(
                 "txn id t{txn} refused (running: {running}, {admission:?})"
             ));
             self.stats.refused += 1;
-            if admission != Admission::AlreadyCommitted {
+            if admission == Admission::AlreadyCommitted {
+                // The retry is answered its recorded outcome: committed, replayed.
+                self.oracle.told_replayed(txn);
+                self.stats.replayed += 1;
+            } else {
                 self.retry_later(txn);
             }
             return None;

@@ -459,6 +459,7 @@ async fn http_floor() -> anyhow::Result<(std::net::SocketAddr, CancellationToken
                 outcome: "committed",
                 branches: vec![],
                 pending: vec![],
+                replayed: false,
             })
             .into_response(),
             Err(e) => (axum::http::StatusCode::BAD_REQUEST, e.to_string()).into_response(),

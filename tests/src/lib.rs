@@ -412,6 +412,16 @@ impl Harness {
     }
 }
 
+/// A retry of a committed txn id: 200 with its recorded outcome, `"replayed": true`,
+/// and nothing run (no results).
+#[track_caller]
+pub fn assert_replayed(status: u16, v: &Value) {
+    assert_eq!(status, 200, "a retry of a committed txn id: {v}");
+    assert_eq!(v["outcome"], "committed", "{v}");
+    assert_eq!(v["replayed"], true, "{v}");
+    assert_eq!(v["branches"], serde_json::json!([]), "nothing ran: {v}");
+}
+
 /// A one-shot transaction body of bank legs `(participant, account, delta)`: a debit
 /// leg for a negative delta, a credit leg otherwise.
 pub fn transfer(txn_id: &str, legs: &[(&str, i32, i64)]) -> Value {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use twopc_testkit::bank::credit_statements;
 use twopc_testkit::procs::{wait_for, Bins, ProcHarness};
-use twopc_testkit::{stmts, transfer, AgentMode, Harness, BALANCE};
+use twopc_testkit::{assert_replayed, stmts, transfer, AgentMode, Harness, BALANCE};
 
 fn bins() -> Bins {
     Bins {
@@ -145,7 +145,7 @@ async fn a_reused_txn_id_keeps_its_commit_when_its_older_abort_is_evicted() {
         )
         .await
         .unwrap();
-    assert_ne!(status, 200, "the retry ran a second time: {v}");
+    assert_replayed(status, &v);
     assert_eq!(ledger_rows(&h.dbs[0].url, "reused-1").await, 1);
     h.shutdown().await.unwrap();
 }
@@ -515,7 +515,7 @@ async fn a_one_phase_commit_that_outlives_its_deadline_is_never_reported_aborted
     // A retry does not run again.
     body["timeout_ms"] = json!(10_000);
     let (status, v) = h.post("/v1/transactions", &body).await.unwrap();
-    assert_ne!(status, 200, "the retry ran again: {v}");
+    assert_replayed(status, &v);
     assert_eq!(ledger_rows(&h.dbs[0].url, "slow-1").await, 1);
     h.shutdown().await.unwrap();
 }
@@ -556,7 +556,7 @@ async fn a_one_phase_commit_whose_answer_died_with_its_agent_is_found_by_recover
     let st = h.status_after_recovery("lost-answer-1").await.unwrap();
     assert_eq!(st["outcome"], "committed", "{st}");
     let (status, v) = h.post("/v1/transactions", &body).await.unwrap();
-    assert_ne!(status, 200, "the retry ran again: {v}");
+    assert_replayed(status, &v);
     assert_eq!(ledger_rows(&h.url(0), "lost-answer-1").await, 1);
 }
 
@@ -595,7 +595,7 @@ async fn a_retry_on_other_participants_waits_for_every_decision_table() {
     let st = h.status_after_recovery("retry-elsewhere-1").await.unwrap();
     assert_eq!(st["outcome"], "committed", "{st}");
     let (status, v) = h.post("/v1/transactions", &on("b")).await.unwrap();
-    assert_ne!(status, 200, "the txn id ran a second time: {v}");
+    assert_replayed(status, &v);
     assert_eq!(ledger_rows(&h.url(1), "retry-elsewhere-1").await, 0);
 }
 
@@ -624,7 +624,7 @@ async fn an_empty_commit_keeps_its_txn_id_across_a_restart() {
         "branches": [{"participant": "a", "statements": stmts(credit_statements("empty-1", 13, 3))}],
     });
     let (status, v) = h.post("/v1/transactions", &retry).await.unwrap();
-    assert_ne!(status, 200, "the txn id ran a second time: {v}");
+    assert_replayed(status, &v);
     assert_eq!(ledger_rows(&h.url(0), "empty-1").await, 0);
 }
 
@@ -667,7 +667,7 @@ async fn a_retry_racing_its_first_attempt_does_not_run_twice() {
     let (status, v) = h.post("/v1/transactions", &body).await.unwrap();
     let (first_status, first_v) = first.await.unwrap().unwrap();
     assert_eq!(first_status, 200, "{first_v}");
-    assert_ne!(status, 200, "the txn id ran a second time: {v}");
+    assert_replayed(status, &v);
     let bal = query_i64(&h.url(0), "SELECT bal FROM acct WHERE id = 14").await;
     assert_eq!(bal, BALANCE + 3, "applied once");
 }
@@ -967,4 +967,77 @@ async fn a_retry_of_an_unsettled_commit_is_refused_until_recovery_settles_it() {
     let st = h.get("/v1/transactions/unsettled-1").await.unwrap();
     assert_eq!(st["state"], "in_doubt", "{st}");
     assert_eq!(balance().await, before + 2, "applied once");
+}
+
+/// Safe retries (DESIGN's client interface, invariant 7): a retry of a committed txn id
+/// answers its recorded outcome, 200 with `"replayed": true`, and runs nothing. Before,
+/// a one-shot retry got 409 with a hedge, and a retried `/commit` of an interactive
+/// transaction got 404 "unknown transaction", as if it had never been.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_of_a_committed_txn_id_answers_its_outcome() {
+    let h = Harness::start(2, AgentMode::InProcess).await.unwrap();
+    let body = transfer("replay-1", &[("a", 3, -5), ("b", 3, 5)]);
+    let (status, v) = h.post("/v1/transactions", &body).await.unwrap();
+    assert_eq!(status, 200, "{v}");
+    assert!(v.get("replayed").is_none(), "a first run is no replay: {v}");
+    let (status, v) = h.post("/v1/transactions", &body).await.unwrap();
+    assert_replayed(status, &v);
+    assert_eq!(v["txn_id"], "replay-1", "{v}");
+    // Its txn id given to an interactive begin: the same answer, nothing begun.
+    let (status, v) = h
+        .post("/v1/transactions", &json!({ "txn_id": "replay-1" }))
+        .await
+        .unwrap();
+    assert_replayed(status, &v);
+    let (_, st) = h.get("/v1/transactions/replay-1").await.unwrap();
+    assert_eq!(st["outcome"], "committed", "{st}");
+
+    // Interactive: the commit's answer was lost and the client sends /commit again.
+    let (status, v) = h
+        .post("/v1/transactions", &json!({ "txn_id": "replay-2" }))
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{v}");
+    let legs = [
+        ("a", twopc_testkit::bank::debit_statements("replay-2", 4, 2)),
+        ("b", credit_statements("replay-2", 4, 2)),
+    ];
+    for (participant, statements) in legs {
+        for (sql, params) in statements {
+            let stmt = json!({ "participant": participant, "sql": sql, "params": params });
+            let path = "/v1/transactions/replay-2/statements";
+            let (status, v) = h.post(path, &stmt).await.unwrap();
+            assert_eq!(status, 200, "{v}");
+        }
+    }
+    let (status, v) = h
+        .post("/v1/transactions/replay-2/commit", &json!({}))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{v}");
+    let (status, v) = h
+        .post("/v1/transactions/replay-2/commit", &json!({}))
+        .await
+        .unwrap();
+    assert_replayed(status, &v);
+    // A rollback or a statement cannot touch it: 409, not "unknown transaction".
+    let (status, v) = h
+        .post("/v1/transactions/replay-2/rollback", &json!({}))
+        .await
+        .unwrap();
+    assert_eq!(status, 409, "{v}");
+    let (status, v) = h
+        .post(
+            "/v1/transactions/replay-2/statements",
+            &json!({ "participant": "a", "sql": "SELECT 1", "params": [] }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 409, "{v}");
+    let (_, st) = h.get("/v1/transactions/replay-2").await.unwrap();
+    assert_eq!(st["outcome"], "committed", "{st}");
+    assert_eq!(ledger_rows(&h.dbs[0].url, "replay-1").await, 1, "ran once");
+    assert_eq!(ledger_rows(&h.dbs[1].url, "replay-1").await, 1, "ran once");
+    assert_eq!(ledger_rows(&h.dbs[0].url, "replay-2").await, 1, "ran once");
+    h.shutdown().await.unwrap();
 }

@@ -462,15 +462,16 @@ async fn restarted_coordinator_answers_for_earlier_transactions() {
         h.get("/v1/transactions/never-seen").await.unwrap().1["outcome"],
         "aborted"
     );
-    // A committed txn_id cannot be reused.
-    let (status, _) = h
+    // A committed txn_id does not run again: a retry answers its recorded outcome.
+    let (status, v) = h
         .post(
             "/v1/transactions",
             &transfer("keep-0", &[("a", 1, -1), ("b", 1, 1)]),
         )
         .await
         .unwrap();
-    assert_eq!(status, 409);
+    twopc_testkit::assert_replayed(status, &v);
+    assert_eq!(balance(&h, 0, 1).await, BALANCE - 3, "ran once");
     assert_clean(&h).await;
     h.shutdown().await.unwrap();
 }
