@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::engine::{AckMode, EngineConfig};
 
@@ -53,7 +53,7 @@ fn validate_participant_name(name: &str) -> anyhow::Result<()> {
 }
 
 /// Everything `serve` needs, after merging file and flags.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServeConfig {
     pub listen: String,
@@ -106,6 +106,27 @@ pub struct ServeConfig {
     /// Shared key (hex, at least 32 bytes) the agents authenticate coordinators by; the
     /// same file as the agents' `--auth-key-file`.
     pub agent_auth_key_file: Option<PathBuf>,
+}
+
+impl ServeConfig {
+    /// Each setting's default as `serve --help` and README show it, by key (settings
+    /// without one, such as the token files, and switches, are left out).
+    pub fn default_texts() -> std::collections::BTreeMap<String, String> {
+        let Ok(serde_json::Value::Object(map)) = serde_json::to_value(ServeConfig::default())
+        else {
+            return Default::default();
+        };
+        map.into_iter()
+            .filter_map(|(key, v)| {
+                let text = match v {
+                    serde_json::Value::String(s) => s,
+                    serde_json::Value::Number(n) => n.to_string(),
+                    _ => return None,
+                };
+                Some((key, text))
+            })
+            .collect()
+    }
 }
 
 impl Default for ServeConfig {
@@ -190,12 +211,11 @@ pub struct ServeArgs {
     /// Largest client request body, in bytes.
     #[arg(long, env = "TWOPC_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<usize>,
-    /// Client connections open at once; more are closed at once [default: 4096].
+    /// Client connections open at once; more are closed at once.
     #[arg(long, env = "TWOPC_HTTP_MAX_CONNECTIONS")]
     pub http_max_connections: Option<usize>,
     /// A client connection must send a request's complete headers within this long of
-    /// opening or of its previous answer; slow and idle connections are closed
-    /// [default: 10000].
+    /// opening or of its previous answer; slow and idle connections are closed.
     #[arg(long, env = "TWOPC_HTTP_HEADER_TIMEOUT_MS")]
     pub http_header_timeout_ms: Option<u64>,
     /// Keep finished decision-log segments (and answers about them) this long.
@@ -412,5 +432,93 @@ mod tests {
             c.agent_auth_key_file.as_deref(),
             Some(std::path::Path::new("/etc/twopc/agent.key"))
         );
+    }
+}
+
+#[cfg(test)]
+mod readme_tests {
+    use super::*;
+
+    const README: &str = include_str!("../../README.md");
+
+    /// README's "Configuration" section.
+    fn section() -> &'static str {
+        let start = README
+            .find("\n## Configuration")
+            .expect("README has ## Configuration");
+        let rest = &README[start + 1..];
+        let end = rest[3..].find("\n## ").map_or(rest.len(), |e| e + 3);
+        &rest[..end]
+    }
+
+    /// The table rows: (flag or TOML key, env, default).
+    fn rows() -> Vec<(String, String, String)> {
+        let unquote = |c: &str| c.trim().trim_matches('`').to_owned();
+        section()
+            .lines()
+            .filter(|l| l.starts_with("| `--") || l.starts_with("| (TOML only)"))
+            .map(|l| {
+                let cells: Vec<&str> = l.trim_matches('|').split('|').collect();
+                let key = cells[0].trim().trim_start_matches("(TOML only)");
+                (unquote(key), unquote(cells[1]), unquote(cells[2]))
+            })
+            .collect()
+    }
+
+    /// Every `serve` flag is in README's table with its variable and the default
+    /// `--help` shows, and every row of the table is a real flag or setting.
+    #[test]
+    fn the_readme_table_matches_serve_help() {
+        let defaults = ServeConfig::default_texts();
+        let cmd = <ServeArgs as clap::Args>::augment_args(clap::Command::new("serve"));
+        let rows = rows();
+        let mut flags = Vec::new();
+        for a in cmd.get_arguments().filter(|a| a.get_long().is_some()) {
+            let long = format!("--{}", a.get_long().unwrap_or_default());
+            if long == "--help" {
+                continue;
+            }
+            let env = a.get_env().map(|e| e.to_string_lossy().into_owned());
+            let row = rows.iter().find(|(f, _, _)| *f == long);
+            let Some((_, row_env, row_default)) = row else {
+                panic!("README's configuration table lacks {long}");
+            };
+            assert_eq!(Some(row_env.clone()), env, "{long}: README's variable");
+            let is_switch = matches!(a.get_action(), clap::ArgAction::SetTrue);
+            let expected = match defaults.get(a.get_id().as_str()) {
+                Some(_) if is_switch => "off".to_owned(),
+                Some(d) => d.clone(),
+                None if is_switch => "off".to_owned(),
+                None => String::new(),
+            };
+            assert_eq!(*row_default, expected, "{long}: README's default");
+            flags.push(long);
+        }
+        for (key, _, default) in &rows {
+            if key.starts_with("--") {
+                assert!(
+                    flags.contains(key),
+                    "README names {key}, which serve does not take"
+                );
+            } else {
+                assert_eq!(
+                    defaults.get(key),
+                    Some(default),
+                    "TOML-only {key}: README's default"
+                );
+            }
+        }
+    }
+
+    /// README's example configuration file parses, participants included.
+    #[test]
+    fn the_readme_toml_example_parses() {
+        let text = section();
+        let start = text.find("```toml\n").expect("README shows a TOML example") + 8;
+        let end = start + text[start..].find("```").expect("the example ends");
+        let c: ServeConfig = toml::from_str(&text[start..end]).expect("README's TOML parses");
+        assert_eq!(c.participants.len(), 2, "{c:?}");
+        assert_eq!(c.participants["orders"], "10.0.0.11:7100");
+        assert_eq!(c.listen, "0.0.0.0:7000");
     }
 }

@@ -35,7 +35,7 @@ use twopc_shared::msg::{
 };
 
 use crate::decision_log::{DecisionLog, LogError, Record, Replay};
-use crate::participant::{CallError, Participant};
+use crate::participant::{describe, CallError, Participant};
 
 /// When the client gets its answer for a committed transaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -341,7 +341,8 @@ pub struct Counters {
     pub phase2_retries: AtomicU64,
     /// Recovery passes completed.
     pub recovery_passes: AtomicU64,
-    /// Recovery passes that could not ask some participant (or settle something).
+    /// Recovery passes that could not ask some participant (list its branches or rows,
+    /// or fence it).
     pub recovery_failures: AtomicU64,
     /// How long the latest recovery pass took, and all of them, in ms.
     pub recovery_pass_ms_last: AtomicU64,
@@ -561,7 +562,7 @@ impl Engine {
         // of committed transactions) for the chaos driver's can-it-tell run.
         let roll_back = broken("coordinator.recovery_rolls_back_committed");
         for (gid, participants) in pending {
-            info!(%gid, ?participants, "resuming phase 2 of a committed transaction");
+            info!(%gid, participants = %participants.join(","), "resuming phase 2 of a committed transaction");
             for p in participants {
                 let engine = self.clone();
                 let gid = gid.clone();
@@ -778,7 +779,7 @@ impl Engine {
                 match p.call(Request::Abort { gid: gid.clone() }, timeout).await {
                     Ok(Response::Aborted) => report.rolled_back += 1,
                     other => {
-                        warn!(%gid, participant = p.name(), result = ?other, "recovery could not roll back; next pass retries")
+                        warn!(%gid, participant = p.name(), result = %describe(&other), "recovery could not roll back; next pass retries")
                     }
                 }
             }
@@ -1241,7 +1242,23 @@ impl Engine {
         txn_id: &str,
         ack: Option<AckMode>,
     ) -> Result<Committed, TxnError> {
-        let txn = self.live(txn_id)?;
+        let txn = match self.live(txn_id) {
+            Ok(txn) => txn,
+            // A retried commit right after a restart: wait (at most commit_wait_ms) for
+            // the decision rows, which may say it committed; until then it is not
+            // "unknown" (a local commit's row may not be read yet).
+            Err(TxnError::UnknownTxn(_)) => {
+                self.await_decisions(Some(&txn_id.to_owned())).await;
+                if self.known(txn_id).0 == outcomes::Known::Recovering {
+                    return Err(TxnError::Unavailable(format!(
+                        "txn_id {txn_id:?}: the coordinator restarted and has not yet read \
+                         the decision rows of every participant; retry shortly"
+                    )));
+                }
+                return Err(self.not_live(txn_id));
+            }
+            Err(e) => return Err(e),
+        };
         let ack = ack.unwrap_or(self.inner.config.default_ack);
         let span = tracing::info_span!("txn", txn_id = %txn.txn_id, gid = %txn.gid);
         let result = async {
@@ -1337,16 +1354,18 @@ impl Engine {
     /// What is known of `txn_id`, which is not live, and the GID of its remembered
     /// attempt (the core's `outcomes::known`).
     fn known(&self, txn_id: &str) -> (outcomes::Known, Option<String>) {
+        // An attempt whose local commit is not settled yet (it wins over a remembered
+        // abort: that one may be an earlier attempt of the same txn id). Read before the
+        // outcomes: `adopt` remembers an outcome before it removes the attempt from
+        // `unresolved`, so this order cannot miss both.
+        let unsettled = lock(&self.inner.unresolved)
+            .values()
+            .any(|u| u.txn_id == txn_id);
         let (remembered, forgot_a_commit) = {
             let outcomes = lock(&self.inner.outcomes);
             let remembered = outcomes.get(txn_id).map(|(gid, o)| (gid.clone(), o));
             (remembered, outcomes.forgot_a_commit())
         };
-        // An attempt whose local commit is not settled yet (checked before a remembered
-        // abort: that one may be an earlier attempt of the same txn id).
-        let unsettled = lock(&self.inner.unresolved)
-            .values()
-            .any(|u| u.txn_id == txn_id);
         let known = outcomes::known(
             remembered.as_ref().map(|(_, o)| *o),
             unsettled,
@@ -1394,8 +1413,24 @@ impl Engine {
                 "txn_id {txn_id:?} is in doubt (its commit may have happened); ask GET \
                  /v1/transactions/{txn_id} until it has an outcome"
             )),
-            _ => TxnError::UnknownTxn(txn_id.to_owned()),
+            outcomes::Known::Recovering | outcomes::Known::Aborted | outcomes::Known::Unknown => {
+                TxnError::UnknownTxn(txn_id.to_owned())
+            }
         }
+    }
+
+    /// At most `limit` transactions, each as `GET` answers it: those running, then the
+    /// latest finished ones the outcome index remembers, newest first.
+    pub fn recent(&self, limit: usize) -> Vec<TxnStatus> {
+        let mut ids: Vec<String> = lock(&self.inner.live).keys().take(limit).cloned().collect();
+        ids.sort();
+        let left = limit - ids.len();
+        ids.extend(
+            lock(&self.inner.outcomes)
+                .recent(left)
+                .map(|(txn_id, _, _)| txn_id.to_owned()),
+        );
+        ids.iter().map(|id| self.status(id)).collect()
     }
 
     /// Committed transactions some participant has not acknowledged yet.
@@ -1460,6 +1495,7 @@ impl Engine {
     /// a participant's local commit (one-phase, last agent) whose row recovery has not
     /// read yet (it reads them at start).
     fn admit(&self, txn_id: &str, named: bool) -> Result<(), TxnError> {
+        // `unresolved` before `outcomes`, as in `known` (see `adopt`).
         let unsettled = lock(&self.inner.unresolved)
             .values()
             .any(|u| u.txn_id == txn_id);
@@ -2079,7 +2115,7 @@ impl Engine {
                     let wait = Engine::next_wait(&mut backoff);
                     if backoff.worth_reporting() {
                         let attempt = backoff.attempts();
-                        warn!(%gid, participant = last.name(), attempt, result = ?other, "fence not answered");
+                        warn!(%gid, participant = last.name(), attempt, result = %describe(&other), "fence not answered");
                     }
                     if Instant::now() + wait >= deadline || !self.pause(wait).await {
                         return None;
@@ -2106,7 +2142,13 @@ impl Engine {
     /// phase 2 starts for its prepared participants; an abort is remembered, and the
     /// prepared branches are left to the recovery pass that rolls them back.
     fn adopt(&self, gid: &Gid, settled: &Settled, last: &str) {
-        let known_txn_id = lock(&self.inner.unresolved).remove(gid).map(|u| u.txn_id);
+        // Read here, removed only once the outcome is remembered: `admit` and `GET` read
+        // `unresolved`, then `outcomes`, so they see the txn id in one or the other at
+        // every moment (a review found the entry removed first: in between, a retry ran
+        // again and `GET` presumed abort for a commit).
+        let known_txn_id = lock(&self.inner.unresolved)
+            .get(gid)
+            .map(|u| u.txn_id.clone());
         let txn_id = match (&known_txn_id, settled.txn_id.is_empty()) {
             (_, false) => settled.txn_id.clone(),
             (Some(t), true) => t.clone(),
@@ -2121,6 +2163,7 @@ impl Engine {
                 if known_txn_id.is_some() {
                     self.remember(&txn_id, gid.as_str(), Outcome::Aborted);
                 }
+                lock(&self.inner.unresolved).remove(gid);
                 return;
             }
             SettledAction::Forget => {
@@ -2129,14 +2172,20 @@ impl Engine {
                 // recovery.
                 info!(%gid, "committed decision row of a transaction an operator aborted; forgetting it");
                 self.queue_forget(last.to_owned(), gid.clone());
+                lock(&self.inner.unresolved).remove(gid);
                 return;
             }
-            SettledAction::Nothing => return,
+            SettledAction::Nothing => {
+                lock(&self.inner.unresolved).remove(gid);
+                return;
+            }
             SettledAction::AppendOnePhase => Vec::new(),
             SettledAction::Phase2(participants) => participants,
         };
-        info!(%gid, %txn_id, participants = ?participants, "the last agent committed: completing phase 2");
+        info!(%gid, %txn_id, participants = %participants.join(","), "the last agent committed: completing phase 2");
         self.remember(&txn_id, gid.as_str(), Outcome::Committed);
+        twopc_participant::failpoint::check_sync("coordinator.adopt_before_settled");
+        lock(&self.inner.unresolved).remove(gid);
         let last = last.to_owned();
         let (engine, gid) = (self.clone(), gid.clone());
         tokio::spawn(async move {
@@ -2180,7 +2229,7 @@ impl Engine {
                     other => {
                         let left = gids.len();
                         if left >= FORGET_QUEUE_MAX / 2 {
-                            warn!(participant = %name, left, result = ?other, "decision rows to forget are piling up");
+                            warn!(participant = %name, left, result = %describe(&other), "decision rows to forget are piling up");
                         } else {
                             debug!(participant = %name, left, result = ?other, "forget failed; retrying later");
                         }
@@ -2533,7 +2582,7 @@ impl Engine {
             let wait = Engine::next_wait(&mut backoff);
             if backoff.worth_reporting() {
                 let attempt = backoff.attempts();
-                warn!(%gid, participant = p.name(), attempt, result = ?other.err(), "abort not acknowledged; retrying");
+                warn!(%gid, participant = p.name(), attempt, result = %describe(&other), "abort not acknowledged; retrying");
             }
             if !self.pause(wait).await {
                 return;
@@ -2968,7 +3017,7 @@ impl Engine {
                         return Err(forced_log_error(&e));
                     }
                 }
-                warn!(%gid, %txn_id, ?pending, "operator resolved: COMMIT");
+                warn!(%gid, %txn_id, pending = %pending.join(","), "operator resolved: COMMIT");
                 self.remember(&txn_id, gid.as_str(), Outcome::Committed);
                 {
                     let mut in_doubt = lock(&self.inner.in_doubt);

@@ -313,10 +313,32 @@ async fn get_txn(State(engine): State<Engine>, Path(id): Path<String>) -> Respon
 #[derive(Debug, Deserialize)]
 struct ListQuery {
     state: Option<String>,
+    /// Without `state`: how many transactions to list (default 100, at most 1000).
+    limit: Option<usize>,
 }
 
-async fn list_txns(State(engine): State<Engine>, Query(q): Query<ListQuery>) -> Response {
+/// Most transactions `GET /v1/transactions` lists without a filter.
+const LIST_LIMIT_MAX: usize = 1000;
+
+async fn list_txns(
+    State(engine): State<Engine>,
+    q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let q = match q {
+        Ok(Query(q)) => q,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
     match q.state.as_deref() {
+        None => {
+            let limit = q.limit.unwrap_or(100);
+            if limit == 0 || limit > LIST_LIMIT_MAX {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("limit must be between 1 and {LIST_LIMIT_MAX}"),
+                );
+            }
+            Json(json!({ "transactions": engine.recent(limit) })).into_response()
+        }
         Some("in_doubt") => {
             // Decided but not acknowledged everywhere (from the log), then prepared
             // branches that recovery has yet to roll back.
@@ -348,9 +370,12 @@ async fn list_txns(State(engine): State<Engine>, Query(q): Query<ListQuery>) -> 
             }
             Json(json!({ "transactions": list })).into_response()
         }
-        other => error(
+        Some(other) => error(
             StatusCode::BAD_REQUEST,
-            format!("unsupported state filter {other:?}; use ?state=in_doubt"),
+            format!(
+                "unsupported state filter {other:?}: use ?state=in_doubt, or no filter for \
+                 the latest transactions (?limit=N)"
+            ),
         ),
     }
 }
@@ -482,11 +507,12 @@ fn participant_metrics(m: &mut Metrics, engine: &Engine) {
     m.family(
         "twopc_participant_reachable",
         "gauge",
-        "1 if the participant answered its latest call, else 0.",
+        "1 if the participant answered its latest call, 0 if it did not (no sample before the first call ends).",
     );
     for p in &participants {
-        let up = p.health().reach().reachable == Some(true);
-        m.sample("twopc_participant_reachable", &label(p), u8::from(up));
+        if let Some(up) = p.health().reach().reachable {
+            m.sample("twopc_participant_reachable", &label(p), u8::from(up));
+        }
     }
     m.family(
         "twopc_participant_calls_total",
@@ -623,6 +649,12 @@ async fn metrics(State(engine): State<Engine>) -> Response {
         "gauge",
         "Transactions running now.",
         engine.open_txns(),
+    );
+    m.one(
+        "twopc_txns_open_limit",
+        "gauge",
+        "Transactions that may be open at once (max_open_txns); more get 429.",
+        engine.config().max_open_txns,
     );
     m.one(
         "twopc_txns_in_doubt",

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
@@ -65,6 +65,15 @@ impl CallError {
     }
 }
 
+/// A call's result in words, for a log line: the error, or what the agent answered.
+pub fn describe(result: &Result<Response, CallError>) -> String {
+    match result {
+        Err(e) => e.to_string(),
+        Ok(Response::Failed(e)) => format!("the agent failed: {e}"),
+        Ok(r) => format!("unexpected answer {}", r.name()),
+    }
+}
+
 /// Which way a call failed (a label of `twopc_participant_call_errors_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CallErrorKind {
@@ -108,6 +117,9 @@ pub struct Reach {
     pub reachable: Option<bool>,
     /// When `reachable` took its value (the coordinator's start before the first call).
     pub since: SystemTime,
+    /// When the call that set `reachable` began: a call that began earlier and ends
+    /// later (a slow timeout) does not overwrite what a newer one found.
+    set_by: Instant,
 }
 
 /// What the coordinator has seen of one participant's calls.
@@ -126,6 +138,7 @@ impl Health {
             reach: Mutex::new(Reach {
                 reachable: None,
                 since: SystemTime::now(),
+                set_by: Instant::now(),
             }),
             calls: AtomicU64::new(0),
             errors: Default::default(),
@@ -153,9 +166,9 @@ impl Health {
         self.prepared.store(n, Ordering::Relaxed);
     }
 
-    /// Counts a call of `name` that ended with `result`, and logs a change of
-    /// reachability once: WARN when an outage starts, INFO when it ends.
-    fn note<T>(&self, name: &str, result: &Result<T, CallError>) {
+    /// Counts a call of `name`, begun at `began`, that ended with `result`, and logs a
+    /// change of reachability once: WARN when an outage starts, INFO when it ends.
+    fn note<T>(&self, name: &str, began: Instant, result: &Result<T, CallError>) {
         self.calls.fetch_add(1, Ordering::Relaxed);
         let reachable = match result {
             Ok(_) => true,
@@ -168,6 +181,10 @@ impl Health {
             }
         };
         let mut reach = lock(&self.reach);
+        if began < reach.set_by {
+            return;
+        }
+        reach.set_by = began;
         if reach.reachable == Some(reachable) {
             return;
         }
@@ -187,10 +204,8 @@ impl Health {
             }
             Ok(_) => debug!(participant = name, "participant reachable"),
         }
-        *reach = Reach {
-            reachable: Some(reachable),
-            since: now,
-        };
+        reach.reachable = Some(reachable);
+        reach.since = now;
     }
 }
 
@@ -254,6 +269,7 @@ impl Participant {
 
     /// Sends `request` and waits for the answer at most `timeout`.
     pub async fn call(&self, request: Request, timeout: Duration) -> Result<Response, CallError> {
+        let began = Instant::now();
         let result = match &self.kind {
             Kind::Local { agent, .. } => {
                 // The agent enforces the deadline itself; the outer bound only guards
@@ -275,7 +291,7 @@ impl Participant {
             }
             Kind::Remote(r) => r.call(request, timeout).await,
         };
-        self.health.note(self.name(), &result);
+        self.health.note(self.name(), began, &result);
         result
     }
 }

@@ -11,16 +11,23 @@ pub struct TxnsArgs {
     /// Base URL of the running coordinator.
     #[arg(
         long,
+        global = true,
         env = "TWOPC_COORDINATOR_URL",
         default_value = "http://127.0.0.1:7000"
     )]
     pub coordinator: String,
     /// File with the admin API's bearer token (the coordinator's --admin-token-file),
-    /// if it requires one.
-    #[arg(long, env = "TWOPC_ADMIN_TOKEN_FILE")]
+    /// if it requires one. `--api-token-file` is accepted too, but the file must hold
+    /// the admin token: the client token never opens the admin API.
+    #[arg(
+        long,
+        global = true,
+        alias = "api-token-file",
+        env = "TWOPC_ADMIN_TOKEN_FILE"
+    )]
     pub admin_token_file: Option<std::path::PathBuf>,
     /// Print the raw JSON answers.
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub json: bool,
     #[command(subcommand)]
     pub command: TxnsCommand,
@@ -32,12 +39,19 @@ pub enum TxnsCommand {
     List,
     /// One transaction (client txn id or GID): the log's decision beside each
     /// participant's pg_prepared_xacts row.
-    Show { id: String },
-    /// Commit or roll back a transaction by hand.
-    Resolve {
+    Show {
+        /// The client txn id or the GID.
         id: String,
-        #[arg(long, conflicts_with = "abort", required_unless_present = "abort")]
+    },
+    /// Commit or roll back a transaction by hand: exactly one of --commit and --abort.
+    #[command(group = clap::ArgGroup::new("action").required(true).multiple(false).args(["commit", "abort"]))]
+    Resolve {
+        /// The client txn id or the GID.
+        id: String,
+        /// COMMIT PREPARED wherever it is prepared (the log records the decision first).
+        #[arg(long)]
         commit: bool,
+        /// ROLLBACK PREPARED wherever it is prepared.
         #[arg(long)]
         abort: bool,
         /// Say what would be done, do nothing.

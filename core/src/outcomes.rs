@@ -100,6 +100,19 @@ impl<K: Clone + PartialEq> Outcomes<K> {
         self.order.is_empty()
     }
 
+    /// The latest `limit` remembered attempts, newest first: (txn id, GID, outcome). An
+    /// attempt a newer one of its txn id superseded is left out.
+    pub fn recent(&self, limit: usize) -> impl Iterator<Item = (&str, &K, Outcome)> + '_ {
+        self.order
+            .iter()
+            .rev()
+            .filter_map(|(_, txn_id, gid)| {
+                let (g, o) = self.by_txn.get(txn_id)?;
+                (g == gid).then_some((txn_id.as_str(), gid, *o))
+            })
+            .take(limit)
+    }
+
     /// Whether a committed outcome has been forgotten since the index was made.
     pub fn forgot_a_commit(&self) -> bool {
         self.forgot_a_commit
@@ -197,6 +210,20 @@ mod tests {
         o.expire(200, 100, 10);
         assert_eq!(o.get("t"), None);
         assert!(o.is_empty());
+    }
+
+    #[test]
+    fn recent_lists_the_latest_attempts_newest_first() {
+        let mut o = Outcomes::new(10, Mutations::none());
+        o.remember("t", 1, Outcome::Aborted, 0);
+        o.remember("u", 2, Outcome::Committed, 1);
+        o.remember("t", 3, Outcome::Committed, 2);
+        let all: Vec<_> = o.recent(10).collect();
+        assert_eq!(
+            all,
+            vec![("t", &3, Outcome::Committed), ("u", &2, Outcome::Committed)]
+        );
+        assert_eq!(o.recent(1).count(), 1);
     }
 
     #[test]

@@ -111,6 +111,9 @@ struct Args {
     /// Largest frame accepted from the coordinator, in bytes.
     #[arg(long, env = "TWOPC_MAX_FRAME_BYTES", default_value_t = twopc_shared::codec::DEFAULT_MAX_FRAME_BYTES)]
     max_frame_bytes: usize,
+    /// Log lines as text (colours only on a terminal) or one JSON object per event.
+    #[arg(long, env = "TWOPC_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
 }
 
 /// Parses the command line and serves until SIGINT/SIGTERM.
@@ -123,13 +126,8 @@ pub fn run() -> anyhow::Result<()> {
 }
 
 async fn run_async() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let args = Args::parse();
+    init_logging(args.log_format, "info");
     let name = match args.name {
         Some(n) => n,
         None => args
@@ -201,7 +199,8 @@ async fn run_async() -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let on_signal = shutdown.clone();
     tokio::spawn(async move {
-        shutdown_signal().await;
+        let signal = shutdown_signal().await;
+        tracing::info!(signal, "agent shutting down");
         on_signal.cancel();
     });
     let server_config = ServerConfig {
@@ -212,13 +211,85 @@ async fn run_async() -> anyhow::Result<()> {
         auth,
         ..ServerConfig::default()
     };
+    tracing::info!(listen = %args.listen, "agent serving");
     serve(agent.clone(), listener, server_config, shutdown)
         .await
         .context("serve agent")?;
     // Sessions end with a Terminate message rather than a dropped socket (which the
     // server logs as an unexpected EOF, once per session).
     agent.close();
+    tracing::info!("agent stopped");
     Ok(())
+}
+
+/// How log lines are written (to stderr).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One line per event, for people; colours only when stderr is a terminal.
+    #[default]
+    Text,
+    /// One JSON object per event (`timestamp`, `level`, `target`, the message and its
+    /// fields, and the span's fields such as `txn_id` and `gid`), for log collectors.
+    Json,
+}
+
+/// Logs to stderr at `RUST_LOG`'s levels, else `default_filter`'s; the `log` records of
+/// dependencies too (see [`LogBridge`]).
+pub fn init_logging(format: LogFormat, default_filter: &str) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| default_filter.into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let set = match format {
+        LogFormat::Text => tracing::subscriber::set_global_default(
+            builder.with_ansi(std::io::stderr().is_terminal()).finish(),
+        ),
+        LogFormat::Json => tracing::subscriber::set_global_default(
+            builder
+                .json()
+                .flatten_event(true)
+                .with_current_span(true)
+                .with_span_list(false)
+                .finish(),
+        ),
+    };
+    if set.is_err() {
+        return; // Already set (a test, or a second call): keep that one.
+    }
+    let max = match tracing::level_filters::LevelFilter::current().into_level() {
+        None => log::LevelFilter::Off,
+        Some(tracing::Level::ERROR) => log::LevelFilter::Error,
+        Some(tracing::Level::WARN) => log::LevelFilter::Warn,
+        Some(tracing::Level::INFO) => log::LevelFilter::Info,
+        Some(tracing::Level::DEBUG) => log::LevelFilter::Debug,
+        Some(tracing::Level::TRACE) => log::LevelFilter::Trace,
+    };
+    if log::set_boxed_logger(Box::new(LogBridge(tracing_log::LogTracer::new()))).is_ok() {
+        log::set_max_level(max);
+    }
+}
+
+/// Dependencies' `log` records as tracing events, but a PostgreSQL notice or warning
+/// about a statement (tokio-postgres logs each at INFO) at DEBUG: it concerns the
+/// client's SQL, not the operator.
+struct LogBridge(tracing_log::LogTracer);
+
+impl log::Log for LogBridge {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        self.0.enabled(metadata)
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if record.target().starts_with("tokio_postgres") && record.level() == log::Level::Info {
+            tracing::debug!(target: "twopc::postgres_notice", "{}", record.args());
+        } else {
+            self.0.log(record);
+        }
+    }
+
+    fn flush(&self) {}
 }
 
 /// A database password from `file` (its first line) or else the environment variable

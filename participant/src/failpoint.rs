@@ -180,12 +180,22 @@ macro_rules! failpoint {
     };
 }
 
-/// Synchronous contexts (the log writer thread): sleeps the thread, crashes, or returns
-/// true if the step should fail.
+/// Synchronous contexts (the log writer thread, sync code under tokio): sleeps the
+/// thread, crashes, or returns true if the step should fail. On a multi-threaded tokio
+/// worker the sleep hands the worker's other tasks to another thread first: they
+/// would otherwise wait out the sleep with it (the task in a worker's LIFO slot cannot
+/// be stolen), hiding the very window a test opens.
 pub fn check_sync(name: &str) -> bool {
     match check(name) {
         Some(Action::Sleep(ms)) => {
-            std::thread::sleep(std::time::Duration::from_millis(ms));
+            let sleep = || std::thread::sleep(std::time::Duration::from_millis(ms));
+            let multi_thread = tokio::runtime::Handle::try_current()
+                .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+            if multi_thread {
+                tokio::task::block_in_place(sleep);
+            } else {
+                sleep();
+            }
             false
         }
         Some(Action::Error) => true,

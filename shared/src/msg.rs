@@ -288,6 +288,25 @@ pub enum Response {
     Pong,
 }
 
+impl Response {
+    /// The answer's kind, for messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Response::Hello { .. } => "hello",
+            Response::Challenge { .. } => "challenge",
+            Response::Executed { .. } => "executed",
+            Response::Failed(_) => "failed",
+            Response::CommitPrepared(_) => "commit prepared",
+            Response::Aborted => "aborted",
+            Response::Prepared { .. } => "prepared branches",
+            Response::Decision { .. } => "decision",
+            Response::Forgotten { .. } => "forgotten",
+            Response::Decisions { .. } => "decision rows",
+            Response::Pong => "pong",
+        }
+    }
+}
+
 /// State of a branch after an `Execute`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

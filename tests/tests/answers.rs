@@ -41,6 +41,16 @@ fn coordinator_dies(h: &mut ProcHarness) {
 }
 
 /// Kills agent `i` with SIGKILL.
+/// Waits for agent `i` to die of its failpoint, and forgets it.
+fn agent_dies(h: &mut ProcHarness, i: usize) {
+    let died = h.agents[i]
+        .as_mut()
+        .unwrap()
+        .wait_exit(Duration::from_secs(10));
+    assert!(died.is_some(), "the failpoint never fired");
+    h.agents[i] = None;
+}
+
 fn kill_agent(h: &mut ProcHarness, i: usize) {
     h.agents[i].as_mut().unwrap().kill9();
     h.agents[i] = None;
@@ -77,12 +87,7 @@ async fn a_single_writer_with_read_only_branches_survives_a_crash() {
     assert_eq!(status, 200, "{answer}");
     assert_eq!(answer["outcome"], "committed", "{answer}");
     // The agent got COMMIT PREPARED and died before running it.
-    let died = h.agents[0]
-        .as_mut()
-        .unwrap()
-        .wait_exit(Duration::from_secs(10));
-    assert!(died.is_some(), "the failpoint never fired");
-    h.agents[0] = None;
+    agent_dies(&mut h, 0);
     // The coordinator dies too before anyone committed the branch.
     h.coordinator.as_mut().unwrap().kill9();
     h.coordinator = None;
@@ -536,12 +541,7 @@ async fn a_one_phase_commit_whose_answer_died_with_its_agent_is_found_by_recover
     let (status, v) = h.post("/v1/transactions", &body).await.unwrap();
     assert_eq!(status, 504, "{v}");
     assert_eq!(v["outcome"], "unknown", "{v}");
-    let died = h.agents[0]
-        .as_mut()
-        .unwrap()
-        .wait_exit(Duration::from_secs(10));
-    assert!(died.is_some(), "the failpoint never fired");
-    h.agents[0] = None;
+    agent_dies(&mut h, 0);
     assert_eq!(ledger_rows(&h.url(0), "lost-answer-1").await, 1);
     let st = h.get("/v1/transactions/lost-answer-1").await.unwrap();
     assert_eq!(st["state"], "in_doubt", "{st}");
@@ -951,12 +951,7 @@ async fn a_retry_of_an_unsettled_commit_is_refused_until_recovery_settles_it() {
     let before = balance().await;
     let (status, v) = h.post("/v1/transactions", &body).await.unwrap();
     assert_eq!(status, 504, "{v}");
-    let died = h.agents[0]
-        .as_mut()
-        .unwrap()
-        .wait_exit(Duration::from_secs(10));
-    assert!(died.is_some(), "the failpoint never fired");
-    h.agents[0] = None;
+    agent_dies(&mut h, 0);
     // The agent is back; recovery has not settled the transaction yet.
     h.start_agent(0, "").await.unwrap();
     let (status, v) = h.post("/v1/transactions", &body).await.unwrap();
@@ -1040,4 +1035,76 @@ async fn a_retry_of_a_committed_txn_id_answers_its_outcome() {
     assert_eq!(ledger_rows(&h.dbs[1].url, "replay-1").await, 1, "ran once");
     assert_eq!(ledger_rows(&h.dbs[0].url, "replay-2").await, 1, "ran once");
     h.shutdown().await.unwrap();
+}
+
+/// Invariants 6 and 7 (found by review): when recovery learnt that an unsettled
+/// one-phase commit had committed (`adopt`), it removed the attempt from `unresolved`
+/// before remembering its outcome. In between, `GET` presumed abort for the commit and a
+/// retry of its txn id could run again. The failpoint holds recovery in that window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_recovery_learns_is_never_answered_aborted_meanwhile() {
+    let mut h = ProcHarness::start(bins(), 1).await.unwrap();
+    h.start_all(
+        "coordinator.adopt_before_settled=sleep(3000)",
+        &["participant.after_commit_decision=crash"],
+    )
+    .await
+    .unwrap();
+    let body = json!({
+        "txn_id": "adopted-1",
+        "branches": [{"participant": "a", "statements": [
+            {"sql": "UPDATE acct SET bal = bal + 2 WHERE id = 42", "params": []}]}],
+    });
+    let db_url = h.url(0);
+    let before = query_i64(&db_url, "SELECT bal FROM acct WHERE id = 42").await;
+    let (status, v) = h.post("/v1/transactions", &body).await.unwrap();
+    assert_eq!(status, 504, "{v}");
+    agent_dies(&mut h, 0);
+    // Back: the next recovery pass fences it, learns "committed", and sleeps in adopt.
+    h.start_agent(0, "").await.unwrap();
+    let mut answers = Vec::new();
+    for _ in 0..60 {
+        let st = h.get("/v1/transactions/adopted-1").await.unwrap();
+        answers.push(st.to_string());
+        assert_ne!(
+            st["outcome"], "aborted",
+            "a commit answered aborted: {answers:?}"
+        );
+        if st["outcome"] == "committed" {
+            // Within the window too, a retry does not run again.
+            let (status, v) = h.post("/v1/transactions", &body).await.unwrap();
+            assert_replayed(status, &v);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let bal = query_i64(&db_url, "SELECT bal FROM acct WHERE id = 42").await;
+    assert_eq!(bal, before + 2, "applied once: {answers:?}");
+}
+
+/// Review finding: right after a restart, before every decision table was read, a
+/// retried `/commit` of a txn id the coordinator did not know answered 404 "unknown
+/// transaction" while `GET` said `recovering`: its one-phase commit may sit in a row not
+/// read yet. It is 503 (retry shortly) until the rows are read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_commit_before_the_decision_rows_are_read_is_not_unknown() {
+    let mut h = ProcHarness::start(bins(), 2).await.unwrap();
+    h.start_all("", &[]).await.unwrap();
+    h.coordinator.as_mut().unwrap().kill9();
+    h.coordinator = None;
+    kill_agent(&mut h, 1);
+    h.start_coordinator("").await.unwrap();
+    let (status, v) = h
+        .post("/v1/transactions/ghost-1/commit", &json!({}))
+        .await
+        .unwrap();
+    assert_eq!(status, 503, "{v}");
+    h.start_agent(1, "").await.unwrap();
+    let st = h.status_after_recovery("ghost-1").await.unwrap();
+    assert_eq!(st["outcome"], "aborted", "{st}");
+    let (status, v) = h
+        .post("/v1/transactions/ghost-1/commit", &json!({}))
+        .await
+        .unwrap();
+    assert_eq!(status, 404, "{v}");
 }

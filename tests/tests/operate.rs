@@ -117,3 +117,106 @@ async fn an_unreachable_participant_is_named_in_healthz_and_metrics() {
     assert!(h.metric("twopc_recovery_failures_total").await.unwrap() >= 1);
     h.shutdown().await.unwrap();
 }
+
+/// `GET /v1/transactions` without a filter (issue 16) lists the latest transactions as
+/// `GET` answers each, running ones first; before, it was a 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listing_without_a_filter_shows_the_latest_transactions() {
+    let h = Harness::start(2, AgentMode::InProcess).await.unwrap();
+    let (status, v) = h
+        .post("/v1/transactions", &json!({ "txn_id": "running-1" }))
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{v}");
+    for (id, delta) in [("older-1", 1), ("newer-1", 2)] {
+        let (status, v) = h
+            .post(
+                "/v1/transactions",
+                &twopc_testkit::transfer(id, &[("a", 5, -delta), ("b", 5, delta)]),
+            )
+            .await
+            .unwrap();
+        assert_eq!(status, 200, "{v}");
+    }
+    let (status, v) = h.get("/v1/transactions").await.unwrap();
+    assert_eq!(status, 200, "{v}");
+    let list = v["transactions"].as_array().unwrap();
+    let ids: Vec<&str> = list.iter().filter_map(|t| t["txn_id"].as_str()).collect();
+    assert_eq!(&ids[..3], ["running-1", "newer-1", "older-1"], "{v}");
+    assert_eq!(list[0]["state"], "active", "{v}");
+    assert_eq!(list[1]["outcome"], "committed", "{v}");
+    let (status, v) = h.get("/v1/transactions?limit=1").await.unwrap();
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["transactions"].as_array().unwrap().len(), 1, "{v}");
+    for bad in ["?limit=0", "?limit=x", "?state=nonsense"] {
+        let (status, v) = h.get(&format!("/v1/transactions{bad}")).await.unwrap();
+        assert_eq!(status, 400, "{bad}: {v}");
+        assert!(v["error"]["message"].is_string(), "{bad}: {v}");
+    }
+    h.shutdown().await.unwrap();
+}
+
+/// The metric names `text` uses (`twopc_` and what follows of `[a-z0-9_]`).
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    text.match_indices("twopc_")
+        .map(|(i, _)| {
+            text[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+                .collect()
+        })
+        .collect()
+}
+
+/// The Prometheus alert rules and the Grafana dashboard in `docs/` (issue 16) use only
+/// metrics the coordinator exports, and the dashboard is valid JSON with panels.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_alerts_and_dashboard_use_exported_metrics() {
+    let h = Harness::start(1, AgentMode::InProcess).await.unwrap();
+    let text = h
+        .http
+        .get(format!("{}/metrics", h.base_url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let exported: std::collections::BTreeSet<String> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.split(' ').next())
+        .map(str::to_owned)
+        .collect();
+    let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs");
+    for file in [
+        "prometheus/twopc-alerts.yml",
+        "grafana/twopc-dashboard.json",
+    ] {
+        let body = std::fs::read_to_string(docs.join(file)).unwrap();
+        let used = metric_names(&body);
+        assert!(used.len() >= 5, "{file} uses {used:?}");
+        let unknown: Vec<&String> = used.iter().filter(|n| !exported.contains(*n)).collect();
+        assert!(
+            unknown.is_empty(),
+            "{file} uses metrics the coordinator does not export: {unknown:?}"
+        );
+    }
+    let dashboard: Value = serde_json::from_str(
+        &std::fs::read_to_string(docs.join("grafana/twopc-dashboard.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(dashboard["panels"].as_array().is_some_and(|p| p.len() >= 8));
+    let alerts = std::fs::read_to_string(docs.join("prometheus/twopc-alerts.yml")).unwrap();
+    for alert in [
+        "TwopcInDoubtTooLong",
+        "TwopcRecoveryFailing",
+        "TwopcParticipantUnreachable",
+        "TwopcOpenTransactionLimitNear",
+    ] {
+        assert!(
+            alerts.contains(&format!("alert: {alert}")),
+            "{alert} missing"
+        );
+    }
+    h.shutdown().await.unwrap();
+}
