@@ -31,6 +31,8 @@ enum Command {
     Txns(crate::txns::TxnsArgs),
     /// Write a development CA and certificates for mutual TLS with the agents.
     Certs(crate::certs::CertsArgs),
+    /// Print the API's OpenAPI 3 document (as `GET /v1/openapi.json` serves it).
+    Openapi,
 }
 
 /// The command line, with each `serve` setting's default (`ServeConfig::default()`) in
@@ -64,7 +66,7 @@ pub fn run() -> anyhow::Result<()> {
 
 async fn run_cli(cli: Cli) -> anyhow::Result<()> {
     let default_filter = match cli.command {
-        Command::Demo(_) | Command::Txns(_) | Command::Certs(_) => "warn",
+        Command::Demo(_) | Command::Txns(_) | Command::Certs(_) | Command::Openapi => "warn",
         _ => "info",
     };
     twopc_participant::cli::init_logging(cli.log_format, default_filter);
@@ -81,6 +83,13 @@ async fn run_cli(cli: Cli) -> anyhow::Result<()> {
         Command::Demo(args) => demo::run(args).await,
         Command::Txns(args) => crate::txns::run(args).await,
         Command::Certs(args) => crate::certs::run(args),
+        Command::Openapi => {
+            let doc = crate::http::openapi()
+                .to_pretty_json()
+                .context("serialize the OpenAPI document")?;
+            println!("{doc}");
+            Ok(())
+        }
     }
 }
 

@@ -34,11 +34,12 @@ use twopc_shared::msg::{
     Request, Response, Statement, StmtResult, FORGET_MAX_GIDS, LIST_DECISIONS_MAX,
 };
 
+use crate::api::{DecisionName, InDoubtState, TxnOutcome, TxnState as State};
 use crate::decision_log::{DecisionLog, LogError, Record, Replay};
 use crate::participant::{describe, CallError, Participant};
 
 /// When the client gets its answer for a committed transaction.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum AckMode {
     /// After every participant acknowledged COMMIT PREPARED (bounded by `commit_wait_ms`;
@@ -160,16 +161,16 @@ pub struct AbortInfo {
     pub client_fault: bool,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct BranchResults {
     pub participant: String,
     pub results: Vec<StmtResult>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Committed {
     pub txn_id: String,
-    pub outcome: &'static str,
+    pub outcome: TxnOutcome,
     pub branches: Vec<BranchResults>,
     /// Participants that had not acknowledged COMMIT PREPARED when the answer was sent
     /// (they will: phase 2 retries until they do).
@@ -190,53 +191,66 @@ pub enum Begun {
     Replayed(Committed),
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BranchSpec {
     pub participant: String,
     pub statements: Vec<Statement>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+/// `POST /v1/transactions`: with `branches`, a one-shot transaction; without, the begin
+/// of an interactive one.
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"txn_id": "transfer-1", "branches": [
+    {"participant": "a", "statements": [
+        {"sql": "UPDATE acct SET bal = bal - $1 WHERE id = $2", "params": [5, 1]}]},
+    {"participant": "b", "statements": [
+        {"sql": "UPDATE acct SET bal = bal + $1 WHERE id = $2", "params": [5, 1]}]}]}))]
 pub struct TxnRequest {
+    /// The client's id for the transaction (generated if absent); a retry with the id
+    /// of a committed transaction answers its outcome and runs nothing.
+    #[schema(pattern = "^[A-Za-z0-9_.-]{1,128}$")]
     pub txn_id: Option<String>,
     pub branches: Option<Vec<BranchSpec>>,
     pub isolation: Option<Isolation>,
+    /// The transaction's deadline: not prepared everywhere by then, it aborts.
     pub timeout_ms: Option<u64>,
+    /// When a commit is answered (one-shot only; an interactive one gives it at commit).
     pub ack: Option<AckMode>,
 }
 
 /// What `GET /v1/transactions/{id}` answers.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct TxnStatus {
     pub txn_id: String,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub state: Option<&'static str>,
+    pub state: Option<State>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub outcome: Option<&'static str>,
+    pub outcome: Option<TxnOutcome>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gid: Option<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub pending: Vec<String>,
     /// Why the outcome is `unknown`.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
     pub message: Option<&'static str>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct InDoubtEntry {
     pub txn_id: String,
     pub gid: String,
     /// `committed`: decided, waiting for acknowledgements; `unknown`: a last-agent
     /// commit whose outcome is not known yet (`pending` names the last agent).
-    pub state: &'static str,
+    pub state: InDoubtState,
     pub pending: Vec<String>,
     pub age_ms: u64,
 }
 
 /// What a recovery pass did.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
 pub struct RecoveryReport {
     /// Prepared branches of ours seen on the participants.
     pub prepared_seen: usize,
@@ -253,11 +267,11 @@ enum Phase {
 }
 
 impl Phase {
-    fn name(self) -> &'static str {
+    fn state(self) -> State {
         match self {
-            Phase::Active => "active",
-            Phase::Preparing => "preparing",
-            Phase::Committing => "committing",
+            Phase::Active => State::Active,
+            Phase::Preparing => State::Preparing,
+            Phase::Committing => State::Committing,
         }
     }
 }
@@ -1300,7 +1314,7 @@ impl Engine {
     /// rows, instead of answering `recovering` at once.
     pub async fn status_settled(&self, txn_id: &str) -> TxnStatus {
         let status = self.status(txn_id);
-        if status.state != Some("recovering") {
+        if status.state != Some(State::Recovering) {
             return status;
         }
         self.await_decisions(Some(&txn_id.to_owned())).await;
@@ -1319,7 +1333,7 @@ impl Engine {
             message: None,
         };
         if let Some(t) = lock(&self.inner.live).get(txn_id) {
-            status.state = Some(lock(&t.phase).name());
+            status.state = Some(lock(&t.phase).state());
             status.gid = Some(t.gid.to_string());
             return status;
         }
@@ -1327,20 +1341,20 @@ impl Engine {
         match known {
             outcomes::Known::Committed => {
                 status.pending = self.pending_of(gid.as_deref());
-                status.outcome = Some("committed");
+                status.outcome = Some(TxnOutcome::Committed);
                 status.gid = gid;
             }
-            outcomes::Known::InDoubt => status.state = Some("in_doubt"),
+            outcomes::Known::InDoubt => status.state = Some(State::InDoubt),
             // A transaction the log does not know, or knows only an aborted attempt of,
             // may have been committed by a participant's local commit (one-phase or last
             // agent) whose row recovery has not read yet.
-            outcomes::Known::Recovering => status.state = Some("recovering"),
+            outcomes::Known::Recovering => status.state = Some(State::Recovering),
             outcomes::Known::Aborted => {
-                status.outcome = Some("aborted");
+                status.outcome = Some(TxnOutcome::Aborted);
                 status.gid = gid;
             }
             outcomes::Known::Unknown => {
-                status.outcome = Some("unknown");
+                status.outcome = Some(TxnOutcome::Unknown);
                 status.message = Some(
                     "not remembered: outcomes are kept for the retention window \
                      (--log-retention-ms) and at most outcome_index_max of them, and this \
@@ -1397,7 +1411,7 @@ impl Engine {
         );
         Committed {
             txn_id: txn_id.to_owned(),
-            outcome: "committed",
+            outcome: TxnOutcome::Committed,
             branches: vec![],
             pending: self.pending_of(gid.as_deref()),
             replayed: true,
@@ -1443,7 +1457,7 @@ impl Engine {
                 InDoubtEntry {
                     txn_id: d.txn_id.clone(),
                     gid: gid.to_string(),
-                    state: "committed",
+                    state: InDoubtState::Committed,
                     pending,
                     age_ms: now
                         .duration_since(d.decided_at)
@@ -1459,7 +1473,7 @@ impl Engine {
                 .map(|(gid, u)| InDoubtEntry {
                     txn_id: u.txn_id.clone(),
                     gid: gid.to_string(),
-                    state: "unknown",
+                    state: InDoubtState::Unknown,
                     pending: vec![u.last.clone()],
                     age_ms: 0,
                 }),
@@ -1636,7 +1650,7 @@ impl Engine {
                 .fetch_add(1, Ordering::Relaxed);
             return Ok(Committed {
                 txn_id: txn.txn_id.clone(),
-                outcome: "committed",
+                outcome: TxnOutcome::Committed,
                 replayed: false,
                 branches: vec![],
                 pending: vec![],
@@ -1680,7 +1694,7 @@ impl Engine {
         let pending = self.decide_and_commit(txn, machine, decided).await?;
         Ok(Committed {
             txn_id: txn.txn_id.clone(),
-            outcome: "committed",
+            outcome: TxnOutcome::Committed,
             replayed: false,
             branches,
             pending,
@@ -1950,7 +1964,7 @@ impl Engine {
             branches.sort_by_key(|b| state.branches.iter().position(|n| *n == b.participant));
             return Ok(Committed {
                 txn_id: txn.txn_id.clone(),
-                outcome: "committed",
+                outcome: TxnOutcome::Committed,
                 replayed: false,
                 branches,
                 pending: vec![],
@@ -1987,7 +2001,7 @@ impl Engine {
         };
         Ok(Committed {
             txn_id: txn.txn_id.clone(),
-            outcome: "committed",
+            outcome: TxnOutcome::Committed,
             replayed: false,
             branches,
             pending,
@@ -2630,21 +2644,21 @@ impl Engine {
 }
 
 /// What the log and the participants say about one GID (operator view).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct TxnView {
     pub gid: String,
     pub txn_id: Option<String>,
     /// `running`, `committed` (logged, acknowledgements pending), `committed_done`,
     /// `aborted` (explicit record or known to this incarnation), or `none` (no record:
     /// presumed abort).
-    pub decision: &'static str,
+    pub decision: DecisionName,
     pub pending: Vec<String>,
     pub age_ms: Option<u64>,
     /// Each participant's `pg_prepared_xacts` row for the GID (or why it is unknown).
     pub branches: Vec<BranchView>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct BranchView {
     pub participant: String,
     pub prepared: Option<twopc_shared::msg::PreparedBranch>,
@@ -2652,7 +2666,7 @@ pub struct BranchView {
     pub error: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ResolveAction {
     Commit,
@@ -2668,7 +2682,7 @@ impl From<ResolveAction> for resolve::Action {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct ResolveReport {
     pub gid: String,
     pub action: ResolveAction,
@@ -2827,7 +2841,7 @@ impl Engine {
         let view = TxnView {
             gid: gid.to_string(),
             txn_id,
-            decision: decision.name(),
+            decision: decision.into(),
             pending,
             age_ms,
             branches,

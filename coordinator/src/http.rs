@@ -7,19 +7,33 @@
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 
+use std::sync::Arc;
+
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::rejection::{BytesRejection, PathRejection};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 use twopc_shared::gid::validate_txn_id;
 use twopc_shared::msg::Statement;
+use utoipa::openapi::OpenApi;
+use utoipa::{IntoParams, OpenApi as _, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-use crate::engine::{AckMode, Begun, Engine, ResolveAction, TxnError, TxnRequest};
+use crate::api::{
+    AbortError, AbortedBody, AdminListBody, ApiDoc, BegunBody, DecisionName, ErrorBody,
+    ErrorMessage, Errors, HealthBody, HealthStatus, InDoubtState, ListBody, ListState, Listed,
+    ParticipantHealth, RolledBackBody, TxnOutcome, TxnState, UnknownBody,
+};
+use crate::engine::{
+    AckMode, Begun, Committed, Engine, InDoubtEntry, RecoveryReport, ResolveAction, ResolveReport,
+    TxnError, TxnRequest, TxnStatus, TxnView,
+};
 use crate::participant::CallErrorKind;
 
 #[derive(Debug, Clone)]
@@ -129,26 +143,47 @@ pub fn router(engine: Engine, config: HttpConfig) -> Router {
     ))
 }
 
+/// Every route, and the OpenAPI document of the very same handlers (`routes!` reads
+/// each handler's `#[utoipa::path]`): a route cannot be added without being documented.
+fn api_routes() -> (Router<Engine>, OpenApi) {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(create_txn, list_txns))
+        .routes(routes!(get_txn))
+        .routes(routes!(statement))
+        .routes(routes!(commit))
+        .routes(routes!(rollback))
+        .routes(routes!(admin_list))
+        .routes(routes!(admin_show))
+        .routes(routes!(admin_resolve))
+        .routes(routes!(admin_recover))
+        .routes(routes!(healthz))
+        .routes(routes!(metrics))
+        .routes(routes!(openapi_json))
+        .split_for_parts()
+}
+
+/// The API's OpenAPI 3 document, as `GET /v1/openapi.json` serves it.
+pub fn openapi() -> OpenApi {
+    let mut doc = api_routes().1;
+    doc.info.version = twopc_shared::BUILD_VERSION.to_owned();
+    doc
+}
+
 fn routes(engine: Engine, config: &HttpConfig) -> Router {
-    Router::new()
-        .route("/v1/transactions", post(create_txn).get(list_txns))
-        .route("/v1/transactions/{id}", get(get_txn))
-        .route("/v1/transactions/{id}/statements", post(statement))
-        .route("/v1/transactions/{id}/commit", post(commit))
-        .route("/v1/transactions/{id}/rollback", post(rollback))
-        .route("/v1/admin/txns", get(admin_list))
-        .route("/v1/admin/txns/{id}", get(admin_show))
-        .route("/v1/admin/txns/{id}/resolve", post(admin_resolve))
-        .route("/v1/admin/recover", post(admin_recover))
-        .route("/healthz", get(healthz))
-        .route("/metrics", get(metrics))
+    let (router, _) = api_routes();
+    let doc = Arc::new(openapi());
+    router
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint".into()) })
         .layer(DefaultBodyLimit::max(config.max_body_bytes))
         .with_state(engine)
+        .layer(axum::Extension(doc))
 }
 
 fn error(status: StatusCode, message: String) -> Response {
-    (status, Json(json!({ "error": { "message": message } }))).into_response()
+    let body = ErrorBody {
+        error: ErrorMessage { message },
+    };
+    (status, Json(body)).into_response()
 }
 
 impl IntoResponse for TxnError {
@@ -166,169 +201,252 @@ impl IntoResponse for TxnError {
                 txn_id,
                 gid,
                 message,
-            } => (
-                StatusCode::GATEWAY_TIMEOUT,
-                Json(json!({
-                    "txn_id": txn_id,
-                    "gid": gid,
-                    "outcome": "unknown",
-                    "error": { "message": message },
-                })),
-            )
-                .into_response(),
+            } => {
+                let body = UnknownBody {
+                    txn_id,
+                    gid,
+                    outcome: TxnOutcome::Unknown,
+                    error: ErrorMessage { message },
+                };
+                (StatusCode::GATEWAY_TIMEOUT, Json(body)).into_response()
+            }
             TxnError::Aborted(info) => {
                 let status = if info.client_fault {
                     StatusCode::BAD_REQUEST
                 } else {
                     StatusCode::CONFLICT
                 };
-                (
-                    status,
-                    Json(json!({
-                        "txn_id": info.txn_id,
-                        "outcome": "aborted",
-                        "error": {
-                            "participant": info.participant,
-                            "code": info.code,
-                            "message": info.message,
-                        }
-                    })),
-                )
-                    .into_response()
+                let body = AbortedBody {
+                    txn_id: info.txn_id,
+                    outcome: TxnOutcome::Aborted,
+                    error: AbortError {
+                        participant: info.participant,
+                        code: info.code,
+                        message: info.message,
+                    },
+                };
+                (status, Json(body)).into_response()
             }
         }
     }
 }
 
-/// Parses a JSON body whatever its content type; an empty body reads as `{}`.
+/// Parses a JSON body whatever its content type; an empty body reads as `{}`. A body
+/// that could not be read (over `max_body_bytes`: 413) is a JSON error like any other.
 #[allow(clippy::result_large_err)] // axum responses are large; errors are rare
-fn parse_body<T: DeserializeOwned>(body: &Bytes) -> Result<T, Response> {
+fn parse_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, Response> {
+    let body = body.map_err(|e| error(e.status(), e.body_text()))?;
     let bytes: &[u8] = if body.iter().all(u8::is_ascii_whitespace) {
         b"{}"
     } else {
-        body
+        &body
     };
     serde_json::from_slice(bytes)
         .map_err(|e| error(StatusCode::BAD_REQUEST, format!("malformed JSON body: {e}")))
 }
 
-#[allow(clippy::result_large_err)]
-fn check_path_id(id: &str) -> Result<(), Response> {
-    validate_txn_id(id).map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string()))
+/// The `{id}` of a path, its rejection a JSON error like any other.
+struct PathId(String);
+
+impl<S: Send + Sync> FromRequestParts<S> for PathId {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<PathId, Response> {
+        Path::<String>::from_request_parts(parts, state)
+            .await
+            .map(|Path(id)| PathId(id))
+            .map_err(|e: PathRejection| error(e.status(), e.body_text()))
+    }
 }
 
-async fn create_txn(State(engine): State<Engine>, body: Bytes) -> Response {
-    let req: TxnRequest = match parse_body(&body) {
+/// The `{id}` of a client route: a txn id, checked.
+#[allow(clippy::result_large_err)]
+fn txn_id_of(id: PathId) -> Result<String, Response> {
+    validate_txn_id(&id.0).map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string()))?;
+    Ok(id.0)
+}
+
+/// A client route's txn id and its JSON body.
+#[allow(clippy::result_large_err)]
+fn txn_id_and_body<T: DeserializeOwned>(
+    id: PathId,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(String, T), Response> {
+    Ok((txn_id_of(id)?, parse_body(body)?))
+}
+
+/// Runs a one-shot transaction (with `branches`) or begins an interactive one (without).
+#[utoipa::path(post, path = "/v1/transactions", tag = "transactions",
+    request_body = TxnRequest,
+    responses(
+        (status = 200, description = "Committed (or, `replayed`, a retry of a committed txn id: nothing ran)", body = Committed,
+            links(("status" = (operation_id = "get_txn", parameters(("id" = "$response.body#/txn_id")))))),
+        (status = 201, description = "An interactive transaction began", body = BegunBody,
+            links(
+                ("statement" = (operation_id = "statement",
+                    parameters(("id" = "$response.body#/txn_id")),
+                    request_body = json!({"participant": "a", "sql": "SELECT 1", "params": []}))),
+                ("commit" = (operation_id = "commit", parameters(("id" = "$response.body#/txn_id")))),
+                ("rollback" = (operation_id = "rollback", parameters(("id" = "$response.body#/txn_id")))),
+                ("status" = (operation_id = "get_txn", parameters(("id" = "$response.body#/txn_id")))),
+            )),
+        Errors,
+    ))]
+async fn create_txn(State(engine): State<Engine>, body: Result<Bytes, BytesRejection>) -> Response {
+    let req: TxnRequest = match parse_body(body) {
         Ok(r) => r,
         Err(resp) => return resp,
     };
     if req.branches.is_some() {
-        match engine.run(req).await {
-            Ok(c) => (StatusCode::OK, Json(c)).into_response(),
-            Err(e) => e.into_response(),
+        return answer(engine.run(req).await);
+    }
+    if req.ack.is_some() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "ack is given at commit for an interactive transaction".into(),
+        );
+    }
+    match engine.begin(req).await {
+        Ok(Begun::Active(txn_id)) => {
+            let body = BegunBody {
+                txn_id,
+                state: TxnState::Active,
+            };
+            (StatusCode::CREATED, Json(body)).into_response()
         }
-    } else {
-        if req.ack.is_some() {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "ack is given at commit for an interactive transaction".into(),
-            );
-        }
-        match engine.begin(req).await {
-            Ok(Begun::Active(txn_id)) => (
-                StatusCode::CREATED,
-                Json(json!({ "txn_id": txn_id, "state": "active" })),
-            )
-                .into_response(),
-            Ok(Begun::Replayed(c)) => (StatusCode::OK, Json(c)).into_response(),
-            Err(e) => e.into_response(),
-        }
+        Ok(Begun::Replayed(c)) => Json(c).into_response(),
+        Err(e) => e.into_response(),
     }
 }
 
-#[derive(Debug, Deserialize)]
+/// 200 with the engine's answer, or its error.
+fn answer<T: serde::Serialize>(r: Result<T, TxnError>) -> Response {
+    match r {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// One statement of an interactive transaction.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct StatementRequest {
     participant: String,
     sql: String,
+    /// Positional parameters (`$1`, ...), bound to the types PostgreSQL reports.
     #[serde(default)]
     params: Vec<Value>,
 }
 
-async fn statement(State(engine): State<Engine>, Path(id): Path<String>, body: Bytes) -> Response {
-    if let Err(r) = check_path_id(&id) {
-        return r;
-    }
-    let req: StatementRequest = match parse_body(&body) {
-        Ok(r) => r,
-        Err(resp) => return resp,
+/// Runs one statement of interactive transaction `id` on one participant.
+#[utoipa::path(post, path = "/v1/transactions/{id}/statements", tag = "transactions",
+    params(("id" = String, Path, description = "The txn id", pattern = "^[A-Za-z0-9_.-]{1,128}$")),
+    request_body = StatementRequest,
+    responses((status = 200, description = "The statement ran", body = twopc_shared::msg::StmtResult), Errors))]
+async fn statement(
+    State(engine): State<Engine>,
+    id: PathId,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let (id, req): (String, StatementRequest) = match txn_id_and_body(id, body) {
+        Ok(v) => v,
+        Err(r) => return r,
     };
     let stmt = Statement {
         sql: req.sql,
         params: req.params,
     };
-    match engine.statement(&id, &req.participant, stmt).await {
-        Ok(r) => Json(r).into_response(),
-        Err(e) => e.into_response(),
-    }
+    answer(engine.statement(&id, &req.participant, stmt).await)
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// A commit's options (the body may be empty).
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CommitRequest {
     ack: Option<AckMode>,
 }
 
-async fn commit(State(engine): State<Engine>, Path(id): Path<String>, body: Bytes) -> Response {
-    if let Err(r) = check_path_id(&id) {
-        return r;
-    }
-    let req: CommitRequest = match parse_body(&body) {
-        Ok(r) => r,
-        Err(resp) => return resp,
+/// Commits interactive transaction `id` (again after a lost answer: `replayed`).
+#[utoipa::path(post, path = "/v1/transactions/{id}/commit", tag = "transactions",
+    params(("id" = String, Path, description = "The txn id", pattern = "^[A-Za-z0-9_.-]{1,128}$")),
+    request_body = Option<CommitRequest>,
+    responses((status = 200, description = "Committed", body = Committed), Errors))]
+async fn commit(
+    State(engine): State<Engine>,
+    id: PathId,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let (id, req): (String, CommitRequest) = match txn_id_and_body(id, body) {
+        Ok(v) => v,
+        Err(r) => return r,
     };
-    match engine.commit(&id, req.ack).await {
-        Ok(c) => Json(c).into_response(),
-        Err(e) => e.into_response(),
+    answer(engine.commit(&id, req.ack).await)
+}
+
+/// Rolls back interactive transaction `id`.
+#[utoipa::path(post, path = "/v1/transactions/{id}/rollback", tag = "transactions",
+    params(("id" = String, Path, description = "The txn id", pattern = "^[A-Za-z0-9_.-]{1,128}$")),
+    responses((status = 200, description = "Rolled back", body = RolledBackBody), Errors))]
+async fn rollback(State(engine): State<Engine>, id: PathId) -> Response {
+    let id = match txn_id_of(id) {
+        Ok(id) => id,
+        Err(r) => return r,
+    };
+    let r = engine.rollback(&id).await.map(|()| RolledBackBody {
+        txn_id: id.clone(),
+        outcome: TxnOutcome::Aborted,
+    });
+    answer(r)
+}
+
+/// What happened to `id`: its state while it runs, then its outcome (also after a
+/// restart, from the log; unknown to the log and not live: presumed abort).
+#[utoipa::path(get, path = "/v1/transactions/{id}", tag = "transactions",
+    params(("id" = String, Path, description = "The txn id", pattern = "^[A-Za-z0-9_.-]{1,128}$")),
+    responses((status = 200, description = "Its state or outcome", body = TxnStatus), Errors))]
+async fn get_txn(State(engine): State<Engine>, id: PathId) -> Response {
+    match txn_id_of(id) {
+        Ok(id) => Json(engine.status_settled(&id).await).into_response(),
+        Err(r) => r,
     }
 }
 
-async fn rollback(State(engine): State<Engine>, Path(id): Path<String>) -> Response {
-    if let Err(r) = check_path_id(&id) {
-        return r;
-    }
-    match engine.rollback(&id).await {
-        Ok(()) => Json(json!({ "txn_id": id, "outcome": "aborted" })).into_response(),
-        Err(e) => e.into_response(),
-    }
-}
-
-async fn get_txn(State(engine): State<Engine>, Path(id): Path<String>) -> Response {
-    if let Err(r) = check_path_id(&id) {
-        return r;
-    }
-    Json(engine.status_settled(&id).await).into_response()
-}
-
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct ListQuery {
-    state: Option<String>,
-    /// Without `state`: how many transactions to list (default 100, at most 1000).
+    /// Only transactions in this state; without it, the latest transactions.
+    state: Option<ListState>,
+    /// Without `state`: how many transactions to list (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<usize>,
 }
 
 /// Most transactions `GET /v1/transactions` lists without a filter.
 const LIST_LIMIT_MAX: usize = 1000;
 
+/// The latest transactions (running, then finished, newest first), or those in doubt.
+#[utoipa::path(get, path = "/v1/transactions", tag = "transactions",
+    params(ListQuery),
+    responses((status = 200, description = "The transactions", body = ListBody), Errors))]
 async fn list_txns(
     State(engine): State<Engine>,
     q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
     let q = match q {
         Ok(Query(q)) => q,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+        Err(e) => {
+            let message = format!(
+                "{}: use ?state=in_doubt, or no filter for the latest transactions \
+                 (?limit=N)",
+                e.body_text()
+            );
+            return error(StatusCode::BAD_REQUEST, message);
+        }
     };
-    match q.state.as_deref() {
+    let transactions = match q.state {
         None => {
             let limit = q.limit.unwrap_or(100);
             if limit == 0 || limit > LIST_LIMIT_MAX {
@@ -337,88 +455,99 @@ async fn list_txns(
                     format!("limit must be between 1 and {LIST_LIMIT_MAX}"),
                 );
             }
-            Json(json!({ "transactions": engine.recent(limit) })).into_response()
-        }
-        Some("in_doubt") => {
-            // Decided but not acknowledged everywhere (from the log), then prepared
-            // branches that recovery has yet to roll back.
-            let mut list: Vec<Value> = engine
-                .in_doubt()
+            engine
+                .recent(limit)
                 .into_iter()
-                .filter_map(|e| serde_json::to_value(e).ok())
-                .collect();
-            for v in engine.inspect_all().await {
-                if v.decision == "committed" || v.decision == "running" {
-                    continue;
-                }
-                let on: Vec<&str> = v
-                    .branches
-                    .iter()
-                    .filter(|b| b.prepared.is_some())
-                    .map(|b| b.participant.as_str())
-                    .collect();
-                if on.is_empty() {
-                    continue;
-                }
-                list.push(json!({
-                    "txn_id": v.txn_id.clone().unwrap_or_else(|| v.gid.clone()),
-                    "gid": v.gid,
-                    "state": "prepared_awaiting_recovery",
-                    "pending": on,
-                    "age_ms": v.age_ms,
-                }));
-            }
-            Json(json!({ "transactions": list })).into_response()
+                .map(Listed::Status)
+                .collect()
         }
-        Some(other) => error(
-            StatusCode::BAD_REQUEST,
-            format!(
-                "unsupported state filter {other:?}: use ?state=in_doubt, or no filter for \
-                 the latest transactions (?limit=N)"
-            ),
-        ),
-    }
+        Some(ListState::InDoubt) => in_doubt_listing(&engine).await,
+    };
+    Json(ListBody { transactions }).into_response()
 }
 
+/// Decided but not acknowledged everywhere (from the log), then prepared branches that
+/// recovery has yet to roll back.
+async fn in_doubt_listing(engine: &Engine) -> Vec<Listed> {
+    let mut list: Vec<Listed> = engine.in_doubt().into_iter().map(Listed::InDoubt).collect();
+    for v in engine.inspect_all().await {
+        if matches!(v.decision, DecisionName::Committed | DecisionName::Running) {
+            continue;
+        }
+        let pending: Vec<String> = v
+            .branches
+            .iter()
+            .filter(|b| b.prepared.is_some())
+            .map(|b| b.participant.clone())
+            .collect();
+        if pending.is_empty() {
+            continue;
+        }
+        list.push(Listed::InDoubt(InDoubtEntry {
+            txn_id: v.txn_id.clone().unwrap_or_else(|| v.gid.clone()),
+            gid: v.gid,
+            state: InDoubtState::PreparedAwaitingRecovery,
+            pending,
+            age_ms: v.age_ms.unwrap_or(0),
+        }));
+    }
+    list
+}
+
+/// The operator's view: every GID some participant holds prepared or the log has not
+/// finished, with the log's decision beside each participant's `pg_prepared_xacts` row.
+#[utoipa::path(get, path = "/v1/admin/txns", tag = "admin",
+    responses((status = 200, description = "Every open GID", body = AdminListBody), Errors))]
 async fn admin_list(State(engine): State<Engine>) -> Response {
-    Json(json!({ "transactions": engine.inspect_all().await })).into_response()
+    let transactions = engine.inspect_all().await;
+    Json(AdminListBody { transactions }).into_response()
 }
 
-async fn admin_show(State(engine): State<Engine>, Path(id): Path<String>) -> Response {
-    match engine.inspect(&id).await {
-        Ok(v) => Json(v).into_response(),
-        Err(e) => e.into_response(),
-    }
+/// The operator's view of one GID (or of a txn id's latest attempt).
+#[utoipa::path(get, path = "/v1/admin/txns/{id}", tag = "admin",
+    params(("id" = String, Path, description = "A GID or a txn id")),
+    responses((status = 200, description = "What the log and the participants say", body = TxnView), Errors))]
+async fn admin_show(State(engine): State<Engine>, id: PathId) -> Response {
+    answer(engine.inspect(&id.0).await)
 }
 
-#[derive(Debug, Deserialize)]
+/// An operator's resolve of one GID.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ResolveRequest {
     action: ResolveAction,
+    /// Say what would be done, do nothing.
     #[serde(default)]
     dry_run: bool,
+    /// Contradict the log's decision (or commit a GID with none).
     #[serde(default)]
     force: bool,
 }
 
+/// Commits or rolls back a GID by hand; refuses to contradict the log without `force`.
+#[utoipa::path(post, path = "/v1/admin/txns/{id}/resolve", tag = "admin",
+    params(("id" = String, Path, description = "The GID")),
+    request_body = ResolveRequest,
+    responses((status = 200, description = "What was (or would be) done", body = ResolveReport), Errors))]
 async fn admin_resolve(
     State(engine): State<Engine>,
-    Path(id): Path<String>,
-    body: Bytes,
+    id: PathId,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let req: ResolveRequest = match parse_body(&body) {
+    let req: ResolveRequest = match parse_body(body) {
         Ok(r) => r,
         Err(resp) => return resp,
     };
-    match engine
-        .resolve(&id, req.action, req.dry_run, req.force)
-        .await
-    {
-        Ok(r) => Json(r).into_response(),
-        Err(e) => e.into_response(),
-    }
+    answer(
+        engine
+            .resolve(&id.0, req.action, req.dry_run, req.force)
+            .await,
+    )
 }
 
+/// Runs one recovery pass now.
+#[utoipa::path(post, path = "/v1/admin/recover", tag = "admin",
+    responses((status = 200, description = "What the pass did", body = RecoveryReport), Errors))]
 async fn admin_recover(State(engine): State<Engine>) -> Response {
     Json(engine.recover_once().await).into_response()
 }
@@ -426,40 +555,55 @@ async fn admin_recover(State(engine): State<Engine>) -> Response {
 /// Liveness and readiness: 503 when the coordinator cannot take transactions (the
 /// `reasons` say why); each participant with whether its latest call got an answer and
 /// since when.
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses(
+        (status = 200, description = "Takes transactions", body = HealthBody),
+        (status = 503, description = "Cannot take transactions (see reasons)", body = HealthBody),
+    ))]
 async fn healthz(State(engine): State<Engine>) -> Response {
     let reasons = engine.not_ready();
     let now = std::time::SystemTime::now();
-    let participants: Vec<Value> = engine
+    let participants = engine
         .participants()
         .into_iter()
         .map(|p| {
             let reach = p.health().reach();
-            json!({
-                "name": p.name(),
-                "reachable": reach.reachable,
-                "since_unix_ms": unix_ms(reach.since),
-                "for_ms": now.duration_since(reach.since).map(|d| d.as_millis() as u64).unwrap_or(0),
-            })
+            ParticipantHealth {
+                name: p.name().to_owned(),
+                reachable: reach.reachable,
+                since_unix_ms: unix_ms(reach.since),
+                for_ms: now
+                    .duration_since(reach.since)
+                    .map(|d| d.as_millis() as u64)
+                    .unwrap_or(0),
+            }
         })
         .collect();
-    let status = if reasons.is_empty() {
-        StatusCode::OK
+    let (status, health) = if reasons.is_empty() {
+        (StatusCode::OK, HealthStatus::Ok)
     } else {
-        StatusCode::SERVICE_UNAVAILABLE
+        (StatusCode::SERVICE_UNAVAILABLE, HealthStatus::Unavailable)
     };
-    let body = json!({
-        "status": if reasons.is_empty() { "ok" } else { "unavailable" },
-        "reasons": reasons,
-        "coordinator_id": engine.config().coordinator_id,
-        "epoch": engine.epoch(),
-        "version": twopc_shared::BUILD_VERSION,
-        "uptime_s": engine.uptime().as_secs(),
-        "open_txns": engine.open_txns(),
-        "max_open_txns": engine.config().max_open_txns,
-        "recovery_passes": engine.counters().recovery_passes.load(Ordering::Relaxed),
-        "participants": participants,
-    });
+    let body = HealthBody {
+        status: health,
+        reasons,
+        coordinator_id: engine.config().coordinator_id.clone(),
+        epoch: engine.epoch(),
+        version: twopc_shared::BUILD_VERSION.to_owned(),
+        uptime_s: engine.uptime().as_secs(),
+        open_txns: engine.open_txns(),
+        max_open_txns: engine.config().max_open_txns,
+        recovery_passes: engine.counters().recovery_passes.load(Ordering::Relaxed),
+        participants,
+    };
     (status, Json(body)).into_response()
+}
+
+/// This document.
+#[utoipa::path(get, path = "/v1/openapi.json", tag = "operations",
+    responses((status = 200, description = "The API's OpenAPI 3 document", body = Object), Errors))]
+async fn openapi_json(axum::Extension(doc): axum::Extension<Arc<OpenApi>>) -> Response {
+    Json(doc.as_ref()).into_response()
 }
 
 fn unix_ms(t: std::time::SystemTime) -> u64 {
@@ -568,6 +712,9 @@ fn participant_metrics(m: &mut Metrics, engine: &Engine) {
     }
 }
 
+/// Prometheus text exposition.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text", body = String, content_type = "text/plain"), Errors))]
 async fn metrics(State(engine): State<Engine>) -> Response {
     let c = engine.counters();
     let log = engine.log().stats();
@@ -675,4 +822,43 @@ async fn metrics(State(engine): State<Engine>) -> Response {
         m.0,
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every `$ref` in `v`.
+    fn refs<'a>(v: &'a Value, out: &mut Vec<&'a str>) {
+        match v {
+            Value::Object(m) => {
+                if let Some(Value::String(r)) = m.get("$ref") {
+                    out.push(r);
+                }
+                m.values().for_each(|v| refs(v, out));
+            }
+            Value::Array(a) => a.iter().for_each(|v| refs(v, out)),
+            _ => {}
+        }
+    }
+
+    #[test]
+    fn every_schema_the_document_names_is_in_it() {
+        let doc = serde_json::to_value(openapi()).unwrap();
+        let schemas = doc["components"]["schemas"].as_object().unwrap();
+        let mut named = Vec::new();
+        refs(&doc, &mut named);
+        assert!(named.len() > 20, "{named:?}");
+        for r in named {
+            let name = r.strip_prefix("#/components/schemas/").unwrap();
+            assert!(schemas.contains_key(name), "{r} is not in the document");
+        }
+    }
+
+    #[test]
+    fn the_document_is_openapi_3_with_a_version() {
+        let doc = serde_json::to_value(openapi()).unwrap();
+        assert!(doc["openapi"].as_str().unwrap().starts_with("3."), "{doc}");
+        assert_eq!(doc["info"]["version"], twopc_shared::BUILD_VERSION);
+    }
 }

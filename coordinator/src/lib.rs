@@ -2,7 +2,8 @@
 //! two-phase commit and a durable decision log.
 //!
 //! Module map:
-//! - [`http`]: the client API (axum) over the [`engine`].
+//! - [`http`]: the client API (axum) over the [`engine`]; [`api`]: its wire types and
+//!   OpenAPI document.
 //! - [`engine`]: the transaction state machine: fan-out, votes, decision, phase 2,
 //!   timeouts, outcomes.
 //! - [`decision_log`]: append-only CRC'd segments with group commit; the only thing the
@@ -15,6 +16,7 @@
 //!   workload and its invariant checker, and the `demo` command built on them (the test
 //!   kit reuses the first two).
 
+pub mod api;
 pub mod bank;
 pub mod certs;
 pub mod cli;

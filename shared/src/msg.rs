@@ -194,6 +194,7 @@ pub enum Finish {
     CommitDecision,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Isolation {
@@ -215,6 +216,7 @@ impl Isolation {
 
 /// One SQL statement with positional parameters (`$1`, `$2`, ...), bound to the types
 /// PostgreSQL reports for them.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Statement {
     pub sql: String,
@@ -223,6 +225,7 @@ pub struct Statement {
 }
 
 /// Result of one statement.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct StmtResult {
     pub rows_affected: u64,
@@ -331,6 +334,7 @@ pub enum CommitAck {
 }
 
 /// A prepared transaction as `pg_prepared_xacts` shows it.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PreparedBranch {
     pub gid: String,

@@ -456,7 +456,7 @@ async fn http_floor() -> anyhow::Result<(std::net::SocketAddr, CancellationToken
         match serde_json::from_slice::<TxnRequest>(&body) {
             Ok(req) => axum::Json(Committed {
                 txn_id: req.txn_id.unwrap_or_default(),
-                outcome: "committed",
+                outcome: twopc_coordinator::api::TxnOutcome::Committed,
                 branches: vec![],
                 pending: vec![],
                 replayed: false,
