@@ -12,6 +12,8 @@ use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
+use twopc_client::Transaction;
+
 use crate::bank::{credit_statements, debit_statements, Expectation};
 
 /// A client that got no answer waits this long before its next transfer.
@@ -159,8 +161,8 @@ pub enum Told {
     Unknown,
 }
 
-/// A GET after an unknown answer polls this many times, 100 ms apart.
-const GET_POLLS_MAX: u32 = 30;
+/// How long a client asks `GET` for an outcome after an unknown answer.
+const GET_POLL_MS: u64 = 3_000;
 
 /// One transaction's plan: databases (indexes into `participants`), accounts, amount.
 struct Plan {
@@ -169,42 +171,43 @@ struct Plan {
     amount: i64,
 }
 
-fn stmt_values(v: Vec<(String, Vec<Value>)>) -> Vec<Value> {
-    v.into_iter()
-        .map(|(sql, params)| json!({ "sql": sql, "params": params }))
-        .collect()
+/// Adds `statements` on `participant` to `txn`.
+fn with(txn: Transaction, participant: &str, statements: Vec<(String, Vec<Value>)>) -> Transaction {
+    statements.into_iter().fold(txn, |t, (sql, params)| {
+        t.statement(participant, &sql, params)
+    })
 }
 
-/// The one-shot body of `shape` (interactive shapes have none).
-fn one_shot_body(shape: Shape, txn_id: &str, names: &[String], plan: &Plan) -> Option<Value> {
+/// The one-shot transaction of `shape` (interactive shapes have none).
+fn one_shot(shape: Shape, txn_id: &str, names: &[String], plan: &Plan) -> Option<Transaction> {
     let [i, j, k] = plan.dbs.map(|d| names[d].as_str());
     let [from, to] = plan.accounts;
     let amount = plan.amount;
-    let both_legs = || {
-        let mut v = stmt_values(debit_statements(txn_id, from, amount));
-        v.extend(stmt_values(credit_statements(txn_id, to, amount)));
-        v
-    };
-    let branches = match shape {
-        Shape::Transfer => return Some(transfer_body(txn_id, (i, from), (j, to), amount)),
-        Shape::WriterAndReader => json!([
-            { "participant": i, "statements": both_legs() },
-            { "participant": j, "statements": [{"sql": "SELECT count(*) FROM acct WHERE bal >= 0", "params": []}] },
-        ]),
-        Shape::SingleDatabase => json!([{ "participant": i, "statements": both_legs() }]),
+    let debit = || debit_statements(txn_id, from, amount);
+    let credit = |n| credit_statements(txn_id, to, n);
+    let t = Transaction::with_id(txn_id);
+    Some(match shape {
+        Shape::Transfer => with(with(t, i, debit()), j, credit(amount)),
+        Shape::WriterAndReader => {
+            let read = vec![(
+                "SELECT count(*) FROM acct WHERE bal >= 0".to_owned(),
+                vec![],
+            )];
+            with(with(with(t, i, debit()), i, credit(amount)), j, read)
+        }
+        Shape::SingleDatabase => with(with(t, i, debit()), i, credit(amount)),
         Shape::ThreeWay => {
             let part = (amount / 2).max(1);
-            json!([
-                { "participant": i, "statements": stmt_values(debit_statements(txn_id, from, amount)) },
-                { "participant": j, "statements": stmt_values(credit_statements(txn_id, to, part)) },
-                { "participant": k, "statements": stmt_values(credit_statements(txn_id, to, amount - part)) },
-            ])
+            with(
+                with(with(t, i, debit()), j, credit(part)),
+                k,
+                credit(amount - part),
+            )
         }
         Shape::Interactive | Shape::InteractiveRolledBack | Shape::InteractiveFailing => {
             return None
         }
-    };
-    Some(json!({ "txn_id": txn_id, "branches": branches }))
+    })
 }
 
 /// What a client learns from a POST's answer.
@@ -219,67 +222,33 @@ pub fn told_by(status: u16, v: &Value) -> Told {
     }
 }
 
+/// One workload client: the application's client crate, and what it was told.
 struct Client {
-    http: reqwest::Client,
+    client: twopc_client::Client,
     config: Arc<WorkloadConfig>,
-    /// SQLSTATE of every error answer, counted (see `WorkloadReport::error_codes`).
+    /// SQLSTATE of every abort, counted (see `WorkloadReport::error_codes`).
     error_codes: Arc<std::sync::Mutex<std::collections::BTreeMap<String, u64>>>,
 }
 
 impl Client {
-    async fn post(&self, path: &str, body: &Value) -> Option<(u16, Value)> {
-        let resp = self
-            .http
-            .post(format!("{}{path}", self.config.base_url))
-            .json(body)
-            .send()
-            .await
-            .ok()?;
-        let status = resp.status().as_u16();
-        let v = resp.json().await.unwrap_or(Value::Null);
-        if let Some(code) = v.pointer("/error/code").and_then(Value::as_str) {
-            let mut codes = self
-                .error_codes
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            *codes.entry(code.to_owned()).or_insert(0) += 1;
-        }
-        Some((status, v))
-    }
-
-    /// Asks the coordinator what happened to `txn_id` until it says (bounded).
-    async fn ask(&self, txn_id: &str) -> Told {
-        for _ in 0..GET_POLLS_MAX {
-            let url = format!("{}/v1/transactions/{txn_id}", self.config.base_url);
-            if let Ok(resp) = self.http.get(url).send().await {
-                let v: Value = resp.json().await.unwrap_or(Value::Null);
-                match v.get("outcome").and_then(Value::as_str) {
-                    Some("committed") => return Told::Committed,
-                    Some("aborted") => return Told::Aborted,
-                    _ => {}
+    /// What the application learns from a result, with an abort's SQLSTATE counted.
+    fn told<T>(&self, r: &Result<T, twopc_client::Error>) -> Told {
+        use twopc_client::Error as E;
+        match r {
+            Ok(_) => Told::Committed,
+            Err(E::Aborted { code, .. }) => {
+                if let Some(code) = code {
+                    let mut codes = self
+                        .error_codes
+                        .lock()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner());
+                    *codes.entry(code.clone()).or_insert(0) += 1;
                 }
+                Told::Aborted
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        Told::Unknown
-    }
-
-    /// A one-shot transaction; after an unknown answer, `GET`, and if that says
-    /// `aborted`, the same request again (the same txn id: a retry is safe).
-    async fn one_shot(&self, txn_id: &str, body: &Value) -> Told {
-        let first = match self.post("/v1/transactions", body).await {
-            Some((status, v)) => told_by(status, &v),
-            None => Told::Unknown,
-        };
-        if !matches!(first, Told::Unknown) || !self.config.retry_unknown {
-            return first;
-        }
-        match self.ask(txn_id).await {
-            Told::Aborted => match self.post("/v1/transactions", body).await {
-                Some((status, v)) => told_by(status, &v),
-                None => Told::Unknown,
-            },
-            told => told,
+            // Nothing ran: refused, or never sent.
+            Err(E::Refused { .. } | E::Unavailable { .. } | E::Transport(_)) => Told::Aborted,
+            Err(E::OutcomeUnknown { .. } | E::Protocol { .. } | E::Config(_)) => Told::Unknown,
         }
     }
 
@@ -287,10 +256,7 @@ impl Client {
     /// so any failure before it is an abort (the rollback is best effort: the
     /// coordinator's timeouts end what it misses).
     async fn interactive(&self, shape: Shape, txn_id: &str, names: &[String], plan: &Plan) -> Told {
-        let Some((201, _)) = self
-            .post("/v1/transactions", &json!({ "txn_id": txn_id }))
-            .await
-        else {
+        let Ok(t) = self.client.begin_with(txn_id, None, None).await else {
             return Told::Aborted;
         };
         let [i, j, _] = plan.dbs.map(|d| names[d].as_str());
@@ -309,29 +275,20 @@ impl Client {
                 .into_iter()
                 .map(|s| (j, s)),
         );
-        let path = format!("/v1/transactions/{txn_id}");
         for (participant, (sql, params)) in steps {
-            let body = json!({ "participant": participant, "sql": sql, "params": params });
-            match self.post(&format!("{path}/statements"), &body).await {
-                Some((200, _)) => {}
-                _ => {
-                    let _ = self.post(&format!("{path}/rollback"), &json!({})).await;
-                    return Told::Aborted;
-                }
+            let r = t.execute(participant, &sql, params).await;
+            if r.is_err() {
+                self.told(&r);
+                let _ = t.rollback().await;
+                return Told::Aborted;
             }
         }
         if shape == Shape::InteractiveRolledBack {
-            let _ = self.post(&format!("{path}/rollback"), &json!({})).await;
+            let _ = t.rollback().await;
             return Told::Aborted;
         }
-        let first = match self.post(&format!("{path}/commit"), &json!({})).await {
-            Some((status, v)) => told_by(status, &v),
-            None => Told::Unknown,
-        };
-        match first {
-            Told::Unknown if self.config.retry_unknown => self.ask(txn_id).await,
-            told => told,
-        }
+        let r = t.commit().await;
+        self.told(&r)
     }
 }
 
@@ -354,9 +311,23 @@ pub async fn run(config: WorkloadConfig) -> anyhow::Result<WorkloadReport> {
         "no shape fits {} participants",
         config.participants.len()
     );
-    let http = reqwest::Client::builder()
-        .timeout(config.request_timeout)
-        .pool_max_idle_per_host(config.clients)
+    // Without retry_unknown the first answer is what the client is told.
+    let retry = if config.retry_unknown {
+        twopc_client::RetryPolicy {
+            attempts_max: 2,
+            settle_timeout: Duration::from_millis(GET_POLL_MS),
+            ..twopc_client::RetryPolicy::default()
+        }
+    } else {
+        twopc_client::RetryPolicy {
+            attempts_max: 1,
+            settle_timeout: Duration::ZERO,
+            ..twopc_client::RetryPolicy::default()
+        }
+    };
+    let api = twopc_client::Client::builder(&config.base_url)
+        .request_timeout(config.request_timeout)
+        .retry(retry)
         .build()?;
     let issued = Arc::new(AtomicU64::new(0));
     let error_codes = Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::new()));
@@ -369,7 +340,7 @@ pub async fn run(config: WorkloadConfig) -> anyhow::Result<WorkloadReport> {
         let issued = issued.clone();
         let shapes = shapes.clone();
         let c = Client {
-            http: http.clone(),
+            client: api.clone(),
             config: config.clone(),
             error_codes: error_codes.clone(),
         };
@@ -403,8 +374,8 @@ pub async fn run(config: WorkloadConfig) -> anyhow::Result<WorkloadReport> {
                     amount: rng.gen_range(2..=config.max_amount.max(2)),
                 };
                 let t0 = Instant::now();
-                let told = match one_shot_body(shape, &txn_id, &config.participants, &plan) {
-                    Some(body) => c.one_shot(&txn_id, &body).await,
+                let told = match one_shot(shape, &txn_id, &config.participants, &plan) {
+                    Some(txn) => c.told(&c.client.run(&txn).await),
                     None => {
                         c.interactive(shape, &txn_id, &config.participants, &plan)
                             .await
