@@ -1,7 +1,6 @@
 //! An answer, classified once, and the one retry rule over it.
 
 use serde::Deserialize;
-use serde_json::Value;
 use twopc_shared::msg::StmtResult;
 
 use crate::types::{Committed, Outcome, Status};
@@ -45,6 +44,17 @@ pub enum Answer {
         status: u16,
         body: String,
     },
+}
+
+/// The kind of answer a request wants: a 200 is read as that kind (the shapes overlap:
+/// a rollback's answer and a presumed abort's status are both `{txn_id, outcome}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// A one-shot transaction, a begin, or a commit: `Committed` (or 201 for a begin).
+    Committed,
+    Statement,
+    RolledBack,
+    Status,
 }
 
 /// What to do after an answer.
@@ -94,8 +104,8 @@ impl Answer {
         }
     }
 
-    /// Classifies a status and body.
-    pub fn classify(status: u16, body: &[u8]) -> Answer {
+    /// Classifies a status and body, a 200 as the `expect`ed kind.
+    pub fn classify(status: u16, body: &[u8], expect: Expect) -> Answer {
         let unexpected = || Answer::Unexpected {
             status,
             body: String::from_utf8_lossy(body).chars().take(500).collect(),
@@ -103,13 +113,13 @@ impl Answer {
         let outcome = serde_json::from_slice::<OutcomeOnly>(body)
             .ok()
             .and_then(|o| o.outcome);
-        let message = || {
-            serde_json::from_slice::<ErrorBody>(body)
-                .map(|e| e.error.message)
-                .unwrap_or_else(|_| String::from_utf8_lossy(body).chars().take(500).collect())
+        let coordinator_error = serde_json::from_slice::<ErrorBody>(body).ok();
+        let message = || match &coordinator_error {
+            Some(e) => e.error.message.clone(),
+            None => String::from_utf8_lossy(body).chars().take(500).collect(),
         };
         match status {
-            200 => Self::ok(body).unwrap_or_else(unexpected),
+            200 => Self::ok(body, expect).unwrap_or_else(unexpected),
             201 => Answer::Begun,
             400 | 409 if outcome == Some(Outcome::Aborted) => {
                 match serde_json::from_slice::<ErrorBody>(body) {
@@ -122,10 +132,13 @@ impl Answer {
                 }
             }
             409 => Answer::Conflict { message: message() },
-            429 | 503 => Answer::Busy {
+            // The coordinator's own refusal ran nothing; a proxy's 503 (no such body)
+            // may have come after it forwarded the request.
+            429 | 503 if coordinator_error.is_some() => Answer::Busy {
                 status,
                 message: message(),
             },
+            503 => Answer::Lost(format!("{status}: {}", message())),
             400..=499 => Answer::Refused {
                 status,
                 message: message(),
@@ -135,21 +148,17 @@ impl Answer {
         }
     }
 
-    /// A 200: which answer it is, by its fields.
-    fn ok(body: &[u8]) -> Option<Answer> {
-        let v: Value = serde_json::from_slice(body).ok()?;
-        if v.get("branches").is_some() {
-            return serde_json::from_value(v).ok().map(Answer::Committed);
-        }
-        if v.get("rows_affected").is_some() {
-            return serde_json::from_value(v).ok().map(Answer::Statement);
-        }
-        match v.get("outcome").and_then(Value::as_str) {
-            Some("aborted") if v.get("state").is_none() && v.as_object()?.len() == 2 => {
-                Some(Answer::RolledBack)
+    /// A 200 read as the kind wanted.
+    fn ok(body: &[u8], expect: Expect) -> Option<Answer> {
+        Some(match expect {
+            Expect::Committed => Answer::Committed(serde_json::from_slice(body).ok()?),
+            Expect::Statement => Answer::Statement(serde_json::from_slice(body).ok()?),
+            Expect::Status => Answer::Status(serde_json::from_slice(body).ok()?),
+            Expect::RolledBack => {
+                let o: OutcomeOnly = serde_json::from_slice(body).ok()?;
+                (o.outcome == Some(Outcome::Aborted)).then_some(Answer::RolledBack)?
             }
-            _ => serde_json::from_value(v).ok().map(Answer::Status),
-        }
+        })
     }
 
     /// The final answer of a commit.
@@ -200,7 +209,12 @@ mod tests {
     use super::*;
 
     fn classify(status: u16, body: serde_json::Value) -> Answer {
-        Answer::classify(status, body.to_string().as_bytes())
+        let expect = if body.get("rows_affected").is_some() {
+            Expect::Statement
+        } else {
+            Expect::Committed
+        };
+        Answer::classify(status, body.to_string().as_bytes(), expect)
     }
 
     #[test]
@@ -210,17 +224,27 @@ mod tests {
             serde_json::json!({"txn_id": "t", "outcome": "committed", "branches": []}),
         );
         assert!(matches!(c, Answer::Committed(_)), "{c:?}");
-        let r = classify(
-            200,
-            serde_json::json!({"txn_id": "t", "outcome": "aborted"}),
-        );
+        // A rollback's answer and a presumed abort's status have the same shape: what
+        // was asked decides (found by review: a presumed abort read as a rollback).
+        let body = br#"{"txn_id": "t", "outcome": "aborted"}"#;
+        let r = Answer::classify(200, body, Expect::RolledBack);
         assert!(matches!(r, Answer::RolledBack), "{r:?}");
-        let s = classify(
-            200,
-            serde_json::json!({"txn_id": "t", "outcome": "aborted", "gid": "g"}),
+        let s = Answer::classify(200, body, Expect::Status);
+        assert!(
+            matches!(
+                s,
+                Answer::Status(Status {
+                    outcome: Some(Outcome::Aborted),
+                    ..
+                })
+            ),
+            "{s:?}"
         );
-        assert!(matches!(s, Answer::Status(_)), "{s:?}");
-        let s = classify(200, serde_json::json!({"txn_id": "t", "state": "in_doubt"}));
+        let s = Answer::classify(
+            200,
+            br#"{"txn_id": "t", "state": "in_doubt"}"#,
+            Expect::Status,
+        );
         assert!(matches!(s, Answer::Status(_)), "{s:?}");
         let st = classify(200, serde_json::json!({"rows_affected": 1, "rows": []}));
         assert!(matches!(st, Answer::Statement(_)), "{st:?}");
@@ -248,6 +272,9 @@ mod tests {
             serde_json::json!({"error": {"message": "shutting down"}}),
         );
         assert!(matches!(b, Answer::Busy { status: 503, .. }), "{b:?}");
+        // A proxy's 503 is no proof that nothing ran.
+        let p = Answer::classify(503, b"upstream gone", Expect::Committed);
+        assert!(matches!(p, Answer::Lost(_)), "{p:?}");
         let bad = classify(400, serde_json::json!({"error": {"message": "malformed"}}));
         assert!(
             matches!(bad, Answer::Refused { status: 400, .. }),

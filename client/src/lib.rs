@@ -29,13 +29,21 @@
 //! coordinator runs a txn id at most once to a commit, and answers a retry of a committed
 //! one with its recorded outcome (`replayed`) without running anything. The client
 //! retries by one rule ([`next_step`]):
-//! - refused before anything ran (429, 503): wait and send the same request again;
-//! - the answer was lost (a network error, a timeout, 504) or another attempt of the
-//!   txn id is still running (409): ask `GET /v1/transactions/{id}` until it has an
-//!   outcome; committed → that is the answer; aborted → a one-shot transaction is sent
-//!   again (an interactive one cannot be: its statements are gone); unknown → the error
-//!   says so, and nothing is retried;
+//! - refused by the coordinator before anything ran (its JSON 429 or 503), or not
+//!   connected: wait and send the same request again;
+//! - the answer was lost (a network error, a timeout, 504, a proxy's 5xx) or another
+//!   attempt of the txn id is still running (409): ask `GET /v1/transactions/{id}` until
+//!   it has an outcome; committed → that is the answer (`replayed`, without results);
+//!   aborted → a one-shot transaction is sent again; an interactive commit is sent again
+//!   only if `GET` says the transaction is still active (the commit never arrived);
+//!   unknown → the error says so;
 //! - aborted, or bad input: the answer, at once.
+//!
+//! After a lost answer, a one-shot transaction is never reported aborted: the lost
+//! request may still reach the coordinator and run (a txn id that aborted may run
+//! again), so anything short of a commit is [`Error::OutcomeUnknown`]; ask
+//! [`Client::status`] later. An interactive statement whose answer was lost ends its
+//! transaction: the client rolls it back and will not commit it.
 //!
 //! One [`Client`] keeps its connections alive (HTTP/1.1 keep-alive) and is cheap to
 //! clone; share it.
@@ -43,6 +51,7 @@
 mod answer;
 mod types;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -50,7 +59,7 @@ use serde_json::{json, Value};
 use tracing::debug;
 use twopc_core::backoff::Backoff;
 
-pub use answer::{next_step, Answer, Step};
+pub use answer::{next_step, Answer, Expect, Step};
 pub use twopc_shared::msg::{Isolation, Statement, StmtResult};
 pub use types::{Ack, BranchResults, Committed, Outcome, State, Status};
 
@@ -93,7 +102,7 @@ pub enum Error {
 /// How long the client keeps trying.
 #[derive(Debug, Clone)]
 pub struct RetryPolicy {
-    /// Most sends of one request (the first included).
+    /// Most sends of one request (the first included; at least 1).
     pub attempts_max: u32,
     /// How long to ask `GET` for an outcome after a lost answer.
     pub settle_timeout: Duration,
@@ -105,7 +114,7 @@ pub struct RetryPolicy {
 impl Default for RetryPolicy {
     fn default() -> Self {
         RetryPolicy {
-            attempts_max: 5,
+            attempts_max: 10,
             settle_timeout: Duration::from_secs(30),
             backoff_min: Duration::from_millis(50),
             backoff_max: Duration::from_secs(2),
@@ -143,8 +152,8 @@ impl ClientBuilder {
         self
     }
 
-    /// How long one request may take before its answer counts as lost (default 30 s;
-    /// keep it above the coordinator's transaction timeout).
+    /// How long one request may take before its answer counts as lost (default 60 s;
+    /// keep it above the coordinator's transaction timeout and commit wait).
     pub fn request_timeout(mut self, timeout: Duration) -> Self {
         self.request_timeout = timeout;
         self
@@ -296,6 +305,9 @@ impl Transaction {
 pub struct Interactive {
     client: Client,
     txn_id: String,
+    /// A statement's answer was lost: it may have run, so the transaction may only be
+    /// rolled back.
+    interrupted: AtomicBool,
 }
 
 impl Client {
@@ -306,13 +318,14 @@ impl Client {
             token: None,
             ca_pem: None,
             identity_pem: None,
-            request_timeout: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(60),
             retry: RetryPolicy::default(),
         }
     }
 
     /// Runs a one-shot transaction to its outcome, retrying by [`next_step`].
     pub async fn run(&self, txn: &Transaction) -> Result<Committed, Error> {
+        check_txn_id(&txn.txn_id)?;
         let body = serde_json::to_value(txn).map_err(|e| Error::Config(e.to_string()))?;
         self.until_outcome(&txn.txn_id, "/v1/transactions", &body, true)
             .await
@@ -339,19 +352,29 @@ impl Client {
         if let Some(t) = timeout_ms {
             body["timeout_ms"] = json!(t);
         }
+        check_txn_id(txn_id)?;
+        let attempts_max = self.retry.attempts_max.max(1);
         let mut backoff = self.backoff();
-        for attempt in 1..=self.retry.attempts_max {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
             match self
-                .send(reqwest::Method::POST, "/v1/transactions", Some(&body))
+                .send(
+                    reqwest::Method::POST,
+                    "/v1/transactions",
+                    Some(&body),
+                    Expect::Committed,
+                )
                 .await
             {
                 Answer::Begun => {
                     return Ok(Interactive {
                         client: self.clone(),
                         txn_id: txn_id.to_owned(),
+                        interrupted: AtomicBool::new(false),
                     })
                 }
-                Answer::Busy { status, message } if attempt < self.retry.attempts_max => {
+                Answer::Busy { status, message } if attempt < attempts_max => {
                     debug!(txn_id, status, %message, "begin refused for now; retrying");
                     sleep(&mut backoff).await;
                 }
@@ -364,42 +387,72 @@ impl Client {
                 other => return Err(other.into_error(txn_id)),
             }
         }
-        unreachable!("the last attempt returns")
     }
 
     /// What the coordinator knows of `txn_id` now.
     pub async fn status(&self, txn_id: &str) -> Result<Status, Error> {
+        check_txn_id(txn_id)?;
         let path = format!("/v1/transactions/{txn_id}");
-        match self.send(reqwest::Method::GET, &path, None).await {
+        match self
+            .send(reqwest::Method::GET, &path, None, Expect::Status)
+            .await
+        {
             Answer::Status(s) => Ok(s),
             other => Err(other.into_error(txn_id)),
         }
     }
 
-    /// Sends `body` to `path` until it has an outcome, by [`next_step`]; `resend`: an
-    /// abort learnt after a lost answer may be sent again (one-shot).
+    /// Sends `body` to `path` until it has an outcome, by [`next_step`]. `one_shot`: an
+    /// abort learnt after a lost answer may be sent again; otherwise (an interactive
+    /// commit) only a commit that never arrived (`GET` says still active) is.
+    ///
+    /// After a lost answer an abort is never reported as final for a one-shot: the lost
+    /// request may still reach the coordinator and run (a txn id that aborted may run
+    /// again), so the error is `OutcomeUnknown` and `status` tells later.
     async fn until_outcome(
         &self,
         txn_id: &str,
         path: &str,
         body: &Value,
-        resend: bool,
+        one_shot: bool,
     ) -> Result<Committed, Error> {
+        let attempts_max = self.retry.attempts_max.max(1);
         let mut backoff = self.backoff();
+        let mut lost = false;
         let mut last = None;
-        for attempt in 1..=self.retry.attempts_max {
-            let answer = self.send(reqwest::Method::POST, path, Some(body)).await;
-            let step = next_step(&answer, attempt < self.retry.attempts_max);
+        for attempt in 1..=attempts_max {
+            let answer = self
+                .send(reqwest::Method::POST, path, Some(body), Expect::Committed)
+                .await;
+            let step = next_step(&answer, attempt < attempts_max);
             debug!(txn_id, attempt, ?step, "answer");
+            lost |= matches!(answer, Answer::Lost(_));
             match step {
-                Step::Done => return answer.into_result(txn_id),
+                Step::Done => return self.finally(txn_id, answer, lost && one_shot),
                 Step::Wait => sleep(&mut backoff).await,
-                Step::Ask => match self.settle(txn_id).await? {
-                    Outcome::Committed => return Ok(self.replayed(txn_id).await),
-                    // A one-shot that aborted may run again under its txn id.
-                    Outcome::Aborted if resend && attempt < self.retry.attempts_max => {}
-                    Outcome::Aborted => return Err(aborted_after_loss(txn_id)),
-                    Outcome::Unknown => {
+                Step::Ask => match self.settle(txn_id, !one_shot).await? {
+                    Settled::Outcome(Outcome::Committed) => return Ok(self.replayed(txn_id).await),
+                    // A one-shot that aborted may run again under its txn id; a commit
+                    // that never arrived may be sent again.
+                    Settled::Outcome(Outcome::Aborted) if one_shot && attempt < attempts_max => {}
+                    Settled::Outcome(Outcome::Aborted) if one_shot => {
+                        return Err(Error::OutcomeUnknown {
+                            txn_id: txn_id.to_owned(),
+                            message: "aborted as far as the coordinator knows, but an attempt \
+                                      whose answer was lost may still run: ask status later"
+                                .into(),
+                        })
+                    }
+                    Settled::Active => {}
+                    Settled::Outcome(Outcome::Aborted) => {
+                        return Err(Error::Aborted {
+                            txn_id: txn_id.to_owned(),
+                            participant: None,
+                            code: None,
+                            message: "aborted (learnt after the commit's answer was lost)".into(),
+                        })
+                    }
+                    Settled::Outcome(Outcome::Unknown) => {
                         return Err(Error::OutcomeUnknown {
                             txn_id: txn_id.to_owned(),
                             message: "the coordinator no longer remembers it".into(),
@@ -409,9 +462,26 @@ impl Client {
             }
             last = Some(answer);
         }
-        match last {
-            Some(a) => Err(a.into_error(txn_id)),
-            None => Err(Error::Config("attempts_max is 0".into())),
+        let answer = last.unwrap_or(Answer::Lost("no attempt was made".into()));
+        self.finally(txn_id, answer, lost && one_shot)
+    }
+
+    /// The result of the last answer; `after_loss`: an earlier request's answer was lost,
+    /// so nothing short of a commit is final.
+    fn finally(&self, txn_id: &str, answer: Answer, after_loss: bool) -> Result<Committed, Error> {
+        match answer.into_result(txn_id) {
+            Ok(c) => Ok(c),
+            Err(Error::OutcomeUnknown { txn_id, message }) => {
+                Err(Error::OutcomeUnknown { txn_id, message })
+            }
+            Err(e) if after_loss => Err(Error::OutcomeUnknown {
+                txn_id: txn_id.to_owned(),
+                message: format!(
+                    "{e}; but an earlier attempt's answer was lost and it may still run: \
+                     ask status later"
+                ),
+            }),
+            Err(e) => Err(e),
         }
     }
 
@@ -431,8 +501,9 @@ impl Client {
         }
     }
 
-    /// Asks `GET` until `txn_id` has an outcome, at most `settle_timeout`.
-    async fn settle(&self, txn_id: &str) -> Result<Outcome, Error> {
+    /// Asks `GET` until `txn_id` has an outcome (or, `active_counts`, is still active:
+    /// a commit that never arrived), at most `settle_timeout`.
+    async fn settle(&self, txn_id: &str, active_counts: bool) -> Result<Settled, Error> {
         let started = tokio::time::Instant::now();
         let mut backoff = self.backoff();
         let mut last = String::from("no answer");
@@ -440,7 +511,11 @@ impl Client {
             match self.status(txn_id).await {
                 Ok(Status {
                     outcome: Some(o), ..
-                }) => return Ok(o),
+                }) => return Ok(Settled::Outcome(o)),
+                Ok(Status {
+                    state: Some(State::Active),
+                    ..
+                }) if active_counts => return Ok(Settled::Active),
                 Ok(s) => last = format!("still {:?}", s.state),
                 Err(e) => last = e.to_string(),
             }
@@ -463,7 +538,13 @@ impl Client {
     }
 
     /// One request, its answer classified.
-    async fn send(&self, method: reqwest::Method, path: &str, body: Option<&Value>) -> Answer {
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+        expect: Expect,
+    ) -> Answer {
         let mut req = self
             .http
             .request(method, format!("{}{path}", self.base_url));
@@ -479,20 +560,25 @@ impl Client {
         };
         let status = resp.status().as_u16();
         match resp.bytes().await {
-            Ok(bytes) => Answer::classify(status, &bytes),
+            Ok(bytes) => Answer::classify(status, &bytes, expect),
             Err(e) => Answer::Lost(format!("reading the answer: {e}")),
         }
     }
 }
 
-/// After a lost answer, `GET` said aborted and no retry is left.
-fn aborted_after_loss(txn_id: &str) -> Error {
-    Error::Aborted {
-        txn_id: txn_id.to_owned(),
-        participant: None,
-        code: None,
-        message: "aborted (learnt after the answer was lost)".into(),
-    }
+/// Refuses a txn id the coordinator would (or that no URL path can carry: `.`, `..`).
+fn check_txn_id(txn_id: &str) -> Result<(), Error> {
+    twopc_shared::gid::validate_txn_id(txn_id).map_err(|e| Error::Refused {
+        status: 400,
+        message: e.to_string(),
+    })
+}
+
+/// What `GET` said after a lost answer.
+enum Settled {
+    Outcome(Outcome),
+    /// An interactive transaction still taking statements: its commit never arrived.
+    Active,
 }
 
 async fn sleep(backoff: &mut Backoff) {
@@ -513,15 +599,46 @@ impl Interactive {
         sql: &str,
         params: Vec<Value>,
     ) -> Result<StmtResult, Error> {
+        if self.interrupted.load(Ordering::Relaxed) {
+            return Err(self.interrupted_error());
+        }
         let path = format!("/v1/transactions/{}/statements", self.txn_id);
         let body = json!({ "participant": participant, "sql": sql, "params": params });
-        match self
+        let answer = self
             .client
-            .send(reqwest::Method::POST, &path, Some(&body))
-            .await
-        {
+            .send(reqwest::Method::POST, &path, Some(&body), Expect::Statement)
+            .await;
+        match answer {
             Answer::Statement(r) => Ok(r),
+            Answer::Lost(why) => {
+                // Never committed now: no commit is sent, and the coordinator rolls back
+                // what the rollback below misses when the transaction's timeout passes.
+                self.interrupted.store(true, Ordering::Relaxed);
+                debug!(txn_id = %self.txn_id, %why, "statement answer lost; rolling back");
+                let path = format!("/v1/transactions/{}/rollback", self.txn_id);
+                let _ = self
+                    .client
+                    .send(
+                        reqwest::Method::POST,
+                        &path,
+                        Some(&json!({})),
+                        Expect::RolledBack,
+                    )
+                    .await;
+                Err(self.interrupted_error())
+            }
             other => Err(other.into_error(&self.txn_id)),
+        }
+    }
+
+    fn interrupted_error(&self) -> Error {
+        Error::Aborted {
+            txn_id: self.txn_id.clone(),
+            participant: None,
+            code: None,
+            message: "a statement's answer was lost, so the transaction was rolled back \
+                      (it is never committed)"
+                .into(),
         }
     }
 
@@ -532,6 +649,9 @@ impl Interactive {
 
     /// Commits; after a lost answer, asks `GET` for the outcome.
     pub async fn commit_with(self, ack: Option<Ack>) -> Result<Committed, Error> {
+        if self.interrupted.load(Ordering::Relaxed) {
+            return Err(self.interrupted_error());
+        }
         let path = format!("/v1/transactions/{}/commit", self.txn_id);
         let body = match ack {
             Some(a) => json!({ "ack": a }),
@@ -547,7 +667,12 @@ impl Interactive {
         let path = format!("/v1/transactions/{}/rollback", self.txn_id);
         match self
             .client
-            .send(reqwest::Method::POST, &path, Some(&json!({})))
+            .send(
+                reqwest::Method::POST,
+                &path,
+                Some(&json!({})),
+                Expect::RolledBack,
+            )
             .await
         {
             Answer::RolledBack => Ok(()),

@@ -231,6 +231,9 @@ pub enum Errors {
     /// Unknown transaction or endpoint.
     #[response(status = 404)]
     NotFound(#[to_schema] ErrorBody),
+    /// The endpoint does not take this method.
+    #[response(status = 405)]
+    MethodNotAllowed(#[to_schema] ErrorBody),
     /// The transaction aborted (a branch failed or voted no), is still running, in
     /// doubt, or already committed.
     #[response(status = 409)]

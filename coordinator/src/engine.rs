@@ -210,7 +210,7 @@ pub struct BranchSpec {
 pub struct TxnRequest {
     /// The client's id for the transaction (generated if absent); a retry with the id
     /// of a committed transaction answers its outcome and runs nothing.
-    #[schema(pattern = "^[A-Za-z0-9_.-]{1,128}$")]
+    #[schema(pattern = "^(?!\\.+$)[A-Za-z0-9_.-]{1,128}$")]
     pub txn_id: Option<String>,
     pub branches: Option<Vec<BranchSpec>>,
     pub isolation: Option<Isolation>,

@@ -174,6 +174,12 @@ fn routes(engine: Engine, config: &HttpConfig) -> Router {
     let doc = Arc::new(openapi());
     router
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint".into()) })
+        .method_not_allowed_fallback(|| async {
+            error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed on this endpoint (see /v1/openapi.json)".into(),
+            )
+        })
         .layer(DefaultBodyLimit::max(config.max_body_bytes))
         .with_state(engine)
         .layer(axum::Extension(doc))
@@ -343,7 +349,7 @@ struct StatementRequest {
 
 /// Runs one statement of interactive transaction `id` on one participant.
 #[utoipa::path(post, path = "/v1/transactions/{id}/statements", tag = "transactions",
-    params(("id" = String, Path, description = "The txn id", pattern = "^[A-Za-z0-9_.-]{1,128}$")),
+    params(("id" = String, Path, description = "The txn id", pattern = "^(?!\\.+$)[A-Za-z0-9_.-]{1,128}$")),
     request_body = StatementRequest,
     responses((status = 200, description = "The statement ran", body = twopc_shared::msg::StmtResult), Errors))]
 async fn statement(
@@ -371,7 +377,7 @@ struct CommitRequest {
 
 /// Commits interactive transaction `id` (again after a lost answer: `replayed`).
 #[utoipa::path(post, path = "/v1/transactions/{id}/commit", tag = "transactions",
-    params(("id" = String, Path, description = "The txn id", pattern = "^[A-Za-z0-9_.-]{1,128}$")),
+    params(("id" = String, Path, description = "The txn id", pattern = "^(?!\\.+$)[A-Za-z0-9_.-]{1,128}$")),
     request_body = Option<CommitRequest>,
     responses((status = 200, description = "Committed", body = Committed), Errors))]
 async fn commit(
@@ -388,7 +394,7 @@ async fn commit(
 
 /// Rolls back interactive transaction `id`.
 #[utoipa::path(post, path = "/v1/transactions/{id}/rollback", tag = "transactions",
-    params(("id" = String, Path, description = "The txn id", pattern = "^[A-Za-z0-9_.-]{1,128}$")),
+    params(("id" = String, Path, description = "The txn id", pattern = "^(?!\\.+$)[A-Za-z0-9_.-]{1,128}$")),
     responses((status = 200, description = "Rolled back", body = RolledBackBody), Errors))]
 async fn rollback(State(engine): State<Engine>, id: PathId) -> Response {
     let id = match txn_id_of(id) {
@@ -405,7 +411,7 @@ async fn rollback(State(engine): State<Engine>, id: PathId) -> Response {
 /// What happened to `id`: its state while it runs, then its outcome (also after a
 /// restart, from the log; unknown to the log and not live: presumed abort).
 #[utoipa::path(get, path = "/v1/transactions/{id}", tag = "transactions",
-    params(("id" = String, Path, description = "The txn id", pattern = "^[A-Za-z0-9_.-]{1,128}$")),
+    params(("id" = String, Path, description = "The txn id", pattern = "^(?!\\.+$)[A-Za-z0-9_.-]{1,128}$")),
     responses((status = 200, description = "Its state or outcome", body = TxnStatus), Errors))]
 async fn get_txn(State(engine): State<Engine>, id: PathId) -> Response {
     match txn_id_of(id) {

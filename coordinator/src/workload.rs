@@ -210,15 +210,16 @@ fn one_shot(shape: Shape, txn_id: &str, names: &[String], plan: &Plan) -> Option
     })
 }
 
-/// What a client learns from a POST's answer.
-pub fn told_by(status: u16, v: &Value) -> Told {
-    match (status, v.get("outcome").and_then(Value::as_str)) {
-        (200, Some("committed")) => Told::Committed,
-        (409 | 400, Some("aborted")) => Told::Aborted,
-        // Refused before anything ran: a limit, or a coordinator that is shutting down
-        // or has not read its decision rows yet.
-        (429 | 503, _) => Told::Aborted,
-        _ => Told::Unknown,
+/// What an application learns from the client's result.
+pub fn told_of<T>(r: &Result<T, twopc_client::Error>) -> Told {
+    use twopc_client::Error as E;
+    match r {
+        Ok(_) => Told::Committed,
+        // Nothing ran: aborted, refused, or never sent.
+        Err(E::Aborted { .. } | E::Refused { .. } | E::Unavailable { .. } | E::Transport(_)) => {
+            Told::Aborted
+        }
+        Err(E::OutcomeUnknown { .. } | E::Protocol { .. } | E::Config(_)) => Told::Unknown,
     }
 }
 
@@ -233,23 +234,17 @@ struct Client {
 impl Client {
     /// What the application learns from a result, with an abort's SQLSTATE counted.
     fn told<T>(&self, r: &Result<T, twopc_client::Error>) -> Told {
-        use twopc_client::Error as E;
-        match r {
-            Ok(_) => Told::Committed,
-            Err(E::Aborted { code, .. }) => {
-                if let Some(code) = code {
-                    let mut codes = self
-                        .error_codes
-                        .lock()
-                        .unwrap_or_else(|poisoned| poisoned.into_inner());
-                    *codes.entry(code.clone()).or_insert(0) += 1;
-                }
-                Told::Aborted
-            }
-            // Nothing ran: refused, or never sent.
-            Err(E::Refused { .. } | E::Unavailable { .. } | E::Transport(_)) => Told::Aborted,
-            Err(E::OutcomeUnknown { .. } | E::Protocol { .. } | E::Config(_)) => Told::Unknown,
+        if let Err(twopc_client::Error::Aborted {
+            code: Some(code), ..
+        }) = r
+        {
+            let mut codes = self
+                .error_codes
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            *codes.entry(code.clone()).or_insert(0) += 1;
         }
+        told_of(r)
     }
 
     /// An interactive transaction of `shape`. Until `/commit` is sent it cannot commit,

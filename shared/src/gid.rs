@@ -195,7 +195,9 @@ pub fn validate_coordinator_id(s: &str) -> Result<(), IdError> {
 
 /// Validates a client-chosen transaction id.
 pub fn validate_txn_id(s: &str) -> Result<(), IdError> {
+    // `.` and `..` are path segments no URL can carry (`/v1/transactions/..`).
     if s.is_empty()
+        || s.bytes().all(|b| b == b'.')
         || s.len() > TXN_ID_MAX_BYTES
         || !s
             .bytes()
@@ -209,6 +211,16 @@ pub fn validate_txn_id(s: &str) -> Result<(), IdError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn txn_ids_a_path_cannot_carry_are_refused() {
+        for bad in [".", "..", "...", "", "a b", "a/b"] {
+            assert!(validate_txn_id(bad).is_err(), "{bad:?}");
+        }
+        for good in ["a.b", ".a", "order-42", "x_1.2"] {
+            assert!(validate_txn_id(good).is_ok(), "{good:?}");
+        }
+    }
 
     #[test]
     fn roundtrip() {

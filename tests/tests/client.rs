@@ -157,6 +157,56 @@ async fn a_lost_answer_is_asked_about_and_the_transaction_runs_once() {
     h.stop_all();
 }
 
+/// After a lost answer an abort is not final (found by review): the lost request may
+/// still reach the coordinator and run, since a txn id that aborted may run again. The
+/// coordinator pauses before preparing, so every attempt's answer is lost; each
+/// attempt aborts (an overdraft). The client must say the outcome is unknown, not
+/// aborted. Before, it said aborted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abort_after_a_lost_answer_is_not_reported_final() {
+    let mut h = ProcHarness::start(bins(), 2).await.unwrap();
+    h.start_all("coordinator.before_prepare=sleep(1200)", &["", ""])
+        .await
+        .unwrap();
+    let client = Client::builder(h.base_url())
+        .request_timeout(Duration::from_millis(300))
+        .retry(RetryPolicy {
+            attempts_max: 2,
+            settle_timeout: Duration::from_secs(20),
+            ..RetryPolicy::default()
+        })
+        .build()
+        .unwrap();
+    let txn = transfer(Transaction::with_id("lost-abort-1"), 15, 16, BALANCE * 10);
+    match client.run(&txn).await {
+        Err(Error::OutcomeUnknown { message, .. }) => {
+            assert!(message.contains("may still run"), "{message}")
+        }
+        other => panic!("an abort after a lost answer was reported as final: {other:?}"),
+    }
+    // The coordinator's own answer, once the attempts are over: aborted.
+    let s = client.status(txn.txn_id()).await.unwrap();
+    assert_eq!(s.outcome, Some(twopc_client::Outcome::Aborted), "{s:?}");
+    assert_eq!(ledger_rows(&h.url(1), txn.txn_id()).await, 0);
+    h.stop_all();
+}
+
+/// A txn id the coordinator never saw: presumed abort, `{txn_id, outcome}` only, which
+/// the client read as a rollback's answer and failed on (found by review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_of_a_txn_id_never_seen_is_aborted() {
+    let h = Harness::start(1, AgentMode::InProcess).await.unwrap();
+    let client = Client::builder(&h.base_url).build().unwrap();
+    let s = client.status("never-seen-1").await.unwrap();
+    assert_eq!(s.outcome, Some(twopc_client::Outcome::Aborted), "{s:?}");
+    // An id no path can carry is refused by the client itself.
+    assert!(matches!(
+        client.status("..").await,
+        Err(Error::Refused { status: 400, .. })
+    ));
+    h.shutdown().await.unwrap();
+}
+
 /// With nobody listening, the request never left: a transport error, not "unknown".
 #[tokio::test]
 async fn an_unreachable_coordinator_is_a_transport_error() {

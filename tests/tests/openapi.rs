@@ -77,6 +77,16 @@ async fn every_route_is_in_the_document_and_served() {
     // A path the document does not have is the JSON 404.
     let (status, v) = h.get("/v1/nothing-here").await.unwrap();
     assert_eq!(status, 404, "{v}");
+    // A method a path does not take is a JSON 405 (found by review: it was empty).
+    let resp = h
+        .http
+        .delete(format!("{}/v1/transactions/x", h.base_url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 405);
+    let v: Value = resp.json().await.expect("a JSON 405");
+    assert!(v["error"]["message"].is_string(), "{v}");
     h.shutdown().await.unwrap();
 }
 
@@ -117,7 +127,7 @@ async fn schemathesis_finds_no_server_error_and_no_nonconforming_answer() {
             .args([
                 "--checks",
                 "not_a_server_error,status_code_conformance,content_type_conformance,\
-                 response_schema_conformance",
+                 response_schema_conformance,unsupported_method",
                 "--max-examples",
                 &examples,
                 "--seed",

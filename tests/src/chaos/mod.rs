@@ -26,7 +26,7 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use twopc_coordinator::bank::{self, Expectation};
 use twopc_coordinator::workload::{self, WorkloadConfig};
@@ -295,6 +295,16 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
     let http = reqwest::Client::builder()
         .timeout(Duration::from_millis(config.request_timeout_ms))
         .build()?;
+    // Probes, read audits and outcome questions go through the application's client;
+    // one attempt each, so what it is told is the coordinator's first answer.
+    let api = twopc_client::Client::builder(&config.coordinator_url)
+        .request_timeout(Duration::from_millis(config.request_timeout_ms))
+        .retry(twopc_client::RetryPolicy {
+            attempts_max: 1,
+            settle_timeout: Duration::ZERO,
+            ..twopc_client::RetryPolicy::default()
+        })
+        .build()?;
     let names: Vec<String> = config.databases.iter().map(|d| d.0.clone()).collect();
     let dbs: Vec<(String, String)> = config
         .databases
@@ -320,7 +330,7 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
     let expected_total = per_db * names.len() as i64;
     let mut probes = Probes::new(&names, config.accounts_per_db, config.seed);
     probes
-        .wait_recovered(&http, &config.coordinator_url, WAIT_LIMIT_MS)
+        .wait_recovered(&api, WAIT_LIMIT_MS)
         .await
         .context("the topology did not come up")?;
     eprintln!(
@@ -357,8 +367,7 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
     let quiet = Arc::new(tokio::sync::Mutex::new(()));
     let auditor = {
         let quiet = quiet.clone();
-        let http = http.clone();
-        let url = config.coordinator_url.clone();
+        let api = api.clone();
         let names = names.clone();
         let initial = initial.clone();
         let stop = stop.clone();
@@ -372,7 +381,7 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
                 }
                 let _quiet = quiet.lock().await;
                 out.attempted += 1;
-                match read_audit(&http, &url, &names, &initial, &mut out.told).await {
+                match read_audit(&api, &names, &initial, &mut out.told).await {
                     Ok(Ok(())) => out.consistent += 1,
                     Ok(Err(why)) => {
                         eprintln!("chaos: 2PC read audit INCONSISTENT: {why}");
@@ -452,7 +461,7 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
         }
         let healed = Instant::now();
         let recovery_ms = probes
-            .wait_recovered(&http, &config.coordinator_url, WAIT_LIMIT_MS)
+            .wait_recovered(&api, WAIT_LIMIT_MS)
             .await
             .ok()
             .map(|_| healed.elapsed().as_millis() as u64);
@@ -483,9 +492,7 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
 
     // Heal everything (again), stop the load, and let recovery finish.
     heal_all(&docker, &topo, &config).await?;
-    let _ = probes
-        .wait_recovered(&http, &config.coordinator_url, WAIT_LIMIT_MS)
-        .await;
+    let _ = probes.wait_recovered(&api, WAIT_LIMIT_MS).await;
     let healed_rate = commit_rate(&commits, RATE_WINDOW, &quiet).await;
     let last_agent_commits = if config.expect_last_agent {
         Some(
@@ -520,7 +527,7 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
     .await;
 
     // What became of every transfer whose client got no answer.
-    let resolved = resolve_outcomes(&http, &config.coordinator_url, &report.unknown_ids).await;
+    let resolved = resolve_outcomes(&api, &report.unknown_ids).await;
     let mut unknown_committed = HashSet::new();
     let mut unknown_aborted = HashSet::new();
     let mut unresolved = Vec::new();
@@ -538,15 +545,7 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
     let mut read_audits = read_audits_mid;
     read_audits.attempted += 1;
     let mut final_told = Vec::new();
-    let final_read = match read_audit(
-        &http,
-        &config.coordinator_url,
-        &names,
-        &initial,
-        &mut final_told,
-    )
-    .await
-    {
+    let final_read = match read_audit(&api, &names, &initial, &mut final_told).await {
         Ok(Ok(())) => {
             read_audits.consistent += 1;
             FinalRead::Consistent
@@ -584,7 +583,7 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
         (&audits_aborted, "aborted"),
     ] {
         let ids: Vec<String> = told.iter().cloned().collect();
-        let answers = resolve_outcomes(&http, &config.coordinator_url, &ids).await;
+        let answers = resolve_outcomes(&api, &ids).await;
         asked += answers.len();
         disagree.extend(
             answers
@@ -807,63 +806,43 @@ impl Probes {
         }
     }
 
-    /// The next probe: its txn id and body. The debited database rotates.
-    fn next(&mut self) -> (String, Value) {
+    /// The next probe: a transfer across every database. The debited one rotates.
+    fn next(&mut self) -> twopc_client::Transaction {
         self.sent += 1;
         let txn_id = format!("probe-{}-{}", now_ms(), self.sent);
         let n = self.names.len();
         let debited = (self.sent as usize) % n;
-        let accounts: Vec<i32> = (0..n)
-            .map(|_| self.rng.gen_range(1..=self.accounts_per_db as i32))
-            .collect();
-        let stmts = |v: Vec<(String, Vec<Value>)>| {
-            v.into_iter()
-                .map(|(sql, params)| json!({ "sql": sql, "params": params }))
-                .collect::<Vec<_>>()
-        };
-        let branches: Vec<Value> = (0..n)
-            .map(|i| {
-                let statements = if i == debited {
-                    bank::debit_statements(&txn_id, accounts[i], n as i64 - 1)
-                } else {
-                    bank::credit_statements(&txn_id, accounts[i], 1)
-                };
-                json!({ "participant": self.names[i], "statements": stmts(statements) })
-            })
-            .collect();
-        let body = json!({ "txn_id": txn_id, "branches": branches });
-        (txn_id, body)
+        let mut txn = twopc_client::Transaction::with_id(&txn_id);
+        for (i, name) in self.names.iter().enumerate() {
+            let account = self.rng.gen_range(1..=self.accounts_per_db as i32);
+            let statements = if i == debited {
+                bank::debit_statements(&txn_id, account, n as i64 - 1)
+            } else {
+                bank::credit_statements(&txn_id, account, 1)
+            };
+            for (sql, params) in statements {
+                txn = txn.statement(name, &sql, params);
+            }
+        }
+        txn
     }
 
     /// Until a probe commits through the coordinator (Ok), or `limit_ms` passed.
     async fn wait_recovered(
         &mut self,
-        http: &reqwest::Client,
-        base: &str,
+        api: &twopc_client::Client,
         limit_ms: u64,
     ) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_millis(limit_ms);
         let mut last = String::new();
         while Instant::now() < deadline {
-            let (txn_id, body) = self.next();
-            let answer = http
-                .post(format!("{base}/v1/transactions"))
-                .json(&body)
-                .send()
-                .await;
-            let told = match answer {
-                Ok(r) => {
-                    let status = r.status().as_u16();
-                    let v: Value = r.json().await.unwrap_or(Value::Null);
-                    last = format!("HTTP {status}: {v}");
-                    workload::told_by(status, &v)
-                }
-                Err(e) => {
-                    last = e.to_string();
-                    workload::Told::Unknown
-                }
-            };
-            match told {
+            let txn = self.next();
+            let txn_id = txn.txn_id().to_owned();
+            let answer = api.run(&txn).await;
+            if let Err(e) = &answer {
+                last = e.to_string();
+            }
+            match workload::told_of(&answer) {
                 workload::Told::Committed => {
                     self.committed.push(txn_id);
                     return Ok(());
@@ -921,37 +900,16 @@ const AUDIT_LOCK_TIMEOUT: &str = "5s";
 /// releasing its locks, when it votes.) `Ok(Err(why))`: the read completed and the books
 /// do not balance.
 async fn read_audit(
-    http: &reqwest::Client,
-    base: &str,
+    api: &twopc_client::Client,
     names: &[String],
     initial: &[(String, i64)],
     told: &mut Vec<(String, &'static str)>,
 ) -> anyhow::Result<Result<(), String>> {
     let txn_id = format!("audit-{}", now_ms());
-    let post = |path: String, body: Value| {
-        let http = http.clone();
-        async move {
-            let resp = http
-                .post(format!("{base}{path}"))
-                .json(&body)
-                .send()
-                .await
-                .with_context(|| format!("POST {path}"))?;
-            let status = resp.status();
-            let v: Value = resp
-                .json()
-                .await
-                .with_context(|| format!("read the answer to {path}"))?;
-            anyhow::ensure!(status.is_success(), "POST {path}: HTTP {status}: {v}");
-            Ok::<Value, anyhow::Error>(v)
-        }
-    };
-    post(
-        "/v1/transactions".to_owned(),
-        json!({ "txn_id": txn_id, "timeout_ms": 30_000 }),
-    )
-    .await?;
-    let stmt_path = format!("/v1/transactions/{txn_id}/statements");
+    let t = api
+        .begin_with(&txn_id, None, Some(30_000))
+        .await
+        .context("begin the read audit")?;
     let reads = async {
         let mut sums = Vec::with_capacity(names.len());
         for p in names {
@@ -959,19 +917,27 @@ async fn read_audit(
                 format!("SET LOCAL lock_timeout = '{AUDIT_LOCK_TIMEOUT}'"),
                 "LOCK TABLE acct, ledger IN SHARE MODE".to_owned(),
             ] {
-                post(stmt_path.clone(), json!({ "participant": p, "sql": sql })).await?;
+                t.execute(p, &sql, vec![])
+                    .await
+                    .with_context(|| format!("{sql} on {p}"))?;
             }
-            let v = post(
-                stmt_path.clone(),
-                json!({ "participant": p, "sql":
+            let r = t
+                .execute(
+                    p,
                     "SELECT (SELECT COALESCE(sum(bal), 0) FROM acct)::bigint AS bal, \
-                     (SELECT COALESCE(sum(delta), 0) FROM ledger)::bigint AS ledger" }),
-            )
-            .await?;
-            let row = &v["rows"][0];
-            let bal = row["bal"].as_i64().context("no balance in the answer")?;
-            let ledger = row["ledger"]
-                .as_i64()
+                     (SELECT COALESCE(sum(delta), 0) FROM ledger)::bigint AS ledger",
+                    vec![],
+                )
+                .await
+                .with_context(|| format!("read the sums on {p}"))?;
+            let row = r.rows.first().context("no row in the answer")?;
+            let bal = row
+                .get("bal")
+                .and_then(Value::as_i64)
+                .context("no balance in the answer")?;
+            let ledger = row
+                .get("ledger")
+                .and_then(Value::as_i64)
                 .context("no ledger sum in the answer")?;
             sums.push((p.clone(), bal, ledger));
         }
@@ -981,16 +947,13 @@ async fn read_audit(
     let sums = match reads {
         Ok(s) => s,
         Err(e) => {
-            if post(format!("/v1/transactions/{txn_id}/rollback"), json!({}))
-                .await
-                .is_ok()
-            {
+            if t.rollback().await.is_ok() {
                 told.push((txn_id, "aborted"));
             }
             return Err(e);
         }
     };
-    post(format!("/v1/transactions/{txn_id}/commit"), json!({})).await?;
+    t.commit().await.context("commit the read audit")?;
     told.push((txn_id.clone(), "committed"));
     let mut total = 0i64;
     let mut expected = 0i64;
@@ -1166,34 +1129,21 @@ async fn prepared_gids(dbs: &[(String, String)]) -> anyhow::Result<HashSet<Strin
 /// The coordinator's answer for each txn id: `Some("committed" | "aborted")`, or `None`
 /// if it gave no definite one within the limit.
 async fn resolve_outcomes(
-    http: &reqwest::Client,
-    base: &str,
+    api: &twopc_client::Client,
     ids: &[String],
 ) -> Vec<(String, Option<String>)> {
     use futures::stream::{self, StreamExt};
+    use twopc_client::Outcome;
     let deadline = Instant::now() + Duration::from_millis(rules::RESOLVE_LIMIT_MS);
-    let http = Arc::new(http.clone());
     stream::iter(ids.iter().cloned())
-        .map(|id| {
-            let http = http.clone();
-            let base = base.to_owned();
-            async move {
-                loop {
-                    let answer = async {
-                        let r = http
-                            .get(format!("{base}/v1/transactions/{id}"))
-                            .send()
-                            .await
-                            .ok()?;
-                        let v: Value = r.json().await.ok()?;
-                        v.get("outcome").and_then(Value::as_str).map(str::to_owned)
-                    }
-                    .await;
-                    match answer {
-                        Some(o) if o == "committed" || o == "aborted" => return (id, Some(o)),
-                        _ if Instant::now() >= deadline => return (id, None),
-                        _ => tokio::time::sleep(Duration::from_millis(250)).await,
-                    }
+        .map(|id| async move {
+            loop {
+                let outcome = api.status(&id).await.ok().and_then(|s| s.outcome);
+                match outcome {
+                    Some(Outcome::Committed) => return (id, Some("committed".to_owned())),
+                    Some(Outcome::Aborted) => return (id, Some("aborted".to_owned())),
+                    _ if Instant::now() >= deadline => return (id, None),
+                    _ => tokio::time::sleep(Duration::from_millis(250)).await,
                 }
             }
         })
