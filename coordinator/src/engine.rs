@@ -1301,12 +1301,18 @@ impl Engine {
 
     async fn rollback_inner(&self, txn_id: &str) -> Result<(), TxnError> {
         let txn = self.live(txn_id)?;
-        let mut state = txn.state.lock().await;
-        if state.finished {
-            return Err(self.not_live(txn_id));
+        let span = tracing::info_span!("txn", txn_id = %txn.txn_id, gid = %txn.gid);
+        async {
+            let mut state = txn.state.lock().await;
+            if state.finished {
+                return Err(self.not_live(txn_id));
+            }
+            debug!("rollback asked by the client");
+            self.abort_txn(&txn, &mut state).await;
+            Ok(())
         }
-        self.abort_txn(&txn, &mut state).await;
-        Ok(())
+        .instrument(span)
+        .await
     }
 
     /// Like [`Engine::status`], but a transaction it does not know right after a start
