@@ -6,6 +6,9 @@
 //! - `non-atomic`: two independent local commits.
 //! - `twopc-remote-applied|durable`, `twopc-inproc-applied|durable`: through the
 //!   coordinator's HTTP API, with agents over TCP or in the coordinator's process.
+//! - `twopc-remote-client`: `twopc-remote-applied` sent by the application's client crate
+//!   (`twopc-client`: its request building, connection pool and answer classification)
+//!   instead of the lean hand-written client: what the crate costs.
 //! - `twopc-last-applied|durable`: the same with remote agents and the last-agent commit
 //!   (`--last-agent`): the last participant's commit is the decision.
 //! - `single-direct` / `single-twopc`: one database, plain commit vs twopc's one-phase path.
@@ -42,6 +45,7 @@ pub const ALL_PATHS: &[&str] = &[
     "non-atomic",
     "twopc-remote-applied",
     "twopc-remote-durable",
+    "twopc-remote-client",
     "twopc-last-applied",
     "twopc-last-durable",
     "twopc-inproc-applied",
@@ -157,6 +161,8 @@ enum Driver {
         ack: &'static str,
         single: bool,
     },
+    /// The application's client crate, one per bench client.
+    Crate(twopc_client::Client),
 }
 
 /// One HTTP/1.1 keep-alive connection to a coordinator per client, as each direct client
@@ -382,6 +388,19 @@ impl Driver {
                     Some(200) => Op::Committed,
                     Some(409) => Op::Aborted,
                     _ => Op::Error,
+                }
+            }
+            Driver::Crate(client) => {
+                let txn = twopc_client::Transaction::with_id(txn_id)
+                    .statement("a", UPD, vec![json!(-amount), json!(from)])
+                    .statement("a", INS, vec![json!(txn_id), json!(from), json!(-amount)])
+                    .statement("b", UPD, vec![json!(amount), json!(to)])
+                    .statement("b", INS, vec![json!(txn_id), json!(to), json!(amount)])
+                    .ack(twopc_client::Ack::Applied);
+                match client.run(&txn).await {
+                    Ok(_) => Op::Committed,
+                    Err(twopc_client::Error::Aborted { .. }) => Op::Aborted,
+                    Err(_) => Op::Error,
                 }
             }
         }
@@ -611,6 +630,13 @@ impl Setup {
                 ack: "durable",
                 single: false,
             },
+            "twopc-remote-client" => {
+                let r = self.remote.as_ref().context("coordinator not started")?;
+                let client = twopc_client::Client::builder(format!("http://{}", r.addr))
+                    .build()
+                    .context("build the client")?;
+                Driver::Crate(client)
+            }
             "twopc-last-applied" => Driver::Http {
                 http: http(&self.last)?,
                 ack: "applied",

@@ -34,8 +34,11 @@ async fn healthz_is_503_while_the_coordinator_cannot_take_transactions() {
     let h = Harness::start_with(2, AgentMode::InProcess, |c| c.max_open_txns = 2)
         .await
         .unwrap();
+    // Both participants answered a call (the recovery pass reaches them one by one).
     let (status, v) = health_until(&h, |s, v| {
-        s == 200 && participant(v, "a")["reachable"] == true
+        s == 200
+            && participant(v, "a")["reachable"] == true
+            && participant(v, "b")["reachable"] == true
     })
     .await;
     assert_eq!(v["status"], "ok", "{v}");
