@@ -137,6 +137,19 @@ async fn api_requires_the_bearer_token() {
     .unwrap();
     let url = format!("{}/v1/transactions", h.base_url);
     let body = json!({"branches": [{"participant": "a", "statements": [{"sql": "SELECT 1"}]}]});
+    // The application's client with the token; without it, refused (401).
+    let txn = twopc_client::Transaction::new().statement("a", "SELECT 1", vec![]);
+    let with = twopc_client::Client::builder(&h.base_url)
+        .token("s3cret-token-0123456789")
+        .build()
+        .unwrap();
+    with.run(&txn).await.unwrap();
+    let without = twopc_client::Client::builder(&h.base_url).build().unwrap();
+    let r = without.run(&twopc_client::Transaction::new()).await;
+    assert!(
+        matches!(r, Err(twopc_client::Error::Refused { status: 401, .. })),
+        "{r:?}"
+    );
     // Missing or wrong token: 401, and nothing runs.
     let r = h.http.post(&url).json(&body).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 401);
@@ -571,6 +584,26 @@ async fn client_api_over_tls() {
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 200);
+    // The application's client, trusting the CA.
+    let client = twopc_client::Client::builder(format!("https://localhost:{}", addr.port()))
+        .ca_pem(std::fs::read(dir.join("ca.pem")).unwrap())
+        .build()
+        .unwrap();
+    let txn = twopc_client::Transaction::with_id("tls-client").statement("a", "SELECT 1", vec![]);
+    let c = client.run(&txn).await.unwrap();
+    assert_eq!(c.txn_id, "tls-client");
+    // Without the CA it cannot connect, and says so (nothing ran).
+    let untrusting = twopc_client::Client::builder(format!("https://localhost:{}", addr.port()))
+        .retry(twopc_client::RetryPolicy {
+            attempts_max: 1,
+            ..twopc_client::RetryPolicy::default()
+        })
+        .build()
+        .unwrap();
+    let r = untrusting
+        .run(&twopc_client::Transaction::new().statement("a", "SELECT 1", vec![]))
+        .await;
+    assert!(matches!(r, Err(twopc_client::Error::Transport(_))), "{r:?}");
     // Plain HTTP gets no answer.
     let plain = h
         .http
