@@ -46,6 +46,17 @@ impl Proc {
         let _ = self.child.wait();
     }
 
+    /// SIGTERM (a graceful stop), and waits up to `timeout` for the exit.
+    pub fn term(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let sent = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        if !matches!(sent, Ok(s) if s.success()) {
+            return None;
+        }
+        self.wait_exit(timeout)
+    }
+
     /// The exit status if the process has exited.
     pub fn exited(&mut self) -> Option<ExitStatus> {
         self.child.try_wait().ok().flatten()

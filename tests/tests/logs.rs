@@ -1,6 +1,8 @@
 //! What operators read: the coordinator's logs, as JSON lines (`--log-format json`) and
 //! as text written to a file.
 
+use std::time::Duration;
+
 use serde_json::{json, Value};
 use twopc_testkit::procs::{Bins, ProcHarness};
 use twopc_testkit::{transfer, BALANCE};
@@ -110,5 +112,37 @@ async fn text_logs_to_a_file_have_no_colour_codes() {
         let text = std::fs::read_to_string(h.dir.join(name)).unwrap();
         assert!(text.contains("INFO"), "{name} has no log lines:\n{text}");
         assert!(!text.contains('\u{1b}'), "ANSI codes in {name}:\n{text}");
+    }
+}
+
+/// A graceful stop (SIGTERM) is logged by both binaries, and they exit 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_stop_is_logged_and_exits_cleanly() {
+    let mut h = ProcHarness::start(bins(), 1).await.unwrap();
+    h.coordinator_args = vec!["--log-format".into(), "json".into()];
+    h.start_all("", &[""]).await.unwrap();
+    let mut coordinator = h.coordinator.take().unwrap();
+    let status = coordinator.term(Duration::from_secs(20));
+    assert!(
+        matches!(status, Some(s) if s.success()),
+        "coordinator: {status:?}"
+    );
+    let mut agent = h.agents[0].take().unwrap();
+    let status = agent.term(Duration::from_secs(20));
+    assert!(
+        matches!(status, Some(s) if s.success()),
+        "agent: {status:?}"
+    );
+    let messages: Vec<String> = json_lines(&h)
+        .iter()
+        .filter_map(|l| l["message"].as_str().map(str::to_owned))
+        .collect();
+    assert!(
+        messages.iter().any(|m| m == "coordinator stopped"),
+        "{messages:?}"
+    );
+    let agent_log = std::fs::read_to_string(h.dir.join("agent-a.log")).unwrap();
+    for line in ["agent shutting down", "agent stopped"] {
+        assert!(agent_log.contains(line), "no {line:?} in:\n{agent_log}");
     }
 }
