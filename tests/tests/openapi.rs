@@ -122,7 +122,12 @@ async fn schemathesis_finds_no_server_error_and_no_nonconforming_answer() {
     let h2 = h.base_url.clone();
     let report2 = report.clone();
     let out = tokio::task::spawn_blocking(move || {
+        // Its caches (.schemathesis, .hypothesis) go to a scratch directory, not the
+        // checkout.
+        let scratch = std::env::temp_dir().join(format!("twopc-st-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&scratch);
         Command::new(exe)
+            .current_dir(&scratch)
             .arg("run")
             .arg(format!("{h2}/v1/openapi.json"))
             .args([
