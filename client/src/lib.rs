@@ -431,11 +431,14 @@ impl Client {
                 Step::Done => return self.finally(txn_id, answer, lost && one_shot),
                 Step::Wait => sleep(&mut backoff).await,
                 Step::Ask => match self.settle(txn_id, !one_shot).await? {
-                    Settled::Outcome(Outcome::Committed) => return Ok(self.replayed(txn_id).await),
+                    Settled::Outcome(Outcome::Committed, pending) => {
+                        return Ok(replayed(txn_id, pending))
+                    }
                     // A one-shot that aborted may run again under its txn id; a commit
                     // that never arrived may be sent again.
-                    Settled::Outcome(Outcome::Aborted) if one_shot && attempt < attempts_max => {}
-                    Settled::Outcome(Outcome::Aborted) if one_shot => {
+                    Settled::Outcome(Outcome::Aborted, _) if one_shot && attempt < attempts_max => {
+                    }
+                    Settled::Outcome(Outcome::Aborted, _) if one_shot => {
                         return Err(Error::OutcomeUnknown {
                             txn_id: txn_id.to_owned(),
                             message: "aborted as far as the coordinator knows, but an attempt \
@@ -444,7 +447,7 @@ impl Client {
                         })
                     }
                     Settled::Active => {}
-                    Settled::Outcome(Outcome::Aborted) => {
+                    Settled::Outcome(Outcome::Aborted, _) => {
                         return Err(Error::Aborted {
                             txn_id: txn_id.to_owned(),
                             participant: None,
@@ -452,7 +455,7 @@ impl Client {
                             message: "aborted (learnt after the commit's answer was lost)".into(),
                         })
                     }
-                    Settled::Outcome(Outcome::Unknown) => {
+                    Settled::Outcome(Outcome::Unknown, _) => {
                         return Err(Error::OutcomeUnknown {
                             txn_id: txn_id.to_owned(),
                             message: "the coordinator no longer remembers it".into(),
@@ -485,22 +488,6 @@ impl Client {
         }
     }
 
-    /// The answer to a commit learnt by `GET`: like the coordinator's replayed answer,
-    /// with the participants still pending.
-    async fn replayed(&self, txn_id: &str) -> Committed {
-        let pending = match self.status(txn_id).await {
-            Ok(s) => s.pending,
-            Err(_) => vec![],
-        };
-        Committed {
-            txn_id: txn_id.to_owned(),
-            outcome: Outcome::Committed,
-            branches: vec![],
-            pending,
-            replayed: true,
-        }
-    }
-
     /// Asks `GET` until `txn_id` has an outcome (or, `active_counts`, is still active:
     /// a commit that never arrived), at most `settle_timeout`.
     async fn settle(&self, txn_id: &str, active_counts: bool) -> Result<Settled, Error> {
@@ -510,8 +497,10 @@ impl Client {
         while started.elapsed() < self.retry.settle_timeout {
             match self.status(txn_id).await {
                 Ok(Status {
-                    outcome: Some(o), ..
-                }) => return Ok(Settled::Outcome(o)),
+                    outcome: Some(o),
+                    pending,
+                    ..
+                }) => return Ok(Settled::Outcome(o, pending)),
                 Ok(Status {
                     state: Some(State::Active),
                     ..
@@ -574,9 +563,21 @@ fn check_txn_id(txn_id: &str) -> Result<(), Error> {
     })
 }
 
-/// What `GET` said after a lost answer.
+/// The answer to a commit learnt by `GET`: like the coordinator's replayed answer,
+/// with the participants still `pending`.
+fn replayed(txn_id: &str, pending: Vec<String>) -> Committed {
+    Committed {
+        txn_id: txn_id.to_owned(),
+        outcome: Outcome::Committed,
+        branches: vec![],
+        pending,
+        replayed: true,
+    }
+}
+
+/// What `GET` said after a lost answer (with the participants still pending).
 enum Settled {
-    Outcome(Outcome),
+    Outcome(Outcome, Vec<String>),
     /// An interactive transaction still taking statements: its commit never arrived.
     Active,
 }
@@ -615,20 +616,24 @@ impl Interactive {
                 // what the rollback below misses when the transaction's timeout passes.
                 self.interrupted.store(true, Ordering::Relaxed);
                 debug!(txn_id = %self.txn_id, %why, "statement answer lost; rolling back");
-                let path = format!("/v1/transactions/{}/rollback", self.txn_id);
-                let _ = self
-                    .client
-                    .send(
-                        reqwest::Method::POST,
-                        &path,
-                        Some(&json!({})),
-                        Expect::RolledBack,
-                    )
-                    .await;
+                let _ = self.send_rollback().await;
                 Err(self.interrupted_error())
             }
             other => Err(other.into_error(&self.txn_id)),
         }
+    }
+
+    async fn send_rollback(&self) -> Answer {
+        let path = format!("/v1/transactions/{}/rollback", self.txn_id);
+        let body = json!({});
+        self.client
+            .send(
+                reqwest::Method::POST,
+                &path,
+                Some(&body),
+                Expect::RolledBack,
+            )
+            .await
     }
 
     fn interrupted_error(&self) -> Error {
@@ -664,17 +669,7 @@ impl Interactive {
 
     /// Rolls back.
     pub async fn rollback(self) -> Result<(), Error> {
-        let path = format!("/v1/transactions/{}/rollback", self.txn_id);
-        match self
-            .client
-            .send(
-                reqwest::Method::POST,
-                &path,
-                Some(&json!({})),
-                Expect::RolledBack,
-            )
-            .await
-        {
+        match self.send_rollback().await {
             Answer::RolledBack => Ok(()),
             other => Err(other.into_error(&self.txn_id)),
         }

@@ -164,14 +164,18 @@ fn api_routes() -> (Router<Engine>, OpenApi) {
 
 /// The API's OpenAPI 3 document, as `GET /v1/openapi.json` serves it.
 pub fn openapi() -> OpenApi {
-    let mut doc = api_routes().1;
+    versioned(api_routes().1)
+}
+
+fn versioned(mut doc: OpenApi) -> OpenApi {
     doc.info.version = twopc_shared::BUILD_VERSION.to_owned();
     doc
 }
 
 fn routes(engine: Engine, config: &HttpConfig) -> Router {
-    let (router, _) = api_routes();
-    let doc = Arc::new(openapi());
+    // One build of the routes gives both the router and its document.
+    let (router, doc) = api_routes();
+    let doc = Arc::new(versioned(doc));
     router
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint".into()) })
         .method_not_allowed_fallback(|| async {
